@@ -1,0 +1,39 @@
+# Quick start: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv demo test test-slow test-gpu lint bench-ff clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first: a bare `torch` requirement with no torch installed pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/ultrafastbert demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+bench-ff: venv
+	$(VENV)/bin/ultrafastbert bench ff --out results/bench_ff
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

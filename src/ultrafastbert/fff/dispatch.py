@@ -1,0 +1,75 @@
+"""One place picks the FFF inference kernel.
+
+Kernels are tried in priority order (GPU kernel, native CPU kernel, vectorised PyTorch); each
+declares the devices and dtypes it serves and says why it refuses. ``"auto"`` takes the first that
+can run; an explicitly named kernel that cannot run is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .kernel import FFFKernel, validate_weight_format
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def registry() -> dict[str, FFFKernel]:
+    """All known kernels by name, fastest first (imports their modules lazily)."""
+    from .native import NativeCPUKernel
+    from .torch_impl import TorchKernel
+    from .triton_impl import TritonKernel
+
+    kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), TorchKernel()]
+    return {k.name: k for k in kernels}
+
+
+def explain(device: torch.device | str, dtype: torch.dtype,
+            weight_format: str = "fp32") -> list[tuple[str, str | None]]:
+    """``(name, reason)`` for every kernel, in priority order; reason None means it can run."""
+    device = torch.device(device)
+    return [(name, k.unavailable_reason(device, dtype, weight_format))
+            for name, k in registry().items()]
+
+
+def select(name: str, device: torch.device | str, dtype: torch.dtype,
+           weight_format: str = "fp32") -> FFFKernel:
+    """The kernel to use: ``name`` (``"auto"`` or a registered name) for this device and dtype.
+
+    Raises:
+        ValueError: unknown name, or a named kernel that cannot run here (with the reason), or
+            ``"auto"`` with no kernel available (with every kernel's reason).
+    """
+    validate_weight_format(weight_format)
+    device = torch.device(device)
+    kernels = registry()
+    if name != "auto":
+        if name not in kernels:
+            raise ValueError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
+                             f"{sorted(kernels)}")
+        reason = kernels[name].unavailable_reason(device, dtype, weight_format)
+        if reason is not None:
+            raise ValueError(f"FFF implementation {name!r} cannot run on {device} / {dtype} / "
+                             f"weights {weight_format}: {reason}")
+        return kernels[name]
+    reasons = explain(device, dtype, weight_format)
+    for kname, reason in reasons:
+        if reason is None:
+            return kernels[kname]
+    detail = "; ".join(f"{n}: {r}" for n, r in reasons)
+    raise ValueError(f"no FFF implementation can run on {device} / {dtype} / weights "
+                     f"{weight_format} ({detail})")
+
+
+def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
+             weight_format: str = "fp32") -> str:
+    """A human-readable table of the kernels and whether each can run here."""
+    lines = []
+    for name, reason in explain(device, dtype, weight_format):
+        status = "available" if reason is None else f"unavailable: {reason}"
+        lines.append(f"{name:8s} {status}  ({registry()[name].description})")
+    return "\n".join(lines)

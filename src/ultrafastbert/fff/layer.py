@@ -1,0 +1,165 @@
+"""The FFF layer as an ``nn.Module`` with the released checkpoints' parameter names."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .kernel import validate_weight_format
+from .training import fff_sparse
+from .tree import n_nodes, validate_tree_shape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FFFRuntime:
+    """How inference runs (never what it computes beyond tolerance).
+
+    implementation: ``"auto"`` or a kernel name (``torch``, ``native``, ``triton``).
+    weight_format: ``fp32`` | ``bf16`` | ``bf16-out`` (see ``kernel.WEIGHT_FORMATS``).
+    """
+
+    implementation: str = "auto"
+    weight_format: str = "fp32"
+
+    def __post_init__(self) -> None:
+        validate_weight_format(self.weight_format)
+        if not isinstance(self.implementation, str) or not self.implementation:
+            raise ValueError(f"implementation must be a non-empty string, got "
+                             f"{self.implementation!r}")
+
+
+class FFF(nn.Module):
+    """Fast feedforward layer: ``n_trees`` binary trees of ``depth`` decisions (DESIGN §1.1).
+
+    Parameters use the released checkpoints' names: ``linear_in.weight`` ``(K*N, d)``,
+    ``linear_in.bias`` ``(K*N,)``, ``linear_out.weight`` ``(d, K*N)`` with ``N = 2**(D+1)-1``.
+
+    Forward takes ``(..., d_model)`` and returns the same shape. When autograd needs gradients it
+    uses the sparse training path (visited nodes only); otherwise the dispatcher's kernel.
+    Zero-size inputs give zero-size outputs; NaN logits route left and NaN inputs give NaN rows.
+    """
+
+    def __init__(self, d_model: int, *, n_trees: int, depth: int, bias: bool = True,
+                 runtime: FFFRuntime | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        validate_tree_shape(n_trees, depth)
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be an int >= 1, got {d_model!r}")
+        self.d_model, self.n_trees, self.depth = d_model, n_trees, depth
+        width = n_trees * n_nodes(depth)
+        self.linear_in = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
+        self.linear_out = nn.Linear(width, d_model, bias=False, device=device, dtype=dtype)
+        self.runtime = runtime or FFFRuntime()
+        self._packed: dict[tuple, Any] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The released recipe's effective init: weights ~ N(0, 0.02), bias 0."""
+        nn.init.normal_(self.linear_in.weight, std=0.02)
+        nn.init.normal_(self.linear_out.weight, std=0.02)
+        if self.linear_in.bias is not None:
+            nn.init.zeros_(self.linear_in.bias)
+        self._packed.clear()
+
+    @property
+    def n_neurons(self) -> int:
+        """Total neurons ``K * (2**(D+1) - 1)``."""
+        return self.linear_in.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_trees={self.n_trees}, depth={self.depth}, "
+                f"bias={self.linear_in.bias is not None}, runtime={self.runtime}")
+
+    def set_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
+        """Choose the inference kernel and weight format (validated at the next call)."""
+        self.runtime = FFFRuntime(implementation, weight_format)
+        self._packed.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., d_model)`` -> ``(..., d_model)``."""
+        return self.forward_with_nodes(x, return_nodes=False)[0]
+
+    def forward_with_nodes(self, x: torch.Tensor, return_nodes: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Output ``(..., d)`` and the visited nodes ``(..., K, D+1)`` (int64 global ids)."""
+        flat = self._check_input(x)
+        lead = x.shape[:-1]
+        if flat.shape[0] == 0:
+            nodes = torch.empty(*lead, self.n_trees, self.depth + 1, dtype=torch.long,
+                                device=x.device) if return_nodes else None
+            return x.new_zeros(x.shape), nodes
+        if torch.is_grad_enabled() and (x.requires_grad or self._needs_param_grad()):
+            y, nodes = self._train_forward(flat, return_nodes)
+        else:
+            y, nodes = self._infer(flat, return_nodes)
+        if nodes is not None:
+            nodes = nodes.reshape(*lead, self.n_trees, self.depth + 1)
+        return y.reshape(x.shape), nodes
+
+    def _needs_param_grad(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate and flatten to a contiguous ``(T, d)`` view or copy."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FFF input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"FFF input must be a floating-point tensor, got {x.dtype}; "
+                            "convert it with x.float()")
+        weight = self.linear_in.weight
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"FFF input's last dimension must be d_model={self.d_model}, got "
+                             f"shape {tuple(x.shape)}")
+        if x.device != weight.device:
+            raise ValueError(f"FFF input is on {x.device} but the layer is on {weight.device}; "
+                             "move one of them with .to(device)")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"FFF input dtype {x.dtype} differs from the layer's {weight.dtype}; "
+                            f"cast the input or call layer.to({x.dtype})")
+        return x.reshape(-1, self.d_model).contiguous()
+
+    def _train_forward(self, flat: torch.Tensor, return_nodes: bool):
+        from .training import route
+
+        nodes = route(flat, self.linear_in.weight, self.linear_in.bias, self.n_trees, self.depth)
+        y = fff_sparse(flat, self.linear_in.weight, self.linear_in.bias,
+                       self.linear_out.weight, self.n_trees, self.depth, nodes=nodes)
+        return y, (nodes if return_nodes else None)
+
+    def kernel(self, dtype: torch.dtype | None = None):
+        """The kernel the dispatcher picks for this layer's device and ``dtype``."""
+        return dispatch.select(self.runtime.implementation, self.linear_in.weight.device,
+                               dtype or self.linear_in.weight.dtype, self.runtime.weight_format)
+
+    def _infer(self, flat: torch.Tensor, return_nodes: bool):
+        kernel = self.kernel(flat.dtype)
+        with torch.no_grad():
+            packed = self._packed_for(kernel)
+            return kernel.forward(flat, packed, self.n_trees, self.depth, return_nodes)
+
+    def _packed_for(self, kernel) -> Any:
+        """The kernel's packed weights, rebuilt whenever a parameter changed or moved."""
+        params = [self.linear_in.weight, self.linear_in.bias, self.linear_out.weight]
+        key = (kernel.name, self.runtime.weight_format) + tuple(
+            (p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
+        packed = self._packed.get(kernel.name)
+        if packed is None or packed[0] != key:
+            logger.debug("packing FFF weights for kernel %s", kernel.name)
+            packed = (key, kernel.pack(self.linear_in.weight, self.linear_in.bias,
+                                       self.linear_out.weight, self.n_trees, self.depth,
+                                       self.runtime.weight_format))
+            self._packed[kernel.name] = packed
+        return packed[1]
+
+    def train(self, mode: bool = True) -> FFF:
+        """Switch mode; drops packed inference copies (training will change the weights)."""
+        self._packed.clear()
+        return super().train(mode)
