@@ -129,6 +129,11 @@ class FFF(nn.Module):
     def _train_forward(self, flat: torch.Tensor, return_nodes: bool):
         from .training import route
 
+        gpu = dispatch.registry().get("triton")
+        if gpu is not None and gpu.unavailable_reason(flat.device, flat.dtype) is None:
+            y, nodes = gpu.train_forward(flat, self.linear_in.weight, self.linear_in.bias,
+                                         self.linear_out.weight, self.n_trees, self.depth)
+            return y, (nodes if return_nodes else None)
         nodes = route(flat, self.linear_in.weight, self.linear_in.bias, self.n_trees, self.depth)
         y = fff_sparse(flat, self.linear_in.weight, self.linear_in.bias,
                        self.linear_out.weight, self.n_trees, self.depth, nodes=nodes)
