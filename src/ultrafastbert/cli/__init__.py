@@ -11,7 +11,7 @@ import logging
 import sys
 
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
-COMMAND_MODULES = ("kernels",)
+COMMAND_MODULES = ("kernels", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,10 +134,11 @@ class FFF(nn.Module):
             y, nodes = gpu.train_forward(flat, self.linear_in.weight, self.linear_in.bias,
                                          self.linear_out.weight, self.n_trees, self.depth)
             return y, (nodes if return_nodes else None)
-        nodes = route(flat, self.linear_in.weight, self.linear_in.bias, self.n_trees, self.depth)
+        routed = route(flat, self.linear_in.weight, self.linear_in.bias, self.n_trees,
+                       self.depth)
         y = fff_sparse(flat, self.linear_in.weight, self.linear_in.bias,
-                       self.linear_out.weight, self.n_trees, self.depth, nodes=nodes)
-        return y, (nodes if return_nodes else None)
+                       self.linear_out.weight, self.n_trees, self.depth, routed=routed)
+        return y, (routed[0] if return_nodes else None)
 
     def kernel(self, dtype: torch.dtype | None = None):
         """The kernel the dispatcher picks for this layer's device and ``dtype``."""

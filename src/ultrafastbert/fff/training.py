@@ -4,6 +4,10 @@
 (:func:`fff_masked`: every neuron computed, then multiplied by a 0/1 mask of the visited nodes)
 but only touches the ``K*(D+1)`` visited rows per token, so its cost grows with ``K*(D+1)``
 instead of ``K*2^(D+1)``. Routing is a non-differentiable choice in both forms.
+
+With ``A`` the sparse ``(T, K*N)`` matrix of visited activations and ``G`` that of the logit
+gradients: ``y = A @ W_out^T``, ``dW_out^T = A^T @ dy``, ``dact = (dy @ W_out) at visited``,
+``dx = G @ W_in``, ``dW_in = G^T @ x``, ``db = column sums of G``.
 """
 
 from __future__ import annotations
@@ -13,23 +17,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .torch_impl import forward_levels, pack_levels, token_chunk
+from . import torch_impl
 from .tree import go_right, path_length, tree_offsets, visited_mask
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def route(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-          n_trees: int, depth: int) -> torch.Tensor:
-    """Visited nodes ``(T, K, D+1)`` int64 global ids for ``x`` ``(T, d)`` (no autograd)."""
+def route(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, n_trees: int,
+          depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visited nodes ``(T, K, D+1)`` int64 and their logits ``(T, K, D+1)`` (no autograd)."""
     with torch.no_grad():
-        levels = pack_levels(w_in.detach(), None if b_in is None else b_in.detach(), None,
-                             n_trees, depth)
-        step = token_chunk(n_trees, x.shape[1])
-        parts = [forward_levels(c, levels, n_trees, depth, return_nodes=True)[1]
-                 for c in x.detach().split(step)]
-    return torch.cat(parts)
+        bias = b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0])
+        return torch_impl.route(x.detach(), w_in.detach(), bias, n_trees, depth)
 
 
 def gelu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -37,60 +37,61 @@ def gelu_grad(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(z * _INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
-def _path_logits(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-                 idx: torch.Tensor) -> torch.Tensor:
-    """Logits ``(T, P)`` at the visited nodes ``idx`` ``(T, P)`` for ``x`` ``(T, d)``."""
-    logits = torch.bmm(w_in[idx], x.unsqueeze(2)).squeeze(2)
-    return logits + b_in[idx] if b_in is not None else logits
+def _sampled_dot(a: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """``out[t, p] = a[t] . rows[nodes[t, p]]`` for ``a`` ``(T, d)``, ``rows`` ``(M, d)``."""
+    return torch_impl.visited_logits(a, rows, rows.new_zeros(rows.shape[0]), nodes)
+
+
+def _scatter_rows(coeff: torch.Tensor, nodes: torch.Tensor, src: torch.Tensor,
+                  n_rows: int) -> torch.Tensor:
+    """``out[m] = sum over (t, p) with nodes[t, p] == m of coeff[t, p] * src[t]``, ``(M, d)``."""
+    if torch_impl.uses_csr(src):
+        return torch_impl._csr(coeff, nodes, n_rows).t() @ src
+    flat = (coeff.unsqueeze(2) * src.unsqueeze(1)).reshape(-1, src.shape[1])
+    return src.new_zeros(n_rows, src.shape[1]).index_add_(0, nodes.reshape(-1), flat)
 
 
 class _SparseFFF(torch.autograd.Function):
-    """y = sum_p GELU(x . w_in[idx_p] + b_in[idx_p]) * w_out_rows[idx_p], with its gradient."""
+    """``y = sum_p GELU(logit_p) * w_out[:, node_p]`` with logits already computed by routing."""
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, idx):  # noqa: D102
+    def forward(ctx, x, w_in, b_in, w_out, nodes, logits):  # noqa: D102
         w_out_rows = w_out.t().contiguous()
-        step = token_chunk(idx.shape[1], x.shape[1])
-        logits = torch.cat([_path_logits(xc, w_in, b_in, ic)
-                            for xc, ic in zip(x.split(step), idx.split(step), strict=True)])
-        y = torch.cat([torch.bmm(F.gelu(lc).unsqueeze(1), w_out_rows[ic]).squeeze(1)
-                       for lc, ic in zip(logits.split(step), idx.split(step), strict=True)])
-        ctx.save_for_backward(x, w_in, w_out_rows, idx, logits)
+        y = torch_impl.combine(F.gelu(logits), nodes, w_out_rows)
+        ctx.save_for_backward(x, w_in, w_out_rows, nodes, logits)
         ctx.has_bias = b_in is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
-        x, w_in, w_out_rows, idx, logits = ctx.saved_tensors
+        x, w_in, w_out_rows, nodes, logits = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        flat = idx.reshape(-1)
-        grad_act = torch.bmm(w_out_rows[idx], grad_y.unsqueeze(2)).squeeze(2)
-        grad_logit = grad_act * gelu_grad(logits)
-        grad_x = torch.bmm(grad_logit.unsqueeze(1), w_in[idx]).squeeze(1)
-        d = x.shape[1]
-        grad_w_in = torch.zeros_like(w_in).index_add_(
-            0, flat, (grad_logit.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, d))
-        grad_b = (torch.zeros(w_in.shape[0], dtype=w_in.dtype, device=w_in.device)
-                  .index_add_(0, flat, grad_logit.reshape(-1)) if ctx.has_bias else None)
-        grad_rows = torch.zeros_like(w_out_rows).index_add_(
-            0, flat, (F.gelu(logits).unsqueeze(2) * grad_y.unsqueeze(1)).reshape(-1, d))
-        return grad_x, grad_w_in, grad_b, grad_rows.t(), None
+        n_rows = w_in.shape[0]
+        grad_logit = _sampled_dot(grad_y, w_out_rows, nodes) * gelu_grad(logits)
+        grad_x = torch_impl.combine(grad_logit, nodes, w_in.contiguous())
+        grad_w_in = _scatter_rows(grad_logit, nodes, x, n_rows)
+        grad_b = (grad_logit.new_zeros(n_rows).index_add_(0, nodes.reshape(-1),
+                                                          grad_logit.reshape(-1))
+                  if ctx.has_bias else None)
+        grad_rows = _scatter_rows(F.gelu(logits), nodes, grad_y, n_rows)
+        return grad_x, grad_w_in, grad_b, grad_rows.t(), None, None
 
 
 def fff_sparse(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
                w_out: torch.Tensor, n_trees: int, depth: int,
-               nodes: torch.Tensor | None = None) -> torch.Tensor:
+               routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Differentiable hard-routed FFF over the visited nodes only.
 
     Args:
         x: ``(T, d)``; w_in: ``(K*N, d)``; b_in: ``(K*N,)`` or None; w_out: ``(d, K*N)``.
-        nodes: optional precomputed routes ``(T, K, D+1)``.
+        routed: optional ``(nodes, logits)`` from :func:`route` for these inputs and weights.
     Returns:
         ``(T, d)``, equal to :func:`fff_masked` in value and gradient.
     """
-    if nodes is None:
-        nodes = route(x, w_in, b_in, n_trees, depth)
-    return _SparseFFF.apply(x, w_in, b_in, w_out, nodes.reshape(x.shape[0], -1))
+    nodes, logits = routed if routed is not None else route(x, w_in, b_in, n_trees, depth)
+    tokens = x.shape[0]
+    return _SparseFFF.apply(x, w_in, b_in, w_out, nodes.reshape(tokens, -1),
+                            logits.reshape(tokens, -1))
 
 
 def routes_from_logits(logits: torch.Tensor, n_trees: int, depth: int) -> torch.Tensor:

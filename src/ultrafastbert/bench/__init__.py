@@ -1,0 +1,1 @@
+"""Benchmarks that check outputs first, then time against the fastest dense baseline."""
