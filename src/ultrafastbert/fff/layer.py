@@ -30,9 +30,10 @@ class FFFRuntime:
 
     def __post_init__(self) -> None:
         validate_weight_format(self.weight_format)
-        if not isinstance(self.implementation, str) or not self.implementation:
-            raise ValueError(f"implementation must be a non-empty string, got "
-                             f"{self.implementation!r}")
+        known = ("auto", *dispatch.registry())
+        if self.implementation not in known:
+            raise ValueError(f"unknown FFF implementation {self.implementation!r}; choose one "
+                             f"of {known}")
 
 
 class FFF(nn.Module):

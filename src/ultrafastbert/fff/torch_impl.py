@@ -9,6 +9,7 @@ The output ``sum_p GELU(logit_p) * w_out_row[node_p]`` is one CSR-times-dense pr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +55,10 @@ def _csr(values: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
     columns increasing along each row."""
     tokens, per_row = cols.shape
     crow = torch.arange(0, tokens * per_row + 1, per_row, device=cols.device)
-    return torch.sparse_csr_tensor(crow, cols.reshape(-1), values.reshape(-1),
-                                   (tokens, n_cols), check_invariants=False)
+    with warnings.catch_warnings():  # torch warns that CSR support is "beta"; it is tested here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols.reshape(-1), values.reshape(-1),
+                                       (tokens, n_cols), check_invariants=False)
 
 
 def visited_logits(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,

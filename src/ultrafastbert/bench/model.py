@@ -1,0 +1,365 @@
+"""``ultrafastbert bench model``: whole-encoder throughput and latency, outputs checked first.
+
+In one process and with the same inputs: UltraFastBERT-1x11 against crammedBERT-4095 and -3072
+(the same encoder code with a dense GELU FF) and Hugging Face ``BertModel`` (bert-base config,
+random weights, its default attention). Before timing, each of our models is compared step by
+step with the float64 reference encoder (``model.reference``); ``BertModel``'s default attention
+is compared with its eager attention. Then: median latency, tokens/s, speedups, and a per-part
+profile (embedding / attention / FF / norms / rest, plus the MLM head) of where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import ModelConfig, UltraFastBertModel
+from ..model.reference import compare_layerwise
+from . import common
+
+logger = logging.getLogger(__name__)
+
+FFF_MODEL = "ultrafastbert-1x11"
+HF_MODEL = "hf-bert-base"
+MODELS = (FFF_MODEL, "crammedbert-4095", "crammedbert-3072", HF_MODEL)
+BATCHES = (1, 8, 32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Step-wise relative error allowed against the float64 reference, and the logit margin under
+#: which a row's route may legitimately differ (excluded and counted).
+CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 6e-2}
+CHECK_MARGIN = {"float32": 1e-4, "bfloat16": 1e-2}
+#: ``BertModel`` is compared end to end (12 layers of rounding in bf16), not step by step.
+HF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
+CHECK_SHAPE = (2, 128)
+TABLE_COLUMNS = ("model", "dtype", "batch", "seq_len", "latency_ms", "tokens_per_s",
+                 "fff_model_speedup")
+PROFILE_COLUMNS = ("model", "dtype", "batch", "part", "ms", "share")
+
+
+@dataclass(frozen=True)
+class ModelBenchSettings:
+    """What to run; everything recorded with the results."""
+
+    models: tuple[str, ...] = MODELS
+    batches: tuple[int, ...] = BATCHES
+    seq_len: int = 128
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 5
+    max_seconds: float = 20.0
+    profile_batch: int | None = 8
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------- arguments
+def _csv(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"bad comma-separated list {text!r}") from err
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``bench model``."""
+    p.add_argument("--models", type=_csv(str), default=MODELS,
+                   help=f"comma-separated subset of {','.join(MODELS)} (or any preset name)")
+    p.add_argument("--batches", type=_csv(int), default=BATCHES, help="batch sizes (default "
+                   "1,8,32)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--dtypes", type=_csv(str), default=tuple(DTYPES),
+                   help="float32 and/or bfloat16 (default both)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda times with CUDA events)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (recorded)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples, median reported")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="stop sampling a configuration after this long (at least 3 samples)")
+    p.add_argument("--profile-batch", type=int, default=8,
+                   help="batch of the per-part profile (0: no profile)")
+    p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
+
+
+def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
+    """Validated settings from parsed arguments."""
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad:
+        raise ValueError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
+    known = set(MODELS) | _presets()
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {sorted(known)}")
+    if min(args.batches, default=0) < 1 or args.seq_len < 1:
+        raise ValueError("--batches and --seq-len must be positive")
+    return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
+                              tuple(args.dtypes), args.device, args.warmup, args.repeats,
+                              args.max_seconds, args.profile_batch or None)
+
+
+def _presets() -> set[str]:
+    from ..model.config import PRESETS
+
+    return set(PRESETS)
+
+
+# ------------------------------------------------------------------------------------- models
+def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.Module:
+    """One of ours from its preset (eval mode), or Hugging Face ``BertModel`` (bert-base)."""
+    torch.manual_seed(0)
+    if name == HF_MODEL:
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig(max_position_embeddings=max(512, seq_len)),
+                          add_pooling_layer=False)
+    else:
+        config = ModelConfig.from_preset(name)
+        if seq_len > config.max_seq_len:
+            config = config.replace(max_seq_len=seq_len)
+        model = UltraFastBertModel(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Vocabulary size of either kind of model."""
+    return model.config.vocab_size
+
+
+def random_ids(model: nn.Module, batch: int, seq_len: int, device: str, seed: int
+               ) -> torch.Tensor:
+    """Distinct random token ids ``(batch, seq_len)`` avoiding the first 7 (special) ids."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, vocab_size(model), (batch, seq_len), generator=gen)
+    return ids.to(device)
+
+
+def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
+    """A no-argument callable running the encoder on ``ids`` under ``inference_mode``."""
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(ids)
+    return call
+
+
+# ------------------------------------------------------------------------------------ checking
+def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSettings
+                ) -> dict[str, Any]:
+    """Compare the model's fast path with a reference before timing; raise if it disagrees."""
+    ids = random_ids(model, CHECK_SHAPE[0], min(CHECK_SHAPE[1], s.seq_len), s.device, s.seed + 1)
+    mask = torch.ones_like(ids)
+    mask[-1, ids.shape[1] // 2:] = 0  # one padded row: exercises the masks and the FF row skip
+    if name == HF_MODEL:
+        report = _check_hf(model, ids, mask)
+    else:
+        rep = compare_layerwise(model, ids, mask, margin=CHECK_MARGIN[dtype_name])
+        report = {"max_rel_error": rep.max_rel_error, "rows_compared": rep.rows_compared,
+                  "rows_excluded_near_zero_logit": rep.rows_excluded,
+                  "reference": "float64 reference encoder, step by step"}
+    tolerance = (HF_CHECK_TOLERANCE if name == HF_MODEL else CHECK_TOLERANCE)[dtype_name]
+    ok = report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
+    report.update(model=name, dtype=dtype_name, tolerance=tolerance, ok=ok)
+    if not ok:
+        raise RuntimeError(f"output check failed for {name} / {dtype_name}: {report}")
+    return report
+
+
+def _check_hf(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """``BertModel`` with its default attention against its eager attention."""
+    with torch.inference_mode():
+        fast = model(ids, attention_mask=mask).last_hidden_state.double()
+        default = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            ref = model(ids, attention_mask=mask).last_hidden_state.double()
+        finally:
+            model.set_attn_implementation(default)
+    real = mask.bool()
+    err = float((fast - ref)[real].abs().max()) / float(ref[real].pow(2).mean().sqrt())
+    return {"max_rel_error": err, "rows_compared": int(real.sum()),
+            "rows_excluded_near_zero_logit": 0,
+            "reference": f"same BertModel, eager attention (timed: {default})"}
+
+
+# ------------------------------------------------------------------------------------- timing
+def _time(fn: Callable[[], Any], s: ModelBenchSettings) -> list[float]:
+    return common.time_call(fn, warmup=s.warmup, repeats=s.repeats, device=s.device,
+                            max_total_s=s.max_seconds)
+
+
+def bench_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSettings
+                ) -> list[dict[str, Any]]:
+    """One row per batch size: median latency and tokens/s."""
+    rows = []
+    for batch in s.batches:
+        ids = random_ids(model, batch, s.seq_len, s.device, s.seed)
+        samples = _time(forward_fn(model, ids), s)
+        latency = common.median(samples)
+        rows.append({"model": name, "dtype": dtype_name, "batch": batch, "seq_len": s.seq_len,
+                     "latency_ms": 1e3 * latency, "tokens_per_s": batch * s.seq_len / latency,
+                     "min_ms": 1e3 * min(samples), "max_ms": 1e3 * max(samples),
+                     "samples": len(samples)})
+        logger.info("%s %s batch %d: %.1f ms", name, dtype_name, batch, 1e3 * latency)
+    return rows
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """``fff_model_speedup``: this row's latency / UltraFastBERT-1x11's (same dtype, batch)."""
+    fff = {(r["dtype"], r["batch"]): r["latency_ms"] for r in rows if r["model"] == FFF_MODEL}
+    for r in rows:
+        base = fff.get((r["dtype"], r["batch"]))
+        r["fff_model_speedup"] = r["latency_ms"] / base if base else None
+
+
+# ------------------------------------------------------------------------------------ profile
+def profile_parts(name: str, model: UltraFastBertModel, dtype_name: str, batch: int,
+                  s: ModelBenchSettings) -> list[dict[str, Any]]:
+    """Time each part in isolation on realistic activations; per-layer parts x ``n_layers``.
+
+    ``rest`` is the whole forward minus the parts (residual adds, reshapes, Python). ``head``
+    (the tied MLM decoder on every position) is not part of the encoder and is shown apart.
+    """
+    ids = random_ids(model, batch, s.seq_len, s.device, s.seed)
+    n_layers = len(model.layers)
+    with torch.inference_mode():
+        x = model.embedding(ids)
+        layer = model.layers[0]
+        h1 = layer.norm1(x)
+        h2 = layer.norm2(x + layer.attn(h1, None))
+    parts = {
+        "embedding": (forward_fn(model.embedding, ids), 1),
+        "attention": (_no_grad(lambda: layer.attn(h1, None)), n_layers),
+        "feed-forward": (_no_grad(lambda: layer.ffn(h2)), n_layers),
+        "norms": (_no_grad(lambda: layer.norm1(x)), 2 * n_layers + 1),
+    }
+    times = {part: common.median(_time(fn, s)) * count for part, (fn, count) in parts.items()}
+    total = common.median(_time(forward_fn(model, ids), s))
+    times["rest"] = max(total - sum(times.values()), 0.0)
+    weight = model.embedding.word_embedding.weight
+    head = common.median(_time(_no_grad(lambda: torch.nn.functional.linear(x, weight)), s))
+    rows = [{"model": name, "dtype": dtype_name, "batch": batch, "part": part, "ms": 1e3 * t,
+             "share": t / total} for part, t in times.items()]
+    rows.append({"model": name, "dtype": dtype_name, "batch": batch, "part": "total (encoder)",
+                 "ms": 1e3 * total, "share": 1.0})
+    rows.append({"model": name, "dtype": dtype_name, "batch": batch,
+                 "part": "head (MLM decoder, all positions; not in total)", "ms": 1e3 * head,
+                 "share": head / total})
+    return rows
+
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def call() -> Any:
+        with torch.inference_mode():
+            return fn()
+    return call
+
+
+# ---------------------------------------------------------------------------------------- run
+def run_bench(s: ModelBenchSettings) -> dict[str, Any]:
+    """Check, time and profile every model and dtype; returns rows, checks and the env."""
+    env = common.environment(s.device)
+    env.update(seq_len=s.seq_len, loadavg_before=_loadavg(), settings=s.__dict__.copy())
+    rows, checks, profile = [], [], []
+    for dtype_name in s.dtypes:
+        for name in s.models:
+            model = build_model(name, DTYPES[dtype_name], s.device, s.seq_len)
+            checks.append(check_model(name, model, dtype_name, s))
+            rows += bench_model(name, model, dtype_name, s)
+            if s.profile_batch and isinstance(model, UltraFastBertModel):
+                profile += profile_parts(name, model, dtype_name, s.profile_batch, s)
+            del model
+    add_speedups(rows)
+    env["loadavg_after"] = _loadavg()
+    env["fff_kernel"] = _fff_kernels(s)
+    return {"environment": env, "rows": rows, "checks": checks, "profile": profile}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fff_kernels(s: ModelBenchSettings) -> dict[str, str]:
+    """The kernel the dispatcher picks for the FFF in each dtype (what was timed)."""
+    from ..fff import dispatch
+
+    return {d: dispatch.select("auto", s.device, DTYPES[d]).name for d in s.dtypes}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``ultrafastbert bench model``: prints tables, writes files."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(settings_from_args(args))
+    env = result["environment"]
+    print(f"threads {env['torch_threads']}, cpu {env['cpu']}, load {env['loadavg_before']} -> "
+          f"{env['loadavg_after']}, FFF kernel {env['fff_kernel']}")
+    print("\noutput checks (before timing):")
+    print(common.format_table(result["checks"], ("model", "dtype", "max_rel_error",
+                                                 "rows_compared", "rows_excluded_near_zero_logit",
+                                                 "ok")))
+    print("\n" + common.format_table(result["rows"], TABLE_COLUMNS))
+    if result["profile"]:
+        print("\nper-part profile:\n" + common.format_table(result["profile"], PROFILE_COLUMNS))
+    if args.out:
+        for path in write(args.out, result):
+            print(f"wrote {path}")
+    return 0
+
+
+def write(out_dir: str | Path, result: dict[str, Any]) -> list[Path]:
+    """CSV/JSON of the timings, checks and profile, and a PNG chart."""
+    env = result["environment"]
+    files = common.write_results(out_dir, "bench_model", result["rows"], env)
+    files += common.write_results(out_dir, "bench_model_checks", result["checks"], env)
+    if result["profile"]:
+        files += common.write_results(out_dir, "bench_model_profile", result["profile"], env)
+    try:
+        files.append(plot_throughput(Path(out_dir) / "bench_model.png", result["rows"], env))
+    except ImportError:
+        logger.warning("matplotlib is not installed: no chart (pip install ultrafastbert[bench])")
+    return files
+
+
+def plot_throughput(path: Path, rows: list[dict[str, Any]], env: dict[str, Any]) -> Path:
+    """Grouped bars of tokens/s: one panel per dtype, one group per batch, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils.io import atomic_path
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), dpi=120,
+                             squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        for i, model in enumerate(models):
+            tps = {r["batch"]: r["tokens_per_s"] for r in rows
+                   if r["dtype"] == dtype and r["model"] == model}
+            ax.bar([b + (i - len(models) / 2 + 0.5) * width for b in range(len(batches))],
+                   [tps.get(b, 0.0) for b in batches], width, label=model)
+        ax.set_xticks(range(len(batches)), [f"{b}x{rows[0]['seq_len']}" for b in batches])
+        ax.set(title=f"{dtype}, {env['torch_threads']} threads", xlabel="batch",
+               ylabel="tokens / s (higher is better)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Whole encoder, same process (bench model)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

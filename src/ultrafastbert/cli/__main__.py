@@ -1,0 +1,7 @@
+"""``python -m ultrafastbert.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
