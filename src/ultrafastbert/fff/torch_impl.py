@@ -64,8 +64,8 @@ def _csr(values: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
 def visited_logits(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                    node: torch.Tensor) -> torch.Tensor:
     """Logits ``(T, K)`` of the nodes ``node`` ``(T, K)`` (ids increasing along each row)."""
-    if uses_csr(x):
-        pattern = _csr(b_in[node], node, w_in.shape[0])
+    if uses_csr(x):  # index_select: much cheaper than advanced indexing for scalar gathers
+        pattern = _csr(b_in.index_select(0, node.reshape(-1)), node, w_in.shape[0])
         return torch.sparse.sampled_addmm(pattern, x, w_in.t()).values().view(node.shape)
     return torch.bmm(w_in[node], x.unsqueeze(2)).squeeze(2) + b_in[node]
 

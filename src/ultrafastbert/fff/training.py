@@ -13,6 +13,7 @@ gradients: ``y = A @ W_out^T``, ``dW_out^T = A^T @ dy``, ``dact = (dy @ W_out) a
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,35 @@ def _sampled_dot(a: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> to
     return torch_impl.visited_logits(a, rows, rows.new_zeros(rows.shape[0]), nodes)
 
 
-def _scatter_rows(coeff: torch.Tensor, nodes: torch.Tensor, src: torch.Tensor,
-                  n_rows: int) -> torch.Tensor:
-    """``out[m] = sum over (t, p) with nodes[t, p] == m of coeff[t, p] * src[t]``, ``(M, d)``."""
-    if torch_impl.uses_csr(src):
-        return torch_impl._csr(coeff, nodes, n_rows).t() @ src
-    flat = (coeff.unsqueeze(2) * src.unsqueeze(1)).reshape(-1, src.shape[1])
-    return src.new_zeros(n_rows, src.shape[1]).index_add_(0, nodes.reshape(-1), flat)
+class _Transposed:
+    """The ``(M, T)`` transpose of a ``(T, M)`` pattern with ``P`` ids per row, built once.
+
+    ``scatter(coeff, src)`` gives ``out[m] = sum over (t, p) with nodes[t, p] == m of
+    coeff[t, p] * src[t]`` as one CSR product (a sort of the ``T*P`` ids, no dense scatter).
+    """
+
+    def __init__(self, nodes: torch.Tensor, n_rows: int):
+        flat = nodes.reshape(-1)
+        self.nodes, self.n_rows = nodes, n_rows
+        # a unique key makes the order well defined without a (slow) stable sort
+        key = flat * flat.numel() + torch.arange(flat.numel(), device=flat.device)
+        self.order = torch.sort(key).indices
+        counts = torch.bincount(flat, minlength=n_rows)
+        self.crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.cols = torch.div(self.order, nodes.shape[1], rounding_mode="floor")
+
+    def scatter(self, coeff: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """``(M, d)`` from ``coeff`` ``(T, P)`` and ``src`` ``(T, d)``."""
+        if not torch_impl.uses_csr(src):
+            flat = (coeff.unsqueeze(2) * src.unsqueeze(1)).reshape(-1, src.shape[1])
+            return src.new_zeros(self.n_rows, src.shape[1]).index_add_(
+                0, self.nodes.reshape(-1), flat)
+        values = coeff.reshape(-1)[self.order]
+        with warnings.catch_warnings():  # CSR support is "beta" in torch; tested here
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(self.crow, self.cols, values,
+                                             (self.n_rows, src.shape[0]), check_invariants=False)
+        return matrix @ src
 
 
 class _SparseFFF(torch.autograd.Function):
@@ -69,11 +92,12 @@ class _SparseFFF(torch.autograd.Function):
         n_rows = w_in.shape[0]
         grad_logit = _sampled_dot(grad_y, w_out_rows, nodes) * gelu_grad(logits)
         grad_x = torch_impl.combine(grad_logit, nodes, w_in.contiguous())
-        grad_w_in = _scatter_rows(grad_logit, nodes, x, n_rows)
+        transposed = _Transposed(nodes, n_rows)
+        grad_w_in = transposed.scatter(grad_logit, x)
         grad_b = (grad_logit.new_zeros(n_rows).index_add_(0, nodes.reshape(-1),
                                                           grad_logit.reshape(-1))
                   if ctx.has_bias else None)
-        grad_rows = _scatter_rows(F.gelu(logits), nodes, grad_y, n_rows)
+        grad_rows = transposed.scatter(F.gelu(logits), grad_y)
         return grad_x, grad_w_in, grad_b, grad_rows.t(), None, None
 
 
