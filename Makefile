@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow test-gpu lint bench-ff clean
+.PHONY: venv demo test test-slow test-gpu gpu-check lint bench-ff clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: venv
 
 test-gpu: venv
 	$(PY) -m pytest -q -m gpu
+
+# On a GPU machine without network (no venv step): GPU tests and GPU benchmarks in one script.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts
