@@ -11,6 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Without a GPU, Triton kernels are tested in its CPU interpreter, which Triton reads once at
+# import time; set it before any test module (or transformers) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

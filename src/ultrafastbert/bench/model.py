@@ -4,15 +4,19 @@ In one process and with the same inputs: UltraFastBERT-1x11 against crammedBERT-
 (the same encoder code with a dense GELU FF) and Hugging Face ``BertModel`` (bert-base config,
 random weights, its default attention). Before timing, each of our models is compared step by
 step with the float64 reference encoder (``model.reference``); ``BertModel``'s default attention
-is compared with its eager attention. Then: median latency, tokens/s, speedups, and a per-part
-profile (embedding / attention / FF / norms / rest, plus the MLM head) of where the time goes.
+is compared with its eager attention. Then the models are timed in interleaved rounds (one call
+of each per round, so a change in machine load hits all of them alike): median latency,
+tokens/s, speedups, and a per-part profile (embedding / attention / FF / norms / rest, plus the
+MLM head) of where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from ..model import ModelConfig, UltraFastBertModel
+from ..model.pretrained import fff_compute_dtype
 from ..model.reference import compare_layerwise
 from . import common
 
@@ -41,7 +46,7 @@ HF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
 CHECK_SHAPE = (2, 128)
 TABLE_COLUMNS = ("model", "dtype", "batch", "seq_len", "latency_ms", "tokens_per_s",
                  "fff_model_speedup")
-PROFILE_COLUMNS = ("model", "dtype", "batch", "part", "ms", "share")
+PROFILE_COLUMNS = ("model", "dtype", "batch", "part", "ms", "min_ms", "share")
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed samples, median reported")
     p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop sampling a configuration after this long (at least 3 samples)")
+                   help="stop sampling after about this long per model (at least 3 rounds)")
     p.add_argument("--profile-batch", type=int, default=8,
                    help="batch of the per-part profile (0: no profile)")
     p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
@@ -101,6 +106,9 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
         raise ValueError(f"unknown models {unknown}; choose from {sorted(known)}")
     if min(args.batches, default=0) < 1 or args.seq_len < 1:
         raise ValueError("--batches and --seq-len must be positive")
+    if HF_MODEL in args.models and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"the {HF_MODEL} baseline needs transformers: pip install "
+                         f"'ultrafastbert[hf]', or leave it out of --models")
     return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
                               tuple(args.dtypes), args.device, args.warmup, args.repeats,
                               args.max_seconds, args.profile_batch or None)
@@ -119,14 +127,14 @@ def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.
     if name == HF_MODEL:
         from transformers import BertConfig, BertModel
 
-        model = BertModel(BertConfig(max_position_embeddings=max(512, seq_len)),
-                          add_pooling_layer=False)
-    else:
-        config = ModelConfig.from_preset(name)
-        if seq_len > config.max_seq_len:
-            config = config.replace(max_seq_len=seq_len)
-        model = UltraFastBertModel(config)
-    return model.to(device=device, dtype=dtype).eval()
+        bert = BertModel(BertConfig(max_position_embeddings=max(512, seq_len)),
+                         add_pooling_layer=False)
+        return bert.to(device=device, dtype=dtype).eval()
+    config = ModelConfig.from_preset(name)
+    if seq_len > config.max_seq_len:
+        config = config.replace(max_seq_len=seq_len)
+    model = UltraFastBertModel(config).to(device)
+    return model.set_precision(dtype, fff_compute_dtype(device, dtype)).eval()
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -190,18 +198,48 @@ def _check_hf(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[s
 
 
 # ------------------------------------------------------------------------------------- timing
-def _time(fn: Callable[[], Any], s: ModelBenchSettings) -> list[float]:
-    return common.time_call(fn, warmup=s.warmup, repeats=s.repeats, device=s.device,
-                            max_total_s=s.max_seconds)
+def _seconds(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of one call (CUDA events on a GPU)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_t = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_t
 
 
-def bench_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSettings
-                ) -> list[dict[str, Any]]:
-    """One row per batch size: median latency and tokens/s."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], s: ModelBenchSettings
+                     ) -> dict[str, list[float]]:
+    """Seconds per call of each function, sampled in rounds (one call of each per round).
+
+    Interleaving spreads any change in machine load over all candidates alike, so ratios stay
+    fair on a shared machine. At least 3 rounds; stops after ``repeats`` rounds or once the
+    rounds took ``max_seconds`` per function.
+    """
+    for fn in fns.values():
+        for _ in range(s.warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for done in range(1, max(s.repeats, 3) + 1):
+        for name, fn in fns.items():
+            samples[name].append(_seconds(fn, s.device))
+        if done >= 3 and time.perf_counter() - start > s.max_seconds * len(fns):
+            break
+    return samples
+
+
+def bench_batch(models: dict[str, nn.Module], dtype_name: str, batch: int,
+                s: ModelBenchSettings) -> list[dict[str, Any]]:
+    """One row per model for this batch size: median latency and tokens/s (interleaved)."""
+    calls = {name: forward_fn(m, random_ids(m, batch, s.seq_len, s.device, s.seed))
+             for name, m in models.items()}
     rows = []
-    for batch in s.batches:
-        ids = random_ids(model, batch, s.seq_len, s.device, s.seed)
-        samples = _time(forward_fn(model, ids), s)
+    for name, samples in time_interleaved(calls, s).items():
         latency = common.median(samples)
         rows.append({"model": name, "dtype": dtype_name, "batch": batch, "seq_len": s.seq_len,
                      "latency_ms": 1e3 * latency, "tokens_per_s": batch * s.seq_len / latency,
@@ -222,7 +260,8 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------ profile
 def profile_parts(name: str, model: UltraFastBertModel, dtype_name: str, batch: int,
                   s: ModelBenchSettings) -> list[dict[str, Any]]:
-    """Time each part in isolation on realistic activations; per-layer parts x ``n_layers``.
+    """Time each part in isolation on realistic activations (interleaved with the whole
+    forward); per-layer parts are timed on layer 0 and multiplied by ``n_layers``.
 
     ``rest`` is the whole forward minus the parts (residual adds, reshapes, Python). ``head``
     (the tied MLM decoder on every position) is not part of the encoder and is shown apart.
@@ -234,25 +273,26 @@ def profile_parts(name: str, model: UltraFastBertModel, dtype_name: str, batch: 
         layer = model.layers[0]
         h1 = layer.norm1(x)
         h2 = layer.norm2(x + layer.attn(h1, None))
-    parts = {
-        "embedding": (forward_fn(model.embedding, ids), 1),
-        "attention": (_no_grad(lambda: layer.attn(h1, None)), n_layers),
-        "feed-forward": (_no_grad(lambda: layer.ffn(h2)), n_layers),
-        "norms": (_no_grad(lambda: layer.norm1(x)), 2 * n_layers + 1),
-    }
-    times = {part: common.median(_time(fn, s)) * count for part, (fn, count) in parts.items()}
-    total = common.median(_time(forward_fn(model, ids), s))
-    times["rest"] = max(total - sum(times.values()), 0.0)
     weight = model.embedding.word_embedding.weight
-    head = common.median(_time(_no_grad(lambda: torch.nn.functional.linear(x, weight)), s))
-    rows = [{"model": name, "dtype": dtype_name, "batch": batch, "part": part, "ms": 1e3 * t,
-             "share": t / total} for part, t in times.items()]
-    rows.append({"model": name, "dtype": dtype_name, "batch": batch, "part": "total (encoder)",
-                 "ms": 1e3 * total, "share": 1.0})
-    rows.append({"model": name, "dtype": dtype_name, "batch": batch,
-                 "part": "head (MLM decoder, all positions; not in total)", "ms": 1e3 * head,
-                 "share": head / total})
-    return rows
+    counts = {"embedding": 1, "attention": n_layers, "feed-forward": n_layers,
+              "norms": 2 * n_layers + 1, "total (encoder)": 1, "head": 1}
+    fns = {"embedding": forward_fn(model.embedding, ids),
+           "attention": _no_grad(lambda: layer.attn(h1, None)),
+           "feed-forward": _no_grad(lambda: layer._feed_forward(h2)),
+           "norms": _no_grad(lambda: layer.norm1(x)),
+           "total (encoder)": forward_fn(model, ids),
+           "head": _no_grad(lambda: torch.nn.functional.linear(x, weight))}
+    samples = time_interleaved(fns, s)
+    times = {part: common.median(v) * counts[part] for part, v in samples.items()}
+    best = {part: min(v) * counts[part] for part, v in samples.items()}
+    total, head = times.pop("total (encoder)"), times.pop("head")
+    times["rest"] = max(total - sum(times.values()), 0.0)
+    times["total (encoder)"] = total
+    times["head (MLM decoder, all positions; not in total)"] = head
+    best["head (MLM decoder, all positions; not in total)"] = best.pop("head")
+    return [{"model": name, "dtype": dtype_name, "batch": batch, "part": part, "ms": 1e3 * t,
+             "min_ms": 1e3 * best[part] if part in best else None, "share": t / total}
+            for part, t in times.items()]
 
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -269,13 +309,15 @@ def run_bench(s: ModelBenchSettings) -> dict[str, Any]:
     env.update(seq_len=s.seq_len, loadavg_before=_loadavg(), settings=s.__dict__.copy())
     rows, checks, profile = [], [], []
     for dtype_name in s.dtypes:
-        for name in s.models:
-            model = build_model(name, DTYPES[dtype_name], s.device, s.seq_len)
-            checks.append(check_model(name, model, dtype_name, s))
-            rows += bench_model(name, model, dtype_name, s)
-            if s.profile_batch and isinstance(model, UltraFastBertModel):
-                profile += profile_parts(name, model, dtype_name, s.profile_batch, s)
-            del model
+        models = {name: build_model(name, DTYPES[dtype_name], s.device, s.seq_len)
+                  for name in s.models}
+        checks += [check_model(name, m, dtype_name, s) for name, m in models.items()]
+        for batch in s.batches:
+            rows += bench_batch(models, dtype_name, batch, s)
+        if s.profile_batch:
+            profile += [r for name, m in models.items() if isinstance(m, UltraFastBertModel)
+                        for r in profile_parts(name, m, dtype_name, s.profile_batch, s)]
+        del models
     add_speedups(rows)
     env["loadavg_after"] = _loadavg()
     env["fff_kernel"] = _fff_kernels(s)
@@ -290,10 +332,15 @@ def _loadavg() -> list[float] | None:
 
 
 def _fff_kernels(s: ModelBenchSettings) -> dict[str, str]:
-    """The kernel the dispatcher picks for the FFF in each dtype (what was timed)."""
+    """Per model dtype: the FFF blocks' precision and the kernel the dispatcher picks for it."""
     from ..fff import dispatch
 
-    return {d: dispatch.select("auto", s.device, DTYPES[d]).name for d in s.dtypes}
+    out = {}
+    for name in s.dtypes:
+        fff_dtype = fff_compute_dtype(s.device, DTYPES[name])
+        kernel = dispatch.select("auto", s.device, fff_dtype).name
+        out[name] = f"{kernel} ({str(fff_dtype).replace('torch.', '')})"
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import logging
 import sys
 
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
-COMMAND_MODULES = ("kernels", "bench")
+COMMAND_MODULES = ("demo", "pretrain", "glue", "predict", "bench", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,130 @@
+"""``ultrafastbert demo``: pretrain ``tiny-fff`` on the demo corpus for a few minutes, then show
+fill-mask predictions, held-out MLM quality against the unigram baseline, and FF speed."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .pretrain import format_summary, parse_duration, positive_int, standalone_main
+
+#: Sentences in the style of the demo corpus (KJV, Shakespeare, WordNet glosses).
+SENTENCES = (
+    "in the beginning god created the heaven and the <mask>.",
+    "the lord is my <mask>; i shall not want.",
+    "to be, or not to <mask>: that is the question.",
+    "my lord, the <mask> is dead.",
+    "a small <mask> that lives in trees and eats nuts",
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` subcommand."""
+    p = sub.add_parser("demo", help="pretrain tiny-fff for a few minutes and show what it does",
+                       description="Pretrain a small UltraFastBERT on the built-in demo corpus "
+                                   "(crammed recipe, time budget), show fill-mask predictions, "
+                                   "held-out MLM loss/accuracy vs the unigram baseline, "
+                                   "training tokens/s, and the feed-forward speed table.")
+    p.add_argument("--budget", type=parse_duration, default=parse_duration("3m"),
+                   metavar="DURATION", help="training time (default: 3m)")
+    p.add_argument("--preset", default="tiny-fff", help="model preset (default: tiny-fff)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output directory (default: runs/demo-<date>-<time>)")
+    # Small batches: a few minutes on a laptop CPU allow ~100 steps, not 8,192-row batches.
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                   help="sequences per optimizer step after the ramp (default: 32)")
+    p.add_argument("--micro-batch", type=positive_int, default=8, metavar="N",
+                   help="sequences per forward pass, the start of the ramp (default: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="packed-corpus cache (default: as for pretrain)")
+    p.add_argument("--no-bench", action="store_true", help="skip the feed-forward speed table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _demo_tokenizer(args: argparse.Namespace, vocab_size: int) -> Path:
+    """Where the demo keeps the tokenizer it trains (reused so the packed cache is hit)."""
+    from ..train.pretrain import default_cache_dir
+
+    cache = args.cache_dir or default_cache_dir()
+    return cache / f"demo_tokenizer_{vocab_size}.json"
+
+
+def settings(args: argparse.Namespace):
+    """The pretraining run the demo does."""
+    from ..model import ModelConfig
+    from ..train.pretrain import PretrainSettings
+    from ..train.recipe import CrammedRecipe
+
+    model = ModelConfig.from_preset(args.preset)
+    tokenizer = _demo_tokenizer(args, model.vocab_size)
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    return PretrainSettings(
+        out_dir=out, model=model, model_name=args.preset, corpus=None,
+        tokenizer=tokenizer if tokenizer.is_file() else None, cache_dir=args.cache_dir,
+        recipe=CrammedRecipe(micro_batch=args.micro_batch, target_batch=args.batch_size),
+        budget_s=args.budget, seed=args.seed, device=args.device, save_every_s=None,
+        progress_bar=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pretrain, then print predictions, quality, and the speed table."""
+    from ..train import pretrain
+
+    s = settings(args)
+    print(f"pretraining {args.preset} on the demo corpus for {args.budget:.0f} s "
+          f"(batch {args.micro_batch} -> {args.batch_size} sequences) into {s.out_dir}")
+    result = pretrain.run(s)
+    _keep_tokenizer(s.out_dir / "tokenizer.json", _demo_tokenizer(args, s.model.vocab_size))
+    shutil.rmtree(s.out_dir / "checkpoints", ignore_errors=True)  # the model files stay
+    print(format_summary(result))
+    print()
+    print(fill_mask_report(s.out_dir))
+    if not args.no_bench:
+        print()
+        print(speed_table())
+    return 0
+
+
+def _keep_tokenizer(saved: Path, keep: Path) -> None:
+    if saved.is_file() and not keep.is_file():
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(saved, keep)
+
+
+def fill_mask_report(model_dir: Path, top_k: int = 3) -> str:
+    """The model's top ``top_k`` guesses for each masked word in :data:`SENTENCES`."""
+    from ..infer import Predictor
+
+    predictor = Predictor.from_pretrained(model_dir)
+    lines = ["fill-mask (top guesses with probabilities):"]
+    for sentence in SENTENCES:
+        result = predictor.fill_mask(sentence, top_k=top_k)
+        guesses = ", ".join(f"{c.token} {c.probability:.2f}" for c in result.candidates[0])
+        lines.append(f"  {sentence}\n      -> {guesses}")
+    return "\n".join(lines)
+
+
+def speed_table() -> str:
+    """Feed-forward inference speed, UltraFastBERT-1x11 vs dense 4095 (a quick subset)."""
+    from ..bench.ff import BenchSettings
+    from ..bench.ff import run as bench_ff
+
+    result = bench_ff(BenchSettings(tokens=(1, 128, 4096), configs=("1x11",), repeats=5),
+                      out_dir=None)
+    return ("feed-forward layer speed (d 768, 1x11 FFF vs dense 4095; full table: "
+            "ultrafastbert bench ff):\n" + result["table"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ultrafastbert.cli.demo ARGS``."""
+    return standalone_main(register, "demo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

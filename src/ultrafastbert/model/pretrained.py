@@ -1,0 +1,86 @@
+"""What every model class shares: checkpoint I/O, FFF kernel choice, parameter count."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+import torch
+
+from ..fff import FFF, FFFRuntime, dispatch
+from .config import ModelConfig
+
+_M = TypeVar("_M", bound="PretrainedMixin")
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``set_fff_runtime`` / ``num_parameters``.
+
+    Mixed into ``nn.Module`` subclasses that set ``self.config``.
+    """
+
+    config: ModelConfig
+
+    def save_pretrained(self, directory: str | os.PathLike,
+                        tokenizer_file: str | os.PathLike | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) atomically to ``directory``.
+
+        ``tokenizer_file`` defaults to the ``tokenizer.json`` of the directory the model was
+        loaded from, when there was one.
+        """
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, tokenizer_file=tokenizer_file)
+
+    @classmethod
+    def from_pretrained(cls: type[_M], directory: str | os.PathLike, **changes: Any) -> _M:
+        """Load a checkpoint directory (ours or the released crammedBERT format).
+
+        ``changes`` edit the config, e.g. ``num_labels=3`` to start a classifier from a
+        pretrained encoder (the new head is initialised; the encoder must load completely).
+        """
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, model_class=cls, **changes)
+
+    def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
+        """Choose the inference kernel and weight format of every FFF block (``FFFRuntime``)."""
+        FFFRuntime(implementation, weight_format)  # validate before touching any layer
+        for module in self.modules():  # type: ignore[attr-defined]
+            if isinstance(module, FFF):
+                module.set_runtime(implementation, weight_format)
+
+    def set_precision(self, dtype: torch.dtype, fff_dtype: torch.dtype | None = None
+                      ) -> PretrainedMixin:
+        """Cast the model to ``dtype``, its FFF blocks to ``fff_dtype`` (default ``dtype``).
+
+        Keeping the FFF blocks in float32 inside a bfloat16 model lets them use a float32-only
+        kernel (see :func:`fff_compute_dtype`); their inputs and outputs are cast on the way.
+        """
+        self.to(dtype)  # type: ignore[attr-defined]
+        if fff_dtype is not None and fff_dtype != dtype:
+            for module in self.modules():  # type: ignore[attr-defined]
+                if isinstance(module, FFF):
+                    module.to(fff_dtype)
+        return self
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied decoder counts once)."""
+        params = {id(p): p.numel() for p in self.parameters()}  # type: ignore[attr-defined]
+        return sum(params.values())
+
+
+def fff_compute_dtype(device: torch.device | str, dtype: torch.dtype,
+                      implementation: str = "auto") -> torch.dtype:
+    """The precision to run FFF blocks in for a model in ``dtype`` on ``device``.
+
+    ``dtype`` itself, unless only the generic torch kernel takes ``dtype`` there while a
+    dedicated kernel takes float32 (the native CPU kernel is float32-only): then float32, which
+    is both faster and more exact than the torch kernel in bfloat16.
+    """
+    if implementation != "auto" or dtype == torch.float32:
+        return dtype
+    if dispatch.select("auto", device, dtype).name != "torch":
+        return dtype
+    faster = dispatch.select("auto", device, torch.float32).name != "torch"
+    return torch.float32 if faster else dtype

@@ -1,0 +1,71 @@
+"""``bench model``: checks before timing (and can fail), rows, speedups, profile, files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from ultrafastbert.bench import model as bench_model
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_model.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def small_settings(**changes) -> bench_model.ModelBenchSettings:
+    base = dict(models=("tiny-fff", "tiny-dense"), batches=(1, 2), seq_len=16,
+                dtypes=("float32",), warmup=0, repeats=1, max_seconds=1.0, profile_batch=2)
+    base.update(changes)
+    return bench_model.ModelBenchSettings(**base)
+
+
+def test_small_run_writes_checked_results(tmp_path, capsys):
+    args = parse(["--models", "tiny-fff,tiny-dense", "--batches", "1,2", "--seq-len", "16",
+                  "--dtypes", "float32,bfloat16", "--warmup", "0", "--repeats", "1",
+                  "--max-seconds", "1", "--profile-batch", "2", "--out", str(tmp_path)])
+    assert bench_model.run(args) == 0
+    out = capsys.readouterr().out
+    assert "output checks (before timing)" in out and "per-part profile" in out
+    data = json.loads((tmp_path / "bench_model.json").read_text())
+    rows = data["rows"]
+    assert {(r["model"], r["dtype"], r["batch"]) for r in rows} == {
+        (m, d, b) for m in ("tiny-fff", "tiny-dense") for d in ("float32", "bfloat16")
+        for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and r["seq_len"] == 16 for r in rows)
+    assert data["environment"]["torch_threads"] == torch.get_num_threads()
+    checks = json.loads((tmp_path / "bench_model_checks.json").read_text())["rows"]
+    assert all(c["ok"] for c in checks) and len(checks) == 4
+    assert all(c["max_rel_error"] < 1e-4 for c in checks if c["dtype"] == "float32")
+    parts = {r["part"] for r in json.loads(
+        (tmp_path / "bench_model_profile.json").read_text())["rows"]}
+    assert {"embedding", "attention", "feed-forward", "norms", "rest"} <= parts
+    assert (tmp_path / "bench_model.png").stat().st_size > 1000
+
+
+def test_speedups_are_relative_to_the_fff_model():
+    rows = [{"model": bench_model.FFF_MODEL, "dtype": "float32", "batch": 8, "latency_ms": 2.0},
+            {"model": "crammedbert-4095", "dtype": "float32", "batch": 8, "latency_ms": 5.0}]
+    bench_model.add_speedups(rows)
+    assert [r["fff_model_speedup"] for r in rows] == [1.0, 2.5]
+
+
+def test_a_wrong_fast_path_stops_the_benchmark(monkeypatch):
+    s = small_settings()
+    model = bench_model.build_model("tiny-fff", torch.float32, "cpu", 16)
+    ffn = model.layers[2].ffn
+    original = ffn.forward
+    monkeypatch.setattr(ffn, "forward", lambda x: original(x) * 1.01)
+    with pytest.raises(RuntimeError, match="output check failed for tiny-fff"):
+        bench_model.check_model("tiny-fff", model, "float32", s)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="--dtypes must be among"):
+        bench_model.settings_from_args(parse(["--dtypes", "float16"]))
+    with pytest.raises(ValueError, match="unknown models"):
+        bench_model.settings_from_args(parse(["--models", "gpt2"]))
