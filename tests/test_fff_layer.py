@@ -122,3 +122,25 @@ def test_bad_construction_and_runtime_errors():
         make_layer(8, 1, 1).set_runtime("auto", "int8")
     with pytest.raises(ValueError, match="unknown FFF implementation 'no-such-kernel'"):
         make_layer(8, 1, 1).set_runtime("no-such-kernel")
+
+
+def test_autocast_bf16_computes_in_the_layer_dtype_forward_and_backward():
+    layer = make_layer(16, 1, 4).train()
+    x = inputs(6, 16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert layer.linear_in.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(y, layer(x.to(torch.bfloat16).float()), atol=1e-6)
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    from ultrafastbert.utils.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "hi")
+    mode = os.stat(tmp_path / "a.txt").st_mode & 0o777
+    assert mode & 0o044  # readable by group/others under the usual umask

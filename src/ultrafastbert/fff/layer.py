@@ -36,6 +36,13 @@ class FFFRuntime:
                              f"of {known}")
 
 
+def _autocast_on(x: object) -> bool:
+    """Whether autocast is active for ``x``'s device (False for devices without autocast)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda", "xpu", "mps"):
+        return False
+    return torch.is_autocast_enabled(x.device.type)
+
+
 class FFF(nn.Module):
     """Fast feedforward layer: ``n_trees`` binary trees of ``depth`` decisions (DESIGN §1.1).
 
@@ -90,7 +97,14 @@ class FFF(nn.Module):
 
     def forward_with_nodes(self, x: torch.Tensor, return_nodes: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Output ``(..., d)`` and the visited nodes ``(..., K, D+1)`` (int64 global ids)."""
+        """Output ``(..., d)`` and the visited nodes ``(..., K, D+1)`` (int64 global ids).
+
+        Under autocast the layer computes in its own parameter dtype (routing is precision
+        sensitive and the layer is memory-bound, so low-precision matmuls would gain little).
+        """
+        if _autocast_on(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward_with_nodes(x.to(self.linear_in.weight.dtype), return_nodes)
         flat = self._check_input(x)
         lead = x.shape[:-1]
         if flat.shape[0] == 0:
