@@ -65,8 +65,8 @@ class FFF(nn.Module):
         width = n_trees * n_nodes(depth)
         self.linear_in = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
         self.linear_out = nn.Linear(width, d_model, bias=False, device=device, dtype=dtype)
+        self._cache: tuple | None = None  # (key, kernel, packed weights) for inference
         self.runtime = runtime or FFFRuntime()
-        self._packed: dict[tuple, Any] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,7 +75,7 @@ class FFF(nn.Module):
         nn.init.normal_(self.linear_out.weight, std=0.02)
         if self.linear_in.bias is not None:
             nn.init.zeros_(self.linear_in.bias)
-        self._packed.clear()
+        self._cache = None
 
     @property
     def n_neurons(self) -> int:
@@ -86,10 +86,22 @@ class FFF(nn.Module):
         return (f"d_model={self.d_model}, n_trees={self.n_trees}, depth={self.depth}, "
                 f"bias={self.linear_in.bias is not None}, runtime={self.runtime}")
 
+    @property
+    def runtime(self) -> FFFRuntime:
+        """The inference kernel choice and weight format."""
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, value: FFFRuntime) -> None:
+        if not isinstance(value, FFFRuntime):
+            raise TypeError(f"runtime must be an FFFRuntime, got {type(value).__name__}")
+        self._runtime = value
+        self._cache = None
+
     def set_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
-        """Choose the inference kernel and weight format (validated at the next call)."""
+        """Choose the inference kernel and weight format (availability is checked at the next
+        inference call)."""
         self.runtime = FFFRuntime(implementation, weight_format)
-        self._packed.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d_model)`` -> ``(..., d_model)``."""
@@ -161,26 +173,33 @@ class FFF(nn.Module):
                                dtype or self.linear_in.weight.dtype, self.runtime.weight_format)
 
     def _infer(self, flat: torch.Tensor, return_nodes: bool):
-        kernel = self.kernel(flat.dtype)
+        kernel, packed = self._kernel_and_packed(flat.dtype)
+        if not torch.is_grad_enabled():  # the common case: skip the context manager's cost
+            return kernel.forward(flat, packed, self.n_trees, self.depth, return_nodes)
         with torch.no_grad():
-            packed = self._packed_for(kernel)
             return kernel.forward(flat, packed, self.n_trees, self.depth, return_nodes)
 
-    def _packed_for(self, kernel) -> Any:
-        """The kernel's packed weights, rebuilt whenever a parameter changed or moved."""
-        params = [self.linear_in.weight, self.linear_in.bias, self.linear_out.weight]
-        key = (kernel.name, self.runtime.weight_format) + tuple(
-            (p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
-        packed = self._packed.get(kernel.name)
-        if packed is None or packed[0] != key:
-            logger.debug("packing FFF weights for kernel %s", kernel.name)
-            packed = (key, kernel.pack(self.linear_in.weight, self.linear_in.bias,
-                                       self.linear_out.weight, self.n_trees, self.depth,
-                                       self.runtime.weight_format))
-            self._packed[kernel.name] = packed
-        return packed[1]
+    def _kernel_and_packed(self, dtype: torch.dtype) -> tuple[Any, Any]:
+        """The selected kernel and its packed weights, cached until a parameter changes.
+
+        The key is cheap on purpose (it is checked on every call): in-place updates bump
+        ``_version``; ``.to()``/``load_state_dict`` replacing storage change ``data_ptr``.
+        """
+        w_in, b_in, w_out = self.linear_in.weight, self.linear_in.bias, self.linear_out.weight
+        key = (dtype, w_in._version, w_out._version, w_in.data_ptr(), w_out.data_ptr(),
+               None if b_in is None else (b_in._version, b_in.data_ptr()))
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        kernel = self.kernel(dtype)
+        logger.debug("packing FFF weights for kernel %s", kernel.name)
+        with torch.no_grad():
+            packed = kernel.pack(w_in, b_in, w_out, self.n_trees, self.depth,
+                                 self.runtime.weight_format)
+        self._cache = (key, kernel, packed)
+        return kernel, packed
 
     def train(self, mode: bool = True) -> FFF:
-        """Switch mode; drops packed inference copies (training will change the weights)."""
-        self._packed.clear()
+        """Switch mode; drops the packed inference copy (training will change the weights)."""
+        self._cache = None
         return super().train(mode)
