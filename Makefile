@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow test-gpu gpu-check lint bench-ff clean
+.PHONY: venv demo test test-slow test-gpu gpu-check lint bench-ff bench-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,10 @@ lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 bench-ff: venv
-	$(VENV)/bin/ultrafastbert bench ff --out results/bench_ff
+	$(VENV)/bin/ultrafastbert bench ff --threads 2 --train --out results/bench_ff
+
+bench-model: venv
+	$(VENV)/bin/ultrafastbert bench model --threads 2 --out results/bench_model
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

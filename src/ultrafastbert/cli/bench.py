@@ -22,7 +22,7 @@ def _str_list(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench`` with its ``ff`` subcommand."""
+    """Add ``bench`` with its ``ff`` and ``model`` subcommands."""
     bench = sub.add_parser("bench", help="benchmarks (feed-forward layer, whole model)",
                            description="Benchmarks: outputs checked first, then timed against "
                                        "dense baselines in the same process.")
@@ -32,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "implementation; writes a table, CSV/JSON and a PNG.")
     _add_ff_arguments(ff)
     ff.set_defaults(handler=run_ff)
+    from ..bench import model as bench_model
+
+    m = kinds.add_parser("model", help="whole encoder: UltraFastBERT-1x11 vs crammedBERT-4095/"
+                                       "-3072 and Hugging Face BertModel",
+                         description="Check each model against a reference, then time the whole "
+                                     "encoder (interleaved rounds); table, CSV/JSON, PNG, "
+                                     "per-part profile.")
+    bench_model.add_arguments(m)
+    m.set_defaults(handler=bench_model.run)
 
 
 def _add_ff_arguments(p: argparse.ArgumentParser) -> None:

@@ -146,8 +146,9 @@ class Predictor:
         if positions.numel() == 0:
             raise ValueError(f"no {MASK_TOKEN} in the text (after truncation to "
                              f"{self.max_length} tokens); write {MASK_TOKEN} where a word goes")
-        with torch.inference_mode():
-            logits = model(ids, mask).logits[0, positions].float()
+        with torch.inference_mode():  # decode only the masked positions
+            hidden = model.encoder(ids, mask).last_hidden_state[0, positions]
+            logits = model.decoder(hidden).float()
         probs, top = logits.softmax(-1).topk(top_k, dim=-1)
         candidates = [[TokenScore(self.tokenizer.id_to_token(int(i)), int(i), float(p))
                        for p, i in zip(row_p, row_i, strict=True)]
