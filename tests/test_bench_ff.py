@@ -83,3 +83,10 @@ def test_cli_bad_arguments_are_clear(capsys):
     assert "KxD" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "ff", "--tokens", "0"])
+
+
+def test_bfloat16_run_checks_with_low_precision_tolerances():
+    result = ff.run(small_settings(dtype=torch.bfloat16, tokens=(5,)), None)
+    assert result["environment"]["dtype"] == "bfloat16"
+    assert {r["implementation"] for r in result["rows"] if r["kind"] == "dense"} == {
+        "nn.Linear", "mm-pretransposed"}

@@ -144,3 +144,21 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "hi")
     mode = os.stat(tmp_path / "a.txt").st_mode & 0o777
     assert mode & 0o044  # readable by group/others under the usual umask
+
+
+def test_repeat_inference_shortcut_notices_every_change():
+    layer = make_layer(16, 2, 3)
+    x = inputs(5, 16)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer._repeat_inference(x) is not None  # the shortcut is live
+        layer.linear_in.weight = torch.nn.Parameter(torch.randn_like(layer.linear_in.weight))
+        assert layer._repeat_inference(x) is None  # replaced parameter: general path
+        y, nodes = layer.forward_with_nodes(x)
+        assert_matches(y, nodes, reference_of(layer, x), margin=1e-5)
+        assert torch.equal(layer(x), y) and not torch.equal(y, first)
+        layer.linear_in.bias.add_(1.0)  # in-place change
+        assert layer._repeat_inference(x) is None
+        assert layer._repeat_inference(x.to(torch.float64)) is None
+        assert layer._repeat_inference(x.t().contiguous().t()) is None  # non-contiguous
+    assert layer._repeat_inference(x) is None  # grad enabled

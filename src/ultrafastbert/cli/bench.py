@@ -47,6 +47,8 @@ def _add_ff_arguments(p: argparse.ArgumentParser) -> None:
     from ..bench.ff import DEFAULT_TOKENS, PAPER_CONFIGS
 
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="input and weight dtype of every model (default: float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default; recorded)")
     p.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS,
@@ -72,11 +74,12 @@ def run_ff(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = BenchSettings(device=args.device, tokens=args.tokens, configs=args.configs,
                              implementations=args.implementations, repeats=args.repeats,
-                             warmup=args.warmup, compile_dense=args.compile_dense)
+                             warmup=args.warmup, compile_dense=args.compile_dense,
+                             dtype=getattr(torch, args.dtype))
     result = run(settings, args.out, train=args.train)
     env = result["environment"]
     print(f"# FF benchmark: {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "
-          f"float32, d_model {env['d_model']}, device {env['device']}")
+          f"{env['dtype']}, d_model {env['d_model']}, device {env['device']}")
     print(result["table"])
     if "train_table" in result:
         print("\n# Training (forward+backward)\n" + result["train_table"])

@@ -9,15 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+from .pretrain import positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -56,18 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _protocol_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("protocol (defaults: GLUE-sane)")
-    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs (5)")
-    g.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs (5)")
+    g.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                    help="runs per task, seeds 0..N-1; tables show the median (5)")
     g.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (4e-5)")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (16)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="batch size (16)")
     g.add_argument("--warmup", type=float, default=None, help="warm-up share of steps (0.1)")
-    g.add_argument("--max-length", type=_positive_int, default=None,
+    g.add_argument("--max-length", type=positive_int, default=None,
                    help="tokens per example after truncation (128)")
     g.add_argument("--dropout", type=float, default=None, help="dropout rates (0.1)")
-    g.add_argument("--max-train-examples", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-train-examples", type=positive_int, default=None, metavar="N",
                    help="fine-tune on a random subset of N training examples (default: all)")
-    g.add_argument("--max-eval-examples", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-eval-examples", type=positive_int, default=None, metavar="N",
                    help="evaluate on a random subset of N dev examples (default: all)")
 
 
@@ -80,7 +72,7 @@ def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="autocast dtype while training (default: fp32)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from pathlib import Path
@@ -206,14 +205,9 @@ def standalone_main(register_fn, command: str, argv: list[str] | None = None) ->
     parser = argparse.ArgumentParser(prog="ultrafastbert")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     register_fn(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([*verbose, command, *rest])
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"ultrafastbert {command}: error: {err}", file=sys.stderr)
-        return 2
+    from . import run_handler
+
+    return run_handler(parser.parse_args([*verbose, command, *rest]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,7 +105,45 @@ class FFF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d_model)`` -> ``(..., d_model)``."""
+        y = self._repeat_inference(x)
+        if y is not None:
+            return y
         return self.forward_with_nodes(x, return_nodes=False)[0]
+
+    def _repeat_inference(self, x: object) -> torch.Tensor | None:
+        """The common inference call with little Python around the kernel, or None.
+
+        Applies only when nothing changed since the packed copy was built: no autograd, no
+        autocast, a contiguous ``(T, d)`` input of the cached dtype and device, and the same
+        parameter tensors at the same versions and storage. Anything else takes the general
+        path, which validates the input and rebuilds the cache. (At one token the general
+        path's checks cost several times the kernel itself.)
+        """
+        cache = self._cache
+        if (cache is None or type(x) is not torch.Tensor or torch.is_grad_enabled()
+                or torch._C._is_any_autocast_enabled()):
+            return None
+        key, kernel, packed, params = cache
+        if (x.dtype is not key[0] or x.dim() != 2 or x.shape[1] != self.d_model
+                or x.shape[0] == 0 or not x.is_contiguous() or x.device != params[0].device
+                or self._param_state(*params) != key[1:] or not self._same_params(params)):
+            return None
+        return kernel.forward(x, packed, self.n_trees, self.depth, False)[0]
+
+    def _same_params(self, params: tuple) -> bool:
+        """Whether the layer still holds exactly these parameter tensors (identity, not value;
+        read through the module dicts, which is much cheaper than attribute access)."""
+        lin, lout = self._modules["linear_in"], self._modules["linear_out"]
+        return (lin._parameters["weight"] is params[0] and lin._parameters.get("bias") is params[1]
+                and lout._parameters["weight"] is params[2])
+
+    @staticmethod
+    def _param_state(w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor
+                     ) -> tuple:
+        """Cheap fingerprint: in-place updates bump ``_version``; new storage moves
+        ``data_ptr``."""
+        return (w_in._version, w_out._version, w_in.data_ptr(), w_out.data_ptr(),
+                None if b_in is None else (b_in._version, b_in.data_ptr()))
 
     def forward_with_nodes(self, x: torch.Tensor, return_nodes: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,23 +218,19 @@ class FFF(nn.Module):
             return kernel.forward(flat, packed, self.n_trees, self.depth, return_nodes)
 
     def _kernel_and_packed(self, dtype: torch.dtype) -> tuple[Any, Any]:
-        """The selected kernel and its packed weights, cached until a parameter changes.
-
-        The key is cheap on purpose (it is checked on every call): in-place updates bump
-        ``_version``; ``.to()``/``load_state_dict`` replacing storage change ``data_ptr``.
-        """
+        """The selected kernel and its packed weights, cached until a parameter changes
+        (see :meth:`_param_state`) or is replaced by another tensor."""
         w_in, b_in, w_out = self.linear_in.weight, self.linear_in.bias, self.linear_out.weight
-        key = (dtype, w_in._version, w_out._version, w_in.data_ptr(), w_out.data_ptr(),
-               None if b_in is None else (b_in._version, b_in.data_ptr()))
+        key = (dtype, *self._param_state(w_in, b_in, w_out))
         cache = self._cache
-        if cache is not None and cache[0] == key:
+        if cache is not None and cache[0] == key and self._same_params(cache[3]):
             return cache[1], cache[2]
         kernel = self.kernel(dtype)
         logger.debug("packing FFF weights for kernel %s", kernel.name)
         with torch.no_grad():
             packed = kernel.pack(w_in, b_in, w_out, self.n_trees, self.depth,
                                  self.runtime.weight_format)
-        self._cache = (key, kernel, packed)
+        self._cache = (key, kernel, packed, (w_in, b_in, w_out))
         return kernel, packed
 
     def train(self, mode: bool = True) -> FFF:

@@ -1,25 +1,105 @@
-"""Native CPU FFF kernel (placeholder until the kernel lands)."""
+"""Native CPU FFF kernel: AVX-512 / AVX2 C++ built on first use (see ``build`` for caching).
+
+The tree walk computes only the visited nodes' dot products, bias and GELU, four tokens at a
+time level by level; the visited output rows are then applied in one fused pass. Threads come
+from torch's own pool. Weight formats: ``fp32``; ``bf16`` (both matrices stored as bfloat16,
+may change routes); ``bf16-out`` (routing rows fp32, output rows bfloat16: routes as ``fp32``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..kernel import FFFKernel
+from . import build
+
+
+@dataclass(frozen=True)
+class NativePacked:
+    """The kernel's copy of the weights (checkpoint order of nodes, tree-major heap order).
+
+    w_in: ``(K*N, d)`` routing rows, float32 or bfloat16. b_in: ``(K*N,)`` float32 (zeros when the
+    layer has no bias). w_out: ``(K*N, d)`` output rows (``linear_out.weight`` transposed),
+    float32 or bfloat16. All contiguous.
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out: torch.Tensor
 
 
 class NativeCPUKernel(FFFKernel):
-    """AVX-512/AVX2 C++ kernel built on first use."""
+    """AVX-512/AVX2 C++ kernel built on first use.
+
+    Args:
+        isa: ``None`` for the best instruction set of this CPU, or ``"avx2"``/``"avx512"`` to
+            force one (the AVX2 path can then be tested on an AVX-512 machine).
+    """
 
     name = "native"
-    description = "native C++ CPU kernel"
+    description = "native C++ CPU kernel (AVX-512/AVX2, built on first use)"
     devices = ("cpu",)
     dtypes = (torch.float32,)
+    weight_formats = ("fp32", "bf16", "bf16-out")
 
-    def extra_reason(self, device: torch.device) -> str | None:  # noqa: D102
-        return "not built in this version"
+    def __init__(self, isa: str | None = None):
+        if isa is not None and isa not in build.ISA_CODES:
+            raise ValueError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
+        self._isa = isa
+        self._library: build.NativeLibrary | None = None
+        self._isa_code = 0
+        self._forward = self._forward_nodes = None
 
-    def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
-        raise NotImplementedError
+    def extra_reason(self, device: torch.device) -> str | None:
+        """Why the kernel cannot run: disabled, CPU, toolchain or build failure (builds once)."""
+        if self._library is not None:  # the per-call path: one attribute test
+            return None
+        library = build.status()
+        if isinstance(library, str):
+            return library
+        isa = self._isa or library.isa
+        if build.ISA_CODES[isa] > build.ISA_CODES.get(library.isa, 0):
+            return f"this CPU does not support {isa} (best: {library.isa or 'neither'})"
+        self._isa_code = build.ISA_CODES[isa]
+        # The overloads' C++ callables (``_op``) skip one Python frame per call.
+        self._forward = getattr(library.forward, "_op", library.forward)
+        self._forward_nodes = getattr(library.forward_nodes, "_op", library.forward_nodes)
+        self._library = library
+        return None
 
-    def forward(self, x, packed, n_trees, depth, return_nodes=False):  # noqa: D102
-        raise NotImplementedError
+    @property
+    def isa(self) -> str | None:
+        """The instruction set in use (None until the kernel is loaded)."""
+        codes = {code: isa for isa, code in build.ISA_CODES.items()}
+        return codes.get(self._isa_code)
+
+    def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+             n_trees: int, depth: int, weight_format: str) -> NativePacked:
+        """The kernel's layout; see :class:`NativePacked`.
+
+        fp32 routing rows and bias that are already contiguous fp32 are used as they are (no
+        12 MB copy for 1x11); the output rows are always a transposed copy.
+        """
+        w_in = w_in.detach()
+        out_rows = w_out.detach().t()
+        bias = (b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0]))
+        in_dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
+        out_dtype = torch.bfloat16 if weight_format in ("bf16", "bf16-out") else torch.float32
+        return NativePacked(w_in.to(in_dtype).contiguous(), bias.float().contiguous(),
+                            out_rows.to(out_dtype).contiguous())
+
+    def forward(self, x: torch.Tensor, packed: NativePacked, n_trees: int, depth: int,
+                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(T, d)`` float32 contiguous -> ``y`` ``(T, d)``, nodes ``(T, K, D+1)``|None."""
+        if self._library is None:
+            reason = self.unavailable_reason(x.device, x.dtype)
+            if reason is not None:
+                raise RuntimeError(f"the native FFF kernel cannot run: {reason}")
+        # One op call and nothing else: at 1 token the Python around it is most of the cost.
+        if return_nodes:
+            return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                                       self._isa_code)
+        return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                             self._isa_code), None
