@@ -236,12 +236,19 @@ def _stat_files(paths: list[Path]) -> list[list[Any]]:
 # --------------------------------------------------------------------------- demo corpus
 
 
+def packaged_file(parts: tuple[str, ...]) -> Any | None:
+    """A file shipped in ``ultrafastbert.data`` (an ``importlib.resources`` Traversable), or
+    None when the installed package lacks it."""
+    res = resources.files("ultrafastbert.data")
+    for part in parts:
+        res = res / part
+    return res if res.is_file() else None
+
+
 def demo_corpus_resource() -> Any:
     """The packaged demo corpus file (an ``importlib.resources`` Traversable)."""
-    res = resources.files("ultrafastbert.data")
-    for part in DEMO_RESOURCE:
-        res = res / part
-    if not res.is_file():
+    res = packaged_file(DEMO_RESOURCE)
+    if res is None:
         raise CorpusError("the demo corpus is missing from the installed package "
                           f"({'/'.join(DEMO_RESOURCE)}). Reinstall ultrafastbert, or rebuild it "
                           "with scripts/build_demo_corpus.py, or pass --corpus PATH.")

@@ -221,14 +221,12 @@ def demo_tokenizer() -> Tokenizer:
     because the ``tokenizers`` WordPiece trainer breaks count ties in hash-map order
     (huggingface/tokenizers#1794).
     """
-    from importlib import resources
-
     from tokenizers import Tokenizer
 
-    res = resources.files("ultrafastbert.data")
-    for part in DEMO_TOKENIZER_RESOURCE:
-        res = res / part
-    if not res.is_file():
+    from .corpus import packaged_file
+
+    res = packaged_file(DEMO_TOKENIZER_RESOURCE)
+    if res is None:
         raise TokenizerError("the demo tokenizer is missing from the installed package "
                              f"({'/'.join(DEMO_TOKENIZER_RESOURCE)}). Reinstall ultrafastbert or "
                              "rebuild it with scripts/build_demo_corpus.py.")

@@ -7,30 +7,32 @@
 // nothing outside these functions is compiled for it, so an AVX2-only CPU never meets an
 // AVX-512 instruction. No includes here: fff_cpu.cpp includes everything first.
 
-// logits[i] = x[i] . w[i] for G (token, row) pairs, rows of length d. Two accumulators per
-// pair (eight independent FMA chains for a group of four) cover the FMA latency. The order of
-// operations does not depend on G, so a token's result does not depend on the batch around it.
+// logits[i] = x[i] . w[i] for G (token, row) pairs, rows of length d, with V::kAcc accumulators
+// per pair: enough independent FMA chains for a lone token (the 1-token latency) and, with four
+// tokens, for the FMA latency. The order of operations does not depend on G, so a token's
+// result does not depend on the batch around it.
 template <class Tw, int G>
 FFF_TARGET static void dot_group(const float* const* x, const Tw* const* w, int64_t d,
                                  float* logits) {
-  typename V::R a[G], b[G];
-  for (int i = 0; i < G; ++i) a[i] = b[i] = V::zero();
+  constexpr int A = V::kAcc;
+  typename V::R acc[G][A];
+  for (int i = 0; i < G; ++i)
+    for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
   int64_t k = 0;
-  for (; k + 2 * V::W <= d; k += 2 * V::W) {
-    for (int i = 0; i < G; ++i) {
-      a[i] = V::fma(V::load(x[i] + k), V::load(w[i] + k), a[i]);
-      b[i] = V::fma(V::load(x[i] + k + V::W), V::load(w[i] + k + V::W), b[i]);
-    }
+  for (; k + A * V::W <= d; k += A * V::W) {
+    for (int i = 0; i < G; ++i)
+      for (int a = 0; a < A; ++a)
+        acc[i][a] = V::fma(V::load(x[i] + k + a * V::W), V::load(w[i] + k + a * V::W), acc[i][a]);
   }
-  if (k + V::W <= d) {
-    for (int i = 0; i < G; ++i) a[i] = V::fma(V::load(x[i] + k), V::load(w[i] + k), a[i]);
-    k += V::W;
+  for (int a = 0; k < d; k += V::W, ++a) {  // the last < A vectors, the final one partial
+    const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
+    for (int i = 0; i < G; ++i)
+      acc[i][a] = V::fma(V::load_n(x[i] + k, n), V::load_n(w[i] + k, n), acc[i][a]);
   }
-  if (k < d) {
-    const int n = static_cast<int>(d - k);
-    for (int i = 0; i < G; ++i) b[i] = V::fma(V::load_n(x[i] + k, n), V::load_n(w[i] + k, n), b[i]);
+  for (int i = 0; i < G; ++i) {
+    for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
+    logits[i] = V::sum(acc[i][0]);
   }
-  for (int i = 0; i < G; ++i) logits[i] = V::sum(V::add(a[i], b[i]));
 }
 
 // Ask for a whole row to be brought towards L2 (the hardware prefetcher then needs no warm-up).
