@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain an MLM with the crammed recipe",
         description="Masked-language-model pretraining with the crammed recipe: AdamW "
                     "(1e-3, 0.9/0.98, eps 1e-12, wd 0.01), clip 0.5, lr factor "
-                    "min(0.25 + p, 4 - 4p), batch ramped to --batch-size over the first 60%%. "
+                    "min(0.25 + p, 4 - 4p), batch ramped to --batch-size over the first 60%. "
                     "Give exactly one of --budget and --max-steps. OUT becomes a model "
                     "directory (from_pretrained, glue --model OUT) with metrics.jsonl, "
                     "checkpoints/, loss_curve.png and summary.json.")
