@@ -69,3 +69,16 @@ def test_bad_arguments_are_refused():
         bench_model.settings_from_args(parse(["--dtypes", "float16"]))
     with pytest.raises(ValueError, match="unknown models"):
         bench_model.settings_from_args(parse(["--models", "gpt2"]))
+
+
+def test_hf_baseline_on_packed_gemms_is_checked_and_packed():
+    pytest.importorskip("transformers")
+    from ultrafastbert.model.linear import InferenceLinear
+
+    s = small_settings(models=(bench_model.HF_PACKED,))
+    bert = bench_model.build_model(bench_model.HF_PACKED, torch.float32, "cpu", 16)
+    linears = [m for m in bert.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, InferenceLinear) for m in linears)
+    report = bench_model.check_model(bench_model.HF_PACKED, bert, "float32", s)
+    assert report["ok"] and report["max_rel_error"] < 1e-4
+    assert all(m._packed is not None for m in linears), "the timed path must be the packed one"

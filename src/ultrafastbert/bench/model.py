@@ -2,7 +2,9 @@
 
 In one process and with the same inputs: UltraFastBERT-1x11 against crammedBERT-4095 and -3072
 (the same encoder code with a dense GELU FF) and Hugging Face ``BertModel`` (bert-base config,
-random weights, its default attention). Before timing, each of our models is compared step by
+random weights, its default attention), as shipped and with its ``nn.Linear`` layers on the same
+prepacked oneDNN GEMMs our encoder uses (``model.linear``), so the speedup over it is not a
+matter of GEMM libraries. Before timing, each of our models is compared step by
 step with the float64 reference encoder (``model.reference``); ``BertModel``'s default attention
 is compared with its eager attention. Then the models are timed in interleaved rounds (one call
 of each per round, so a change in machine load hits all of them alike): median latency,
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ..model import ModelConfig, UltraFastBertModel
+from ..model.linear import packed_linear_unavailable, use_packed_linears
 from ..model.pretrained import fff_compute_dtype
 from ..model.reference import compare_layerwise
 from . import common
@@ -34,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 FFF_MODEL = "ultrafastbert-1x11"
 HF_MODEL = "hf-bert-base"
-MODELS = (FFF_MODEL, "crammedbert-4095", "crammedbert-3072", HF_MODEL)
+HF_PACKED = "hf-bert-base-onednn"
+HF_MODELS = (HF_MODEL, HF_PACKED)
+MODELS = (FFF_MODEL, "crammedbert-4095", "crammedbert-3072", *HF_MODELS)
 BATCHES = (1, 8, 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Step-wise relative error allowed against the float64 reference, and the logit margin under
@@ -106,8 +111,9 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
         raise ValueError(f"unknown models {unknown}; choose from {sorted(known)}")
     if min(args.batches, default=0) < 1 or args.seq_len < 1:
         raise ValueError("--batches and --seq-len must be positive")
-    if HF_MODEL in args.models and importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"the {HF_MODEL} baseline needs transformers: pip install "
+    hf = [m for m in args.models if m in HF_MODELS]
+    if hf and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"the {hf[0]} baseline needs transformers: pip install "
                          f"'ultrafastbert[hf]', or leave it out of --models")
     return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
                               tuple(args.dtypes), args.device, args.warmup, args.repeats,
@@ -122,13 +128,16 @@ def _presets() -> set[str]:
 
 # ------------------------------------------------------------------------------------- models
 def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.Module:
-    """One of ours from its preset (eval mode), or Hugging Face ``BertModel`` (bert-base)."""
+    """One of ours from its preset (eval mode), or Hugging Face ``BertModel`` (bert-base;
+    ``HF_PACKED``: its linear layers on prepacked oneDNN GEMMs, like ours)."""
     torch.manual_seed(0)
-    if name == HF_MODEL:
+    if name in HF_MODELS:
         from transformers import BertConfig, BertModel
 
         bert = BertModel(BertConfig(max_position_embeddings=max(512, seq_len)),
                          add_pooling_layer=False)
+        if name == HF_PACKED:
+            use_packed_linears(bert)
         return bert.to(device=device, dtype=dtype).eval()
     config = ModelConfig.from_preset(name)
     if seq_len > config.max_seq_len:
@@ -165,14 +174,14 @@ def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSetti
     ids = random_ids(model, CHECK_SHAPE[0], min(CHECK_SHAPE[1], s.seq_len), s.device, s.seed + 1)
     mask = torch.ones_like(ids)
     mask[-1, ids.shape[1] // 2:] = 0  # one padded row: exercises the masks and the FF row skip
-    if name == HF_MODEL:
+    if name in HF_MODELS:
         report = _check_hf(model, ids, mask)
     else:
         rep = compare_layerwise(model, ids, mask, margin=CHECK_MARGIN[dtype_name])
         report = {"max_rel_error": rep.max_rel_error, "rows_compared": rep.rows_compared,
                   "rows_excluded_near_zero_logit": rep.rows_excluded,
                   "reference": "float64 reference encoder, step by step"}
-    tolerance = (HF_CHECK_TOLERANCE if name == HF_MODEL else CHECK_TOLERANCE)[dtype_name]
+    tolerance = (HF_CHECK_TOLERANCE if name in HF_MODELS else CHECK_TOLERANCE)[dtype_name]
     ok = report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
     report.update(model=name, dtype=dtype_name, tolerance=tolerance, ok=ok)
     if not ok:
@@ -321,6 +330,7 @@ def run_bench(s: ModelBenchSettings) -> dict[str, Any]:
     add_speedups(rows)
     env["loadavg_after"] = _loadavg()
     env["fff_kernel"] = _fff_kernels(s)
+    env["linear_layers"] = _linear_kind(s)
     return {"environment": env, "rows": rows, "checks": checks, "profile": profile}
 
 
@@ -343,6 +353,15 @@ def _fff_kernels(s: ModelBenchSettings) -> dict[str, str]:
     return out
 
 
+def _linear_kind(s: ModelBenchSettings) -> dict[str, str]:
+    """Per model dtype: the GEMM our attention / dense FF layers (and ``HF_PACKED``) use."""
+    out = {}
+    for name in s.dtypes:
+        reason = packed_linear_unavailable(torch.device(s.device), DTYPES[name])
+        out[name] = "oneDNN, prepacked" if reason is None else f"plain nn.Linear ({reason})"
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ultrafastbert bench model``: prints tables, writes files."""
     if args.threads:
@@ -350,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(settings_from_args(args))
     env = result["environment"]
     print(f"threads {env['torch_threads']}, cpu {env['cpu']}, load {env['loadavg_before']} -> "
-          f"{env['loadavg_after']}, FFF kernel {env['fff_kernel']}")
+          f"{env['loadavg_after']}, FFF kernel {env['fff_kernel']}, linear layers "
+          f"{env['linear_layers']}")
     print("\noutput checks (before timing):")
     print(common.format_table(result["checks"], ("model", "dtype", "max_rel_error",
                                                  "rows_compared", "rows_excluded_near_zero_logit",

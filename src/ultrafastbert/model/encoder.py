@@ -23,6 +23,7 @@ from torch import nn
 
 from ..fff import FFF
 from .config import DenseFF, ModelConfig
+from .linear import InferenceLinear
 from .pretrained import PretrainedMixin
 
 #: Added to the attention scores of masked keys (the original's value, not -inf).
@@ -83,7 +84,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.query_key_value = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.query_key_value = InferenceLinear(config.d_model, 3 * config.d_model, bias=False)
         self.dropout = config.attention_dropout
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.self_attention = SelfAttention(config)
-        self.dense = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dense = InferenceLinear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``(B, S, d)`` -> ``(B, S, d)``."""
@@ -116,8 +117,8 @@ class DenseFeedForward(nn.Module):
 
     def __init__(self, d_model: int, width: int):
         super().__init__()
-        self.linear_in = nn.Linear(d_model, width, bias=False)
-        self.linear_out = nn.Linear(width, d_model, bias=False)
+        self.linear_in = InferenceLinear(d_model, width, bias=False)
+        self.linear_out = InferenceLinear(width, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., d)``."""
