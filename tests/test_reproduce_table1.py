@@ -1,0 +1,51 @@
+"""``benchmarks/reproduce_table1.py``'s verdict: judged against the paper only when the dense
+model has learned something beyond the trivial baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tokenizers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_table1.py"
+
+
+@pytest.fixture(scope="module")
+def table1():
+    spec = importlib.util.spec_from_file_location("reproduce_table1", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def report(dense: float, fff_share: float, base: float) -> dict:
+    return {"models": {"tiny-dense": {"average": {"without_cola": dense}},
+                       "tiny-fff": {"average": {"without_cola": dense * fff_share / 100},
+                                    "percent_of_dense_without_cola": fff_share}},
+            "baseline": {"average": {"without_cola": base}}}
+
+
+def test_verdict_judges_when_dense_beats_the_baseline(table1):
+    text = table1.verdict(report(dense=60.0, fff_share=97.0, base=46.0))
+    assert "Caution" not in text and "meets the paper's >= 96%" in text
+    text = table1.verdict(report(dense=60.0, fff_share=90.0, base=46.0))
+    assert "does not meet the paper's >= 96%" in text
+
+
+def test_verdict_withholds_judgement_near_the_baseline(table1):
+    text = table1.verdict(report(dense=47.7, fff_share=96.5, base=46.2))
+    assert "Caution" in text and "96.5%" in text
+    assert "meets" not in text and "does not meet" not in text
+
+
+def test_gain_retained(table1):
+    assert table1.gain_retained(55.0, 60.0, 50.0) == pytest.approx(50.0)
+    assert table1.gain_retained(55.0, 49.0, 50.0) is None
