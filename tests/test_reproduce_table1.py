@@ -49,3 +49,13 @@ def test_verdict_withholds_judgement_near_the_baseline(table1):
 def test_gain_retained(table1):
     assert table1.gain_retained(55.0, 60.0, 50.0) == pytest.approx(50.0)
     assert table1.gain_retained(55.0, 49.0, 50.0) is None
+
+
+def test_compute_seconds_counts_reused_steps(table1):
+    pretrained = {"a": {"train_seconds": 60.0}, "b": {"train_seconds": 120.0}}
+    seeds = [{"train_seconds": 10.0, "eval_seconds": 2.0}, {"train_seconds": 8.0,
+                                                           "eval_seconds": 1.0}]
+    glue = {"a": {"tasks": {"RTE": {"seeds": seeds}}}, "b": {"tasks": {"RTE": {"seeds": seeds}}}}
+    spent = table1.compute_seconds(pretrained, glue)
+    assert spent == {"pretraining": 180.0, "fine_tuning": 42.0}
+    assert "3 min" in table1.compute_note({"compute_seconds": spent})
