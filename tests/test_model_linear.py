@@ -160,3 +160,16 @@ def test_encoder_uses_packed_attention_and_dense_ff():
         plain = model(ids).last_hidden_state
     assert all(m._packed is None for m in linears)
     assert close(fast, plain, torch.float32)
+
+
+def test_eval_with_autograd_logs_the_fast_path_hint_once(caplog):
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8)
+    model = UltraFastBertModel(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with caplog.at_level("INFO", logger="ultrafastbert.model.encoder"):
+        with torch.inference_mode():
+            model(ids)
+        assert "inference_mode" not in caplog.text
+        model(ids)
+        model(ids)
+    assert caplog.text.count("eval mode with autograd on") == 1

@@ -14,6 +14,7 @@ tokens' rows; hidden states at padded positions are not meaningful.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from ..fff import FFF
 from .config import DenseFF, ModelConfig
 from .linear import InferenceLinear
 from .pretrained import PretrainedMixin
+
+logger = logging.getLogger(__name__)
 
 #: Added to the attention scores of masked keys (the original's value, not -inf).
 MASK_VALUE = -10000.0
@@ -224,12 +227,18 @@ class UltraFastBertModel(PretrainedMixin, nn.Module):
         self.embedding = Embedding(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self._hinted = False  # logged once: eval mode with autograd on is not the fast path
         init_weights(self, config.init_std)
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """``input_ids`` ``(B, S)`` int64, ``attention_mask`` ``(B, S)`` 1/0 -> ``(B, S, d)``."""
         _check_inputs(self.config, input_ids, attention_mask)
+        if not self.training and torch.is_grad_enabled() and not self._hinted:
+            self._hinted = True
+            logger.info("eval mode with autograd on: the FFF blocks and linear layers take "
+                        "their differentiable paths; run inference under torch.inference_mode() "
+                        "(or no_grad) for the fast kernels")
         x = self.embedding(input_ids)
         keep = padding_mask(attention_mask)
         bias, rows = attention_bias(keep, x.dtype), token_rows(keep)
