@@ -37,6 +37,7 @@ import json
 import logging
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -112,10 +113,13 @@ class Settings:
 def main(argv: list[str] | None = None) -> int:
     """Pretrain, fine-tune, tabulate (the module docstring)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    s = settings_from_args(parse_args(argv))
+    args = parse_args(argv)
+    s = settings_from_args(args)
     torch.set_num_threads(s.threads)
     started = time.monotonic()
     shared_tokenizer(s)
+    if args.jobs > 1:
+        run_in_parallel(s, args.jobs, sys.argv[1:] if argv is None else argv)
     pretrained = {name: pretrain(s, name) for name in s.models}
     glue = {name: finetune(s, name) for name in s.models}
     report = build_report(s, pretrained, glue, time.monotonic() - started)
@@ -124,6 +128,45 @@ def main(argv: list[str] | None = None) -> int:
     print(table1_markdown(report))
     print(f"wrote {s.out_dir / 'results.json'} and {s.out_dir / 'table1.md'}")
     return 0
+
+
+def model_groups(models: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
+    """``models`` cut into at most ``jobs`` consecutive groups of (nearly) equal size."""
+    size = -(-len(models) // max(jobs, 1))
+    return [models[i:i + size] for i in range(0, len(models), size)]
+
+
+def run_in_parallel(s: Settings, jobs: int, argv: list[str]) -> None:
+    """Pretrain and fine-tune the model groups in ``jobs`` child processes at once (each with
+    ``--threads`` threads, one group after another inside a child), then return: the caller
+    reuses their finished steps and writes the table. Exits if a child fails."""
+    base = argv
+    for name in ("--models", "--out", "--jobs"):
+        base = _without_option(base, name)
+    children = []
+    for i, group in enumerate(model_groups(s.models, jobs)):
+        log_path = s.work_dir / f"job-{i}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--models", ",".join(group),
+               "--out", str(s.work_dir / f"job-{i}")]
+        log.info("job %d (%s): log in %s", i, ",".join(group), log_path)
+        with open(log_path, "w", encoding="utf-8") as out:
+            children.append((group, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)))
+    failed = [",".join(group) for group, child in children if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"the job(s) for {failed} failed; see {s.work_dir}/job-*.log")
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def shared_tokenizer(s: Settings) -> Path:
@@ -370,6 +413,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="random training subset per task (0: all)")
     p.add_argument("--max-eval-examples", type=int, default=400,
                    help="random dev subset per task (0: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="model groups run at once in child processes, each with --threads "
+                        "threads (2 on a 2-core machine: tiny-dense and tiny-fff in one, the "
+                        "others in the other); the budget is then shared wall-clock time")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a shared machine)")
     return p.parse_args(argv)

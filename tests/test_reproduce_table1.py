@@ -59,3 +59,15 @@ def test_compute_seconds_counts_reused_steps(table1):
     spent = table1.compute_seconds(pretrained, glue)
     assert spent == {"pretraining": 180.0, "fine_tuning": 42.0}
     assert "3 min" in table1.compute_note({"compute_seconds": spent})
+
+
+def test_model_groups_and_child_arguments(table1):
+    models = ("tiny-dense", "tiny-fff", "tiny-fff-8x6", "tiny-fff-32x4")
+    assert table1.model_groups(models, 2) == [models[:2], models[2:]]
+    assert table1.model_groups(models, 3) == [models[:2], models[2:]]
+    assert table1.model_groups(models, 1) == [models]
+    argv = ["--budget", "20m", "--models", "tiny-fff", "--jobs=2", "--out", "x", "--seeds", "3"]
+    stripped = argv
+    for name in ("--models", "--out", "--jobs"):
+        stripped = table1._without_option(stripped, name)
+    assert stripped == ["--budget", "20m", "--seeds", "3"]
