@@ -359,8 +359,8 @@ def verdict(report: dict[str, Any]) -> str:
     base = report["baseline"]["average"]["without_cola"]
     learned = dense is not None and base is not None and dense - base >= MIN_GAIN
     if dense is not None and base is not None and not learned:
-        out.append(f"Caution: tiny-dense ({dense:.1f}) is within {MIN_GAIN:.0f} points of the "
-                   f"trivial baseline ({base:.1f}) on average, so the percentages below compare "
+        out.append(f"Caution: tiny-dense does not beat the trivial baseline by {MIN_GAIN:.0f} "
+                   f"points on average ({dense:.1f} vs {base:.1f}), so the percentages below compare "
                    "noise, not learned ability, and are not judged against the paper's claim; "
                    "pretrain longer (--budget) or fine-tune on more examples.")
     for name, m in report["models"].items():
