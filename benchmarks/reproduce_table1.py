@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -105,8 +106,10 @@ class Settings:
         return self.work_dir / "pretrain" / name
 
     def glue_out(self, name: str) -> Path:
-        """Where model ``name`` is fine-tuned."""
-        return self.work_dir / "glue" / name
+        """Where model ``name`` is fine-tuned: one folder per fine-tuning protocol, so a rerun
+        with other fine-tuning settings keeps the earlier results."""
+        text = json.dumps(self.protocol.to_dict(), sort_keys=True)
+        return self.work_dir / "glue" / hashlib.sha1(text.encode()).hexdigest()[:8] / name
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -409,6 +412,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task")
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=GlueProtocol().lr,
+                   help="fine-tuning peak learning rate (default: the protocol's 4e-5, tuned "
+                        "for BERT-base; these 5 M-parameter models learn little with it)")
     p.add_argument("--max-train-examples", type=int, default=256,
                    help="random training subset per task (0: all)")
     p.add_argument("--max-eval-examples", type=int, default=400,
@@ -430,7 +436,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"unknown model variant(s) {unknown}; choose among {list(VARIANTS)}")
     if not args.glue_dir.is_dir():
         raise SystemExit(f"GLUE folder {args.glue_dir} does not exist; pass --glue-dir")
-    protocol = GlueProtocol(epochs=args.epochs, seeds=tuple(range(args.seeds)),
+    protocol = GlueProtocol(epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
                             max_train_examples=args.max_train_examples or None,
                             max_eval_examples=args.max_eval_examples or None)
     return Settings(out_dir=args.out, work_dir=args.work_dir, glue_dir=args.glue_dir,

@@ -71,3 +71,17 @@ def test_model_groups_and_child_arguments(table1):
     for name in ("--models", "--out", "--jobs"):
         stripped = table1._without_option(stripped, name)
     assert stripped == ["--budget", "20m", "--seeds", "3"]
+
+
+def test_fine_tuning_results_are_kept_per_protocol(table1, tmp_path):
+    def settings(*extra: str):
+        args = table1.parse_args(["--glue-dir", str(tmp_path), "--work-dir", str(tmp_path),
+                                  *extra])
+        return table1.settings_from_args(args)
+
+    default, again, other = settings(), settings(), settings("--lr", "1e-3")
+    assert default.protocol.lr == 4e-5 and other.protocol.lr == 1e-3
+    assert default.glue_out("tiny-fff") == again.glue_out("tiny-fff")
+    assert default.glue_out("tiny-fff") != other.glue_out("tiny-fff")
+    assert default.glue_out("tiny-fff").parent.parent == tmp_path / "glue"
+    assert default.pretrain_dir("tiny-fff") == other.pretrain_dir("tiny-fff")
