@@ -79,8 +79,8 @@ def test_fine_tuning_results_are_kept_per_protocol(table1, tmp_path):
                                   *extra])
         return table1.settings_from_args(args)
 
-    default, again, other = settings(), settings(), settings("--lr", "1e-3")
-    assert default.protocol.lr == 4e-5 and other.protocol.lr == 1e-3
+    default, again, other = settings(), settings(), settings("--lr", "4e-5")
+    assert default.protocol.lr == 1e-3 and other.protocol.lr == 4e-5
     assert default.glue_out("tiny-fff") == again.glue_out("tiny-fff")
     assert default.glue_out("tiny-fff") != other.glue_out("tiny-fff")
     assert default.glue_out("tiny-fff").parent.parent == tmp_path / "glue"
