@@ -24,7 +24,7 @@ the fine-tuning settings does not pretrain again.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/reproduce_table1.py --jobs 2      # ~2.5 h on 2 CPU cores
+    .venv/bin/python benchmarks/reproduce_table1.py --jobs 2      # ~1.3 h on 2 CPU cores
     .venv/bin/python benchmarks/reproduce_table1.py --budget 20s --seeds 1 --epochs 1 \\
         --max-train-examples 32 --max-eval-examples 32 --out /tmp/t1 --work-dir /tmp/t1w  # smoke
 """
@@ -394,7 +394,7 @@ def environment() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options (defaults: the README's measured table; about 2.5 hours on two
+    """Command-line options (defaults: the README's measured table; about 1.3 hours on two
     CPU cores with ``--jobs 2``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
