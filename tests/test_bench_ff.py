@@ -51,6 +51,25 @@ def test_check_fff_refuses_a_wrong_kernel(monkeypatch):
         ff.check_fff(layer, x, 0)
 
 
+def test_packed_dense_variant_is_timed_on_the_packed_path():
+    module = ff.DenseFF(16, 30)
+    variants = ff.dense_variants(module, compile_dense=False)
+    assert "onednn-packed" in variants
+    assert ff.check_dense(variants, torch.randn(5, 16)) < 1e-5
+    with torch.no_grad():
+        variants["onednn-packed"](torch.randn(3, 16))
+    packed = closure_linears(variants["onednn-packed"])
+    assert packed and all(m._packed is not None for m in packed)
+
+
+def closure_linears(fn) -> list:
+    """The InferenceLinear modules a variant's closure holds."""
+    from ultrafastbert.model.linear import InferenceLinear
+
+    cells = fn.__closure__ or ()
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, InferenceLinear)]
+
+
 def test_check_dense_refuses_a_wrong_variant():
     module = ff.DenseFF(16, 30)
     variants = ff.dense_variants(module, compile_dense=False)
@@ -89,4 +108,4 @@ def test_bfloat16_run_checks_with_low_precision_tolerances():
     result = ff.run(small_settings(dtype=torch.bfloat16, tokens=(5,)), None)
     assert result["environment"]["dtype"] == "bfloat16"
     assert {r["implementation"] for r in result["rows"] if r["kind"] == "dense"} == {
-        "nn.Linear", "mm-pretransposed"}
+        "nn.Linear", "mm-pretransposed", "onednn-packed"}

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..fff import FFF, dispatch, fff_reference
 from ..fff.training import fff_masked, fff_sparse, route
+from ..model.linear import InferenceLinear, packed_linear_unavailable
 from . import common
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def dense_variants(module: DenseFF, compile_dense: bool) -> dict[str, Callable]:
     if (weight.device.type == "cpu" and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available()):
         variants["mkldnn"] = _mkldnn_variant(module)
+    if packed_linear_unavailable(weight.device, weight.dtype) is None:
+        variants["onednn-packed"] = _packed_variant(module)
     if compile_dense:
         variants["torch.compile"] = torch.compile(module, dynamic=True)
     return variants
@@ -80,6 +83,13 @@ def _mkldnn_variant(module: DenseFF) -> Callable:
 
     first = mkldnn_utils.to_mkldnn(nn.Sequential(module.linear_in))
     second = mkldnn_utils.to_mkldnn(nn.Sequential(module.linear_out))
+    return lambda x: second(F.gelu(first(x)))
+
+
+def _packed_variant(module: DenseFF) -> Callable:
+    """The dense FF on prepacked oneDNN GEMMs, as the encoder runs it in inference."""
+    first = InferenceLinear.from_linear(module.linear_in).eval()
+    second = InferenceLinear.from_linear(module.linear_out).eval()
     return lambda x: second(F.gelu(first(x)))
 
 
