@@ -100,8 +100,9 @@ def test_cache_follows_in_place_updates_and_replacement():
         assert close(lin(xb), F.linear(xb, lin.weight, lin.bias), torch.bfloat16)
 
 
-def test_env_switch_turns_packing_off(monkeypatch):
-    monkeypatch.setenv(ENV_SWITCH, "0")
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_env_switch_turns_packing_off(monkeypatch, value):
+    monkeypatch.setenv(ENV_SWITCH, value)
     lin = layer()
     x = torch.randn(2, 48)
     with torch.inference_mode():

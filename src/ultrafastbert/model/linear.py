@@ -32,8 +32,9 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 def packed_linear_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why a packed oneDNN linear cannot serve ``device`` / ``dtype``, or None when it can."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
-        return f"disabled by {ENV_SWITCH}=0"
+    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return f"disabled by {ENV_SWITCH}={value}"
     if device.type != "cpu":
         return f"device {device} (packing is a CPU path)"
     if dtype not in PACKED_DTYPES:
