@@ -282,7 +282,9 @@ class Trainer:
         start_tokens, history = self.state.tokens, []
         last_save = self.state.elapsed_s
         with self._metrics_log() as metrics, _progress_bar(self) as bar:
-            while not self.config.done(self.state.step, self._elapsed()):
+            # Decide on the recorded clock (broadcast from rank 0 at the end of each step), so
+            # the run's reported time is never short of the budget it stopped at.
+            while not self.config.done(self.state.step, self.state.elapsed_s):
                 stats = self.step()
                 history.append(stats)
                 metrics.write(stats.to_json())
