@@ -17,12 +17,13 @@ the packed path off.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils.env import switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 def packed_linear_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why a packed oneDNN linear cannot serve ``device`` / ``dtype``, or None when it can."""
-    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    if value in ("0", "false", "off", "no"):
+    value = switched_off(ENV_SWITCH)
+    if value is not None:
         return f"disabled by {ENV_SWITCH}={value}"
     if device.type != "cpu":
         return f"device {device} (packing is a CPU path)"

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ...utils.env import switched_off
+
 logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "ultrafastbert_fff_cpu"
@@ -60,8 +62,8 @@ class NativeLibrary:
 
 def disabled_reason() -> str | None:
     """The reason when ``ULTRAFASTBERT_NATIVE=0`` (or ``false``/``off``/``no``) turns it off."""
-    value = os.environ.get("ULTRAFASTBERT_NATIVE", "").strip().lower()
-    if value in ("0", "false", "off", "no"):
+    value = switched_off("ULTRAFASTBERT_NATIVE")
+    if value is not None:
         return f"disabled by the environment (ULTRAFASTBERT_NATIVE={value}); unset it to enable"
     return None
 
