@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from modelcheck import mini
 from ultrafastbert.model import (
     DenseFF,
     FFFSpec,
@@ -21,11 +22,6 @@ from ultrafastbert.model import (
     from_pretrained,
 )
 from ultrafastbert.model.checkpoint import checkpoint_tensors
-
-
-def mini(**changes) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
-                       ff=FFFSpec(2, 3), classifier_width=24).replace(**changes)
 
 
 def inputs():

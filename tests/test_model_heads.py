@@ -6,18 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modelcheck import mini
 from ultrafastbert.model import (
-    FFFSpec,
     ModelConfig,
     UltraFastBertForMaskedLM,
     UltraFastBertForSequenceClassification,
 )
 from ultrafastbert.model.heads import pool
-
-
-def mini(**changes) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
-                       ff=FFFSpec(2, 3), classifier_width=24).replace(**changes)
 
 
 def batch(seed: int = 0):

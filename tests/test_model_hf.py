@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import modelcheck
+
 transformers = pytest.importorskip("transformers")
 
 from ultrafastbert.model import (  # noqa: E402
-    FFFSpec,
     ModelConfig,
     UltraFastBertForMaskedLM,
     UltraFastBertForSequenceClassification,
@@ -29,8 +30,7 @@ from ultrafastbert.model.hf import (  # noqa: E402
 
 
 def mini(**changes) -> ModelConfig:
-    return ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
-                       ff=FFFSpec(2, 3), classifier_width=24).replace(**changes)
+    return modelcheck.mini(**{"vocab_size": 96, **changes})
 
 
 @pytest.fixture(scope="module")

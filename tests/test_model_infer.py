@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
+import modelcheck
+
 pytest.importorskip("tokenizers")
 
 from ultrafastbert.cli import predict as predict_cli  # noqa: E402
 from ultrafastbert.data.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 from ultrafastbert.infer import Predictor  # noqa: E402
 from ultrafastbert.model import (  # noqa: E402
-    FFFSpec,
     ModelConfig,
     UltraFastBertForMaskedLM,
     UltraFastBertForSequenceClassification,
@@ -24,8 +25,7 @@ TEXT = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song
 
 
 def mini(**changes) -> ModelConfig:
-    return ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
-                       ff=FFFSpec(2, 3), classifier_width=24).replace(**changes)
+    return modelcheck.mini(**{"vocab_size": 128, **changes})
 
 
 @pytest.fixture(scope="module")

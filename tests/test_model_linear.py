@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultrafastbert.model import DenseFF, ModelConfig, UltraFastBertModel
+from modelcheck import mini
+from ultrafastbert.model import DenseFF, UltraFastBertModel
 from ultrafastbert.model.linear import (
     ENV_SWITCH,
     InferenceLinear,
@@ -146,9 +147,8 @@ def test_use_packed_linears_shares_parameters():
 
 
 def test_encoder_uses_packed_attention_and_dense_ff():
-    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8,
-                         embedding_dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0,
-                         ff=DenseFF(64))
+    config = mini(n_layers=1, max_seq_len=8, embedding_dropout=0.0, attention_dropout=0.0,
+                  hidden_dropout=0.0, ff=DenseFF(64))
     model = UltraFastBertModel(config).eval()
     linears = [m for m in model.modules() if isinstance(m, InferenceLinear)]
     assert len(linears) == 4  # query_key_value, dense, linear_in, linear_out
@@ -164,7 +164,7 @@ def test_encoder_uses_packed_attention_and_dense_ff():
 
 
 def test_eval_with_autograd_logs_the_fast_path_hint_once(caplog):
-    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=8)
+    config = mini(n_layers=1, max_seq_len=8)
     model = UltraFastBertModel(config).eval()
     ids = torch.randint(0, 64, (1, 8))
     with caplog.at_level("INFO", logger="ultrafastbert.model.encoder"):
