@@ -11,20 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelcheck import GLUE_TINY as TINY
 from ultrafastbert.cli.glue import main
 from ultrafastbert.data import demo_tokenizer, save_tokenizer
 from ultrafastbert.glue import TASKS, encode_split, load_task, predict
 from ultrafastbert.glue.metrics import compute_metrics
 from ultrafastbert.model import (
-    FFFSpec,
-    ModelConfig,
     UltraFastBertForMaskedLM,
     UltraFastBertForSequenceClassification,
     from_pretrained,
 )
 
-TINY = ModelConfig(vocab_size=32768, d_model=64, n_layers=2, n_heads=2, max_seq_len=128,
-                   ff=FFFSpec(1, 4))
 WORDS = ["the", "a", "man", "woman", "dog", "cat", "runs", "sleeps", "eats", "reads", "big",
          "small", "red", "blue", "house", "park"]
 N_TRAIN, N_DEV = 32, 16

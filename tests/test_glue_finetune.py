@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from modelcheck import GLUE_TINY as TINY
 from ultrafastbert.data import demo_tokenizer, save_tokenizer
 from ultrafastbert.glue import (
     TASKS,
@@ -23,11 +24,8 @@ from ultrafastbert.glue import (
 )
 from ultrafastbert.glue import finetune as ft
 from ultrafastbert.glue.finetune import finetune
-from ultrafastbert.model import FFFSpec, ModelConfig, UltraFastBertForMaskedLM
+from ultrafastbert.model import UltraFastBertForMaskedLM
 from ultrafastbert.train import Trainer, WarmupCosineSchedule
-
-TINY = ModelConfig(vocab_size=32768, d_model=64, n_layers=2, n_heads=2, max_seq_len=128,
-                   ff=FFFSpec(1, 4))
 
 
 @pytest.fixture(autouse=True)
