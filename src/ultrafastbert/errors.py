@@ -1,0 +1,29 @@
+"""The library's own error types: one hierarchy, so the CLI can report them in one line.
+
+Every error the library raises on purpose (bad input, a bad file, a bad config, a missing
+resource) is an :class:`UltraFastBertError`. Each subclass also derives from the builtin type
+that callers already catch (``ValueError``, ``RuntimeError``, ...), so ``except ValueError``
+keeps working. Anything else that escapes is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UltraFastBertError(Exception):
+    """Base of every error the library raises on purpose; the message says what to do."""
+
+
+class InputError(UltraFastBertError, ValueError):
+    """A bad argument or input value (a flag, a text, a tensor shape, a KxD spec)."""
+
+
+class ConfigError(UltraFastBertError, ValueError):
+    """A configuration that cannot be used (a field's value, an unknown key)."""
+
+
+class DataError(UltraFastBertError, ValueError):
+    """A file whose content cannot be used (a corrupt checkpoint, a corpus with no text)."""
+
+
+class ResourceError(UltraFastBertError, RuntimeError):
+    """Something the run needs is not there (a device, disk space, a lock held by another run)."""
