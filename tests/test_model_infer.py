@@ -130,3 +130,31 @@ def test_predict_cli(mlm_dir, clf_dir, capsys, tmp_path):
     assert "the cat" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--pair once per text"):
         run_cli(["predict", "classify", str(clf_dir), "a", "b", "--pair", "x"])
+
+
+def test_batch_methods_match_the_text_api(mlm_dir, clf_dir):
+    """tokenize/pad/*_ids (what the server uses) give what the text methods give."""
+    p = Predictor.from_pretrained(mlm_dir)
+    texts = ["the cat <mask> on the mat", "a <mask> ran", "the bird sang a <mask> " * 9]
+    rows = p.tokenize(texts)
+    ids, mask = p.encode(texts)
+    torch.testing.assert_close(p.pad(rows), (ids, mask), rtol=0, atol=0)
+    assert [len(r) for r in rows] == mask.sum(1).tolist() and len(rows[2]) == 16
+    full = p.tokenize(texts, truncate=False)
+    assert len(full[2]) > 16 and full[:2] == rows[:2]
+    assert p.tokenize(texts) == rows  # a truncate=False call leaves truncation to the next one
+    batched = p.fill_mask_ids(texts, ids, mask, top_k=3)
+    for text, got in zip(texts, batched, strict=True):
+        alone = p.fill_mask(text, top_k=3)
+        assert got.filled == alone.filled and got.text == text
+        for a, b in zip(got.candidates, alone.candidates, strict=True):
+            assert [c.probability for c in a] == pytest.approx([c.probability for c in b],
+                                                               abs=1e-5)
+    with pytest.raises(ValueError, match="no <mask> in the text 'x y'"):
+        p.fill_mask_ids(["a <mask>", "x y"], *p.encode(["a <mask>", "x y"]))
+    torch.testing.assert_close(p.embed_ids(ids, mask), p.embed(texts), atol=1e-5, rtol=1e-5)
+    assert p.tasks == ("embed", "fill-mask")
+    assert p.with_mask_token("a [MASK] b <mask>") == "a <mask> b <mask>"
+    c = Predictor.from_pretrained(clf_dir)
+    assert c.tasks == ("embed", "classify")
+    assert c.classify_ids(*c.encode(["the cat", "a dog"])) == c.classify(["the cat", "a dog"])

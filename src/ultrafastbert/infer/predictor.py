@@ -9,6 +9,7 @@ than the generic kernel in bfloat16).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..model.checkpoint import TOKENIZER_NAME, from_pretrained
 from ..model.encoder import UltraFastBertModel
 from ..model.heads import (
@@ -76,6 +78,11 @@ def _load_tokenizer(path: Path) -> Any:
     return load_tokenizer(path)
 
 
+def _check_pooling(pooling: str) -> None:
+    if pooling not in ("mean", "first"):
+        raise InputError(f"pooling must be 'mean' or 'first', got {pooling!r}")
+
+
 class Predictor:
     """A model plus its tokenizer, ready for inference.
 
@@ -114,21 +121,67 @@ class Predictor:
         return token_id
 
     # ------------------------------------------------------------------------------ encoding
-    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask, both ``(N, S)`` (padded to the longest, truncated to
-        the model's ``max_seq_len``)."""
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this model can do: ``"embed"`` always, ``"classify"`` with a classifier head,
+        ``"fill-mask"`` with an MLM head (and a tokenizer that has the mask token)."""
+        tasks = ["embed"]
+        if isinstance(self.model, UltraFastBertForSequenceClassification):
+            tasks.append("classify")
+        if isinstance(self.model, UltraFastBertForMaskedLM) and self.mask_token_id is not None:
+            tasks.append("fill-mask")
+        return tuple(tasks)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        """Id of the mask token, None when the tokenizer has none."""
+        return self._token_id(MASK_TOKEN, required=False)
+
+    @staticmethod
+    def with_mask_token(text: str) -> str:
+        """``text`` with every accepted spelling of the mask (``[MASK]``) written ``<mask>``."""
+        for alias in MASK_ALIASES:
+            text = text.replace(alias, MASK_TOKEN)
+        return text
+
+    def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
+                 truncate: bool = True) -> list[list[int]]:
+        """Token ids of each text (special tokens added, no padding). With ``truncate`` they
+        are cut to ``max_length`` exactly as :meth:`encode` cuts them; without, the lengths
+        tell how long each text really is. Not thread-safe (like the tokenizer itself)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=PAD_TOKEN)
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        encodings = self.tokenizer.encode_batch(inputs)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return [e.ids for e in self._unpadded_tokenizer(truncate).encode_batch(inputs)]
+
+    def _unpadded_tokenizer(self, truncate: bool) -> Any:
+        # A copy of the tokenizer, so changing its truncation never races with self.tokenizer.
+        if getattr(self, "_unpadded", None) is None:
+            self._unpadded = copy.deepcopy(self.tokenizer)
+            self._unpadded.no_padding()
+        if truncate:
+            self._unpadded.enable_truncation(self.max_length)
+        else:
+            self._unpadded.no_truncation()
+        return self._unpadded
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id rows padded to the longest: ids and attention mask, both ``(N, S)``."""
+        width = max((len(row) for row in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both ``(N, S)`` (padded to the longest, truncated to
+        the model's ``max_seq_len``)."""
+        return self.pad(self.tokenize(texts, pairs))
 
     def _batches(self, texts: Sequence[str], pairs: Sequence[str] | None):
         for start in range(0, len(texts), self.batch_size):
@@ -138,49 +191,71 @@ class Predictor:
     # ------------------------------------------------------------------------------ fill-mask
     def fill_mask(self, text: str, top_k: int = 5) -> FillMaskResult:
         """The ``top_k`` candidates for every ``<mask>`` (or ``[MASK]``) in ``text``."""
+        self._require(UltraFastBertForMaskedLM, "fill-mask")
+        text = self.with_mask_token(text)
+        [result] = self.fill_mask_ids([text], *self.encode([text]), top_k=top_k)
+        return result
+
+    def fill_mask_ids(self, texts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+                      top_k: int = 5) -> list[FillMaskResult]:
+        """Fill-mask on one padded batch: ``ids``/``mask`` ``(N, S)`` of ``texts``; every row
+        needs at least one mask token. Only the masked positions are decoded."""
         model = self._require(UltraFastBertForMaskedLM, "fill-mask")
-        for alias in MASK_ALIASES:
-            text = text.replace(alias, MASK_TOKEN)
-        ids, mask = self.encode([text])
-        positions = (ids[0] == self._token_id(MASK_TOKEN)).nonzero().squeeze(1)
-        if positions.numel() == 0:
-            raise ValueError(f"no {MASK_TOKEN} in the text (after truncation to "
-                             f"{self.max_length} tokens); write {MASK_TOKEN} where a word goes")
-        with torch.inference_mode():  # decode only the masked positions
-            hidden = model.encoder(ids, mask).last_hidden_state[0, positions]
+        masked = ids == self._token_id(MASK_TOKEN)
+        for text, row in zip(texts, masked, strict=True):
+            if not bool(row.any()):
+                raise InputError(f"no {MASK_TOKEN} in the text {text[:60]!r} (after truncation "
+                                 f"to {self.max_length} tokens); write {MASK_TOKEN} where a "
+                                 "word goes")
+        with torch.inference_mode():
+            hidden = model.encoder(ids, mask).last_hidden_state[masked]
             logits = model.decoder(hidden).float()
         probs, top = logits.softmax(-1).topk(top_k, dim=-1)
-        candidates = [[TokenScore(self.tokenizer.id_to_token(int(i)), int(i), float(p))
-                       for p, i in zip(row_p, row_i, strict=True)]
-                      for row_p, row_i in zip(probs, top, strict=True)]
-        filled = ids[0].clone()
-        filled[positions] = top[:, 0]
-        return FillMaskResult(text, candidates, self.tokenizer.decode(filled.tolist()))
+        filled = ids.clone()
+        filled[masked] = top[:, 0]
+        counts = masked.sum(dim=1).tolist()
+        rows = zip(probs.split(counts), top.split(counts), strict=True)
+        return [FillMaskResult(text, self._candidates(row_p, row_i),
+                               self.tokenizer.decode(filled[n][mask[n] == 1].tolist()))
+                for n, (text, (row_p, row_i)) in enumerate(zip(texts, rows, strict=True))]
+
+    def _candidates(self, probs: torch.Tensor, top: torch.Tensor) -> list[list[TokenScore]]:
+        return [[TokenScore(self.tokenizer.id_to_token(int(i)), int(i), float(p))
+                 for p, i in zip(row_p, row_i, strict=True)]
+                for row_p, row_i in zip(probs, top, strict=True)]
 
     # ----------------------------------------------------------------------------- embeddings
     def embed(self, texts: Sequence[str], pooling: str = "mean") -> torch.Tensor:
         """Sentence embeddings ``(N, d)`` float32: mean of the final hidden states over real
         tokens (``pooling="mean"``) or the first token's (``"first"``)."""
-        if pooling not in ("mean", "first"):
-            raise ValueError(f"pooling must be 'mean' or 'first', got {pooling!r}")
-        encoder = self._encoder()
-        parts = []
-        with torch.inference_mode():
-            for ids, mask in self._batches(texts, None):
-                hidden = encoder(ids, mask).last_hidden_state
-                parts.append(pool(hidden, mask, pooling).float().cpu())
+        _check_pooling(pooling)
+        parts = [self.embed_ids(ids, mask, pooling) for ids, mask in self._batches(texts, None)]
         return torch.cat(parts) if parts else torch.empty(0, self.model.config.d_model)
+
+    def embed_ids(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                  pooling: str = "mean") -> torch.Tensor:
+        """Embeddings ``(N, d)`` float32 on the CPU of one padded batch ``ids``/``mask``
+        ``(N, S)`` (see :meth:`embed`)."""
+        _check_pooling(pooling)
+        with torch.inference_mode():
+            hidden = self._encoder()(ids, mask).last_hidden_state
+            return pool(hidden, mask, pooling).float().cpu()
 
     # ------------------------------------------------------------------------- classification
     def classify(self, texts: Sequence[str], pairs: Sequence[str] | None = None
                  ) -> list[Classification]:
         """Predictions of a fine-tuned classifier (or regressor) for ``texts`` (and ``pairs``)."""
+        self._require(UltraFastBertForSequenceClassification, "classification")
+        return [result for ids, mask in self._batches(texts, pairs)
+                for result in self.classify_ids(ids, mask)]
+
+    def classify_ids(self, ids: torch.Tensor, mask: torch.Tensor | None
+                     ) -> list[Classification]:
+        """Predictions for one padded batch ``ids``/``mask`` ``(N, S)`` (see :meth:`classify`)."""
         model = self._require(UltraFastBertForSequenceClassification, "classification")
-        logits = []
         with torch.inference_mode():
-            for ids, mask in self._batches(texts, pairs):
-                logits.append(model(ids, mask).logits.float().cpu())
-        return [self._classification(row) for row in torch.cat(logits)] if logits else []
+            logits = model(ids, mask).logits.float().cpu()
+        return [self._classification(row) for row in logits]
 
     def _classification(self, logits: torch.Tensor) -> Classification:
         config = self.model.config
