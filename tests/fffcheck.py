@@ -1,4 +1,4 @@
-"""Shared checks for FFF implementations: routes first, then values (DESIGN §2).
+"""Shared checks for FFF implementations: routes first, then values (docs/design.md §2).
 
 Hard routing means a tiny numeric difference near logit 0 sends a token down another path, so a
 comparison excludes (and counts) rows whose reference path has a logit within ``margin`` of 0,

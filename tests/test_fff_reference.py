@@ -8,7 +8,7 @@ from fffcheck import make_layer, reference_of
 
 
 def scalar_fff(x, w_in, b_in, w_out, n_trees, depth):
-    """Pure-Python evaluation of one token (lists of floats), written from DESIGN §1.1."""
+    """Pure-Python evaluation of one token (lists of floats), written from docs/design.md §1.1."""
     n = 2 ** (depth + 1) - 1
     d = len(x)
     y = [0.0] * d

@@ -50,7 +50,7 @@ def positive_int(text: str) -> int:
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """Corpus and tokenizer flags (notes/data.md)."""
+    """Corpus and tokenizer flags (docs/pretraining.md)."""
     g = p.add_argument_group("data")
     g.add_argument("--corpus", default=None, metavar="PATH|demo",
                    help="text file/folder, .jsonl, .parquet, saved HF dataset (default: demo)")

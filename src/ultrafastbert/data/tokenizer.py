@@ -1,4 +1,4 @@
-"""WordPiece tokenizer with crammedBERT's normalisation and special tokens (DESIGN §1.2).
+"""WordPiece tokenizer with crammedBERT's normalisation and special tokens (docs/design.md §1.2).
 
 Normalisation, in order (as in crammedBERT's ``_get_sane_normalizers`` with
 ``force_lowercase``, ``strip_accents`` and ``force_english_keyboard`` on):

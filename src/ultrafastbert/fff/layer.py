@@ -44,7 +44,7 @@ def _autocast_on(x: object) -> bool:
 
 
 class FFF(nn.Module):
-    """Fast feedforward layer: ``n_trees`` binary trees of ``depth`` decisions (DESIGN §1.1).
+    """Fast feedforward layer: ``n_trees`` binary trees of ``depth`` decisions (docs/design.md §1.1).
 
     Parameters use the released checkpoints' names: ``linear_in.weight`` ``(K*N, d)``,
     ``linear_in.bias`` ``(K*N,)``, ``linear_out.weight`` ``(d, K*N)`` with ``N = 2**(D+1)-1``.

@@ -1,7 +1,7 @@
 """The reference FFF: the specification every fast path is tested against.
 
 Plain and readable, in float64, one tree and one level at a time (vectorised over tokens only).
-Semantics (DESIGN §1.1)::
+Semantics (docs/design.md §1.1)::
 
     logit_n = x . w_in[n] + b_in[n]
     go right iff logit_n > 0 (an exact 0 goes left)

@@ -1,4 +1,4 @@
-"""Triton kernels for the FFF layer (DESIGN §1.1): inference/training forward and the backward.
+"""Triton kernels for the FFF layer (docs/design.md §1.1): inference/training forward and the backward.
 
 Kept in a file of their own, imported only by :mod:`.triton_impl` (never at package import), so
 that Triton stays optional and its interpreter (which needs the kernels' source) can load them.

@@ -1,4 +1,4 @@
-"""Fine-tuning with the "GLUE-sane" protocol (crammedBERT; DESIGN §1.3), on the shared loop.
+"""Fine-tuning with the "GLUE-sane" protocol (crammedBERT; docs/design.md §1.3), on the shared loop.
 
 One setting for every task: 5 epochs, learning rate 4e-5, batch 16, AdamW (0.9, 0.98, eps 1e-6,
 no weight decay), cosine schedule with 10% linear warm-up, no gradient clipping, inputs

@@ -5,7 +5,7 @@ Ours: ``config.json`` (``model_type: "ultrafastbert"``, the ``ModelConfig`` fiel
 not stored twice), and ``tokenizer.json`` + ``tokenizer_config.json`` when a tokenizer is known.
 The same ``config.json`` is a valid Hugging Face config (see ``hf.py``).
 
-Released (``pbelcak/UltraFastBERT-1x11-long``, DESIGN §1.4): ``config.json`` holds the crammed
+Released (``pbelcak/UltraFastBERT-1x11-long``, docs/design.md §1.4): ``config.json`` holds the crammed
 ``arch`` dict (``model_config.json`` the same dict with ``vocab_size`` null); ``model.safetensors``
 uses the original names, which are ours, plus an attention ``norm_factor`` buffer and the tied
 decoder stored a second time. Any K x D, dense GELU FF, and size the ``arch`` describes loads;

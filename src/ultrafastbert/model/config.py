@@ -2,7 +2,7 @@
 
 Runtime choices (FFF kernel, dtype, threads) are not here; see ``FFFRuntime`` and ``infer``.
 The feed-forward block is either ``DenseFF(width)`` (GELU, ``d -> width -> d``, no biases) or
-``FFFSpec(n_trees, depth)`` (fast feedforward, DESIGN §1.1); no field's meaning depends on another.
+``FFFSpec(n_trees, depth)`` (fast feedforward, docs/design.md §1.1); no field's meaning depends on another.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def ff_from_dict(data: Any) -> FFKind:
 class ModelConfig:
     """The architecture of an UltraFastBERT / crammedBERT encoder and its heads.
 
-    Defaults are UltraFastBERT-1x11 (DESIGN §1.2). ``num_labels``, ``label_names``, ``pooler``,
+    Defaults are UltraFastBERT-1x11 (docs/design.md §1.2). ``num_labels``, ``label_names``, ``pooler``,
     ``classifier_width`` and ``classifier_dropout`` are read by the classification head only.
     """
 

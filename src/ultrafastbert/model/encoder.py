@@ -4,7 +4,7 @@
     n_layers x  x = x + dropout(attn(norm1(x)));  x = x + dropout(ffn(norm2(x)))   (pre-LN)
     final_norm  LayerNorm
 
-Module names match the released checkpoint ``pbelcak/UltraFastBERT-1x11-long`` (DESIGN §1.4),
+Module names match the released checkpoint ``pbelcak/UltraFastBERT-1x11-long`` (docs/design.md §1.4),
 so its state dict loads by name (``checkpoint.py`` handles the few format differences).
 
 Padding: keys whose attention mask is 0 get -10000 added to their scores, as in the original.

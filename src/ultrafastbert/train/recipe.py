@@ -1,6 +1,6 @@
 """Training recipes as typed data: the crammed pretraining recipe, schedules, optimizer groups.
 
-The crammed recipe (DESIGN §1.3): AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-12, weight decay 0.01,
+The crammed recipe (docs/design.md §1.3): AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-12, weight decay 0.01,
 none on norms, biases and scalars), gradient clipping 0.5, and two functions of *progress*
 ``p`` in ``[0, 1]`` (elapsed / budget, or step / max-steps):
 

@@ -1,4 +1,4 @@
-// Native CPU inference for the fast feedforward (FFF) layer (DESIGN §1.1).
+// Native CPU inference for the fast feedforward (FFF) layer (docs/design.md §1.1).
 //
 //   logit_n = x . w_in[n] + b_in[n];  go right iff logit_n > 0 (exact 0 and NaN go left)
 //   y = sum over trees, sum over visited n of GELU(logit_n) * w_out_row[n]   (exact erf GELU)

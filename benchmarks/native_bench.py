@@ -1,6 +1,6 @@
 """Per-token latency of the native FFF kernel vs a dense nn.Linear FF, in one process.
 
-Run: .venv/bin/python notes/native_bench.py [--threads 2] [--format fp32] [--json out.json]
+Run: .venv/bin/python benchmarks/native_bench.py [--threads 2] [--format fp32] [--json out.json]
 
 For each token count: median µs/token of the dense-4095 FF (768->4095->768, exact GELU, no
 biases, ``nn.Linear``), of the native kernel called directly (``kernel.forward``; also its best

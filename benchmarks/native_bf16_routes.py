@@ -1,6 +1,6 @@
 """How often bf16 routing weights change an FFF route, vs fp32 (native kernel, both formats).
 
-Run: .venv/bin/python notes/native_bf16_routes.py [--minilm DIR] [--glue ../shared/glue]
+Run: .venv/bin/python benchmarks/native_bf16_routes.py [--minilm DIR] [--glue ../shared/glue]
 Prints, per weight set, the fraction of tokens whose path differs in any tree, the fraction of
 routing decisions that differ, and the output's relative error (bf16 vs fp32) on the tokens whose
 path did not change (a changed path gives that token a different output altogether).

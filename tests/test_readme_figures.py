@@ -1,0 +1,212 @@
+"""The README's headline figures equal the figures in the result files they cite.
+
+Each row of the README's "Results at a glance" table that links a folder under
+``benchmarks/results/`` must have an entry in :data:`CHECKS`, keyed by the row's first cell. The
+entry reads the figures from that folder's files and formats them as the README prints them; the
+row's bold figures must be exactly those, and its CPU cell must name the CPU and thread count the
+result file recorded. Also checked: every ``docs/design.md §N.M`` reference names a section that
+exists, and no reference to the old, unshipped design file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS_HEADING = "## Results at a glance"
+
+
+def _json(folder: Path, name: str) -> dict:
+    return json.loads((folder / name).read_text())
+
+
+def _row(rows: list[dict], **match: object) -> dict:
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, f"expected one row matching {match}, found {len(found)}"
+    return found[0]
+
+
+def speedup(x: float) -> str:
+    """``82.93 -> '82.9x'``, ``253.8 -> '254x'``, ``2.946 -> '2.95x'``: three significant digits."""
+    digits = 2 if x < 10 else 1 if x < 100 else 0
+    return f"{x:.{digits}f}x"
+
+
+def percent(x: float) -> str:
+    return f"{x:.1f}%"
+
+
+def _ff(folder: Path, tokens: int, key: str, name: str = "bench_ff.json") -> tuple[dict, list[str]]:
+    data = _json(folder, name)
+    row = _row(data["rows"], config="1x11", implementation="native", tokens=tokens)
+    return data["environment"], [speedup(row[key])]
+
+
+def _ff_train(folder: Path) -> tuple[dict, list[str]]:
+    data = _json(folder, "bench_ff_train.json")
+    row = _row(data["rows"], config="1x11", implementation="fff-sparse", tokens=4096)
+    return data["environment"], [speedup(row["speedup_vs_masked"])]
+
+
+def _model(model: str) -> Callable[[Path], tuple[dict, list[str]]]:
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "bench_model.json")
+        row = _row(data["rows"], model=model, dtype="float32", batch=8)
+        return data["environment"], [speedup(row["fff_model_speedup"])]
+    return check
+
+
+def _table1(folder: Path) -> tuple[dict, list[str]]:
+    data = _json(folder, "results.json")
+    pct = [m["percent_of_dense_without_cola"] for name, m in data["models"].items()
+           if name != "tiny-dense"]
+    env = {"cpu": "AMD EPYC", "torch_threads": data["environment"]["torch_threads"]}
+    return env, [percent(min(pct)), percent(max(pct))]
+
+
+#: README row (first cell) -> reader of (environment, figures as printed) from the row's folder.
+CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
+    "FFF 1x11 layer vs dense-4095 FF (`nn.Linear`), 4,096 tokens":
+        lambda f: _ff(f, 4096, "speedup_vs_torch_dense4095"),
+    "same, 1 token": lambda f: _ff(f, 1, "speedup_vs_torch_dense4095"),
+    "same, vs the fastest dense (oneDNN, prepacked weights), 128 tokens":
+        lambda f: _ff(f, 128, "speedup_vs_fastest_dense4095"),
+    "FFF 1x11 training (fwd+bwd) vs the original masked form, 4,096 tokens": _ff_train,
+    "whole encoder, UltraFastBERT-1x11 vs crammedBERT-4095, 8x128": _model("crammedbert-4095"),
+    "whole encoder, UltraFastBERT-1x11 vs Hugging Face `BertModel` as shipped, 8x128":
+        _model("hf-bert-base"),
+    "same, `BertModel` on the same prepacked oneDNN GEMMs": _model("hf-bert-base-onednn"),
+    "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
+    "model": _table1,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    figure: str
+    folder: Path | None
+    cpu: str
+
+
+def results_rows(text: str) -> list[Row]:
+    """The rows of the README's results table (header and separator left out)."""
+    section = text.split(RESULTS_HEADING, 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")][2:]
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 5, f"a results row needs 5 cells: {line}"
+        link = re.search(r"\]\((benchmarks/results/[^)]+)\)", cells[2])
+        rows.append(Row(cells[0], cells[1], ROOT / link.group(1) if link else None, cells[3]))
+    return rows
+
+
+def bold_figures(cell: str) -> list[str]:
+    return re.findall(r"\*\*([^*]+)\*\*", cell)
+
+
+def problems(text: str) -> list[str]:
+    """Every disagreement between the README's results table and its result files."""
+    out = []
+    rows = results_rows(text)
+    for row in rows:
+        if row.folder is None:
+            if re.search(r"\d", row.figure):
+                out.append(f"{row.what!r}: a figure without a result folder")
+            continue
+        if row.what not in CHECKS:
+            out.append(f"{row.what!r}: no entry in CHECKS for a row that links {row.folder}")
+            continue
+        env, want = CHECKS[row.what](row.folder)
+        if bold_figures(row.figure) != want:
+            out.append(f"{row.what!r}: README says {bold_figures(row.figure)}, results say {want}")
+        threads = env["torch_threads"]
+        cpu_text = f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
+        if not row.cpu.startswith(cpu_text):
+            out.append(f"{row.what!r}: CPU cell {row.cpu!r}, result recorded {cpu_text!r}")
+    missing = set(CHECKS) - {r.what for r in rows}
+    out += [f"CHECKS entry {m!r} has no README row" for m in sorted(missing)]
+    return out
+
+
+def test_every_headline_figure_equals_its_result_file() -> None:
+    text = README.read_text()
+    assert len([r for r in results_rows(text) if r.folder]) >= 8
+    assert problems(text) == []
+
+
+@pytest.mark.parametrize("old, new", [
+    ("**82.9x** faster", "**83.0x** faster"),     # a figure that differs from its file
+    ("| AMD EPYC, 2 threads | `ultrafastbert bench ff --threads 2 --configs 1x11 --train` |",
+     "| AMD EPYC, 1 thread | `ultrafastbert bench ff --threads 2 --configs 1x11 --train` |"),
+    ("| GPU (Triton) figures | not yet measured |", "| GPU (Triton) figures | 4.1x |"),
+    ("[bench_model_cpu_8x128](benchmarks/results/bench_model_cpu_8x128/) | AMD EPYC, 2 threads | "
+     "`ultrafastbert bench model",
+     "[bench_ff_cpu_1x11_v2](benchmarks/results/bench_ff_cpu_1x11_v2/) | AMD EPYC, 2 threads | "
+     "`ultrafastbert bench model"),
+])
+def test_a_wrong_readme_figure_is_caught(old: str, new: str) -> None:
+    text = README.read_text()
+    assert old in text
+    with pytest.raises((AssertionError, KeyError, FileNotFoundError)):
+        assert problems(text.replace(old, new, 1)) == []
+
+
+def test_an_uncovered_row_is_caught() -> None:
+    text = README.read_text()
+    extra = ("| a new figure | **3x** | [table1](benchmarks/results/table1/) | AMD EPYC, 1 thread "
+             "| cmd |\n| GPU (Triton) figures")
+    assert any("no entry in CHECKS" in p
+               for p in problems(text.replace("| GPU (Triton) figures", extra, 1)))
+
+
+def test_figure_formatting() -> None:
+    assert [speedup(x) for x in (82.926, 253.77, 104.29, 2.946, 2.0955, 1.852)] == [
+        "82.9x", "254x", "104x", "2.95x", "2.10x", "1.85x"]
+
+
+def _tracked_text_files() -> list[Path]:
+    skip = {".venv", ".git", "build", "dist", "runs", "results"}
+    return [p for p in ROOT.rglob("*") if p.suffix in {".py", ".md", ".cpp", ".h", ".sh"}
+            and not (set(p.relative_to(ROOT).parts) & skip)
+            and not any(part.endswith(".egg-info") for part in p.parts)]
+
+
+def test_design_references_point_to_existing_sections() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, flags=re.M))
+    assert {"1", "1.1", "1.2", "1.3", "1.4", "2", "3"} <= sections
+    stale = "DESIGN " + "§"
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        assert stale not in text, f"{path}: a reference to a design file the repository lacks"
+        for ref in re.findall(r"design\.md[^§\n]{0,3}§(\d+(?:\.\d+)?)", text):
+            assert ref in sections, f"{path}: design.md §{ref} does not exist"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lowercase, punctuation dropped, - for spaces)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_docs_links_resolve() -> None:
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link to missing {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
+                assert anchor in {github_anchor(h) for h in headings}, (
+                    f"{page.name}: no heading for #{anchor} in {dest.name}")
