@@ -32,6 +32,7 @@ import torch
 
 from ..model.checkpoint import TOKENIZER_NAME, read_config
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.lock import LOCK_FILE, DirectoryLock
 from .data import (
     EncodedSplit,
     GlueTaskData,
@@ -113,8 +114,20 @@ def run(settings: GlueRunSettings) -> dict[str, Any]:
     tokenizer_file = model_tokenizer(settings.model_dir)
     results = new_results(settings, tasks)
     data = {t.name: load_task_data(settings, t) for t in tasks}
-    claim_output_dir(settings.out_dir)
     tokenizer = load_checked_tokenizer(tokenizer_file, results["model"]["vocab_size"])
+    with DirectoryLock(settings.out_dir, "glue"):  # no second run writes into OUT meanwhile
+        claim_output_dir(settings.out_dir)
+        run_tasks(settings, tasks, data, tokenizer, tokenizer_file, results)
+        results["complete"] = True
+        atomic_write_json(settings.out_dir / RESULTS_JSON, results)
+        atomic_write_text(settings.out_dir / RESULTS_MD, results_markdown(results))
+    return results
+
+
+def run_tasks(settings: GlueRunSettings, tasks: Sequence[GlueTask],
+              data: dict[str, GlueTaskData], tokenizer: Any, tokenizer_file: Path,
+              results: dict[str, Any]) -> None:
+    """Every task in turn; ``results.json`` is rewritten after each (finished tasks kept)."""
     n_runs = len(tasks) * len(settings.protocol.seeds)
     with _progress(n_runs, settings.runtime.progress_bar) as tick:
         for task in tasks:
@@ -123,10 +136,6 @@ def run(settings: GlueRunSettings) -> dict[str, Any]:
             results["average"] = averages(task_scores(results["tasks"], "score"))
             results["baseline_average"] = averages(task_scores(results["tasks"], "baseline"))
             atomic_write_json(settings.out_dir / RESULTS_JSON, results)
-    results["complete"] = True
-    atomic_write_json(settings.out_dir / RESULTS_JSON, results)
-    atomic_write_text(settings.out_dir / RESULTS_MD, results_markdown(results))
-    return results
 
 
 def run_task(settings: GlueRunSettings, data: GlueTaskData, tokenizer: Any,
@@ -219,7 +228,7 @@ def load_task_data(settings: GlueRunSettings, task: GlueTask) -> GlueTaskData:
 
 def claim_output_dir(out: Path) -> None:
     """Use a new or empty ``out``; never mix two runs' results."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         what = "GLUE results" if (out / RESULTS_JSON).exists() else "files"
         raise FileExistsError(f"output directory {out} already holds {what}; choose a new "
                               "--out or remove it")

@@ -40,6 +40,7 @@ from ..data import (
 )
 from ..model import ModelConfig, UltraFastBertForMaskedLM
 from ..utils.io import atomic_write_json
+from ..utils.lock import LOCK_FILE, DirectoryLock
 from .distributed import DistContext, init_distributed, main_first, shutdown
 from .loop import LoopConfig, Trainer, TrainResult
 from .metrics import METRICS_FILE, plot_loss_curve, read_metrics
@@ -137,19 +138,26 @@ class PretrainResult:
 
 # ------------------------------------------------------------------------------- pipeline
 def run(settings: PretrainSettings) -> PretrainResult:
-    """Pretrain as the module docstring describes; under ``torchrun`` on every rank."""
+    """Pretrain as the module docstring describes; under ``torchrun`` on every rank.
+
+    Rank 0 holds a lock on ``out_dir`` for the whole run (:class:`DirectoryLock`): a second run
+    on the same directory is refused before it reads or writes anything there.
+    """
     ctx = init_distributed(settings.device)
+    lock = DirectoryLock(settings.out_dir, "pretrain")
     try:
-        result = _run(settings, ctx)
+        result = _run(settings, ctx, lock)
     except BaseException:
         shutdown(ctx, wait=False)  # no barrier: the other ranks may never reach it
         raise
+    finally:
+        lock.release()
     shutdown(ctx)
     return result
 
 
-def _run(s: PretrainSettings, ctx: DistContext) -> PretrainResult:
-    fresh = main_first(ctx, lambda: claim_output_dir(s), others=False)
+def _run(s: PretrainSettings, ctx: DistContext, lock: DirectoryLock) -> PretrainResult:
+    fresh = main_first(ctx, lambda: claim_output_dir(s, lock), others=False)
     try:
         data = main_first(ctx, lambda: prepare(s))
     except BaseException:
@@ -176,17 +184,22 @@ def _run(s: PretrainSettings, ctx: DistContext) -> PretrainResult:
 
 
 # ------------------------------------------------------------------------- output folder
-def claim_output_dir(s: PretrainSettings) -> bool:
+def claim_output_dir(s: PretrainSettings, lock: DirectoryLock | None = None) -> bool:
     """Start a new run in an empty ``out_dir`` (True), or check that ``resume`` continues the
-    run there with the same settings (False). Never overwrites another run."""
+    run there with the same settings (False). Never overwrites another run.
+
+    ``lock`` (taken first, which creates ``out_dir``) keeps other runs out until released.
+    """
     out, run_file = s.out_dir, s.out_dir / RUN_FILE
+    if lock is not None:
+        lock.acquire()
     if s.resume:
         if not run_file.is_file():
             raise FileNotFoundError(f"{out} holds no run to resume (no {RUN_FILE}); drop "
                                     "--resume to start a new run there")
         _check_same_settings(out, _read_json(run_file)["settings"], s.result_settings())
         return False
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or _holds_files(out)):
         what = "another run" if run_file.is_file() else "files"
         raise FileExistsError(f"output directory {out} already holds {what}; pass --resume to "
                               "continue that run, or choose a new --out")
@@ -195,6 +208,11 @@ def claim_output_dir(s: PretrainSettings) -> bool:
                                  s.result_settings(), "runtime": s.to_json(),
                                  "created_unix": int(time.time())})
     return True
+
+
+def _holds_files(out: Path) -> bool:
+    """Whether ``out`` holds anything but its lock file."""
+    return any(p.name != LOCK_FILE for p in out.iterdir())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
