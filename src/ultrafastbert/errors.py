@@ -17,6 +17,10 @@ class InputError(UltraFastBertError, ValueError):
     """A bad argument or input value (a flag, a text, a tensor shape, a KxD spec)."""
 
 
+class InputTypeError(UltraFastBertError, TypeError):
+    """An argument of the wrong type (a string for a list, integer ids for a float tensor)."""
+
+
 class ConfigError(UltraFastBertError, ValueError):
     """A configuration that cannot be used (a field's value, an unknown key)."""
 
@@ -25,5 +29,17 @@ class DataError(UltraFastBertError, ValueError):
     """A file whose content cannot be used (a corrupt checkpoint, a corpus with no text)."""
 
 
+class NotFoundError(UltraFastBertError, FileNotFoundError):
+    """A file or directory the caller named does not exist."""
+
+
+class OutputExistsError(UltraFastBertError, FileExistsError):
+    """The output path already holds something the library must not overwrite."""
+
+
 class ResourceError(UltraFastBertError, RuntimeError):
     """Something the run needs is not there (a device, disk space, a lock held by another run)."""
+
+
+class RunError(UltraFastBertError, RuntimeError):
+    """A run cannot go on (a non-finite loss, a checkpoint that does not fit, a failed check)."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, RunError
 from ..fff import FFF, dispatch, fff_reference
 from ..fff.training import fff_masked, fff_sparse, route
 from ..model.linear import InferenceLinear, packed_linear_unavailable
@@ -37,7 +38,7 @@ def parse_config(name: str) -> tuple[int, int]:
     """``"KxD"`` -> ``(n_trees, depth)``; raises ``ValueError`` naming the bad value."""
     match = re.fullmatch(r"(\d+)x(\d+)", name.strip())
     if not match:
-        raise ValueError(f"FFF config must look like KxD (e.g. 1x11), got {name!r}")
+        raise InputError(f"FFF config must look like KxD (e.g. 1x11), got {name!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -130,7 +131,7 @@ def check_dense(variants: dict[str, Callable], x: torch.Tensor) -> float:
         for name, fn in variants.items():
             err = (fn(x).float() - expected).abs().max().item()
             if not err <= rel * (1e-3 + expected.abs().max().item()):
-                raise RuntimeError(f"dense variant {name} disagrees with nn.Linear by {err}")
+                raise RunError(f"dense variant {name} disagrees with nn.Linear by {err}")
             worst = max(worst, err)
     return worst
 
@@ -152,12 +153,12 @@ def check_fff(layer: FFF, x: torch.Tensor, seed: int) -> dict[str, Any]:
     ambiguous = (ref.logits.abs() < margin).flatten(1).any(1)
     same = (nodes[rows] == ref.nodes).flatten(1).all(1)
     if bool((~same & ~ambiguous).any()):
-        raise RuntimeError(f"{layer.runtime.implementation}: routes differ from the reference")
+        raise RunError(f"{layer.runtime.implementation}: routes differ from the reference")
     ok = same & ~ambiguous
     err = (y[rows][ok].double() - ref.y[ok].double()).abs().max().item() if ok.any() else 0.0
     scale = ref.y.abs().max().item()
     if not err <= rel * scale + 1e-7:  # relative to the output scale, which may be small
-        raise RuntimeError(f"{layer.runtime.implementation}: output differs by {err}")
+        raise RunError(f"{layer.runtime.implementation}: output differs by {err}")
     return {"check_rows": int(rows.numel()), "excluded_rows": int(ambiguous.sum()),
             "max_abs_err": err}
 
@@ -271,7 +272,7 @@ def check_train_grads(x: torch.Tensor, params: tuple, n_trees: int, depth: int,
     for a, b in zip(g_sparse, g_masked, strict=True):
         err = (a - b).abs().max().item()
         if not err <= 1e-3 * (1 + b.abs().max().item()):
-            raise RuntimeError(f"sparse and masked gradients differ by {err}")
+            raise RunError(f"sparse and masked gradients differ by {err}")
         worst = max(worst, err)
     return worst
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError, RunError
 from ..model import ModelConfig, UltraFastBertModel
 from ..model.linear import packed_linear_unavailable, use_packed_linears
 from ..model.pretrained import fff_compute_dtype
@@ -104,16 +105,16 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
     """Validated settings from parsed arguments."""
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
-        raise ValueError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
+        raise InputError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
     known = set(MODELS) | _presets()
     unknown = [m for m in args.models if m not in known]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {sorted(known)}")
+        raise InputError(f"unknown models {unknown}; choose from {sorted(known)}")
     if min(args.batches, default=0) < 1 or args.seq_len < 1:
-        raise ValueError("--batches and --seq-len must be positive")
+        raise InputError("--batches and --seq-len must be positive")
     hf = [m for m in args.models if m in HF_MODELS]
     if hf and importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"the {hf[0]} baseline needs transformers: pip install "
+        raise InputError(f"the {hf[0]} baseline needs transformers: pip install "
                          f"'ultrafastbert[hf]', or leave it out of --models")
     return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
                               tuple(args.dtypes), args.device, args.warmup, args.repeats,
@@ -185,7 +186,7 @@ def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSetti
     ok = report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
     report.update(model=name, dtype=dtype_name, tolerance=tolerance, ok=ok)
     if not ok:
-        raise RuntimeError(f"output check failed for {name} / {dtype_name}: {report}")
+        raise RunError(f"output check failed for {name} / {dtype_name}: {report}")
     return report
 
 

@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from ..errors import UltraFastBertError
+
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
 COMMAND_MODULES = ("demo", "pretrain", "glue", "predict", "bench", "kernels")
 
@@ -33,12 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_handler(args: argparse.Namespace) -> int:
-    """Set up logging from ``-v``, run the chosen command, report expected errors in one line."""
+    """Set up logging from ``-v``, run the chosen command, report the library's errors in one line.
+
+    Only :class:`~ultrafastbert.errors.UltraFastBertError` (raised on purpose, with a message that
+    says what to do) becomes one line and exit status 2; anything else is a bug and propagates
+    with its traceback.
+    """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except UltraFastBertError as err:
         print(f"ultrafastbert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ..errors import InputError
+
 TASKS = ("fill-mask", "embed", "classify")
 
 
@@ -102,7 +104,7 @@ def _embed(predictor: Any, texts: list[str], args: argparse.Namespace) -> int:
 
 def _classify(predictor: Any, texts: list[str], args: argparse.Namespace) -> int:
     if args.pair is not None and len(args.pair) != len(texts):
-        raise ValueError(f"give --pair once per text: {len(texts)} texts, {len(args.pair)} pairs")
+        raise InputError(f"give --pair once per text: {len(texts)} texts, {len(args.pair)} pairs")
     results = predictor.classify(texts, args.pair)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))

@@ -11,6 +11,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -143,7 +145,7 @@ def settings_from_args(args: argparse.Namespace):
     from ..train.recipe import CrammedRecipe
 
     if args.budget is None and args.max_steps is None:
-        raise ValueError("give --budget (e.g. 24h, the paper's setting) or --max-steps N")
+        raise InputError("give --budget (e.g. 24h, the paper's setting) or --max-steps N")
     if args.preset is not None:
         model, name = ModelConfig.from_preset(args.preset), args.preset
     else:

@@ -31,6 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
@@ -51,7 +53,7 @@ _SUFFIXES: dict[str, Format] = {
 _HF_MARKERS = ("dataset_dict.json", "state.json")
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """The corpus cannot be used; the message names the file and says what to do."""
 
 
@@ -94,7 +96,7 @@ class Corpus:
     def batches(self, batch_size: int = 1024) -> Iterator[list[str]]:
         """Yield lists of up to ``batch_size`` documents (the last list may be shorter)."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         batch: list[str] = []
         for doc in self:
             batch.append(doc)

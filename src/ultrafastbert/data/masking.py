@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -30,9 +32,9 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rate <= 1.0:
-            raise ValueError(f"MaskingConfig.rate must be in (0, 1], got {self.rate}")
+            raise DataError(f"MaskingConfig.rate must be in (0, 1], got {self.rate}")
         if self.mask_frac < 0 or self.random_frac < 0 or self.mask_frac + self.random_frac > 1:
-            raise ValueError(
+            raise DataError(
                 f"MaskingConfig.mask_frac ({self.mask_frac}) and random_frac "
                 f"({self.random_frac}) must be >= 0 and sum to at most 1"
             )
@@ -59,7 +61,7 @@ class MlmMasker:
         keep[self.special_ids[self.special_ids < self.vocab_size]] = False
         self.replacement_ids = keep.nonzero().flatten()
         if len(self.replacement_ids) == 0:
-            raise ValueError(f"vocab_size {vocab_size} leaves no non-special token to sample")
+            raise DataError(f"vocab_size {vocab_size} leaves no non-special token to sample")
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator,
                  ) -> tuple[torch.Tensor, torch.Tensor]:

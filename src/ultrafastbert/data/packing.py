@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .corpus import Corpus, CorpusError
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def pack_corpus(
     from .tokenizer import tokenizer_fingerprint
 
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise DataError(f"seq_len must be >= 2, got {seq_len}")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     key = cache_key(corpus.identity(), tokenizer_fingerprint(tokenizer), seq_len)
@@ -310,8 +311,8 @@ def split_indices(n_sequences: int, n_holdout: int, split_seed: int = 0,
         Two sorted ``int64`` arrays of shapes ``(n_sequences - n_holdout,)`` and ``(n_holdout,)``.
     """
     if not 0 <= n_holdout < n_sequences:
-        raise ValueError(f"n_holdout must be in [0, {n_sequences}), got {n_holdout}: keep at "
-                         "least one training sequence")
+        raise DataError(f"n_holdout must be in [0, {n_sequences}), got {n_holdout}: keep at "
+                        "least one training sequence")
     perm = np.random.default_rng([split_seed, 0x5EED]).permutation(n_sequences)
     return np.sort(perm[n_holdout:]), np.sort(perm[:n_holdout])
 
@@ -339,7 +340,7 @@ class SequenceStream:
         self.indices = (np.arange(len(self.rows), dtype=np.int64) if indices is None
                         else np.asarray(indices, dtype=np.int64))
         if len(self.indices) == 0:
-            raise ValueError("SequenceStream needs at least one row")
+            raise DataError("SequenceStream needs at least one row")
         self.seed = int(seed)
         self.position = int(position)
         self._perm_cache: tuple[int, np.ndarray] | None = None
@@ -378,8 +379,8 @@ class SequenceStream:
             ``int64`` tensor of shape ``(batch_size // world_size, seq_len)``.
         """
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size "
-                             f"{world_size}, and 0 <= rank {rank} < world_size")
+            raise DataError(f"batch_size {batch_size} must be a positive multiple of world_size "
+                            f"{world_size}, and 0 <= rank {rank} < world_size")
         share = batch_size // world_size
         picked = self.rows_at(self.position + rank * share, share)
         self.position += batch_size
@@ -399,9 +400,9 @@ class SequenceStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from :meth:`state_dict`; refuses a state made for another seed or row set."""
         if state["seed"] != self.seed or state["n_rows"] != len(self.indices):
-            raise ValueError(f"data state was saved for seed {state['seed']} with "
-                             f"{state['n_rows']} rows; this stream has seed {self.seed} with "
-                             f"{len(self.indices)} rows. Resume with the same corpus and seed.")
+            raise DataError(f"data state was saved for seed {state['seed']} with "
+                            f"{state['n_rows']} rows; this stream has seed {self.seed} with "
+                            f"{len(self.indices)} rows. Resume with the same corpus and seed.")
         self.position = int(state["position"])
 
 

@@ -29,6 +29,8 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DataError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -44,7 +46,7 @@ HF_SPECIAL_TOKENS = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_
                      "cls_token": CLS, "sep_token": SEP, "mask_token": MASK}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     """A tokenizer cannot be trained, loaded or used; the message says what to do."""
 
 

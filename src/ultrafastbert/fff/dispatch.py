@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..errors import InputError
 from .kernel import FFFKernel, validate_weight_format
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,11 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
     kernels = registry()
     if name != "auto":
         if name not in kernels:
-            raise ValueError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
+            raise InputError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
                              f"{sorted(kernels)}")
         reason = kernels[name].unavailable_reason(device, dtype, weight_format)
         if reason is not None:
-            raise ValueError(f"FFF implementation {name!r} cannot run on {device} / {dtype} / "
+            raise InputError(f"FFF implementation {name!r} cannot run on {device} / {dtype} / "
                              f"weights {weight_format}: {reason}")
         return kernels[name]
     reasons = explain(device, dtype, weight_format)
@@ -61,7 +62,7 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
         if reason is None:
             return kernels[kname]
     detail = "; ".join(f"{n}: {r}" for n, r in reasons)
-    raise ValueError(f"no FFF implementation can run on {device} / {dtype} / weights "
+    raise InputError(f"no FFF implementation can run on {device} / {dtype} / weights "
                      f"{weight_format} ({detail})")
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 #: ``fp32``: weights as they are (same dtype as the input). ``bf16``: both weight matrices rounded
 #: to bfloat16 (half the memory traffic; may change routes). ``bf16-out``: routing weights kept in
 #: the input precision, only output rows in bfloat16 (routes identical to ``fp32``).
@@ -22,7 +24,7 @@ WEIGHT_FORMATS = ("fp32", "bf16", "bf16-out")
 def validate_weight_format(weight_format: str) -> None:
     """Raise ``ValueError`` naming the allowed set when ``weight_format`` is unknown."""
     if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        raise InputError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
 
 
 class FFFKernel(ABC):
@@ -62,6 +64,16 @@ class FFFKernel(ABC):
         Args:
             w_in: ``(K*N, d)``; b_in: ``(K*N,)`` or None; w_out: ``(d, K*N)`` (checkpoint layout).
         """
+
+    def train_forward(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                      w_out: torch.Tensor, n_trees: int, depth: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable forward (autograd flows to ``x`` and the three weights).
+
+        Optional: kernels that have no training path leave it unimplemented.
+        Returns ``y`` ``(T, d)`` and the visited nodes ``(T, K, D+1)``.
+        """
+        raise NotImplementedError(f"the {self.name} FFF kernel has no training path")
 
     @abstractmethod
     def forward(self, x: torch.Tensor, packed: Any, n_trees: int, depth: int,

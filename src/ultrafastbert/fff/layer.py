@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError, InputTypeError
 from . import dispatch
 from .kernel import validate_weight_format
 from .training import fff_sparse
@@ -32,7 +33,7 @@ class FFFRuntime:
         validate_weight_format(self.weight_format)
         known = ("auto", *dispatch.registry())
         if self.implementation not in known:
-            raise ValueError(f"unknown FFF implementation {self.implementation!r}; choose one "
+            raise InputError(f"unknown FFF implementation {self.implementation!r}; choose one "
                              f"of {known}")
 
 
@@ -60,7 +61,7 @@ class FFF(nn.Module):
         super().__init__()
         validate_tree_shape(n_trees, depth)
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be an int >= 1, got {d_model!r}")
+            raise InputError(f"d_model must be an int >= 1, got {d_model!r}")
         self.d_model, self.n_trees, self.depth = d_model, n_trees, depth
         width = n_trees * n_nodes(depth)
         self.linear_in = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
@@ -94,7 +95,7 @@ class FFF(nn.Module):
     @runtime.setter
     def runtime(self, value: FFFRuntime) -> None:
         if not isinstance(value, FFFRuntime):
-            raise TypeError(f"runtime must be an FFFRuntime, got {type(value).__name__}")
+            raise InputTypeError(f"runtime must be an FFFRuntime, got {type(value).__name__}")
         self._runtime = value
         self._cache = None
 
@@ -133,9 +134,9 @@ class FFF(nn.Module):
     def _same_params(self, params: tuple) -> bool:
         """Whether the layer still holds exactly these parameter tensors (identity, not value;
         read through the module dicts, which is much cheaper than attribute access)."""
-        lin, lout = self._modules["linear_in"], self._modules["linear_out"]
-        return (lin._parameters["weight"] is params[0] and lin._parameters.get("bias") is params[1]
-                and lout._parameters["weight"] is params[2])
+        lin, lout = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters  # type: ignore[union-attr]
+        return (lin["weight"] is params[0] and lin.get("bias") is params[1]
+                and lout["weight"] is params[2])
 
     @staticmethod
     def _param_state(w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor
@@ -175,20 +176,20 @@ class FFF(nn.Module):
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         """Validate and flatten to a contiguous ``(T, d)`` view or copy."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"FFF input must be a torch.Tensor, got {type(x).__name__}")
+            raise InputTypeError(f"FFF input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"FFF input must be a floating-point tensor, got {x.dtype}; "
-                            "convert it with x.float()")
+            raise InputTypeError(f"FFF input must be a floating-point tensor, got {x.dtype}; "
+                                 "convert it with x.float()")
         weight = self.linear_in.weight
         if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"FFF input's last dimension must be d_model={self.d_model}, got "
+            raise InputError(f"FFF input's last dimension must be d_model={self.d_model}, got "
                              f"shape {tuple(x.shape)}")
         if x.device != weight.device:
-            raise ValueError(f"FFF input is on {x.device} but the layer is on {weight.device}; "
+            raise InputError(f"FFF input is on {x.device} but the layer is on {weight.device}; "
                              "move one of them with .to(device)")
         if x.dtype != weight.dtype:
-            raise TypeError(f"FFF input dtype {x.dtype} differs from the layer's {weight.dtype}; "
-                            f"cast the input or call layer.to({x.dtype})")
+            raise InputTypeError(f"FFF input dtype {x.dtype} differs from the layer's {weight.dtype}; "
+                                 f"cast the input or call layer.to({x.dtype})")
         return x.reshape(-1, self.d_model).contiguous()
 
     def _train_forward(self, flat: torch.Tensor, return_nodes: bool):

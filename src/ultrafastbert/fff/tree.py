@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+
 MAX_DEPTH = 20
 
 
@@ -25,9 +27,9 @@ def path_length(depth: int) -> int:
 def validate_tree_shape(n_trees: int, depth: int) -> None:
     """Raise ``ValueError`` naming the field when ``n_trees``/``depth`` are not usable."""
     if isinstance(n_trees, bool) or not isinstance(n_trees, int) or n_trees < 1:
-        raise ValueError(f"n_trees must be an int >= 1, got {n_trees!r}")
+        raise InputError(f"n_trees must be an int >= 1, got {n_trees!r}")
     if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_DEPTH:
-        raise ValueError(f"depth must be an int in [0, {MAX_DEPTH}], got {depth!r}")
+        raise InputError(f"depth must be an int in [0, {MAX_DEPTH}], got {depth!r}")
 
 
 def child(local: torch.Tensor, go_right: torch.Tensor) -> torch.Tensor:

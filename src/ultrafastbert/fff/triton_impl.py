@@ -29,6 +29,7 @@ from types import ModuleType
 
 import torch
 
+from ..errors import InputError
 from .kernel import FFFKernel, validate_weight_format
 from .tree import n_nodes, path_length
 
@@ -101,7 +102,7 @@ def launch_config(d_model: int, device: torch.device) -> LaunchConfig:
     its cost is per operation, not per element."""
     block_d = max(16, 1 << (d_model - 1).bit_length())
     if block_d > MAX_BLOCK_D:
-        raise ValueError(f"the Triton FFF kernel supports d_model <= {MAX_BLOCK_D}, got {d_model}")
+        raise InputError(f"the Triton FFF kernel supports d_model <= {MAX_BLOCK_D}, got {d_model}")
     if device.type == "cpu":
         return LaunchConfig(block_t=16, block_d=block_d, num_warps=4, chunk=32,
                             block_dw=block_d, segments_by_dot=True)
@@ -353,7 +354,7 @@ class TritonKernel(FFFKernel):
         validate_weight_format(weight_format)
         expected = n_trees * n_nodes(depth)
         if w_in.shape[0] != expected or w_out.shape[1] != expected:
-            raise ValueError(f"weights have {w_in.shape[0]}/{w_out.shape[1]} nodes, expected "
+            raise InputError(f"weights have {w_in.shape[0]}/{w_out.shape[1]} nodes, expected "
                              f"{expected} for {n_trees} trees of depth {depth}")
         in_dtype = torch.bfloat16 if weight_format == "bf16" else w_in.dtype
         out_dtype = torch.bfloat16 if weight_format in ("bf16", "bf16-out") else w_out.dtype
@@ -367,7 +368,7 @@ class TritonKernel(FFFKernel):
         ``(T, K, D+1)``."""
         self._check_device(x)
         if x.shape[1] != packed.w_in.shape[1]:
-            raise ValueError(f"input width {x.shape[1]} differs from the packed weights' "
+            raise InputError(f"input width {x.shape[1]} differs from the packed weights' "
                              f"{packed.w_in.shape[1]}")
         y, nodes, _ = fff_forward(x.contiguous(), packed.w_in, packed.b_in, packed.w_out,
                                   n_trees, depth, write_nodes=return_nodes)
@@ -392,9 +393,9 @@ class TritonKernel(FFFKernel):
         if x.device.type != "cpu":
             return
         if not self.interpret_enabled():
-            raise ValueError(f"the Triton kernel got CPU tensors; move them to CUDA, or set "
+            raise InputError(f"the Triton kernel got CPU tensors; move them to CUDA, or set "
                              f"TRITON_INTERPRET=1 and {INTERPRET_ENV}=1 to use Triton's "
                              "interpreter (tests only)")
         reason = self._interpreter_reason()
         if reason is not None:
-            raise ValueError(f"the Triton kernel cannot run CPU tensors: {reason}")
+            raise InputError(f"the Triton kernel cannot run CPU tensors: {reason}")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError, NotFoundError
 from ..train.loop import MicroBatch
 from .tasks import GlueTask
 
@@ -37,7 +38,7 @@ TRAIN_TSV = "train.tsv"
 HF_MARKER = "dataset_dict.json"
 
 
-class GlueDataError(ValueError):
+class GlueDataError(DataError):
     """A GLUE file or dataset is malformed; the message names it and says what to do."""
 
 
@@ -107,16 +108,16 @@ def find_task_dir(glue_dir: str | os.PathLike, task: GlueTask) -> Path:
     """
     root = Path(glue_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"GLUE folder {root} does not exist; pass --glue-dir DIR with "
-                                "one sub-folder per task (RTE/train.tsv, RTE/dev.tsv, ...)")
+        raise NotFoundError(f"GLUE folder {root} does not exist; pass --glue-dir DIR with "
+                            "one sub-folder per task (RTE/train.tsv, RTE/dev.tsv, ...)")
     for folder in task_candidates(root, task):
         if folder.is_dir():
             return folder
     present = available_tasks(root) or ["none"]
     looked = ", ".join(str(p) for p in task_candidates(root, task))
-    raise FileNotFoundError(f"task {task.name} is not in the GLUE folder {root} (looked for "
-                            f"{looked}); tasks there: {', '.join(present)}. Add its files "
-                            f"(download_glue_data.py layout) or drop {task.name} from --tasks")
+    raise NotFoundError(f"task {task.name} is not in the GLUE folder {root} (looked for "
+                        f"{looked}); tasks there: {', '.join(present)}. Add its files "
+                        f"(download_glue_data.py layout) or drop {task.name} from --tasks")
 
 
 def available_tasks(glue_dir: str | os.PathLike) -> list[str]:
@@ -166,8 +167,8 @@ def read_tsv(path: Path, task: GlueTask, split: str) -> GlueSplit:
     with a warning, as the reference GLUE readers do)."""
     if not path.is_file():
         want = [TRAIN_TSV, *(e.tsv_file for e in task.eval_splits)]
-        raise FileNotFoundError(f"{path} is missing; the GLUE layout needs {', '.join(want)} "
-                                f"in {path.parent} for {task.name}")
+        raise NotFoundError(f"{path} is missing; the GLUE layout needs {', '.join(want)} "
+                            f"in {path.parent} for {task.name}")
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     columns = _column_indices(rows[0] if rows else [], task, path)
@@ -326,7 +327,7 @@ class ClassificationBatches:
 
     def __init__(self, encoded: EncodedSplit, batch_size: int, seed: int, pad_id: int) -> None:
         if len(encoded) == 0:
-            raise ValueError("no training examples")
+            raise DataError("no training examples")
         self.encoded, self.batch_size, self.seed, self.pad_id = encoded, batch_size, seed, pad_id
         self.epoch, self.position = 0, 0
         self._order: tuple[int, torch.Tensor] | None = None
@@ -346,7 +347,7 @@ class ClassificationBatches:
     def next_batch(self, rank: int = 0, world_size: int = 1) -> MicroBatch:
         """The next batch: ``input_ids``, ``attention_mask`` ``(b, S)`` and ``labels`` ``(b,)``."""
         if world_size != 1:
-            raise ValueError("GLUE fine-tuning runs in one process; start it without torchrun")
+            raise DataError("GLUE fine-tuning runs in one process; start it without torchrun")
         picked = self.order(self.epoch)[self.position:self.position + self.batch_size].tolist()
         self.position += len(picked)
         if self.position >= len(self.encoded):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..model import ModelConfig, UltraFastBertForSequenceClassification, UltraFastBertModel
 from ..model.encoder import init_weights
 from ..train.loop import LoopConfig, Trainer, TrainResult
@@ -84,9 +85,9 @@ class GlueProtocol:
                 _check_positive_int(name, getattr(self, name))
         self._check_rates()
         if self.pooler not in POOLERS:
-            raise ValueError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
+            raise ConfigError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
+            raise ConfigError(f"seeds must be distinct and at least one, got {self.seeds!r}")
 
     def _check_rates(self) -> None:
         checks = {"lr": self.lr > 0, "eps": self.eps > 0, "warmup": 0 <= self.warmup < 1,
@@ -96,9 +97,9 @@ class GlueProtocol:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             name = bad[0]
-            raise ValueError(f"{name} = {getattr(self, name)!r} is out of range (lr, eps > 0; "
-                             "warmup, weight_decay, dropout, betas in [0, 1); grad_clip > 0 "
-                             "or None)")
+            raise ConfigError(f"{name} = {getattr(self, name)!r} is out of range (lr, eps > 0; "
+                              "warmup, weight_decay, dropout, betas in [0, 1); grad_clip > 0 "
+                              "or None)")
 
     def replace(self, **changes: Any) -> GlueProtocol:
         """A copy with ``changes`` (validated); None values are ignored (CLI defaults)."""
@@ -117,7 +118,7 @@ class GlueProtocol:
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def load_classifier(model_dir: str | os.PathLike, task: GlueTask, protocol: Glue
     encoder = UltraFastBertModel.from_pretrained(model_dir)
     config = classifier_config(encoder.config, task, protocol)
     if protocol.max_length > config.max_seq_len:
-        raise ValueError(f"max_length {protocol.max_length} exceeds the model's max_seq_len "
-                         f"{config.max_seq_len}; pass --max-length {config.max_seq_len}")
+        raise ConfigError(f"max_length {protocol.max_length} exceeds the model's max_seq_len "
+                          f"{config.max_seq_len}; pass --max-length {config.max_seq_len}")
     model = UltraFastBertForSequenceClassification(config)
     model.encoder.load_state_dict(encoder.state_dict())
     torch.manual_seed(seed)

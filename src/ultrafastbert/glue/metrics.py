@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from .tasks import GlueTask
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def compute_metrics(task: GlueTask, predictions: Sequence[float] | np.ndarray,
     """
     pred, ref = np.asarray(predictions), np.asarray(references)
     if pred.shape != ref.shape or pred.ndim != 1 or len(pred) == 0:
-        raise ValueError(f"{task.name}: predictions {pred.shape} and references {ref.shape} "
+        raise InputError(f"{task.name}: predictions {pred.shape} and references {ref.shape} "
                          "must be non-empty 1-D arrays of the same length")
     if not task.is_regression:
         pred, ref = pred.astype(np.int64), ref.astype(np.int64)
@@ -99,7 +100,7 @@ def headline_score(task: GlueTask, metrics: SplitMetrics) -> float:
 def median_metrics(per_seed: Sequence[SplitMetrics]) -> SplitMetrics:
     """Per split and metric, the median over seeds (each metric's own median)."""
     if not per_seed:
-        raise ValueError("no runs to take the median of")
+        raise InputError("no runs to take the median of")
     return {split: {name: float(statistics.median(m[split][name] for m in per_seed))
                     for name in values}
             for split, values in per_seed[0].items()}
@@ -110,7 +111,7 @@ def trivial_predictions(task: GlueTask, train_labels: np.ndarray, n: int) -> np.
     the lowest index), or the mean training score for STS-B. ``(n,)``."""
     labels = np.asarray(train_labels)
     if len(labels) == 0:
-        raise ValueError(f"{task.name}: no training labels for the trivial baseline")
+        raise InputError(f"{task.name}: no training labels for the trivial baseline")
     if task.is_regression:
         return np.full(n, float(labels.mean()))
     counts = np.bincount(labels.astype(np.int64), minlength=task.num_labels)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError, NotFoundError, OutputExistsError
 from ..model.checkpoint import TOKENIZER_NAME, read_config
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
@@ -96,8 +97,8 @@ class GlueRunSettings:
         for name in ("model_dir", "glue_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         if self.save_models not in SAVE_MODELS:
-            raise ValueError(f"save_models must be one of {SAVE_MODELS}, got "
-                             f"{self.save_models!r}")
+            raise ConfigError(f"save_models must be one of {SAVE_MODELS}, got "
+                              f"{self.save_models!r}")
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(t.name for t in parse_tasks(self.tasks)))
 
@@ -182,17 +183,17 @@ def resolve_tasks(settings: GlueRunSettings) -> tuple[GlueTask, ...]:
     if settings.tasks is not None:
         return parse_tasks(settings.tasks)
     if not settings.glue_dir.is_dir():
-        raise FileNotFoundError(f"GLUE folder {settings.glue_dir} does not exist; pass "
-                                "--glue-dir DIR with one sub-folder per task")
+        raise NotFoundError(f"GLUE folder {settings.glue_dir} does not exist; pass "
+                            "--glue-dir DIR with one sub-folder per task")
     present = available_tasks(settings.glue_dir)
     complete = [n for n in present if not missing_files(settings.glue_dir, TASKS[n])]
     for name in sorted(set(present) - set(complete), key=present.index):
         log.warning("skipping %s: %s lacks %s", name, settings.glue_dir,
                     ", ".join(missing_files(settings.glue_dir, TASKS[name])))
     if not complete:
-        raise FileNotFoundError(f"{settings.glue_dir} holds no complete GLUE task folder "
-                                f"(expected e.g. RTE/train.tsv and RTE/dev.tsv; known tasks: "
-                                f"{', '.join(TASKS)})")
+        raise NotFoundError(f"{settings.glue_dir} holds no complete GLUE task folder "
+                            f"(expected e.g. RTE/train.tsv and RTE/dev.tsv; known tasks: "
+                            f"{', '.join(TASKS)})")
     log.info("tasks found in %s: %s", settings.glue_dir, ", ".join(complete))
     return parse_tasks(complete)
 
@@ -202,9 +203,9 @@ def model_tokenizer(model_dir: Path) -> Path:
     read_config(model_dir)  # a clear error for a missing or broken model directory
     path = model_dir / TOKENIZER_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"model directory {model_dir} has no {TOKENIZER_NAME}; copy the "
-                                "tokenizer the model was pretrained with into it (pretraining "
-                                "writes OUT/tokenizer.json)")
+        raise NotFoundError(f"model directory {model_dir} has no {TOKENIZER_NAME}; copy the "
+                            "tokenizer the model was pretrained with into it (pretraining "
+                            "writes OUT/tokenizer.json)")
     return path
 
 
@@ -214,8 +215,8 @@ def load_checked_tokenizer(path: Path, vocab_size: int) -> Any:
 
     tokenizer = load_tokenizer(path)
     if tokenizer.get_vocab_size() > vocab_size:
-        raise ValueError(f"{path} has {tokenizer.get_vocab_size()} entries but the model's "
-                         f"vocabulary is {vocab_size}: it is not this model's tokenizer")
+        raise ConfigError(f"{path} has {tokenizer.get_vocab_size()} entries but the model's "
+                          f"vocabulary is {vocab_size}: it is not this model's tokenizer")
     return tokenizer
 
 
@@ -230,8 +231,8 @@ def claim_output_dir(out: Path) -> None:
     """Use a new or empty ``out``; never mix two runs' results."""
     if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         what = "GLUE results" if (out / RESULTS_JSON).exists() else "files"
-        raise FileExistsError(f"output directory {out} already holds {what}; choose a new "
-                              "--out or remove it")
+        raise OutputExistsError(f"output directory {out} already holds {what}; choose a new "
+                                "--out or remove it")
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 #: Metric names computed by :mod:`ultrafastbert.glue.metrics`.
 METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")
 
@@ -156,7 +158,7 @@ def get_task(name: str) -> GlueTask:
     """
     canonical = _ALIASES.get(_key(name))
     if canonical is None:
-        raise ValueError(f"unknown GLUE task {name!r}; choose among {', '.join(TASKS)}")
+        raise InputError(f"unknown GLUE task {name!r}; choose among {', '.join(TASKS)}")
     return TASKS[canonical]
 
 
@@ -165,7 +167,7 @@ def parse_tasks(text: str | list[str] | tuple[str, ...]) -> tuple[GlueTask, ...]
     names = text.split(",") if isinstance(text, str) else list(text)
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ValueError(f"no GLUE task given; choose among {', '.join(TASKS)}")
+        raise InputError(f"no GLUE task given; choose among {', '.join(TASKS)}")
     tasks = [get_task(n) for n in names]
     return tuple(dict.fromkeys(tasks))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..model.checkpoint import TOKENIZER_NAME, from_pretrained
 from ..model.encoder import UltraFastBertModel
 from ..model.heads import (
@@ -94,7 +94,7 @@ class Predictor:
                  dtype: torch.dtype = torch.float32, kernel: str = "auto",
                  weight_format: str = "fp32", batch_size: int = 32):
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+            raise InputError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
         model.to(device=device)
         model.set_precision(dtype, fff_compute_dtype(device, dtype, kernel))
         self.model = model.eval()
@@ -117,7 +117,7 @@ class Predictor:
     def _token_id(self, token: str, required: bool = True) -> int | None:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None and required:
-            raise ValueError(f"the tokenizer has no {token} token")
+            raise InputError(f"the tokenizer has no {token} token")
         return token_id
 
     # ------------------------------------------------------------------------------ encoding
@@ -150,9 +150,9 @@ class Predictor:
         are cut to ``max_length`` exactly as :meth:`encode` cuts them; without, the lengths
         tell how long each text really is. Not thread-safe (like the tokenizer itself)."""
         if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not one string")
+            raise InputTypeError("texts must be a list of strings, not one string")
         if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+            raise InputError(f"{len(texts)} texts but {len(pairs)} pairs")
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
         return [e.ids for e in self._unpadded_tokenizer(truncate).encode_batch(inputs)]
 
@@ -270,7 +270,7 @@ class Predictor:
     # -------------------------------------------------------------------------------- helpers
     def _require(self, cls: type, task: str) -> Any:
         if not isinstance(self.model, cls):
-            raise ValueError(f"{task} needs a {cls.__name__} checkpoint, but this is a "
+            raise InputError(f"{task} needs a {cls.__name__} checkpoint, but this is a "
                              f"{type(self.model).__name__}")
         return self.model
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DataError, InputError, NotFoundError, OutputExistsError
 from .config import CONFIG_FORMAT_VERSION, DenseFF, FFFSpec, ModelConfig
 from .encoder import UltraFastBertModel
 from .heads import MODEL_CLASSES, UltraFastBertForMaskedLM
@@ -67,16 +68,25 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
     target = Path(directory)
     tokenizer = Path(tokenizer_file) if tokenizer_file else getattr(model, "tokenizer_file", None)
     if tokenizer is not None and not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer file {tokenizer} does not exist")
+        raise NotFoundError(f"tokenizer file {tokenizer} does not exist")
     with _atomic_directory(target) as tmp:
         _write_weights(tmp, checkpoint_tensors(model))
         _write_json(tmp / CONFIG_NAME, config_json(model))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
             _write_json(tmp / TOKENIZER_CONFIG_NAME,
-                        tokenizer_config(tmp / TOKENIZER_NAME, model.config.max_seq_len))
+                        tokenizer_config(tmp / TOKENIZER_NAME, model_config(model).max_seq_len))
     logger.info("saved %s to %s", type(model).__name__, target)
     return target
+
+
+def model_config(model: nn.Module) -> ModelConfig:
+    """The :class:`ModelConfig` of one of the library's models."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise InputError(f"{type(model).__name__} has no ModelConfig in .config; only "
+                         "ultrafastbert's model classes can be saved this way")
+    return config
 
 
 def config_json(model: nn.Module) -> dict[str, Any]:
@@ -84,7 +94,7 @@ def config_json(model: nn.Module) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     return {"model_type": MODEL_TYPE, "architectures": [type(model).__name__],
             "format_version": CONFIG_FORMAT_VERSION,
-            "torch_dtype": str(dtype).replace("torch.", ""), **model.config.to_dict()}
+            "torch_dtype": str(dtype).replace("torch.", ""), **model_config(model).to_dict()}
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -112,11 +122,11 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success swap it into place."""
     if target.exists():
         if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
+            raise OutputExistsError(f"{target} exists and is not a directory")
         foreign = sorted(p.name for p in target.iterdir() if p.name not in OWNED_FILES)
         if foreign:
-            raise FileExistsError(f"{target} holds files a checkpoint does not ({foreign[:5]}); "
-                                  "save into a new or empty directory")
+            raise OutputExistsError(f"{target} holds files a checkpoint does not ({foreign[:5]}); "
+                                    "save into a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -183,9 +193,9 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
     """
     path = folder / CONFIG_NAME
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {folder} does not exist")
+        raise NotFoundError(f"checkpoint directory {folder} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a checkpoint directory?")
+        raise NotFoundError(f"{folder} has no {CONFIG_NAME}; is it a checkpoint directory?")
     data = json.loads(path.read_text(encoding="utf-8"))
     if "arch" in data or data.get("model_type") == "crammedBERT":
         arch = data.get("arch") or _read_model_config_json(folder)
@@ -194,13 +204,13 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
                                           "UltraFastBertForMaskedLM")
         return config_from_crammed_arch(arch, vocab_size=vocab), class_name, True
     if data.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type {data.get('model_type')!r} is neither "
-                         f"{MODEL_TYPE!r} nor the released 'crammedBERT' format")
+        raise DataError(f"{path}: model_type {data.get('model_type')!r} is neither "
+                        f"{MODEL_TYPE!r} nor the released 'crammedBERT' format")
     class_name = (data.get("architectures") or ["UltraFastBertForMaskedLM"])[0]
     class_name = class_name[2:] if class_name.startswith("HF") else class_name
     if class_name not in MODEL_CLASSES:
-        raise ValueError(f"{path}: unknown architecture {class_name!r}; known: "
-                         f"{sorted(MODEL_CLASSES)}")
+        raise DataError(f"{path}: unknown architecture {class_name!r}; known: "
+                        f"{sorted(MODEL_CLASSES)}")
     return config_from_json(data), class_name, False
 
 
@@ -218,8 +228,8 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
 def _read_model_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "model_config.json"
     if not path.is_file():
-        raise ValueError(f"{folder}/{CONFIG_NAME} has no 'arch' and there is no "
-                         "model_config.json: not a released crammedBERT checkpoint")
+        raise DataError(f"{folder}/{CONFIG_NAME} has no 'arch' and there is no "
+                        "model_config.json: not a released crammedBERT checkpoint")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -228,7 +238,7 @@ def _vocab_from_weights(folder: Path, tensors: dict[str, torch.Tensor] | None) -
     key = "encoder.embedding.word_embedding.weight"
     tensors = load_tensors(folder) if tensors is None else tensors
     if key not in tensors:
-        raise ValueError(f"{folder}: vocab_size is null and the weights have no {key}")
+        raise DataError(f"{folder}: vocab_size is null and the weights have no {key}")
     return int(tensors[key].shape[0])
 
 
@@ -259,7 +269,7 @@ def _arch_get(arch: dict[str, Any], dotted: str, default: Any = None) -> Any:
 def _arch_required(arch: dict[str, Any], dotted: str) -> Any:
     value = _arch_get(arch, dotted)
     if value is None:
-        raise ValueError(f"released config: arch.{dotted} is missing")
+        raise DataError(f"released config: arch.{dotted} is missing")
     return value
 
 
@@ -267,26 +277,26 @@ def _check_crammed_options(arch: dict[str, Any]) -> None:
     for key, expected in _CRAMMED_FIXED.items():
         value = _arch_get(arch, key, expected)
         if value != expected:
-            raise ValueError(f"released config: arch.{key} = {value!r} is not supported "
-                             f"(this encoder implements only {expected!r})")
+            raise DataError(f"released config: arch.{key} = {value!r} is not supported "
+                            f"(this encoder implements only {expected!r})")
     embedding_dim = _arch_get(arch, "embedding.embedding_dim", arch.get("hidden_size"))
     if embedding_dim != arch.get("hidden_size"):
-        raise ValueError(f"released config: arch.embedding.embedding_dim = {embedding_dim!r} "
-                         f"must equal arch.hidden_size = {arch.get('hidden_size')!r}")
+        raise DataError(f"released config: arch.embedding.embedding_dim = {embedding_dim!r} "
+                        f"must equal arch.hidden_size = {arch.get('hidden_size')!r}")
 
 
 def _crammed_ff(arch: dict[str, Any]) -> DenseFF | FFFSpec:
     kind = arch.get("intermed_type", "ff")
     nonlin = arch.get("nonlin", "GELU")
     if nonlin != "GELU":
-        raise ValueError(f"released config: arch.nonlin = {nonlin!r} is not supported (only "
-                         "'GELU'; the GeGLU crammedBERT 'GELUglu' is a different network)")
+        raise DataError(f"released config: arch.nonlin = {nonlin!r} is not supported (only "
+                        "'GELU'; the GeGLU crammedBERT 'GELUglu' is a different network)")
     if kind == "fff":
         return FFFSpec(_arch_required(arch, "intermed_size"),
                        _arch_required(arch, "intermed_depth"))
     if kind == "ff":
         return DenseFF(_arch_required(arch, "intermed_size"))
-    raise ValueError(f"released config: arch.intermed_type = {kind!r}; allowed: ['ff', 'fff']")
+    raise DataError(f"released config: arch.intermed_type = {kind!r}; allowed: ['ff', 'fff']")
 
 
 def config_from_crammed_arch(arch: dict[str, Any], vocab_size: int | None = None) -> ModelConfig:
@@ -295,8 +305,8 @@ def config_from_crammed_arch(arch: dict[str, Any], vocab_size: int | None = None
     _check_crammed_options(arch)
     pooler = _arch_get(arch, "classification_head.pooler", "zero_index")
     if pooler not in _CRAMMED_POOLERS:
-        raise ValueError(f"released config: arch.classification_head.pooler = {pooler!r}; "
-                         f"supported: {sorted(_CRAMMED_POOLERS)}")
+        raise DataError(f"released config: arch.classification_head.pooler = {pooler!r}; "
+                        f"supported: {sorted(_CRAMMED_POOLERS)}")
     return ModelConfig(
         vocab_size=vocab_size or _arch_required(arch, "embedding.vocab_size"),
         d_model=_arch_required(arch, "hidden_size"),
@@ -326,8 +336,8 @@ def convert_released(tensors: dict[str, torch.Tensor], config: ModelConfig
     for key, tensor in tensors.items():
         if key.endswith(".attn.self_attention.norm_factor"):
             if not math.isclose(float(tensor), expected_norm, rel_tol=1e-5):
-                raise ValueError(f"{key} = {float(tensor)} but this encoder scales scores by "
-                                 f"1/sqrt(head_dim) = {expected_norm}")
+                raise DataError(f"{key} = {float(tensor)} but this encoder scales scores by "
+                                f"1/sqrt(head_dim) = {expected_norm}")
             continue
         key = key.replace(".ffn.dense_in.", ".ffn.linear_in.")
         out[key.replace(".ffn.dense_out.", ".ffn.linear_out.")] = tensor
@@ -347,8 +357,8 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for name in TORCH_NAMES:
         if (folder / name).is_file():
             return torch.load(folder / name, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has no weights file ({SAFETENSORS_NAME} or "
-                            f"{' / '.join(TORCH_NAMES)})")
+    raise NotFoundError(f"{folder} has no weights file ({SAFETENSORS_NAME} or "
+                        f"{' / '.join(TORCH_NAMES)})")
 
 
 # ----------------------------------------------------------------------------- strict loading
@@ -386,9 +396,9 @@ def _check_tied_decoder(tensors: dict[str, torch.Tensor]) -> None:
     if decoder is None or embedding is None:
         return
     if decoder.shape != embedding.shape or not torch.equal(decoder, embedding):
-        raise ValueError("checkpoint decoder.weight differs from "
-                         "encoder.embedding.word_embedding.weight, but this model ties them "
-                         f"(shapes {tuple(decoder.shape)} and {tuple(embedding.shape)})")
+        raise DataError("checkpoint decoder.weight differs from "
+                        "encoder.embedding.word_embedding.weight, but this model ties them "
+                        f"(shapes {tuple(decoder.shape)} and {tuple(embedding.shape)})")
 
 
 def _check_names(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
@@ -398,13 +408,13 @@ def _check_names(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
     if missing or unexpected:
         detail = [f"missing {k} {tuple(targets[k].shape)}" for k in missing[:5]]
         detail += [f"unexpected {k} {tuple(tensors[k].shape)}" for k in unexpected[:5]]
-        raise ValueError(f"checkpoint does not match the model ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected): {'; '.join(detail)}; check that "
-                         "config.json describes these weights")
+        raise DataError(f"checkpoint does not match the model ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected): {'; '.join(detail)}; check that "
+                        "config.json describes these weights")
     present = {k for k in model_heads if k in tensors}
     if present and present != model_heads:
         absent = sorted(model_heads - present)
-        raise ValueError(f"checkpoint has part of the head: missing {absent}")
+        raise DataError(f"checkpoint has part of the head: missing {absent}")
     if model_heads and not present:
         logger.info("checkpoint has no %s; initialised a new head", sorted(model_heads))
     ignored = sorted(k for k in tensors if k in HEAD_KEYS and k not in targets)
@@ -414,7 +424,7 @@ def _check_names(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
 
 def _check_shape(key: str, tensor: torch.Tensor, target: torch.Tensor) -> None:
     if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)} but the model "
-                         f"expects {tuple(target.shape)}; check that config.json matches the "
-                         "weights (or pass the matching num_labels)")
+        raise DataError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)} but the model "
+                        f"expects {tuple(target.shape)}; check that config.json matches the "
+                        "weights (or pass the matching num_labels)")
 

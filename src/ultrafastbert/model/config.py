@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
 from ..fff.tree import MAX_DEPTH, n_nodes
 
 #: Pooling for the classification head: ``first`` token (GLUE) or ``mean`` over non-pad tokens.
@@ -23,7 +24,7 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
     bad = isinstance(value, bool) or not isinstance(value, int) or value < low
     if bad or (high is not None and value > high):
         allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+        raise ConfigError(f"{name} must be an int {allowed}, got {value!r}")
 
 
 def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bool) -> None:
@@ -31,7 +32,7 @@ def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bo
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}), got {value!r}")
+        raise ConfigError(f"{name} must be a number in {bracket}{low}, {high}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,15 @@ def ff_from_dict(data: Any) -> FFKind:
     if isinstance(data, (DenseFF, FFFSpec)):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"ff must be a dict with a 'kind' of {sorted(_FF_KEYS)}, got {data!r}")
+        raise ConfigError(f"ff must be a dict with a 'kind' of {sorted(_FF_KEYS)}, got {data!r}")
     kind = data.get("kind")
     if kind not in _FF_KEYS:
-        raise ValueError(f"ff.kind must be one of {sorted(_FF_KEYS)}, got {kind!r}")
+        raise ConfigError(f"ff.kind must be one of {sorted(_FF_KEYS)}, got {kind!r}")
     extra = set(data) - {"kind", *_FF_KEYS[kind]}
     missing = set(_FF_KEYS[kind]) - set(data)
     if extra or missing:
-        raise ValueError(f"ff of kind {kind!r} takes exactly the keys {list(_FF_KEYS[kind])}; "
-                         f"unexpected {sorted(extra)}, missing {sorted(missing)}")
+        raise ConfigError(f"ff of kind {kind!r} takes exactly the keys {list(_FF_KEYS[kind])}; "
+                          f"unexpected {sorted(extra)}, missing {sorted(missing)}")
     args = {k: data[k] for k in _FF_KEYS[kind]}
     return DenseFF(**args) if kind == "dense" else FFFSpec(**args)
 
@@ -144,8 +145,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _check_int(name, getattr(self, name), 1)
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads="
-                             f"{self.n_heads}; choose n_heads among the divisors of d_model")
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads="
+                              f"{self.n_heads}; choose n_heads among the divisors of d_model")
         _check_int("pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
 
     def _validate_rates(self) -> None:
@@ -157,14 +158,14 @@ class ModelConfig:
 
     def _validate_head(self) -> None:
         if self.pooler not in POOLERS:
-            raise ValueError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
+            raise ConfigError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
         _check_int("classifier_width", self.classifier_width, 1)
         _check_int("num_labels", self.num_labels, 1)
         names = self.label_names
         if names is not None and (len(names) != self.num_labels
                                   or not all(isinstance(n, str) for n in names)):
-            raise ValueError(f"label_names must be {self.num_labels} strings (num_labels), "
-                             f"got {names!r}")
+            raise ConfigError(f"label_names must be {self.num_labels} strings (num_labels), "
+                              f"got {names!r}")
 
     @property
     def head_dim(self) -> int:
@@ -186,18 +187,18 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
         if not isinstance(data, dict):
-            raise ValueError(f"a model config must be a dict, got {type(data).__name__}")
+            raise ConfigError(f"a model config must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
         return cls(**data)
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> ModelConfig:
         """A named preset (see :data:`PRESETS`), optionally with ``changes`` applied."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {preset_names()}")
         return PRESETS[name].replace(**changes) if changes else PRESETS[name]
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, InputTypeError
 from ..fff import FFF
 from .config import DenseFF, ModelConfig
 from .linear import InferenceLinear
@@ -48,6 +49,8 @@ def sinusoid_table(n_positions: int, dim: int, device: torch.device | str | None
 
 class ScaledSinusoid(nn.Module):
     """Fixed sinusoid table times a learnable scalar ``scale_factor`` (init ``1/sqrt(dim)``)."""
+
+    table: torch.Tensor  # (max_positions, dim), a non-persistent buffer
 
     def __init__(self, dim: int, max_positions: int):
         super().__init__()
@@ -128,7 +131,7 @@ class DenseFeedForward(nn.Module):
         return self.linear_out(F.gelu(self.linear_in(x)))
 
 
-def feed_forward(config: ModelConfig) -> nn.Module:
+def feed_forward(config: ModelConfig) -> DenseFeedForward | FFF:
     """The block ``config.ff`` describes: a dense GELU MLP or an FFF (input bias, no output bias)."""
     if isinstance(config.ff, DenseFF):
         return DenseFeedForward(config.d_model, config.ff.width)
@@ -176,19 +179,19 @@ def _check_inputs(config: ModelConfig, input_ids: torch.Tensor,
     """Raise a clear error for inputs the encoder cannot take."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids
-        raise ValueError(f"input_ids must be a (batch, seq) tensor, got {shape!r}; "
+        raise InputError(f"input_ids must be a (batch, seq) tensor, got {shape!r}; "
                          "add a batch dimension with input_ids.unsqueeze(0)")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        raise InputTypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
     if input_ids.shape[1] > config.max_seq_len:
-        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
+        raise InputError(f"sequence length {input_ids.shape[1]} exceeds the position table "
                          f"(max_seq_len={config.max_seq_len}); truncate the input")
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
         bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)][0].item()
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size}); "
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size}); "
                          "was the text tokenised with this model's tokenizer?")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
                          f"input_ids shape {tuple(input_ids.shape)} (1 = token, 0 = padding)")
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, InputTypeError
 from .config import ModelConfig
 from .encoder import UltraFastBertModel, init_weights
 from .pretrained import PretrainedMixin
@@ -70,11 +71,11 @@ class UltraFastBertForMaskedLM(PretrainedMixin, nn.Module):
 
     def _check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+            raise InputError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
         valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self.config.vocab_size))
         if not bool(valid.all()):
-            raise ValueError(f"MLM labels must be token ids in [0, {self.config.vocab_size}) or "
+            raise InputError(f"MLM labels must be token ids in [0, {self.config.vocab_size}) or "
                              f"{IGNORE_INDEX}, got {labels[~valid][0].item()}")
 
 
@@ -136,13 +137,13 @@ class UltraFastBertForSequenceClassification(PretrainedMixin, nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """MSE for regression (``num_labels == 1``), else cross-entropy; ``labels`` ``(B,)``."""
         if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must have shape ({logits.shape[0]},), got "
+            raise InputError(f"labels must have shape ({logits.shape[0]},), got "
                              f"{tuple(labels.shape)}")
         if self.config.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         if labels.is_floating_point():
-            raise TypeError(f"classification with {self.config.num_labels} labels needs int64 "
-                            "class labels; multi-label (float) targets are not supported")
+            raise InputTypeError(f"classification with {self.config.num_labels} labels needs int64 "
+                                 "class labels; multi-label (float) targets are not supported")
         return F.cross_entropy(logits.float(), labels.long())
 
 

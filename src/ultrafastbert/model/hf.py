@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerF
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
-from .config import ModelConfig
+from .config import ModelConfig, ff_from_dict
 from .encoder import ScaledSinusoid, UltraFastBertModel, sinusoid_table
 from .heads import UltraFastBertForMaskedLM, UltraFastBertForSequenceClassification
 
@@ -60,18 +60,19 @@ class UltraFastBertConfig(PretrainedConfig):
         for key in ("format_version", "torch_dtype"):  # ours, recorded by save_pretrained
             kwargs.pop(key, None)
         kwargs["tie_word_embeddings"] = True  # the MLM decoder is the token embedding, always
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)  # type: ignore[call-arg]
 
     def to_model_config(self) -> ModelConfig:
         """The validated :class:`ModelConfig` this config describes."""
         return ModelConfig(
             vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-            n_heads=self.n_heads, max_seq_len=self.max_seq_len, ff=self.ff,
+            n_heads=self.n_heads, max_seq_len=self.max_seq_len, ff=ff_from_dict(self.ff),
             pad_token_id=self.pad_token_id, norm_eps=self.norm_eps,
             embedding_dropout=self.embedding_dropout, attention_dropout=self.attention_dropout,
             hidden_dropout=self.hidden_dropout, init_std=self.init_std, pooler=self.pooler,
             classifier_width=self.classifier_width, classifier_dropout=self.classifier_dropout,
-            num_labels=self.num_labels, label_names=self.label_names)
+            num_labels=cast(int, self.num_labels),
+            label_names=tuple(self.label_names) if self.label_names is not None else None)
 
     @classmethod
     def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> UltraFastBertConfig:
@@ -89,6 +90,8 @@ class _Wrapper(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     core_class: type[nn.Module] = UltraFastBertForMaskedLM
+    #: The adopted model (one of our three model classes), kept outside the module tree.
+    core: Any
 
     def __init__(self, config: UltraFastBertConfig):
         super().__init__(config)
@@ -158,10 +161,10 @@ class HFUltraFastBertForMaskedLM(_Wrapper):
         return MaskedLMOutput(loss=out.loss, logits=out.logits)
 
     def get_input_embeddings(self) -> nn.Module:  # noqa: D102
-        return self.encoder.embedding.word_embedding
+        return self.core.encoder.embedding.word_embedding
 
     def get_output_embeddings(self) -> nn.Module:  # noqa: D102
-        return self.decoder
+        return self.core.decoder
 
 
 class HFUltraFastBertForSequenceClassification(_Wrapper):

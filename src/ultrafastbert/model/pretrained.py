@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
+from torch import nn
 
 from ..fff import FFF, FFFRuntime, dispatch
 from .config import ModelConfig
@@ -30,7 +31,7 @@ class PretrainedMixin:
         """
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, directory, tokenizer_file=tokenizer_file)
+        save_pretrained(cast(nn.Module, self), directory, tokenizer_file=tokenizer_file)
 
     @classmethod
     def from_pretrained(cls: type[_M], directory: str | os.PathLike, **changes: Any) -> _M:
@@ -41,7 +42,7 @@ class PretrainedMixin:
         """
         from .checkpoint import from_pretrained
 
-        return from_pretrained(directory, model_class=cls, **changes)
+        return cast(_M, from_pretrained(directory, model_class=cls, **changes))
 
     def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
         """Choose the inference kernel and weight format of every FFF block (``FFFRuntime``)."""

@@ -10,6 +10,7 @@ logit within ``margin`` of 0 (where a rounding difference legitimately changes t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 from ..fff import FFF, fff_reference
 from .encoder import (
     MASK_VALUE,
+    DenseFeedForward,
     EncoderLayer,
     UltraFastBertModel,
     attention_bias,
@@ -26,6 +28,11 @@ from .encoder import (
 )
 
 INF = float("inf")
+
+
+def encoder_layers(model: UltraFastBertModel) -> list[EncoderLayer]:
+    """The model's layers, typed (an ``nn.ModuleList`` yields plain modules)."""
+    return [cast(EncoderLayer, layer) for layer in model.layers]
 
 
 def _ln(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -56,7 +63,7 @@ def reference_attention(layer: EncoderLayer, h: torch.Tensor,
     return context @ layer.attn.dense.weight.double().T
 
 
-def reference_feed_forward(ffn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_feed_forward(ffn: DenseFeedForward | FFF, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed-forward of ``h`` ``(B, S, d)`` float64 -> ``(out, margin)``; ``margin`` ``(B, S)`` is
     the smallest ``|logit|`` on each row's FFF paths (inf for a dense block)."""
     flat = h.reshape(-1, h.shape[-1])
@@ -86,7 +93,7 @@ def reference_forward(model: UltraFastBertModel, input_ids: torch.Tensor,
     with torch.no_grad():
         x = reference_embedding(model, input_ids)
         margin = torch.full(input_ids.shape, INF, dtype=torch.float64, device=x.device)
-        for layer in model.layers:
+        for layer in encoder_layers(model):
             x, layer_margin = reference_layer(layer, x, attention_mask)
             margin = torch.minimum(margin, layer_margin)
         return _ln(x, model.final_norm), margin
@@ -123,7 +130,7 @@ def compare_layerwise(model: UltraFastBertModel, input_ids: torch.Tensor,
         x = model.embedding(input_ids)
         bias, rows = attention_bias(keep, x.dtype), token_rows(keep)
         steps = [(x, reference_embedding(model, input_ids), real)]
-        for layer in model.layers:
+        for layer in encoder_layers(model):
             ref, layer_margin = reference_layer(layer, x, attention_mask)
             x = layer(x, bias, rows)
             steps.append((x, ref, real & (layer_margin >= margin)))

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ def latest_checkpoint(root: str | os.PathLike) -> CheckpointInfo | None:
     data = json.loads(pointer.read_text(encoding="utf-8"))
     path = root / data["checkpoint"]
     if not path.is_dir():
-        raise RuntimeError(f"{pointer} names {path}, which is missing; the checkpoint folder "
-                           "was modified by hand. Restore it or start a new run.")
+        raise RunError(f"{pointer} names {path}, which is missing; the checkpoint folder "
+                       "was modified by hand. Restore it or start a new run.")
     return CheckpointInfo(path, int(data["step"]), bool(data["final"]))
 
 
@@ -197,9 +198,9 @@ def load_checkpoint(info: CheckpointInfo, model: nn.Module, device: torch.device
     missing, unexpected = load_model(model, str(info.path / MODEL_FILE), strict=False,
                                      device=str(device))
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {info.path} does not match the model: missing "
-                           f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; resume "
-                           "with the same model settings as the run that wrote it")
+        raise RunError(f"checkpoint {info.path} does not match the model: missing "
+                       f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; resume "
+                       "with the same model settings as the run that wrote it")
     trainer = torch.load(info.path / TRAINER_FILE, map_location="cpu", weights_only=True)
     state = json.loads((info.path / STATE_FILE).read_text(encoding="utf-8"))
     return state, trainer

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ResourceError, RunError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -37,8 +39,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use "
-                               "--device cpu")
+            raise ResourceError(f"device {name!r} requested but CUDA is not available; use "
+                                "--device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -141,7 +143,7 @@ def main_first(ctx: DistContext, fn: Callable[[], T], *, others: bool = True) ->
         ctx.broadcast_float(1.0)
         return result
     if ctx.broadcast_float(0.0) != 1.0:
-        raise RuntimeError(f"rank {ctx.rank}: rank 0 failed (its error message says why)")
+        raise RunError(f"rank {ctx.rank}: rank 0 failed (its error message says why)")
     return fn() if others else None
 
 
@@ -156,7 +158,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     # fixed tables. (Newer torch renamed the option.)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     option = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return DistributedDataParallel(model, device_ids=device_ids, **{option: False})
+    return DistributedDataParallel(model, device_ids=device_ids, **{option: False})  # type: ignore[arg-type]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -166,7 +168,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = inner
         else:
             return model

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..errors import ConfigError, RunError
 from .checkpoint import (
     CHECKPOINT_DIR,
     CheckpointInfo,
@@ -131,18 +132,18 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.budget_s is None):
-            raise ValueError("give exactly one of max_steps and budget_s (got "
-                             f"{self.max_steps!r} and {self.budget_s!r})")
+            raise ConfigError("give exactly one of max_steps and budget_s (got "
+                              f"{self.max_steps!r} and {self.budget_s!r})")
         for name in ("max_steps", "save_every_steps", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         for name in ("budget_s", "save_every_s", "grad_clip"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
 
@@ -150,6 +151,7 @@ class LoopConfig:
         """Fraction of the run done: ``step / max_steps`` or ``elapsed / budget``."""
         if self.max_steps is not None:
             return step / self.max_steps
+        assert self.budget_s is not None  # exactly one of the two is set (__post_init__)
         return elapsed_s / self.budget_s
 
     def done(self, step: int, elapsed_s: float) -> bool:
@@ -222,7 +224,7 @@ class Trainer:
         self.optimizer, self.schedule, self.data, self.config = optimizer, schedule, data, config
         self.state = TrainState()
         self._ddp = wrap_ddp(model, self.ctx)
-        self.model = torch.compile(self._ddp) if config.compile else self._ddp
+        self.model: nn.Module = torch.compile(self._ddp) if config.compile else self._ddp  # type: ignore[assignment]
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self._resumed = False
@@ -242,7 +244,7 @@ class Trainer:
         self._resumed = True
         root = self.checkpoint_root
         if root is None:
-            raise ValueError("restore() needs LoopConfig.out_dir")
+            raise ConfigError("restore() needs LoopConfig.out_dir")
         if self.ctx.is_main:
             remove_orphans(root)
         self.ctx.barrier()
@@ -368,8 +370,9 @@ class Trainer:
         return float(grad_norm)
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        if skip_sync and hasattr(self._ddp, "no_sync"):
-            return self._ddp.no_sync()
+        no_sync = getattr(self._ddp, "no_sync", None)
+        if skip_sync and no_sync is not None:
+            return no_sync()
         return contextlib.nullcontext()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -379,9 +382,9 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
-            raise RuntimeError(f"the loss is {loss} at step {self.state.step + 1}; lower the "
-                               "learning rate (--lr) or use --precision fp32. The last "
-                               "checkpoint is untouched; --resume restarts from it.")
+            raise RunError(f"the loss is {loss} at step {self.state.step + 1}; lower the "
+                           "learning rate (--lr) or use --precision fp32. The last "
+                           "checkpoint is untouched; --resume restarts from it.")
 
     def _metrics_log(self) -> contextlib.AbstractContextManager:
         out = self.config.out_dir
@@ -443,14 +446,14 @@ class _Bar:
         cfg, state = trainer.config, trainer.state
         self.cfg = cfg
         by_steps = cfg.max_steps is not None
-        self.bar = tqdm(total=cfg.max_steps if by_steps else round(cfg.budget_s),
-                        initial=state.step if by_steps else round(state.elapsed_s),
+        total = cfg.max_steps if cfg.max_steps is not None else round(cfg.budget_s or 0.0)
+        self.bar = tqdm(total=total, initial=state.step if by_steps else round(state.elapsed_s),
                         unit="step" if by_steps else "s", desc=cfg.description,
                         dynamic_ncols=True, leave=True)
         self.start = (state.step, state.elapsed_s)
         # Micro-batches before each step: steps get longer as the batch ramps up.
         self.micro_before = list(itertools.accumulate(
-            (trainer.schedule.accumulation(s / cfg.max_steps) for s in range(cfg.max_steps)),
+            (trainer.schedule.accumulation(s / total) for s in range(total)),
             initial=0)) if by_steps else []
 
     def update(self, stats: StepStats) -> None:

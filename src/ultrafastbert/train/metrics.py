@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import InputError, OutputExistsError
 from ..utils.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics file in order; unparseable (torn) lines are skipped."""
-    records = []
+    records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.is_file():
         return records
@@ -49,8 +50,8 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         if keep_until_step is None and self.path.exists():
-            raise FileExistsError(f"{self.path} already exists; resume the run or use a new "
-                                  "output directory")
+            raise OutputExistsError(f"{self.path} already exists; resume the run or use a new "
+                                    "output directory")
         if keep_until_step is not None:
             self._truncate(keep_until_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line and flush it to the OS."""
         if self._file is None:
-            raise ValueError(f"{self.path} is closed")
+            raise InputError(f"{self.path} is closed")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, MlmMasker, SequenceStream
+from ..errors import InputError
 from .loop import MicroBatch
 
 #: Seed of the masks used for held-out evaluation (fixed, so evaluations compare).
@@ -44,7 +45,7 @@ class MlmBatches:
         """``rank``'s rows of the next micro-batch: ``input_ids`` and ``labels`` of shape
         ``(micro_batch / world_size, seq_len)``, labels ``-100`` where nothing is predicted."""
         if self.micro_batch % world_size:
-            raise ValueError(f"the micro-batch ({self.micro_batch}) must be a multiple of the "
+            raise InputError(f"the micro-batch ({self.micro_batch}) must be a multiple of the "
                              f"number of processes ({world_size}); change --micro-batch")
         ids = self.stream.next_batch(self.micro_batch)
         masked, labels = self.masker(ids, self.generator)

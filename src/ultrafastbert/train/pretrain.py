@@ -38,6 +38,8 @@ from ..data import (
     special_token_ids,
     split_indices,
 )
+from ..data.corpus import TextUnit
+from ..errors import InputError, NotFoundError, OutputExistsError
 from ..model import ModelConfig, UltraFastBertForMaskedLM
 from ..utils.io import atomic_write_json
 from ..utils.lock import LOCK_FILE, DirectoryLock
@@ -81,7 +83,7 @@ class PretrainSettings:
     corpus: str | None = None
     text_field: str = "text"
     split: str = "train"
-    text_unit: str = "line"
+    text_unit: TextUnit = "line"
     encoding_errors: str = "strict"
     tokenizer: Path | None = None
     seq_len: int = 128
@@ -104,14 +106,14 @@ class PretrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if (self.max_steps is None) == (self.budget_s is None):
-            raise ValueError("give exactly one of --budget (progress = elapsed time / budget, "
+            raise InputError("give exactly one of --budget (progress = elapsed time / budget, "
                              "as in the paper) and --max-steps (progress = step / max-steps, "
                              "reproducible)")
         if self.seq_len > self.model.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len "
+            raise InputError(f"seq_len {self.seq_len} exceeds the model's max_seq_len "
                              f"{self.model.max_seq_len}; lower --seq-len")
         if self.heldout_rows < 0:
-            raise ValueError(f"heldout_rows must be >= 0, got {self.heldout_rows}")
+            raise InputError(f"heldout_rows must be >= 0, got {self.heldout_rows}")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready settings (``run.json``)."""
@@ -164,6 +166,7 @@ def _run(s: PretrainSettings, ctx: DistContext, lock: DirectoryLock) -> Pretrain
         if fresh:
             release_output_dir(s.out_dir)
         raise
+    assert data is not None  # main_first runs prepare() on every rank
     if s.prepare_only:
         return PretrainResult(s.out_dir, None, None, None, 0,
                               {"packed": str(data.packed.data_path),
@@ -195,14 +198,14 @@ def claim_output_dir(s: PretrainSettings, lock: DirectoryLock | None = None) -> 
         lock.acquire()
     if s.resume:
         if not run_file.is_file():
-            raise FileNotFoundError(f"{out} holds no run to resume (no {RUN_FILE}); drop "
-                                    "--resume to start a new run there")
+            raise NotFoundError(f"{out} holds no run to resume (no {RUN_FILE}); drop "
+                                "--resume to start a new run there")
         _check_same_settings(out, _read_json(run_file)["settings"], s.result_settings())
         return False
     if out.exists() and (not out.is_dir() or _holds_files(out)):
         what = "another run" if run_file.is_file() else "files"
-        raise FileExistsError(f"output directory {out} already holds {what}; pass --resume to "
-                              "continue that run, or choose a new --out")
+        raise OutputExistsError(f"output directory {out} already holds {what}; pass --resume to "
+                                "continue that run, or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, {"command": "pretrain", "format": 1, "settings":
                                  s.result_settings(), "runtime": s.to_json(),
@@ -225,7 +228,7 @@ def _check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) 
     changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:
-        raise ValueError(f"{out} was started with other settings ({'; '.join(changed)}). "
+        raise InputError(f"{out} was started with other settings ({'; '.join(changed)}). "
                          "Resume with the original settings, or start a new run in a new --out")
 
 
@@ -246,7 +249,7 @@ def prepare(s: PretrainSettings) -> PreparedData:
                         seq_len=s.seq_len)
     n_vocab = data.tokenizer.get_vocab_size()
     if n_vocab > s.model.vocab_size:
-        raise ValueError(f"the tokenizer has {n_vocab} entries but the model's vocab_size is "
+        raise InputError(f"the tokenizer has {n_vocab} entries but the model's vocab_size is "
                          f"{s.model.vocab_size}; pass --vocab-size {n_vocab} or a smaller "
                          "tokenizer")
     return data
@@ -295,7 +298,7 @@ def build_trainer(s: PretrainSettings, model: UltraFastBertForMaskedLM, data: Pr
                   train_rows: np.ndarray, ctx: DistContext) -> Trainer:
     """The shared loop with the crammed recipe and masked batches of the training rows."""
     if s.recipe.micro_batch % ctx.world_size:
-        raise ValueError(f"--micro-batch {s.recipe.micro_batch} must be a multiple of the "
+        raise InputError(f"--micro-batch {s.recipe.micro_batch} must be a multiple of the "
                          f"number of processes ({ctx.world_size})")
     stream = SequenceStream(data.packed, seed=s.seed, indices=train_rows)
     source = MlmBatches(stream, masker_for(data), torch.Generator().manual_seed(s.seed),
@@ -367,4 +370,4 @@ def summarize(s: PretrainSettings, model: UltraFastBertForMaskedLM, result: Trai
         "torch_threads": torch.get_num_threads(),
     }
     atomic_write_json(s.out_dir / SUMMARY_FILE, summary)
-    return PretrainResult(s.out_dir, result, heldout, unigram, summary["parameters"], summary)
+    return PretrainResult(s.out_dir, result, heldout, unigram, model.num_parameters(), summary)

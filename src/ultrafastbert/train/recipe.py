@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def _positive(name: str, value: float | int, *, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
         what = "an int" if integer else "a number"
-        raise ValueError(f"{name} must be {what} > 0, got {value!r}")
+        raise ConfigError(f"{name} must be {what} > 0, got {value!r}")
 
 
 def _clip(progress: float) -> float:
@@ -69,15 +71,15 @@ class CrammedRecipe:
         for name in ("micro_batch", "target_batch"):
             _positive(name, getattr(self, name), integer=True)
         if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+            raise ConfigError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
         if self.ramp_fraction > 1:
-            raise ValueError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
+            raise ConfigError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
         if self.target_batch % self.micro_batch:
-            raise ValueError(f"target_batch ({self.target_batch}) must be a multiple of "
-                             f"micro_batch ({self.micro_batch}); e.g. --batch-size "
-                             f"{self.target_batch // self.micro_batch * self.micro_batch or self.micro_batch}")
+            raise ConfigError(f"target_batch ({self.target_batch}) must be a multiple of "
+                              f"micro_batch ({self.micro_batch}); e.g. --batch-size "
+                              f"{self.target_batch // self.micro_batch * self.micro_batch or self.micro_batch}")
 
     def schedule(self) -> CrammedSchedule:
         """The recipe's learning-rate factor and batch ramp."""
@@ -136,7 +138,7 @@ class WarmupCosineSchedule:
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup!r}")
         _positive("accumulation_steps", self.accumulation_steps, integer=True)
 
     def lr_factor(self, progress: float) -> float:
@@ -166,7 +168,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     """Two AdamW groups: ``decay`` (weight matrices, embeddings) and ``no_decay`` (LayerNorm
     weights and biases, all biases, scalars such as the position scale). Tied parameters
     appear once; frozen ones are left out."""
-    decay, no_decay, names = [], [], {"decay": [], "no_decay": []}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    names: dict[str, list[str]] = {"decay": [], "no_decay": []}
     for name, param in model.named_parameters():  # shared parameters are yielded once
         if not param.requires_grad:
             continue

@@ -8,10 +8,13 @@ may change routes); ``bf16-out`` (routing rows fp32, output rows bfloat16: route
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ...errors import InputError, ResourceError
 from ..kernel import FFFKernel
 from . import build
 
@@ -46,11 +49,12 @@ class NativeCPUKernel(FFFKernel):
 
     def __init__(self, isa: str | None = None):
         if isa is not None and isa not in build.ISA_CODES:
-            raise ValueError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
+            raise InputError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
         self._isa = isa
         self._library: build.NativeLibrary | None = None
         self._isa_code = 0
-        self._forward = self._forward_nodes = None
+        self._forward: Callable[..., Any] | None = None
+        self._forward_nodes: Callable[..., Any] | None = None
 
     def extra_reason(self, device: torch.device) -> str | None:
         """Why the kernel cannot run: disabled, CPU, toolchain or build failure (builds once)."""
@@ -96,7 +100,8 @@ class NativeCPUKernel(FFFKernel):
         if self._library is None:
             reason = self.unavailable_reason(x.device, x.dtype)
             if reason is not None:
-                raise RuntimeError(f"the native FFF kernel cannot run: {reason}")
+                raise ResourceError(f"the native FFF kernel cannot run: {reason}")
+        assert self._forward is not None and self._forward_nodes is not None  # set by loading
         # One op call and nothing else: at 1 token the Python around it is most of the cost.
         if return_nodes:
             return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,

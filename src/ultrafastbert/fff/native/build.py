@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import ResourceError
 from ...utils.env import switched_off
 
 logger = logging.getLogger(__name__)
@@ -211,8 +212,8 @@ def _build_into_place(final_dir: Path) -> None:
         os.rename(tmp, final_dir)
     except OSError as err:
         if not (final_dir / f"{LIBRARY_NAME}.so").exists():  # lock-free platforms may lose
-            raise RuntimeError(f"could not move the built kernel into {final_dir}: {err}"
-                               ) from err
+            raise ResourceError(f"could not move the built kernel into {final_dir}: {err}"
+                                ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
