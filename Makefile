@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow test-gpu gpu-check lint bench-ff bench-model clean
+.PHONY: venv demo test test-slow test-all test-gpu gpu-check lint typecheck ci bench-ff bench-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: venv
 	$(PY) -m pytest -q
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not gpu"
+
+# Both tiers (what CI runs after the gates).
+test-all: test test-slow
 
 test-gpu: venv
 	$(PY) -m pytest -q -m gpu
@@ -36,6 +39,13 @@ gpu-check:
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
+# mypy on the packages listed in pyproject.toml ([tool.mypy] files).
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# What CI runs: the gates, then both test tiers.
+ci: lint typecheck test-all
+
 bench-ff: venv
 	$(VENV)/bin/ultrafastbert bench ff --threads 2 --train --out results/bench_ff
 
@@ -43,4 +53,4 @@ bench-model: venv
 	$(VENV)/bin/ultrafastbert bench model --threads 2 --out results/bench_model
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache

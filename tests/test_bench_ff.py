@@ -17,6 +17,7 @@ def small_settings(**kw):
     return ff.BenchSettings(**base)
 
 
+@pytest.mark.slow  # integration: CI runs it (make test-slow)
 def test_run_writes_table_csv_json_png(tmp_path):
     result = ff.run(small_settings(), tmp_path, train=True)
     names = {p.name for p in result["files"]}

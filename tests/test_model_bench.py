@@ -24,6 +24,7 @@ def small_settings(**changes) -> bench_model.ModelBenchSettings:
     return bench_model.ModelBenchSettings(**base)
 
 
+@pytest.mark.slow  # integration: CI runs it (make test-slow)
 def test_small_run_writes_checked_results(tmp_path, capsys):
     args = parse(["--models", "tiny-fff,tiny-dense", "--batches", "1,2", "--seq-len", "16",
                   "--dtypes", "float32,bfloat16", "--warmup", "0", "--repeats", "1",

@@ -481,6 +481,7 @@ _CONCURRENT_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # integration: CI runs it (make test-slow)
 def test_concurrent_first_use_builds_once(tmp_path):
     """Three processes reaching an empty cache at once: one builds, all load a whole library."""
     _native()

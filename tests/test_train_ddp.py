@@ -33,6 +33,7 @@ def _torchrun(*args: str) -> list[str]:
             "--master-port", str(_free_port()), "-m", "ultrafastbert.cli.pretrain", *args]
 
 
+@pytest.mark.slow  # integration: CI runs it (make test-slow)
 def test_two_processes_match_one(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "ddp"
     proc = subprocess.run(_torchrun(*run_args(out, tmp_path / "cache")), env=subprocess_env(1),

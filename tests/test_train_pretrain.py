@@ -121,6 +121,7 @@ def from_config(out: Path):
         embedding_dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0)
 
 
+@pytest.mark.slow  # integration: CI runs it (make test-slow)
 def test_sigkill_then_resume_logs_the_same_losses(tmp_path: Path) -> None:
     """A real ``kill -9`` (twice, with a checkpoint after every step, so kills land inside
     saves too), then ``--resume``: the same per-step losses as an uninterrupted run."""
