@@ -105,6 +105,7 @@ class DirectoryLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
                   "command": " ".join(sys.argv), "started_unix": int(time.time())}
         data = (json.dumps(record) + "\n").encode("utf-8")
+        assert self._fd is not None  # called right after the lock was taken
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)

@@ -35,7 +35,7 @@ def os_error_message(err: OSError) -> str:
 
 def advice(err: OSError) -> str:
     """What to do about ``err`` (a generic hint for errnos without specific advice)."""
-    return _ADVICE.get(err.errno, "check that the disk is writable and has space")
+    return _ADVICE.get(err.errno or 0, "check that the disk is writable and has space")
 
 
 @contextlib.contextmanager
