@@ -199,7 +199,8 @@ class Predictor:
     def fill_mask_ids(self, texts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
                       top_k: int = 5) -> list[FillMaskResult]:
         """Fill-mask on one padded batch: ``ids``/``mask`` ``(N, S)`` of ``texts``; every row
-        needs at least one mask token. Only the masked positions are decoded."""
+        needs at least one mask token. Only the masked positions are decoded. (A ``top_k``
+        above the vocabulary size gives the whole vocabulary.)"""
         model = self._require(UltraFastBertForMaskedLM, "fill-mask")
         masked = ids == self._token_id(MASK_TOKEN)
         for text, row in zip(texts, masked, strict=True):
@@ -210,7 +211,7 @@ class Predictor:
         with torch.inference_mode():
             hidden = model.encoder(ids, mask).last_hidden_state[masked]
             logits = model.decoder(hidden).float()
-        probs, top = logits.softmax(-1).topk(top_k, dim=-1)
+        probs, top = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
         filled = ids.clone()
         filled[masked] = top[:, 0]
         counts = masked.sum(dim=1).tolist()

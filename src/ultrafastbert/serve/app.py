@@ -1,0 +1,279 @@
+"""The HTTP side: a FastAPI app with the endpoints, JSON errors, request logging and metrics.
+
+Endpoints (see ``docs/serving.md``): ``POST /v1/embeddings`` (OpenAI's request and response
+shape), ``POST /v1/classify``, ``POST /v1/fill-mask``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text format). Every error is JSON in OpenAI's shape
+``{"error": {"message", "type", "code", "param"}}`` with a 4xx status for a bad request.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ServeConfig
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .schemas import ClassifyRequest, EmbeddingRequest, FillMaskRequest
+from .service import ServeError, Service
+
+logger = logging.getLogger("ultrafastbert.serve")
+
+ENDPOINTS = ("POST /v1/embeddings", "POST /v1/classify", "POST /v1/fill-mask",
+             "GET /v1/models", "GET /health", "GET /metrics")
+_PATHS = {e.split()[1] for e in ENDPOINTS}
+_QUIET_PATHS = {"/health", "/metrics"}  # scraped often: logged at debug level only
+
+
+def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
+    """The app serving ``predictor`` (an :class:`~ultrafastbert.infer.Predictor`). The model
+    starts (warm-up, batch worker) when the app's lifespan starts and stops after the last
+    request in flight is answered."""
+    service = Service(predictor, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="ultrafastbert", version="1", lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(RequestLog, service=service)
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+# ------------------------------------------------------------------------------------ routes
+def _add_routes(app: FastAPI, service: Service) -> None:
+    name = service.config.model_name
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """Sentence embeddings, OpenAI's shape (``data[i].embedding``, ``usage``)."""
+        service.check_model(body.model)
+        service.require("embed")
+        if body.dimensions is not None and body.dimensions != service.dimensions:
+            raise ServeError(422, f"dimensions {body.dimensions} is not this model's width "
+                                  f"{service.dimensions}; leave it out", "dimensions",
+                             "dimensions")
+        rows = _tokenized(request, service, body.input)
+        vectors = await service.run(("embed",), rows)
+        data = [{"object": "embedding", "index": i, "embedding": _vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return _json({"object": "list", "data": data, "model": name, "usage": _usage(rows)})
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request) -> Response:
+        """Label and probabilities (or a regression value) per text or text pair."""
+        service.check_model(body.model)
+        service.require("classify")
+        rows = _tokenized(request, service, body.input, body.pair)
+        results = await service.run(("classify",), rows)
+        data = [{"index": i, "label": r.label, "probability": r.probability,
+                 "probabilities": r.probabilities, "value": r.value}
+                for i, r in enumerate(results)]
+        return _json({"object": "list", "data": data, "model": name, "usage": _usage(rows)})
+
+    @app.post("/v1/fill-mask")
+    async def fill_mask(body: FillMaskRequest, request: Request) -> Response:
+        """The ``top_k`` candidates for every mask of every text, and the text filled."""
+        service.check_model(body.model)
+        service.require("fill-mask")
+        if body.top_k > service.config.max_top_k:
+            raise ServeError(422, f"top_k {body.top_k} is above the limit "
+                                  f"{service.config.max_top_k}", "top_k", "top_k")
+        texts = [service.predictor.with_mask_token(t) for t in body.input]
+        rows = _tokenized(request, service, texts)
+        _check_masks(service, texts, rows)
+        results = await service.run(("fill-mask", body.top_k), rows, texts)
+        data = [{"index": i, "text": r.text, "filled": r.filled,
+                 "masks": [[c.__dict__ for c in mask] for mask in r.candidates]}
+                for i, r in enumerate(results)]
+        return _json({"object": "list", "data": data, "model": name, "usage": _usage(rows)})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        """The one served model, OpenAI's list shape."""
+        return _json({"object": "list", "data": [_model_card(service)]})
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> Response:
+        """The served model's card, or 404 for another name."""
+        service.check_model(model_id)
+        return _json(_model_card(service))
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 with the model's name and texts in the works while the server takes requests."""
+        return _json({"status": "ok", "model": name, "tasks": list(service.tasks),
+                      "pending_inputs": service.batcher.pending})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _tokenized(request: Request, service: Service, texts: list[str],
+               pairs: list[str] | None = None) -> list[list[int]]:
+    rows = service.tokenize(texts, pairs)
+    request.state.inputs, request.state.tokens = len(rows), sum(len(r) for r in rows)
+    return rows
+
+
+def _check_masks(service: Service, texts: list[str], rows: list[list[int]]) -> None:
+    mask_id = service.predictor.mask_token_id
+    for i, row in enumerate(rows):
+        if mask_id not in row:
+            raise ServeError(422, f"input {i} has no <mask> (after truncation to "
+                                  f"{service.max_length} tokens): write <mask> or [MASK] where "
+                                  f"a word goes: {texts[i][:60]!r}", "no_mask", "input")
+
+
+def _model_card(service: Service) -> dict[str, Any]:
+    return {"id": service.config.model_name, "object": "model", "created": service.created,
+            "owned_by": "ultrafastbert", "tasks": list(service.tasks),
+            "max_length": service.max_length, "dimensions": service.dimensions}
+
+
+def _vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def _usage(rows: list[list[int]]) -> dict[str, int]:
+    tokens = sum(len(r) for r in rows)
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+# ------------------------------------------------------------------------------------ errors
+def error_response(status: int, message: str, code: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    """A JSON error in OpenAI's shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _json({"error": {"message": message, "type": kind, "code": code, "param": param}},
+                 status, headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, err: ServeError) -> Response:
+        return error_response(err.status, err.message, err.code, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> Response:
+        return _validation_error(request, err.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        if err.status_code == 404:
+            return error_response(404, f"no endpoint {request.method} {request.url.path}; "
+                                       f"endpoints: {', '.join(ENDPOINTS)}", "not_found")
+        if err.status_code == 405:
+            allowed = (err.headers or {}).get("Allow", "")
+            return error_response(405, f"{request.method} is not allowed on "
+                                       f"{request.url.path}; use {allowed}",
+                                  "method_not_allowed", headers=err.headers)
+        return error_response(err.status_code, str(err.detail), "http_error",
+                              headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, err: Exception) -> Response:
+        logger.exception("error answering %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(err).__name__}: {err}); this is a "
+                                   "bug, please report it", "internal_error")
+
+
+def _validation_error(request: Request, errors: list[dict[str, Any]]) -> Response:
+    """400 for a body that is not JSON, 415 for one that is not declared JSON, else 422."""
+    content_type = request.headers.get("content-type", "")
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", "invalid JSON")
+        return error_response(400, f"the body is not valid JSON ({reason}); send a JSON "
+                                   'object such as {"input": "some text"}', "json_invalid")
+    if content_type and "json" not in content_type.lower():
+        return error_response(415, f"Content-Type {content_type!r} is not JSON: send "
+                                   "Content-Type: application/json", "unsupported_media_type")
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        return error_response(400, 'the request has no body: send a JSON object such as '
+                                   '{"input": "some text"}', "body_missing")
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ())[1:]) or "body"
+        parts.append(f"{where}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    first = errors[0].get("loc", ()) if errors else ()
+    param = ".".join(str(p) for p in first[1:]) or None
+    return error_response(422, "; ".join(parts), "invalid_value", param)
+
+
+# ----------------------------------------------------------------------------------- logging
+class RequestLog:
+    """ASGI middleware: refuses bodies over the size limit (413), logs each request (method,
+    path, status, inputs, tokens, latency) and records it in the metrics."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self._too_large(scope):
+                limit = self.service.config.max_body_bytes
+                response = error_response(413, f"the body is over {limit} bytes: split the "
+                                               "request", "body_too_large")
+                await response(scope, receive, send_and_note)
+                return
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self._record(scope, status[0], time.perf_counter() - start)
+
+    def _too_large(self, scope: dict) -> bool:
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    return int(value) > self.service.config.max_body_bytes
+                except ValueError:
+                    return False
+        return False
+
+    def _record(self, scope: dict, status: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        endpoint = "/v1/models" if path.startswith("/v1/models/") else path
+        endpoint = endpoint if endpoint in _PATHS else "other"
+        state = scope.get("state") or {}
+        inputs, tokens = int(state.get("inputs", 0)), int(state.get("tokens", 0))
+        self.service.metrics.observe_request(endpoint, status, seconds, inputs, tokens)
+        level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+        client = scope.get("client") or ("-", 0)
+        logger.log(level, "%s %s %s %d inputs=%d tokens=%d %.1f ms", client[0],
+                   scope.get("method", "-"), path, status, inputs, tokens, seconds * 1000)

@@ -1,0 +1,218 @@
+"""Dynamic batching: texts of concurrent requests share one model call, each answered alone.
+
+Requests arrive on the event loop as :class:`Job` s (one per text, already tokenized). One
+worker thread owns the model: it takes the oldest job, waits up to ``max_wait_s`` from that
+job's arrival for more (or until ``max_batch_tokens`` tokens are queued), then plans batches
+(:func:`plan_batches`: jobs of one kind together, sorted by length so rows pad little, each
+batch's padded size within the budget) and runs them. When the model was busy, everything that
+queued meanwhile is batched at once, without waiting. A batch that raises is run again one job
+at a time, so one bad input fails only its own request.
+
+The worker never touches the event loop except through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ResourceError
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class Job:
+    """One text waiting for the model: its ``key`` (jobs with equal keys may share a batch:
+    the task and its options), token ``ids`` and a ``payload`` the runner may need."""
+
+    key: Hashable
+    ids: Sequence[int]
+    payload: Any = None
+    future: asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one model call did, for metrics: ``jobs`` rows, ``padded_tokens`` = rows x the
+    longest row, ``real_tokens``, ``seconds`` in the model, ``waited`` = the oldest job's time
+    in the queue, ``failed`` when it raised."""
+
+    key: Hashable
+    jobs: int
+    padded_tokens: int
+    real_tokens: int
+    seconds: float
+    waited: float
+    failed: bool
+
+
+#: Runs one batch: (key, jobs) -> one result per job, in order.
+Runner = Callable[[Hashable, list[Job]], Sequence[Any]]
+
+
+def plan_batches(jobs: Sequence[Job], max_batch_tokens: int) -> list[list[Job]]:
+    """Split ``jobs`` into batches: one key per batch, rows sorted by length, each batch's
+    padded size (rows x longest) at most ``max_batch_tokens`` (a longer single job runs alone).
+    Keys keep the order of their first job."""
+    groups: dict[Hashable, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.key, []).append(job)
+    batches: list[list[Job]] = []
+    for group in groups.values():
+        current: list[Job] = []
+        for job in sorted(group, key=lambda j: len(j.ids)):
+            if current and (len(current) + 1) * len(job.ids) > max_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(job)
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    """Groups concurrent jobs into batches for ``runner`` on one worker thread.
+
+    ``observer`` (optional) gets a :class:`BatchStats` after every model call.
+    """
+
+    def __init__(self, runner: Runner, *, max_batch_tokens: int, max_wait_s: float,
+                 observer: Callable[[BatchStats], None] | None = None):
+        self.runner, self.max_batch_tokens, self.max_wait_s = runner, max_batch_tokens, max_wait_s
+        self.observer = observer
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._pending, self._lock = 0, threading.Lock()
+
+    # ----------------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._work, name="ultrafastbert-batcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, rows: Sequence[Sequence[int]],
+               payloads: Sequence[Any] | None = None) -> list[asyncio.Future]:
+        """Queue one job per row (call on the event loop); the futures get the results."""
+        if self._closed or self._thread is None:
+            raise ResourceError("the server is shutting down (or was never started): retry "
+                                "on another instance")
+        loop = asyncio.get_running_loop()
+        payloads = [None] * len(rows) if payloads is None else payloads
+        jobs = [Job(key, row, payload, loop.create_future(), loop)
+                for row, payload in zip(rows, payloads, strict=True)]
+        with self._lock:
+            self._pending += len(jobs)
+        for job in jobs:
+            self._queue.put(job)
+        return [job.future for job in jobs]
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet answered (queued or in the model)."""
+        return self._pending
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs, let the worker answer every queued job, then join it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the batch worker did not finish within %s s", timeout)
+
+    # --------------------------------------------------------------------------- worker side
+    def _work(self) -> None:
+        while True:
+            jobs, stop = self._collect()
+            for batch in plan_batches(jobs, self.max_batch_tokens):
+                self._run(batch)
+            if stop:
+                return
+
+    def _collect(self) -> tuple[list[Job], bool]:
+        """Block for one job, then gather more until the wait limit or the token budget."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        jobs, tokens = [first], len(first.ids)
+        deadline = first.arrived + self.max_wait_s
+        while tokens < self.max_batch_tokens:
+            try:
+                job = self._queue.get(timeout=max(deadline - time.perf_counter(), 0.0))
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+            tokens += len(job.ids)
+        return jobs, False
+
+    def _run(self, batch: list[Job]) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.runner(batch[0].key, batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"the runner returned {len(results)} results for "
+                                   f"{len(batch)} jobs")
+        except Exception as err:  # isolate the job that fails, answer the rest
+            self._observe(batch, start, failed=True)
+            if len(batch) == 1:
+                self._answer(batch[0], error=err)
+                return
+            logger.info("a batch of %d failed (%s); running its jobs one by one", len(batch), err)
+            for job in batch:
+                self._run([job])
+            return
+        self._observe(batch, start, failed=False)
+        for job, result in zip(batch, results, strict=True):
+            self._answer(job, result=result)
+
+    def _answer(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._pending -= 1
+        _settle(job, result, error)
+
+    def _observe(self, batch: list[Job], start: float, failed: bool) -> None:
+        if self.observer is None:
+            return
+        lengths = [len(job.ids) for job in batch]
+        stats = BatchStats(batch[0].key, len(batch), len(batch) * max(lengths), sum(lengths),
+                           time.perf_counter() - start,
+                           start - min(job.arrived for job in batch), failed)
+        try:
+            self.observer(stats)
+        except Exception:  # metrics must never break serving
+            logger.exception("the batch observer failed")
+
+
+def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:
+    """Hand a result (or error) to the job's future on its event loop."""
+    if job.future is None or job.loop is None:
+        return
+
+    def settle() -> None:
+        if job.future.done():  # the request was cancelled (client gone)
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        logger.debug("event loop closed; dropping a result")

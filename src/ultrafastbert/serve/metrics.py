@@ -1,0 +1,76 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .batcher import BatchStats
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Request, batch and queue metrics, rendered in the Prometheus text format."""
+
+    def __init__(self, queue_depth=None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ultrafastbert_requests", "HTTP requests answered",
+                                ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("ultrafastbert_request_seconds",
+                                         "time from request to response", ["endpoint"],
+                                         buckets=_SECONDS, registry=r)
+        self.inputs = Counter("ultrafastbert_inputs", "texts in successful requests",
+                              ["endpoint"], registry=r)
+        self.tokens = Counter("ultrafastbert_tokens", "tokens in successful requests",
+                              ["endpoint"], registry=r)
+        self.truncated = Counter("ultrafastbert_truncated_inputs",
+                                 "texts cut to the model's maximum length", registry=r)
+        self.batches = Counter("ultrafastbert_batches", "model calls", ["task", "outcome"],
+                               registry=r)
+        self.batch_rows = Histogram("ultrafastbert_batch_rows", "texts per model call",
+                                    ["task"], buckets=_ROWS, registry=r)
+        self.batch_tokens = Histogram("ultrafastbert_batch_padded_tokens",
+                                      "rows x longest row per model call", ["task"],
+                                      buckets=_TOKENS, registry=r)
+        self.batch_real_tokens = Counter("ultrafastbert_batch_real_tokens",
+                                         "tokens that were not padding", ["task"], registry=r)
+        self.batch_seconds = Histogram("ultrafastbert_batch_seconds", "time in the model",
+                                       ["task"], buckets=_SECONDS, registry=r)
+        self.queue_wait = Histogram("ultrafastbert_queue_wait_seconds",
+                                    "oldest text's wait before its model call", ["task"],
+                                    buckets=_SECONDS, registry=r)
+        self.pending = Gauge("ultrafastbert_pending_inputs", "texts queued or in the model",
+                            registry=r)
+        if queue_depth is not None:
+            self.pending.set_function(queue_depth)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        """Record one model call (the batcher's observer)."""
+        task = str(stats.key[0] if isinstance(stats.key, tuple) else stats.key)
+        self.batches.labels(task, "error" if stats.failed else "ok").inc()
+        if stats.failed:
+            return
+        self.batch_rows.labels(task).observe(stats.jobs)
+        self.batch_tokens.labels(task).observe(stats.padded_tokens)
+        self.batch_real_tokens.labels(task).inc(stats.real_tokens)
+        self.batch_seconds.labels(task).observe(stats.seconds)
+        self.queue_wait.labels(task).observe(stats.waited)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float, inputs: int,
+                        tokens: int) -> None:
+        """Record one answered HTTP request."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_seconds.labels(endpoint).observe(seconds)
+        if status < 400 and inputs:
+            self.inputs.labels(endpoint).inc(inputs)
+            self.tokens.labels(endpoint).inc(tokens)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

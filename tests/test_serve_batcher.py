@@ -1,0 +1,135 @@
+"""The dynamic batcher on its own (no HTTP, no model): planning, grouping, failure isolation,
+shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from ultrafastbert.errors import ConfigError, InputError, ResourceError  # noqa: E402
+from ultrafastbert.serve import Batcher, Job, ServeConfig, plan_batches  # noqa: E402
+
+
+def job(key, length: int, payload=None) -> Job:
+    return Job(key, [1] * length, payload)
+
+
+def test_plan_batches_groups_keys_sorts_by_length_and_keeps_the_budget():
+    jobs = [job("a", 5), job("b", 2), job("a", 1), job("a", 9), job("b", 3), job("a", 4)]
+    batches = plan_batches(jobs, max_batch_tokens=12)
+    shapes = [(b[0].key, [len(j.ids) for j in b]) for b in batches]
+    assert shapes == [("a", [1, 4]), ("a", [5]), ("a", [9]), ("b", [2, 3])]
+    for batch in batches:
+        assert len(batch) * max(len(j.ids) for j in batch) <= 12
+    assert sorted(map(id, jobs)) == sorted(id(j) for b in batches for j in b)
+    assert [len(b) for b in plan_batches([job("a", 20)], 12)] == [1]  # too long: alone
+    assert [len(b) for b in plan_batches([job("a", 3)] * 8, 12)] == [4, 4]
+
+
+class Recorder:
+    """A runner that records its batches; ``payload == "bad"`` makes a batch raise."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[list[object]] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    def __call__(self, key, jobs):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append([j.payload for j in jobs])
+        time.sleep(self.delay)
+        if any(j.payload == "bad" for j in jobs):
+            raise InputError("bad payload")
+        return [f"{key}:{j.payload}" for j in jobs]
+
+
+async def submit_all(batcher, items):
+    futures = [f for key, payload in items for f in batcher.submit(key, [[1, 2]], [payload])]
+    return await asyncio.gather(*futures, return_exceptions=True)
+
+
+def test_concurrent_jobs_share_a_batch_and_get_their_own_result():
+    runner, stats = Recorder(), []
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.2, observer=stats.append)
+    batcher.start()
+    results = asyncio.run(submit_all(batcher, [("e", i) for i in range(6)]))
+    batcher.close()
+    assert results == [f"e:{i}" for i in range(6)]
+    assert runner.batches == [[0, 1, 2, 3, 4, 5]]
+    assert runner.threads == {"ultrafastbert-batcher"}
+    assert [(s.jobs, s.padded_tokens, s.failed) for s in stats] == [(6, 12, False)]
+    assert batcher.pending == 0
+
+
+def test_without_waiting_an_idle_model_takes_the_first_job_alone():
+    runner = Recorder(delay=0.05)
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.0)
+    batcher.start()
+
+    async def staggered():
+        first = batcher.submit("e", [[1]], ["first"])
+        await asyncio.sleep(0.01)  # the worker is busy with "first" now
+        rest = [f for i in range(3) for f in batcher.submit("e", [[1]], [i])]
+        return await asyncio.gather(*first, *rest)
+
+    assert asyncio.run(staggered()) == ["e:first", "e:0", "e:1", "e:2"]
+    batcher.close()
+    assert runner.batches == [["first"], [0, 1, 2]]  # a busy model batches what queued
+
+
+def test_a_failing_job_fails_alone():
+    runner, stats = Recorder(), []
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.2, observer=stats.append)
+    batcher.start()
+    results = asyncio.run(submit_all(batcher, [("e", 0), ("e", "bad"), ("e", 2)]))
+    batcher.close()
+    assert results[0] == "e:0" and results[2] == "e:2"
+    assert isinstance(results[1], InputError)
+    assert runner.batches == [[0, "bad", 2], [0], ["bad"], [2]]
+    assert [s.failed for s in stats] == [True, False, True, False]
+
+
+def test_keys_never_share_a_batch():
+    runner = Recorder()
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.2)
+    batcher.start()
+    results = asyncio.run(submit_all(batcher, [("x", 1), ("y", 2), ("x", 3)]))
+    batcher.close()
+    assert results == ["x:1", "y:2", "x:3"]
+    assert runner.batches == [[1, 3], [2]]
+
+
+def test_close_answers_queued_jobs_then_refuses_new_ones():
+    runner = Recorder(delay=0.05)
+    batcher = Batcher(runner, max_batch_tokens=2, max_wait_s=0.0)  # one job per batch
+    batcher.start()
+
+    async def scenario():
+        futures = [f for i in range(4) for f in batcher.submit("e", [[1, 2]], [i])]
+        await asyncio.sleep(0)
+        closing = asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        results = await asyncio.gather(*futures)
+        await closing
+        with pytest.raises(ResourceError, match="shutting down"):
+            batcher.submit("e", [[1]])
+        return results
+
+    assert asyncio.run(scenario()) == [f"e:{i}" for i in range(4)]
+    assert len(runner.batches) == 4
+
+
+def test_config_is_checked():
+    with pytest.raises(ConfigError, match="max_batch_tokens must be > 0"):
+        ServeConfig("m", max_batch_tokens=0)
+    with pytest.raises(ConfigError, match="max_wait_ms must be >= 0"):
+        ServeConfig("m", max_wait_ms=-1)
+    with pytest.raises(ConfigError, match="model_name"):
+        ServeConfig(" ")
+    with pytest.raises(ConfigError, match="below the model's maximum length 128"):
+        ServeConfig("m", max_batch_tokens=64).check_model_length(128)
+    assert ServeConfig("m", max_wait_ms=0).max_wait_ms == 0
