@@ -4,12 +4,16 @@ Python API, concurrency, bad input, batching, request logging, metrics and shutd
 from __future__ import annotations
 
 import base64
+import importlib.util
+import json
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +319,39 @@ def _wait_for_pending(server, n: int, timeout: float = 30.0) -> None:
     while server.request("GET", "/health").json["pending_inputs"] < n:
         assert time.monotonic() < deadline, "the requests never reached the server"
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------ benchmark
+def _load_script():
+    path = Path(__file__).parent.parent / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def test_load_test_script_checks_answers_then_measures(models, mlm, tmp_path):
+    script = _load_script()
+    texts = script.load_texts(None, 64)
+    assert len(texts) == 64 and all(4 <= len(t.split()) <= 61 for t in texts)
+    # Negative control: the answers of the MLM server are not the classifier's embeddings.
+    with pytest.raises(RuntimeError, match="differ from Predictor.embed"):
+        script.check_answers(script.Target("serve", "x", models / "clf"), mlm.port, texts)
+    out = tmp_path / "out"
+    assert script.main(["--serve", f"tiny={models / 'mlm'}", "--requests", "12",
+                        "--clients", "1,4", "--time-limit", "30", "--threads", "1",
+                        "--out", str(out), "--note", "test"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    [target] = results["targets"]
+    assert target["check"].startswith("equal to Predictor.embed")
+    assert [lv["clients"] for lv in target["levels"]] == [1, 4]
+    for level in target["levels"]:
+        assert level["requests"] == level["texts"] == 12 and level["errors"] == 0
+        assert level["texts_per_s"] > 0 and level["p50_ms"] <= level["p99_ms"]
+        assert level["stopped_by"] == "count" and level["mean_batch_rows"] >= 1
+    assert results["environment"]["cpu"]
+    assert "| tiny | serve | 4 |" in (out / "results.md").read_text()

@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "directory's name)")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="padded tokens per model call (rows x longest row; default 4096)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a request waits for batch-mates when the model is idle "
-                        "(default 5)")
+                        "(default 2)")
     p.add_argument("--max-inputs", type=int, default=2048, help="texts per request (2048)")
     p.add_argument("--max-request-tokens", type=int, default=262_144,
                    help="tokens per request, all texts together (262144)")

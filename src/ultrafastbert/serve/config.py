@@ -28,7 +28,7 @@ class ServeConfig:
 
     model_name: str
     max_batch_tokens: int = 4096
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_inputs: int = 2048
     max_request_tokens: int = 262_144
     truncate: bool = True

@@ -1,0 +1,395 @@
+"""Bounded load test of embedding servers on 127.0.0.1: texts/s and p50/p95/p99 latency.
+
+Starts each server in a child process on a free port of 127.0.0.1 (and nowhere else), checks
+its answers before timing anything, then sends ``POST /v1/embeddings`` from 1, 8 and 64
+concurrent clients (each a keep-alive connection): a fixed number of requests per level and a
+time limit per level, after a short warm-up. Then it stops the server and goes on to the next.
+
+Servers (each ``LABEL=DIR``, repeatable, measured in the order given):
+
+- ``--serve``: ``ultrafastbert serve DIR`` (dynamic batching), any model directory
+  ``Predictor`` loads (``--server-arg`` passes flags on, e.g. ``--server-arg=--dtype=bfloat16``);
+- ``--plain``: the same model, one ``Predictor.embed`` call per request (``plain_server.py``);
+- ``--st``: a sentence-transformers directory, one ``encode`` call per request.
+
+Example (the figures in docs/serving.md; ``--make-tiny`` writes two random-init tiny models):
+
+    python benchmarks/serve_load.py --make-tiny /tmp/tiny \\
+        --serve fff=/tmp/tiny/tiny-fff --serve dense=/tmp/tiny/tiny-dense \\
+        --plain fff-plain=/tmp/tiny/tiny-fff --out benchmarks/results/serve_tiny
+
+Writes ``results.json`` (every figure, the environment, the command) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+_READY = re.compile(r" on http://127\.0\.0\.1:(\d+) ")
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # serve, plain, st
+    label: str
+    path: Path
+
+
+@dataclass
+class Level:
+    """One concurrency level's figures."""
+
+    clients: int
+    requests: int
+    texts: int
+    errors: int
+    seconds: float
+    texts_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    stopped_by: str  # "count" or "time limit"
+
+
+# ------------------------------------------------------------------------------ the servers
+def server_command(target: Target, threads: int, extra: list[str]) -> list[str]:
+    if target.kind == "serve":
+        return [sys.executable, "-m", "ultrafastbert.cli", "serve", str(target.path),
+                "--host", HOST, "--port", "0", "--threads", str(threads), "--quiet", *extra]
+    backend = "predictor" if target.kind == "plain" else "sentence-transformers"
+    return [sys.executable, str(HERE / "plain_server.py"), backend, str(target.path),
+            "--port", "0", "--threads", str(threads)]
+
+
+def start_server(cmd: list[str], log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen,
+                                                                                int]:
+    """Start ``cmd`` and wait for its ready line; (process, port)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if selector.select(timeout=0.5):
+            line = proc.stdout.readline().decode(errors="replace")
+            match = _READY.search(line)
+            if match:
+                return proc, int(match.group(1))
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {shlex.join(cmd)}\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------ the client
+class Connection:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1 (minimal: Content-Length bodies)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+        body = json.dumps(payload).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = next(int(h.split(":", 1)[1]) for h in lines[1:]
+                      if h.lower().startswith("content-length:"))
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def _client(conn: Connection, jobs: list[list[str]], state: dict[str, Any],
+                  latencies: list[float]) -> None:
+    while state["next"] < len(jobs) and time.perf_counter() < state["deadline"]:
+        batch = jobs[state["next"]]
+        state["next"] += 1
+        start = time.perf_counter()
+        try:
+            status, body = await conn.post("/v1/embeddings", {"input": batch})
+            ok = status == 200 and len(json.loads(body)["data"]) == len(batch)
+        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
+            ok, conn.writer = False, None
+        if ok:
+            latencies.append(time.perf_counter() - start)
+            state["texts"] += len(batch)
+        else:
+            state["errors"] += 1
+
+
+async def run_level(port: int, clients: int, jobs: list[list[str]], warmup: list[list[str]],
+                    time_limit: float) -> Level:
+    """Warm up, then send ``jobs`` from ``clients`` concurrent connections."""
+    conns = [Connection(port) for _ in range(clients)]
+    try:
+        cold = {"next": 0, "deadline": time.perf_counter() + time_limit, "texts": 0,
+                "errors": 0}
+        await asyncio.gather(*(_client(c, warmup, cold, []) for c in conns))
+        latencies: list[float] = []
+        state = {"next": 0, "deadline": time.perf_counter() + time_limit, "texts": 0,
+                 "errors": 0}
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(c, jobs, state, latencies) for c in conns))
+        seconds = time.perf_counter() - start
+    finally:
+        for c in conns:
+            c.close()
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return Level(clients, len(latencies) + state["errors"], state["texts"], state["errors"],
+                 round(seconds, 3), round(state["texts"] / seconds, 1),
+                 *(round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)),
+                 "count" if state["next"] >= len(jobs) else "time limit")
+
+
+# ------------------------------------------------------------------------------- checking
+def check_answers(target: Target, port: int, texts: list[str]) -> str:
+    """Refuse to time a server whose embeddings are wrong; returns what was checked."""
+    sample = texts[:4]
+
+    async def ask() -> tuple[np.ndarray, list[np.ndarray]]:
+        conn = Connection(port)
+        try:
+            status, body = await conn.post("/v1/embeddings", {"input": sample})
+            assert status == 200, body[:300]
+            together = np.array([d["embedding"] for d in json.loads(body)["data"]])
+            alone = []
+            for text in sample:
+                status, body = await conn.post("/v1/embeddings", {"input": text})
+                alone.append(np.array(json.loads(body)["data"][0]["embedding"]))
+            return together, alone
+        finally:
+            conn.close()
+
+    together, alone = asyncio.run(ask())
+    if not np.isfinite(together).all() or together.shape[0] != len(sample):
+        raise RuntimeError(f"{target.label}: bad embeddings, shape {together.shape}")
+    if target.kind in ("serve", "plain"):
+        from ultrafastbert.infer import Predictor
+
+        want = Predictor.from_pretrained(target.path).embed(sample).numpy()
+        tol = 1e-3 * max(1.0, float(np.abs(want).max()))
+        if np.abs(together - want).max() > tol:
+            raise RuntimeError(f"{target.label}: embeddings differ from Predictor.embed by "
+                               f"{np.abs(together - want).max():.2e}")
+        checked = "equal to Predictor.embed"
+    else:
+        checked = "a text alone equals it in a batch"
+    if np.abs(np.stack(alone) - together).max() > 1e-3 * max(1.0, float(np.abs(together).max())):
+        raise RuntimeError(f"{target.label}: a text's embedding depends on its batch")
+    return f"{checked} (max |diff| within 1e-3), width {together.shape[1]}"
+
+
+# ------------------------------------------------------------------------------ workload
+def load_texts(path: Path | None, count: int) -> list[str]:
+    """``count`` texts: lines of ``path`` (first tab-separated column; a header line named
+    ``sentence`` is skipped), or sentences of the bundled demo corpus."""
+    if path is not None:
+        lines = [line.split("\t")[0].strip() for line in path.read_text().splitlines()]
+        texts = [t for t in lines if t and t != "sentence"]
+    else:
+        import lzma
+
+        from ultrafastbert.data.corpus import demo_corpus_resource
+
+        with demo_corpus_resource().open("rb") as raw, lzma.open(raw, "rt") as text:
+            chunk = text.read(2_000_000)
+        texts = [s.strip() + "." for s in re.split(r"(?<=[.;?!])\s+", chunk)
+                 if 4 <= len(s.split()) <= 60]
+    if not texts:
+        raise SystemExit(f"no texts in {path}")
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+def make_tiny(folder: Path) -> None:
+    """Random-init tiny-fff and tiny-dense MLMs (4 layers, d 256) with the demo tokenizer:
+    stand-ins that show the server's overhead and batching, not a real model's speed."""
+    import torch
+
+    from ultrafastbert.data.tokenizer import demo_tokenizer, save_tokenizer
+    from ultrafastbert.model import ModelConfig, UltraFastBertForMaskedLM
+
+    tok = save_tokenizer(demo_tokenizer(), folder / "tokenizer")
+    for preset in ("tiny-fff", "tiny-dense"):
+        if not (folder / preset / "config.json").is_file():
+            torch.manual_seed(0)
+            model = UltraFastBertForMaskedLM(ModelConfig.from_preset(preset, vocab_size=32768))
+            model.save_pretrained(folder / preset, tokenizer_file=tok)
+
+
+# ---------------------------------------------------------------------------------- main
+def environment(threads: int, note: str) -> dict[str, Any]:
+    from ultrafastbert.bench.common import environment as base
+
+    env = base("cpu")
+    env["server_threads"] = threads
+    for pkg in ("fastapi", "uvicorn", "sentence-transformers", "transformers", "tokenizers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env[pkg] = metadata.version(pkg)
+    env["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    env["note"] = note
+    return env
+
+
+def parse_targets(args: argparse.Namespace) -> list[Target]:
+    targets = []
+    for kind in ("serve", "plain", "st"):
+        for spec in getattr(args, kind) or []:
+            label, sep, path = spec.partition("=")
+            if not sep or not label or not path:
+                raise SystemExit(f"--{kind} takes LABEL=DIR, got {spec!r}")
+            targets.append(Target(kind, label, Path(path)))
+    if not targets:
+        raise SystemExit("give at least one --serve, --plain or --st LABEL=DIR")
+    return targets
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [f"# Serving load test ({env['timestamp']})", "",
+             f"CPU: {env['cpu']} ({env['cpu_count']} cores), server threads "
+             f"{env['server_threads']}, torch {env['torch']}, fastapi {env.get('fastapi')}, "
+             f"uvicorn {env.get('uvicorn')}, load average at start "
+             f"{env['loadavg_1m_at_start']}. {env['note']}", "",
+             f"Command: `{results['command']}`", "",
+             f"{results['texts_per_request']} text(s) per request; "
+             f"{results['requests_per_level']} requests per level (time limit "
+             f"{results['time_limit_s']} s).", "",
+             "| server | kind | clients | texts/s | p50 ms | p95 ms | p99 ms | errors | "
+             "mean rows per model call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in results["targets"]:
+        for lv in t["levels"]:
+            rows = lv.get("mean_batch_rows")
+            lines.append(f"| {t['label']} | {t['kind']} | {lv['clients']} | "
+                         f"{lv['texts_per_s']:.1f} | {lv['p50_ms']:.1f} | {lv['p95_ms']:.1f} | "
+                         f"{lv['p99_ms']:.1f} | {lv['errors']} | "
+                         f"{'' if rows is None else f'{rows:.1f}'} |")
+    lines += ["", "Checks: " + "; ".join(f"{t['label']}: {t['check']}"
+                                         for t in results["targets"]), ""]
+    return "\n".join(lines)
+
+
+def batch_rows(port: int) -> tuple[float, float]:
+    """(rows, model calls) so far, from an ultrafastbert server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    total = calls = 0.0
+    for line in text.splitlines():
+        if line.startswith("ultrafastbert_batch_rows_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ultrafastbert_batch_rows_count"):
+            calls += float(line.rsplit(" ", 1)[1])
+    return total, calls
+
+
+def measure(target: Target, args: argparse.Namespace, texts: list[str], out: Path
+            ) -> dict[str, Any]:
+    cmd = server_command(target, args.threads, args.server_arg or [])
+    proc, port = start_server(cmd, out / f"{target.label}.log")
+    try:
+        check = check_answers(target, port, texts)
+        print(f"{target.label}: {check}", flush=True)
+        levels = []
+        for clients in args.clients:
+            per = args.texts_per_request
+            jobs = [texts[(i * per) % len(texts):(i * per) % len(texts) + per]
+                    for i in range(args.requests)]
+            warmup = jobs[:max(2 * clients, 8)]
+            before = batch_rows(port) if target.kind == "serve" else None
+            level = asdict(asyncio.run(run_level(port, clients, jobs, warmup,
+                                                 args.time_limit)))
+            if before is not None:
+                after = batch_rows(port)
+                calls = after[1] - before[1]
+                level["mean_batch_rows"] = round((after[0] - before[0]) / calls, 2) if calls else None
+            print(f"  {clients:3d} clients: {level['texts_per_s']:8.1f} texts/s  p50 "
+                  f"{level['p50_ms']:7.1f}  p95 {level['p95_ms']:7.1f}  p99 "
+                  f"{level['p99_ms']:7.1f} ms  errors {level['errors']}", flush=True)
+            levels.append(level)
+    finally:
+        stop_server(proc)
+    return {"label": target.label, "kind": target.kind, "path": str(target.path),
+            "server_command": shlex.join(cmd), "check": check, "levels": levels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--serve", action="append", metavar="LABEL=DIR")
+    p.add_argument("--plain", action="append", metavar="LABEL=DIR")
+    p.add_argument("--st", action="append", metavar="LABEL=DIR")
+    p.add_argument("--server-arg", action="append", metavar="ARG",
+                   help="passed to every `ultrafastbert serve` (repeat)")
+    p.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")],
+                   default=[1, 8, 64], help="concurrency levels (default 1,8,64)")
+    p.add_argument("--requests", type=int, default=1000, help="requests per level (1000)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level (60)")
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--texts", type=Path, default=None,
+                   help="one text per line (TSV: first column); default: demo corpus sentences")
+    p.add_argument("--threads", type=int, default=2, help="server torch threads (2)")
+    p.add_argument("--make-tiny", type=Path, default=None, metavar="DIR",
+                   help="first write random-init tiny-fff and tiny-dense models into DIR")
+    p.add_argument("--note", default="", help="recorded with the figures (e.g. 'under load')")
+    p.add_argument("--out", type=Path, default=Path("results/serve_load"))
+    args = p.parse_args(argv)
+    if args.make_tiny:
+        make_tiny(args.make_tiny)
+    targets = parse_targets(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(args.texts, max(args.requests * args.texts_per_request, 64))
+    results: dict[str, Any] = {
+        "command": shlex.join([Path(sys.argv[0]).name if argv is None else "serve_load.py",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "environment": environment(args.threads, args.note),
+        "requests_per_level": args.requests, "time_limit_s": args.time_limit,
+        "texts_per_request": args.texts_per_request,
+        "targets": [measure(t, args, texts, args.out) for t in targets],
+    }
+    results["environment"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
+    print(f"wrote {args.out / 'results.json'} and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
