@@ -330,3 +330,25 @@ def test_released_qkv_layout_is_megatron_not_hugging_face(tmp_path):
              for s in (slice(0, 2), slice(2, 4))]
     hf_reading = ln(x + torch.cat(heads, dim=1))
     assert (got - hf_reading).abs().max() > 0.1
+
+
+# ------------------------------------------------------------------------- class registry
+def test_model_classes_register_themselves_and_declare_their_layout(tmp_path):
+    from ultrafastbert.model.checkpoint import MODEL_CLASSES, checkpoint_tensors_of
+    from ultrafastbert.model.pretrained import PretrainedMixin
+
+    for cls in (UltraFastBertModel, UltraFastBertForMaskedLM,
+                UltraFastBertForSequenceClassification):
+        assert MODEL_CLASSES[cls.__name__] is cls
+    encoder_keys = set(checkpoint_tensors_of(UltraFastBertModel(mini())))
+    mlm_keys = set(checkpoint_tensors_of(UltraFastBertForMaskedLM(mini())))
+    assert all(k.startswith("encoder.") for k in encoder_keys)  # checkpoint_prefix
+    assert mlm_keys == encoder_keys  # tied_keys: the decoder is the token embedding, not stored
+
+    class MyEncoder(UltraFastBertModel):  # a subclass registers too, and loads by its name
+        pass
+
+    assert issubclass(MyEncoder, PretrainedMixin) and MODEL_CLASSES["MyEncoder"] is MyEncoder
+    MyEncoder(mini()).save_pretrained(tmp_path / "mine")
+    assert type(from_pretrained(tmp_path / "mine")) is MyEncoder
+    del MODEL_CLASSES["MyEncoder"]

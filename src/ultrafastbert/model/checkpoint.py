@@ -32,8 +32,6 @@ from torch import nn
 
 from ..errors import DataError, InputError, NotFoundError, OutputExistsError
 from .config import CONFIG_FORMAT_VERSION, DenseFF, FFFSpec, ModelConfig
-from .encoder import UltraFastBertModel
-from .heads import MODEL_CLASSES, UltraFastBertForMaskedLM
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +51,19 @@ HEAD_KEYS = {"decoder.weight", "pooler.dense.weight", "pooler.dense.bias", "head
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
                   "unk_token": "<unk>", "cls_token": "<cls>", "sep_token": "<sep>",
                   "mask_token": "<mask>"}
+#: Class name (as written in ``config.json`` ``architectures``) -> model class. The classes add
+#: themselves (``PretrainedMixin.__init_subclass__`` calls :func:`register_model_class`), so this
+#: module needs no import of the classes it loads.
+MODEL_CLASSES: dict[str, type] = {}
 _CRAMMED_CLASSES = {"ScriptableLMForPreTraining": "UltraFastBertForMaskedLM",
                     "ScriptableLMForSequenceClassification":
                         "UltraFastBertForSequenceClassification"}
+
+
+def register_model_class(cls: type) -> type:
+    """Make ``cls`` loadable by its name from ``config.json`` (``architectures``)."""
+    MODEL_CLASSES[cls.__name__] = cls
+    return cls
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -383,10 +391,10 @@ def load_checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) 
 
 def checkpoint_tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint name -> the model's own tensor (for in-place loading), tied decoder left out."""
-    prefix = "encoder." if isinstance(model, UltraFastBertModel) else ""
+    prefix = getattr(type(model), "checkpoint_prefix", "")  # "encoder." for the bare encoder
     state = model.state_dict(keep_vars=True)
-    if isinstance(model, UltraFastBertForMaskedLM):
-        state.pop("decoder.weight")  # the same tensor as the token embedding
+    for key in getattr(type(model), "tied_keys", ()):  # the same tensor as another one
+        state.pop(key)
     return {prefix + k: v for k, v in state.items()}
 
 

@@ -224,6 +224,8 @@ class UltraFastBertModel(PretrainedMixin, nn.Module):
     (:meth:`set_fff_runtime` chooses one explicitly).
     """
 
+    checkpoint_prefix = "encoder."  # its tensors are stored as in the models with heads
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

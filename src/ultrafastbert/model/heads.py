@@ -48,6 +48,8 @@ class UltraFastBertForMaskedLM(PretrainedMixin, nn.Module):
     the decoder ("sparse prediction"), so the vocabulary projection costs ``M`` rows, not ``B*S``.
     """
 
+    tied_keys = ("decoder.weight",)  # the token embedding; stored once
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -145,11 +147,3 @@ class UltraFastBertForSequenceClassification(PretrainedMixin, nn.Module):
             raise InputTypeError(f"classification with {self.config.num_labels} labels needs int64 "
                                  "class labels; multi-label (float) targets are not supported")
         return F.cross_entropy(logits.float(), labels.long())
-
-
-#: Class name (as written in ``config.json`` ``architectures``) -> class.
-MODEL_CLASSES: dict[str, type[PretrainedMixin]] = {
-    "UltraFastBertModel": UltraFastBertModel,
-    "UltraFastBertForMaskedLM": UltraFastBertForMaskedLM,
-    "UltraFastBertForSequenceClassification": UltraFastBertForSequenceClassification,
-}

@@ -23,6 +23,8 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerF
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
+from ..errors import NotFoundError
+from .checkpoint import SPECIAL_TOKENS, TOKENIZER_NAME
 from .config import ModelConfig, ff_from_dict
 from .encoder import ScaledSinusoid, UltraFastBertModel, sinusoid_table
 from .heads import UltraFastBertForMaskedLM, UltraFastBertForSequenceClassification
@@ -197,7 +199,12 @@ def register_with_transformers() -> None:
 
 def load_tokenizer(directory: str | os.PathLike, model_max_length: int = 128
                    ) -> PreTrainedTokenizerFast:
-    """``PreTrainedTokenizerFast`` from ``directory/tokenizer.json`` with our special tokens."""
-    from ..data.tokenizer import to_transformers
-
-    return to_transformers(Path(directory), model_max_length=model_max_length)
+    """``PreTrainedTokenizerFast`` from ``directory/tokenizer.json`` (or that file itself) with
+    our special tokens."""
+    path = Path(directory)
+    path = path / TOKENIZER_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise NotFoundError(f"{path} does not exist; a model directory holds its tokenizer as "
+                            f"{TOKENIZER_NAME}")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=model_max_length,
+                                   **SPECIAL_TOKENS)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
 
 from ..fff import FFF, FFFRuntime, dispatch
+from . import checkpoint
 from .config import ModelConfig
 
 _M = TypeVar("_M", bound="PretrainedMixin")
@@ -21,6 +22,14 @@ class PretrainedMixin:
     """
 
     config: ModelConfig
+    #: Prefix of this class's tensors in a checkpoint (the bare encoder's are ``encoder.*``).
+    checkpoint_prefix: ClassVar[str] = ""
+    #: State-dict keys that alias another tensor and are not stored (a tied decoder).
+    tied_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        checkpoint.register_model_class(cls)
 
     def save_pretrained(self, directory: str | os.PathLike,
                         tokenizer_file: str | os.PathLike | None = None) -> None:
@@ -29,9 +38,7 @@ class PretrainedMixin:
         ``tokenizer_file`` defaults to the ``tokenizer.json`` of the directory the model was
         loaded from, when there was one.
         """
-        from .checkpoint import save_pretrained
-
-        save_pretrained(cast(nn.Module, self), directory, tokenizer_file=tokenizer_file)
+        checkpoint.save_pretrained(cast(nn.Module, self), directory, tokenizer_file=tokenizer_file)
 
     @classmethod
     def from_pretrained(cls: type[_M], directory: str | os.PathLike, **changes: Any) -> _M:
@@ -40,9 +47,7 @@ class PretrainedMixin:
         ``changes`` edit the config, e.g. ``num_labels=3`` to start a classifier from a
         pretrained encoder (the new head is initialised; the encoder must load completely).
         """
-        from .checkpoint import from_pretrained
-
-        return cast(_M, from_pretrained(directory, model_class=cls, **changes))
+        return cast(_M, checkpoint.from_pretrained(directory, model_class=cls, **changes))
 
     def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
         """Choose the inference kernel and weight format of every FFF block (``FFFRuntime``)."""
