@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, InputError, NotFoundError, OutputExistsError
+from ..utils.io import atomic_directory
 from .config import CONFIG_FORMAT_VERSION, DenseFF, FFFSpec, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success swap it into place."""
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``
+    (files fsynced, usual permissions; see :func:`~ultrafastbert.utils.io.atomic_directory`)."""
     if target.exists():
         if not target.is_dir():
             raise OutputExistsError(f"{target} exists and is not a directory")
@@ -135,25 +136,8 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
         if foreign:
             raise OutputExistsError(f"{target} holds files a checkpoint does not ({foreign[:5]}); "
                                     "save into a new or empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=True) as tmp:
         yield tmp
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first, then removed."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rename(target, old / "previous")
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def tokenizer_config(tokenizer_json: Path, max_length: int) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import RunError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -101,42 +100,10 @@ def _write_files(folder: Path, model: nn.Module, trainer_state: dict[str, Any],
 
 
 def _write_directory(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary folder beside ``target``, fsync it, rename it to ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    """Fill a fresh temporary folder beside ``target``; it is fsynced and renamed to ``target``
+    (a crash leaves a ``.tmp`` folder that :func:`remove_orphans` deletes)."""
+    with atomic_directory(target) as tmp:
         fill(tmp)
-        _apply_umask(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give the folder and its files the usual permissions (``mkdtemp`` makes them private)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 
 from ...errors import ResourceError
 from ...utils.env import switched_off
+from ...utils.io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -203,19 +203,16 @@ def build_and_load(final_dir: Path) -> None:
 def _build_into_place(final_dir: Path) -> None:
     """Build in a fresh temporary directory beside ``final_dir``, then rename it into place."""
     _remove_stale_builds(final_dir.parent, final_dir.name)
-    tmp = Path(tempfile.mkdtemp(prefix=final_dir.name + ".tmp-", dir=final_dir.parent))
     try:
-        logger.info("building the native FFF kernel in %s (first use; takes a while)", tmp)
-        start = time.perf_counter()
-        _compile_into(tmp)
-        logger.info("built the native FFF kernel in %.1f s", time.perf_counter() - start)
-        os.rename(tmp, final_dir)
+        with atomic_directory(final_dir, prefix=final_dir.name + ".tmp-", suffix="") as tmp:
+            logger.info("building the native FFF kernel in %s (first use; takes a while)", tmp)
+            start = time.perf_counter()
+            _compile_into(tmp)
+            logger.info("built the native FFF kernel in %.1f s", time.perf_counter() - start)
     except OSError as err:
         if not (final_dir / f"{LIBRARY_NAME}.so").exists():  # lock-free platforms may lose
             raise ResourceError(f"could not move the built kernel into {final_dir}: {err}"
                                 ) from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _summarise_failure(err: BaseException) -> str:
