@@ -46,10 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, bind the port, serve until a signal; 0 after a clean shutdown."""
+    from ..errors import ResourceError
+
     try:
         from ..serve import ServeConfig, bind, serve
     except ImportError as err:
-        raise RuntimeError(f"serving needs the 'serve' extra ({err.name} is missing): "
+        raise ResourceError(f"serving needs the 'serve' extra ({err.name} is missing): "
                            "pip install 'ultrafastbert[serve]'") from err
     import torch
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from ..errors import ResourceError
+from ..errors import ResourceError, RunError
 from .app import create_app
 from .config import ServeConfig
 
@@ -53,7 +53,7 @@ def serve(predictor: Any, config: ServeConfig, sock: socket.socket,
     server = Server(uv_config, on_ready)
     server.run(sockets=[sock])
     if not server.started:
-        raise RuntimeError("the server did not start (see the log above)")
+        raise RunError("the server did not start (see the log above)")
 
 
 class Server(uvicorn.Server):
