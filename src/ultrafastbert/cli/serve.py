@@ -69,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
                          graceful_timeout_s=args.graceful_timeout)
     predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                           kernel=args.kernel)
-    config.check_model_length(predictor.max_length)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

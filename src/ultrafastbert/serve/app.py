@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,14 +161,16 @@ def _usage(rows: list[list[int]]) -> dict[str, int]:
     return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(content: Any, status: int = 200, headers: Mapping[str, str] | None = None
+          ) -> Response:
     body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers=dict(headers) if headers else None)
 
 
 # ------------------------------------------------------------------------------------ errors
 def error_response(status: int, message: str, code: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+                   headers: Mapping[str, str] | None = None) -> Response:
     """A JSON error in OpenAI's shape."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     return _json({"error": {"message": message, "type": kind, "code": code, "param": param}},
@@ -204,7 +206,7 @@ def _add_error_handlers(app: FastAPI) -> None:
                                    "bug, please report it", "internal_error")
 
 
-def _validation_error(request: Request, errors: list[dict[str, Any]]) -> Response:
+def _validation_error(request: Request, errors: Sequence[Any]) -> Response:
     """400 for a body that is not JSON, 415 for one that is not declared JSON, else 422."""
     content_type = request.headers.get("content-type", "")
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -241,7 +243,7 @@ class RequestLog:
             return
         start, status = time.perf_counter(), [500]
 
-        async def send_and_note(message: dict) -> None:
+        async def send_and_note(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)

@@ -110,13 +110,14 @@ class Batcher:
                                 "on another instance")
         loop = asyncio.get_running_loop()
         payloads = [None] * len(rows) if payloads is None else payloads
-        jobs = [Job(key, row, payload, loop.create_future(), loop)
-                for row, payload in zip(rows, payloads, strict=True)]
+        futures = [loop.create_future() for _ in rows]
+        jobs = [Job(key, row, payload, future, loop)
+                for row, payload, future in zip(rows, payloads, futures, strict=True)]
         with self._lock:
             self._pending += len(jobs)
         for job in jobs:
             self._queue.put(job)
-        return [job.future for job in jobs]
+        return futures
 
     @property
     def pending(self) -> int:
@@ -201,16 +202,17 @@ class Batcher:
 
 def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:
     """Hand a result (or error) to the job's future on its event loop."""
-    if job.future is None or job.loop is None:
+    future = job.future
+    if future is None or job.loop is None:
         return
 
     def settle() -> None:
-        if job.future.done():  # the request was cancelled (client gone)
+        if future.done():  # the request was cancelled (client gone)
             return
         if error is not None:
-            job.future.set_exception(error)
+            future.set_exception(error)
         else:
-            job.future.set_result(result)
+            future.set_result(result)
 
     try:
         job.loop.call_soon_threadsafe(settle)

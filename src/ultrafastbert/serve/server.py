@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -49,7 +50,7 @@ def serve(predictor: Any, config: ServeConfig, sock: socket.socket,
     the model is warm and the server accepts requests."""
     app = create_app(predictor, config)
     uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                               timeout_graceful_shutdown=config.graceful_timeout_s)
+                               timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s))
     server = Server(uv_config, on_ready)
     server.run(sockets=[sock])
     if not server.started:

@@ -133,7 +133,7 @@ class Service:
                 raise result
         return list(results)
 
-    def _run_batch(self, key: Hashable, jobs: list[Job]) -> Sequence[Any]:
+    def _run_batch(self, key: Any, jobs: list[Job]) -> Sequence[Any]:
         """One model call for jobs of one key (on the worker thread)."""
         ids, mask = self.predictor.pad([job.ids for job in jobs])
         task = key[0]
