@@ -12,11 +12,11 @@ Servers (each ``LABEL=DIR``, repeatable, measured in the order given):
 - ``--plain``: the same model, one ``Predictor.embed`` call per request (``plain_server.py``);
 - ``--st``: a sentence-transformers directory, one ``encode`` call per request.
 
-Example (the figures in docs/serving.md; ``--make-tiny`` writes two random-init tiny models):
+Example (``--make-stand-ins`` writes random-init models; docs/serving.md has the real command):
 
-    python benchmarks/serve_load.py --make-tiny /tmp/tiny \\
-        --serve fff=/tmp/tiny/tiny-fff --serve dense=/tmp/tiny/tiny-dense \\
-        --plain fff-plain=/tmp/tiny/tiny-fff --out benchmarks/results/serve_tiny
+    python benchmarks/serve_load.py --make-stand-ins /tmp/m \\
+        --serve fff=/tmp/m/minilm-size-fff-8x7 --serve dense=/tmp/m/minilm-size-dense \\
+        --plain dense-plain=/tmp/m/minilm-size-dense --out results/serve_load
 
 Writes ``results.json`` (every figure, the environment, the command) and ``results.md``.
 """
@@ -68,6 +68,8 @@ class Level:
     p95_ms: float
     p99_ms: float
     stopped_by: str  # "count" or "time limit"
+    server_cpu_s: float | None = None  # CPU time the server process used during the level
+    texts_per_cpu_s: float | None = None  # texts per CPU-second: what a text costs, load or not
 
 
 # ------------------------------------------------------------------------------ the servers
@@ -96,6 +98,15 @@ def start_server(cmd: list[str], log: Path, timeout: float = 300.0) -> tuple[sub
                 return proc, int(match.group(1))
     proc.kill()
     raise RuntimeError(f"the server did not start: {shlex.join(cmd)}\n{log.read_text()}")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -155,8 +166,9 @@ async def _client(conn: Connection, jobs: list[list[str]], state: dict[str, Any]
 
 
 async def run_level(port: int, clients: int, jobs: list[list[str]], warmup: list[list[str]],
-                    time_limit: float) -> Level:
-    """Warm up, then send ``jobs`` from ``clients`` concurrent connections."""
+                    time_limit: float, server_pid: int | None = None) -> Level:
+    """Warm up, then send ``jobs`` from ``clients`` concurrent connections (and, given the
+    server's pid, measure the CPU time it used)."""
     conns = [Connection(port) for _ in range(clients)]
     try:
         cold = {"next": 0, "deadline": time.perf_counter() + time_limit, "texts": 0,
@@ -165,17 +177,21 @@ async def run_level(port: int, clients: int, jobs: list[list[str]], warmup: list
         latencies: list[float] = []
         state = {"next": 0, "deadline": time.perf_counter() + time_limit, "texts": 0,
                  "errors": 0}
+        cpu_start = None if server_pid is None else cpu_seconds(server_pid)
         start = time.perf_counter()
         await asyncio.gather(*(_client(c, jobs, state, latencies) for c in conns))
         seconds = time.perf_counter() - start
+        cpu_end = None if server_pid is None else cpu_seconds(server_pid)
     finally:
         for c in conns:
             c.close()
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    cpu = None if cpu_start is None or cpu_end is None else round(cpu_end - cpu_start, 2)
     return Level(clients, len(latencies) + state["errors"], state["texts"], state["errors"],
                  round(seconds, 3), round(state["texts"] / seconds, 1),
                  *(round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)),
-                 "count" if state["next"] >= len(jobs) else "time limit")
+                 "count" if state["next"] >= len(jobs) else "time limit",
+                 cpu, round(state["texts"] / cpu, 1) if cpu else None)
 
 
 # ------------------------------------------------------------------------------- checking
@@ -237,20 +253,32 @@ def load_texts(path: Path | None, count: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(count)]
 
 
-def make_tiny(folder: Path) -> None:
-    """Random-init tiny-fff and tiny-dense MLMs (4 layers, d 256) with the demo tokenizer:
-    stand-ins that show the server's overhead and batching, not a real model's speed."""
+def stand_in_configs() -> dict[str, Any]:
+    """Random-init models of the sizes that matter, for when no trained one is at hand:
+    tiny (4 layers, d 256) and MiniLM-L6 size (6 layers, d 384, 12 heads, FF 1536), each dense
+    and FFF (MiniLM size: 8x7, the converted model's shape; 64 of 1,536 neurons per token)."""
+    from ultrafastbert.model import DenseFF, FFFSpec, ModelConfig
+
+    minilm = ModelConfig.from_preset("tiny-dense", n_layers=6, d_model=384, n_heads=12,
+                                     vocab_size=32768, ff=DenseFF(1536))
+    return {"tiny-fff": ModelConfig.from_preset("tiny-fff", vocab_size=32768),
+            "tiny-dense": ModelConfig.from_preset("tiny-dense", vocab_size=32768),
+            "minilm-size-dense": minilm, "minilm-size-fff-8x7": minilm.replace(ff=FFFSpec(8, 7))}
+
+
+def make_stand_ins(folder: Path) -> None:
+    """Write :func:`stand_in_configs` as MLM directories with the demo tokenizer (random
+    weights: they show the server's speed, not a model's quality)."""
     import torch
 
     from ultrafastbert.data.tokenizer import demo_tokenizer, save_tokenizer
-    from ultrafastbert.model import ModelConfig, UltraFastBertForMaskedLM
+    from ultrafastbert.model import UltraFastBertForMaskedLM
 
     tok = save_tokenizer(demo_tokenizer(), folder / "tokenizer")
-    for preset in ("tiny-fff", "tiny-dense"):
-        if not (folder / preset / "config.json").is_file():
+    for name, config in stand_in_configs().items():
+        if not (folder / name / "config.json").is_file():
             torch.manual_seed(0)
-            model = UltraFastBertForMaskedLM(ModelConfig.from_preset(preset, vocab_size=32768))
-            model.save_pretrained(folder / preset, tokenizer_file=tok)
+            UltraFastBertForMaskedLM(config).save_pretrained(folder / name, tokenizer_file=tok)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -292,18 +320,22 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['requests_per_level']} requests per level (time limit "
              f"{results['time_limit_s']} s).", "",
              "| server | kind | clients | texts/s | p50 ms | p95 ms | p99 ms | errors | "
-             "mean rows per model call |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "server CPU s | texts per CPU-second | mean rows per model call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in results["targets"]:
         for lv in t["levels"]:
             rows = lv.get("mean_batch_rows")
             lines.append(f"| {t['label']} | {t['kind']} | {lv['clients']} | "
                          f"{lv['texts_per_s']:.1f} | {lv['p50_ms']:.1f} | {lv['p95_ms']:.1f} | "
-                         f"{lv['p99_ms']:.1f} | {lv['errors']} | "
-                         f"{'' if rows is None else f'{rows:.1f}'} |")
+                         f"{lv['p99_ms']:.1f} | {lv['errors']} | {_cell(lv['server_cpu_s'])} | "
+                         f"{_cell(lv['texts_per_cpu_s'])} | {_cell(rows)} |")
     lines += ["", "Checks: " + "; ".join(f"{t['label']}: {t['check']}"
                                          for t in results["targets"]), ""]
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def batch_rows(port: int) -> tuple[float, float]:
@@ -335,15 +367,17 @@ def measure(target: Target, args: argparse.Namespace, texts: list[str], out: Pat
                     for i in range(args.requests)]
             warmup = jobs[:max(2 * clients, 8)]
             before = batch_rows(port) if target.kind == "serve" else None
-            level = asdict(asyncio.run(run_level(port, clients, jobs, warmup,
-                                                 args.time_limit)))
+            result = asyncio.run(run_level(port, clients, jobs, warmup, args.time_limit,
+                                           proc.pid))
+            level = asdict(result)
             if before is not None:
                 after = batch_rows(port)
                 calls = after[1] - before[1]
                 level["mean_batch_rows"] = round((after[0] - before[0]) / calls, 2) if calls else None
             print(f"  {clients:3d} clients: {level['texts_per_s']:8.1f} texts/s  p50 "
                   f"{level['p50_ms']:7.1f}  p95 {level['p95_ms']:7.1f}  p99 "
-                  f"{level['p99_ms']:7.1f} ms  errors {level['errors']}", flush=True)
+                  f"{level['p99_ms']:7.1f} ms  errors {level['errors']}  "
+                  f"{_cell(level['texts_per_cpu_s'])} texts/CPU-s", flush=True)
             levels.append(level)
     finally:
         stop_server(proc)
@@ -366,13 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=Path, default=None,
                    help="one text per line (TSV: first column); default: demo corpus sentences")
     p.add_argument("--threads", type=int, default=2, help="server torch threads (2)")
-    p.add_argument("--make-tiny", type=Path, default=None, metavar="DIR",
-                   help="first write random-init tiny-fff and tiny-dense models into DIR")
+    p.add_argument("--make-stand-ins", type=Path, default=None, metavar="DIR",
+                   help="first write random-init stand-in models into DIR (tiny-fff, "
+                        "tiny-dense, minilm-size-dense, minilm-size-fff-8x7)")
     p.add_argument("--note", default="", help="recorded with the figures (e.g. 'under load')")
     p.add_argument("--out", type=Path, default=Path("results/serve_load"))
     args = p.parse_args(argv)
-    if args.make_tiny:
-        make_tiny(args.make_tiny)
+    if args.make_stand_ins:
+        make_stand_ins(args.make_stand_ins)
     targets = parse_targets(args)
     args.out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(args.texts, max(args.requests * args.texts_per_request, 64))

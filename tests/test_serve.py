@@ -297,7 +297,8 @@ def test_cli_refuses_a_port_in_use(models, mlm, capsys):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_answers_requests_in_flight(models, mlm_api, tmp_path, sig):
-    server = ServerProcess(models / "mlm", "--max-wait-ms", "3000", log_file=tmp_path / "log")
+    server = ServerProcess(models / "mlm", "--max-wait-ms", "3000", "--workers", "2",
+                           log_file=tmp_path / "log")
     batch = texts(4, seed=11)
     with ThreadPoolExecutor(4) as pool:
         answers = [pool.submit(server.post, "/v1/embeddings", {"input": t}) for t in batch]
@@ -353,5 +354,6 @@ def test_load_test_script_checks_answers_then_measures(models, mlm, tmp_path):
         assert level["requests"] == level["texts"] == 12 and level["errors"] == 0
         assert level["texts_per_s"] > 0 and level["p50_ms"] <= level["p99_ms"]
         assert level["stopped_by"] == "count" and level["mean_batch_rows"] >= 1
+        assert level["server_cpu_s"] > 0 and level["texts_per_cpu_s"] > 0
     assert results["environment"]["cpu"]
     assert "| tiny | serve | 4 |" in (out / "results.md").read_text()

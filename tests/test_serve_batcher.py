@@ -31,6 +31,14 @@ def test_plan_batches_groups_keys_sorts_by_length_and_keeps_the_budget():
     assert [len(b) for b in plan_batches([job("a", 3)] * 8, 12)] == [4, 4]
 
 
+def test_plan_batches_cuts_where_padding_costs_more_than_a_call():
+    jobs = [job("a", n) for n in (41, 10, 12, 40, 11, 70)]
+    lengths = [[len(j.ids) for j in b] for b in plan_batches(jobs, 1000, overhead_tokens=8)]
+    assert lengths == [[10, 11, 12], [40, 41], [70]]
+    # Control: with a costly call everything shares one batch.
+    assert len(plan_batches(jobs, 1000, overhead_tokens=1000)) == 1
+
+
 class Recorder:
     """A runner that records its batches; ``payload == "bad"`` makes a batch raise."""
 
@@ -61,7 +69,7 @@ def test_concurrent_jobs_share_a_batch_and_get_their_own_result():
     batcher.close()
     assert results == [f"e:{i}" for i in range(6)]
     assert runner.batches == [[0, 1, 2, 3, 4, 5]]
-    assert runner.threads == {"ultrafastbert-batcher"}
+    assert runner.threads == {"ultrafastbert-batcher-0"}
     assert [(s.jobs, s.padded_tokens, s.failed) for s in stats] == [(6, 12, False)]
     assert batcher.pending == 0
 
@@ -133,3 +141,16 @@ def test_config_is_checked():
     with pytest.raises(ConfigError, match="below the model's maximum length 128"):
         ServeConfig("m", max_batch_tokens=64).check_model_length(128)
     assert ServeConfig("m", max_wait_ms=0).max_wait_ms == 0
+
+
+def test_several_workers_run_batches_at_once_and_all_stop():
+    runner = Recorder(delay=0.3)
+    batcher = Batcher(runner, max_batch_tokens=2, max_wait_s=0.0, workers=3)  # one job a batch
+    batcher.start()
+    start = time.perf_counter()
+    results = asyncio.run(submit_all(batcher, [("e", i) for i in range(3)]))
+    elapsed = time.perf_counter() - start
+    batcher.close(timeout=10)
+    assert results == ["e:0", "e:1", "e:2"] and len(runner.threads) == 3
+    assert elapsed < 0.8, f"three 0.3 s batches on three workers took {elapsed:.2f} s"
+    assert not any(t.is_alive() for t in batcher._threads)

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="refuse (413) a text longer than the model takes instead of cutting it")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="batches run at once, each on its own thread (default 1; on a CPU "
+                        "try --workers N --threads 1 with N cores)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--kernel", default="auto",
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                          max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                          max_request_tokens=args.max_request_tokens, truncate=args.truncate,
                          max_body_bytes=args.max_body_bytes,
-                         graceful_timeout_s=args.graceful_timeout)
+                         graceful_timeout_s=args.graceful_timeout, workers=args.workers)
     predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                           kernel=args.kernel)
     sock = bind(args.host, args.port)

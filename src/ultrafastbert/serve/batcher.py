@@ -1,14 +1,15 @@
 """Dynamic batching: texts of concurrent requests share one model call, each answered alone.
 
-Requests arrive on the event loop as :class:`Job` s (one per text, already tokenized). One
-worker thread owns the model: it takes the oldest job, waits up to ``max_wait_s`` from that
-job's arrival for more (or until ``max_batch_tokens`` tokens are queued), then plans batches
-(:func:`plan_batches`: jobs of one kind together, sorted by length so rows pad little, each
-batch's padded size within the budget) and runs them. When the model was busy, everything that
-queued meanwhile is batched at once, without waiting. A batch that raises is run again one job
-at a time, so one bad input fails only its own request.
+Requests arrive on the event loop as :class:`Job` s (one per text, already tokenized). A
+worker thread (or several: ``workers``) runs the model: it takes the oldest job, waits up to
+``max_wait_s`` from that job's arrival for more (or until ``max_batch_tokens`` tokens are
+queued), then plans batches (:func:`plan_batches`: jobs of one kind together, sorted by length
+and cut where padding would cost more than another model call, each batch's padded size within
+the budget) and runs them. When the model was busy, everything that queued meanwhile is
+batched at once, without waiting. A batch that raises is run again one job at a time, so one
+bad input fails only its own request.
 
-The worker never touches the event loop except through ``call_soon_threadsafe``.
+Workers never touch the event loop except through ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,20 @@ class BatchStats:
 Runner = Callable[[Hashable, list[Job]], Sequence[Any]]
 
 
-def plan_batches(jobs: Sequence[Job], max_batch_tokens: int) -> list[list[Job]]:
+#: What one more model call costs, in padding tokens (measured on a 2-core CPU for a 6-layer,
+#: d 384 encoder: about 4 ms per call against 0.17 ms per token; a model twice as wide halves it).
+SPLIT_OVERHEAD_TOKENS = 32
+
+
+def plan_batches(jobs: Sequence[Job], max_batch_tokens: int,
+                 overhead_tokens: int = SPLIT_OVERHEAD_TOKENS) -> list[list[Job]]:
     """Split ``jobs`` into batches: one key per batch, rows sorted by length, each batch's
     padded size (rows x longest) at most ``max_batch_tokens`` (a longer single job runs alone).
-    Keys keep the order of their first job."""
+
+    Padding is work thrown away, so a job starts a new batch when the padding it would add
+    to the rows already in the batch (rows x its extra length) exceeds ``overhead_tokens``,
+    what a separate model call costs. Keys keep the order of their first job.
+    """
     groups: dict[Hashable, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.key, []).append(job)
@@ -72,7 +83,9 @@ def plan_batches(jobs: Sequence[Job], max_batch_tokens: int) -> list[list[Job]]:
     for group in groups.values():
         current: list[Job] = []
         for job in sorted(group, key=lambda j: len(j.ids)):
-            if current and (len(current) + 1) * len(job.ids) > max_batch_tokens:
+            length, longest = len(job.ids), len(current[-1].ids) if current else 0
+            if current and ((len(current) + 1) * length > max_batch_tokens
+                            or len(current) * (length - longest) > overhead_tokens):
                 batches.append(current)
                 current = []
             current.append(job)
@@ -81,31 +94,34 @@ def plan_batches(jobs: Sequence[Job], max_batch_tokens: int) -> list[list[Job]]:
 
 
 class Batcher:
-    """Groups concurrent jobs into batches for ``runner`` on one worker thread.
+    """Groups concurrent jobs into batches for ``runner`` on ``workers`` threads (each takes
+    its own batches from one queue; more than one lets single-threaded model calls use several
+    cores at once).
 
     ``observer`` (optional) gets a :class:`BatchStats` after every model call.
     """
 
     def __init__(self, runner: Runner, *, max_batch_tokens: int, max_wait_s: float,
-                 observer: Callable[[BatchStats], None] | None = None):
+                 observer: Callable[[BatchStats], None] | None = None, workers: int = 1):
         self.runner, self.max_batch_tokens, self.max_wait_s = runner, max_batch_tokens, max_wait_s
-        self.observer = observer
+        self.observer, self.workers = observer, workers
         self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._pending, self._lock = 0, threading.Lock()
 
     # ----------------------------------------------------------------------- event-loop side
     def start(self) -> None:
-        """Start the worker thread."""
-        self._thread = threading.Thread(target=self._work, name="ultrafastbert-batcher",
-                                        daemon=True)
-        self._thread.start()
+        """Start the worker threads."""
+        self._threads = [threading.Thread(target=self._work, name=f"ultrafastbert-batcher-{i}",
+                                          daemon=True) for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: Hashable, rows: Sequence[Sequence[int]],
                payloads: Sequence[Any] | None = None) -> list[asyncio.Future]:
         """Queue one job per row (call on the event loop); the futures get the results."""
-        if self._closed or self._thread is None:
+        if self._closed or not self._threads:
             raise ResourceError("the server is shutting down (or was never started): retry "
                                 "on another instance")
         loop = asyncio.get_running_loop()
@@ -125,15 +141,17 @@ class Batcher:
         return self._pending
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, let the worker answer every queued job, then join it."""
+        """Stop taking jobs, let the workers answer every queued job, then join them."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("the batch worker did not finish within %s s", timeout)
+        for _ in self._threads:
+            self._queue.put(_STOP)  # after every queued job: those are answered first
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(deadline - time.perf_counter(), 0))
+            if thread.is_alive():
+                logger.warning("a batch worker did not finish within %s s", timeout)
 
     # --------------------------------------------------------------------------- worker side
     def _work(self) -> None:

@@ -23,6 +23,8 @@ class ServeConfig:
       :class:`~ultrafastbert.infer.Predictor` does); False refuses it with status 413.
     - ``max_body_bytes``: largest request body (status 413 above it).
     - ``max_top_k``: the largest ``top_k`` fill-mask accepts.
+    - ``workers``: threads that run batches at once (with one torch thread each, they use as
+      many cores; see docs/serving.md for threads against workers).
     - ``graceful_timeout_s``: on SIGTERM/SIGINT, how long requests in flight may take.
     """
 
@@ -35,6 +37,7 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     max_top_k: int = 100
     graceful_timeout_s: float = 30.0
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

@@ -40,7 +40,8 @@ class Service:
         config.check_model_length(predictor.max_length)
         self.predictor, self.config = predictor, config
         self.batcher = Batcher(self._run_batch, max_batch_tokens=config.max_batch_tokens,
-                               max_wait_s=config.max_wait_ms / 1000.0)
+                               max_wait_s=config.max_wait_ms / 1000.0,
+                               workers=config.workers)
         self.metrics = metrics or Metrics(queue_depth=lambda: self.batcher.pending)
         self.batcher.observer = self.metrics.observe_batch
         self.tasks: tuple[str, ...] = tuple(predictor.tasks)
