@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, InputTypeError
+from ..utils.cache import PackedCache
 from . import dispatch
 from .kernel import validate_weight_format
 from .training import fff_sparse
@@ -66,7 +67,8 @@ class FFF(nn.Module):
         width = n_trees * n_nodes(depth)
         self.linear_in = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
         self.linear_out = nn.Linear(width, d_model, bias=False, device=device, dtype=dtype)
-        self._cache: tuple | None = None  # (key, kernel, packed weights) for inference
+        #: (kernel, its packed weights, device) for inference; see utils.cache.PackedCache
+        self._cache = PackedCache()
         self.runtime = runtime or FFFRuntime()
         self.reset_parameters()
 
@@ -76,7 +78,7 @@ class FFF(nn.Module):
         nn.init.normal_(self.linear_out.weight, std=0.02)
         if self.linear_in.bias is not None:
             nn.init.zeros_(self.linear_in.bias)
-        self._cache = None
+        self._cache.clear()
 
     @property
     def n_neurons(self) -> int:
@@ -97,7 +99,7 @@ class FFF(nn.Module):
         if not isinstance(value, FFFRuntime):
             raise InputTypeError(f"runtime must be an FFFRuntime, got {type(value).__name__}")
         self._runtime = value
-        self._cache = None
+        self._cache.clear()
 
     def set_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
         """Choose the inference kernel and weight format (availability is checked at the next
@@ -116,35 +118,33 @@ class FFF(nn.Module):
 
         Applies only when nothing changed since the packed copy was built: no autograd, no
         autocast, a contiguous ``(T, d)`` input of the cached dtype and device, and the same
-        parameter tensors at the same versions and storage. Anything else takes the general
-        path, which validates the input and rebuilds the cache. (At one token the general
-        path's checks cost several times the kernel itself.)
+        parameter tensors at the same versions and storage (the cache checks those). Anything
+        else takes the general path, which validates the input and rebuilds the cache. (At one
+        token the general path's checks cost several times the kernel itself.)
         """
-        cache = self._cache
-        if (cache is None or type(x) is not torch.Tensor or torch.is_grad_enabled()
+        if (type(x) is not torch.Tensor or torch.is_grad_enabled()
                 or torch._C._is_any_autocast_enabled()):
             return None
-        key, kernel, packed, params = cache
-        if (x.dtype is not key[0] or x.dim() != 2 or x.shape[1] != self.d_model
-                or x.shape[0] == 0 or not x.is_contiguous() or x.device != params[0].device
-                or self._param_state(*params) != key[1:] or not self._same_params(params)):
+        hit = self._cache.lookup(self._key(x.dtype))
+        if (hit is None or x.dim() != 2 or x.shape[1] != self.d_model or x.shape[0] == 0
+                or not x.is_contiguous() or x.device != hit[2]):
             return None
-        return kernel.forward(x, packed, self.n_trees, self.depth, False)[0]
+        return hit[0].forward(x, hit[1], self.n_trees, self.depth, False)[0]
 
-    def _same_params(self, params: tuple) -> bool:
-        """Whether the layer still holds exactly these parameter tensors (identity, not value;
-        read through the module dicts, which is much cheaper than attribute access)."""
-        lin, lout = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters  # type: ignore[union-attr]
-        return (lin["weight"] is params[0] and lin.get("bias") is params[1]
-                and lout["weight"] is params[2])
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(w_in, b_in, w_out)``."""
+        return self.linear_in.weight, self.linear_in.bias, self.linear_out.weight
 
-    @staticmethod
-    def _param_state(w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor
-                     ) -> tuple:
-        """Cheap fingerprint: in-place updates bump ``_version``; new storage moves
-        ``data_ptr``."""
-        return (w_in._version, w_out._version, w_in.data_ptr(), w_out.data_ptr(),
-                None if b_in is None else (b_in._version, b_in.data_ptr()))
+    def _key(self, dtype: torch.dtype) -> tuple:
+        """The cache key of the current parameters for inputs of ``dtype``: the same tuple as
+        ``utils.cache.fingerprint((w_in, b_in, w_out), dtype)``, built inline and read through
+        the module dicts (much cheaper than attribute access, which matters at one token)."""
+        lin = self._modules["linear_in"]._parameters  # type: ignore[union-attr]
+        w, b = lin["weight"], lin.get("bias")
+        o = self._modules["linear_out"]._parameters["weight"]  # type: ignore[union-attr]
+        return (dtype, (id(w), w._version, w.data_ptr()),  # type: ignore[union-attr]
+                None if b is None else (id(b), b._version, b.data_ptr()),
+                (id(o), o._version, o.data_ptr()))  # type: ignore[union-attr]
 
     def forward_with_nodes(self, x: torch.Tensor, return_nodes: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,21 +220,24 @@ class FFF(nn.Module):
 
     def _kernel_and_packed(self, dtype: torch.dtype) -> tuple[Any, Any]:
         """The selected kernel and its packed weights, cached until a parameter changes
-        (see :meth:`_param_state`) or is replaced by another tensor."""
-        w_in, b_in, w_out = self.linear_in.weight, self.linear_in.bias, self.linear_out.weight
-        key = (dtype, *self._param_state(w_in, b_in, w_out))
-        cache = self._cache
-        if cache is not None and cache[0] == key and self._same_params(cache[3]):
-            return cache[1], cache[2]
+        (in place or replaced; see :class:`~ultrafastbert.utils.cache.PackedCache`)."""
+        params, key = self._params(), self._key(dtype)
+        hit = self._cache.lookup(key)
+        if hit is not None:
+            return hit[0], hit[1]
         kernel = self.kernel(dtype)
         logger.debug("packing FFF weights for kernel %s", kernel.name)
         with torch.no_grad():
-            packed = kernel.pack(w_in, b_in, w_out, self.n_trees, self.depth,
-                                 self.runtime.weight_format)
-        self._cache = (key, kernel, packed, (w_in, b_in, w_out))
+            packed = kernel.pack(*params, self.n_trees, self.depth, self.runtime.weight_format)
+        self._cache.store(params, key, (kernel, packed, params[0].device))
         return kernel, packed
 
     def train(self, mode: bool = True) -> FFF:
         """Switch mode; drops the packed inference copy (training will change the weights)."""
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FFF:
+        """``.to()``, ``.half()`` ...: the packed copy belongs to the old tensors."""
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.cache import PackedCache, fingerprint
 from ..utils.env import switched_off
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ class InferenceLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: Any = None, dtype: Any = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._packed: tuple | None = None  # (key, packed weight)
+        self._cache = PackedCache()  # the oneDNN-packed weight; see utils.cache
+
+    @property
+    def _packed(self) -> torch.Tensor | None:
+        """The packed weight while the cache holds one, else None."""
+        return self._cache.value
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> InferenceLinear:
@@ -85,39 +91,27 @@ class InferenceLinear(nn.Linear):
                 or x.device.type != "cpu" or weight.device.type != "cpu"
                 or torch._C._is_any_autocast_enabled()):
             return None
-        key = (weight, bias, weight._version, weight.data_ptr(),
-               None if bias is None else (bias._version, bias.data_ptr()))
-        cache = self._packed
-        if cache is not None and _same_key(cache[0], key):
-            return cache[1]
+        params = (weight, bias)
+        key = fingerprint(params)
+        packed = self._cache.lookup(key)
+        if packed is not None:
+            return packed
         reason = packed_linear_unavailable(weight.device, weight.dtype)
         if reason is not None:
             logger.debug("plain nn.Linear: %s", reason)
             return None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self._packed = (key, packed)
-        return packed
+        return self._cache.store(params, key, torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach(), None))
 
     def train(self, mode: bool = True) -> InferenceLinear:
         """Switch mode; drops the packed copy (training will change the weight)."""
-        self._packed = None
+        self._cache.clear()
         return super().train(mode)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> InferenceLinear:
         """``.to()``, ``.half()`` ...: the packed copy belongs to the old tensors."""
-        self._packed = None
+        self._cache.clear()
         return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling and ``copy.deepcopy`` leave the packed copy (an opaque oneDNN tensor) out."""
-        state = dict(super().__getstate__())
-        state["_packed"] = None
-        return state
-
-
-def _same_key(old: tuple, new: tuple) -> bool:
-    """Same parameter objects (identity) and the same versions and storage."""
-    return old[0] is new[0] and old[1] is new[1] and old[2:] == new[2:]
 
 
 def use_packed_linears(module: nn.Module) -> int:
