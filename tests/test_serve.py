@@ -192,6 +192,21 @@ def test_bad_requests_do_not_fail_their_batch_mates(mlm, mlm_api):
             torch.testing.assert_close(got, mlm_api.embed([good[i]])[0], atol=1e-5, rtol=1e-5)
 
 
+def test_concurrent_fill_mask_with_different_top_k(mlm, mlm_api):
+    """Requests with different ``top_k`` never share a batch, and each gets its own answer."""
+    cases = [(f"{t} <mask>", 1 + i % 3) for i, t in enumerate(texts(9, seed=21, words=4))]
+    with ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(
+            lambda c: mlm.post("/v1/fill-mask", {"input": c[0], "top_k": c[1]}), cases))
+    for (text, k), answer in zip(cases, answers, strict=True):
+        assert answer.status == 200, answer
+        [row] = answer.json["data"]
+        want = mlm_api.fill_mask(text, top_k=k)
+        assert row["text"] == text and len(row["masks"][0]) == k
+        assert [c["probability"] for c in row["masks"][0]] == pytest.approx(
+            [c.probability for c in want.candidates[0]], abs=1e-5)
+
+
 def _batches(server) -> tuple[float, float]:
     text = server.request("GET", "/metrics").body.decode()
     return (metric(text, "ultrafastbert_batches_total", task="embed", outcome="ok"),
