@@ -32,7 +32,7 @@ from torch import nn
 
 from ultrafastbert.fff import fff_masked, fff_reference
 from ultrafastbert.fff import triton_impl as ti
-from ultrafastbert.fff.torch_impl import TorchKernel
+from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
 
 logger = logging.getLogger("triton_ff_cuda")

@@ -20,7 +20,7 @@ import torch
 
 from ultrafastbert.fff.native import NativeCPUKernel, build
 from ultrafastbert.fff.reference import fff_reference
-from ultrafastbert.fff.torch_impl import TorchKernel
+from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
 
 CPU = torch.device("cpu")

@@ -568,3 +568,27 @@ def test_gpu_layer_auto_picks_triton():
                         layer.linear_in.bias.double(), layer.linear_out.weight.double(), 1, 11)
     assert route_mismatches(nodes.reshape(-1, 1, 12), ref, 1e-4)[0] == 0
     assert relative_error(y.reshape(-1, 768), ref.y) < 1e-5
+
+
+@interp
+def test_forcing_torch_training_skips_triton(monkeypatch):
+    # Where Triton can train (CUDA; here its interpreter), training="torch" takes the sparse
+    # PyTorch path instead.
+    from ultrafastbert.fff.torch_kernel import TorchKernel
+
+    monkeypatch.setenv(ti.INTERPRET_ENV, "1")
+    calls = {"triton": 0, "torch": 0}
+    for cls, name in ((ti.TritonKernel, "triton"), (TorchKernel, "torch")):
+        original = cls.train_forward
+        monkeypatch.setattr(cls, "train_forward", lambda self, *a, _o=original, _n=name: (
+            calls.__setitem__(_n, calls[_n] + 1), _o(self, *a))[1])
+    torch.manual_seed(0)
+    layer = FFF(37, n_trees=2, depth=3)
+    x = torch.randn(5, 37)
+    assert layer.train_kernel().name == "triton"
+    layer(x).sum().backward()
+    assert calls == {"triton": 1, "torch": 0}
+    layer.set_runtime(training="torch")
+    assert layer.train_kernel().name == "torch"
+    layer(x).sum().backward()
+    assert calls == {"triton": 1, "torch": 1}

@@ -10,8 +10,9 @@ import torch
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``kernels`` subcommand."""
     p = sub.add_parser("kernels", help="list FFF implementations and whether each can run",
-                       description="List every FFF inference implementation in priority order, "
-                                   "with the reason it cannot run on the given device/dtype.")
+                       description="List every FFF implementation in priority order, for "
+                                   "inference and for training, with the reason it cannot run "
+                                   "on the given device/dtype.")
     p.add_argument("--device", default="cpu", help="device to check (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16",
                                                           "float64"])

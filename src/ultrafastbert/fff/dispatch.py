@@ -1,8 +1,9 @@
-"""One place picks the FFF inference kernel.
+"""One place picks the FFF kernel, for inference and for training.
 
 Kernels are tried in priority order (GPU kernel, native CPU kernel, vectorised PyTorch); each
-declares the devices and dtypes it serves and says why it refuses. ``"auto"`` takes the first that
-can run; an explicitly named kernel that cannot run is an error, never a silent fallback.
+declares the devices and dtypes it serves, whether it has a training path, and says why it
+refuses. ``"auto"`` takes the first that can run; an explicitly named kernel that cannot run is an
+error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -22,27 +23,29 @@ logger = logging.getLogger(__name__)
 def registry() -> dict[str, FFFKernel]:
     """All known kernels by name, fastest first (imports their modules lazily)."""
     from .native import NativeCPUKernel
-    from .torch_impl import TorchKernel
+    from .torch_kernel import TorchKernel
     from .triton_impl import TritonKernel
 
     kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), TorchKernel()]
     return {k.name: k for k in kernels}
 
 
-def explain(device: torch.device | str, dtype: torch.dtype,
-            weight_format: str = "fp32") -> list[tuple[str, str | None]]:
-    """``(name, reason)`` for every kernel, in priority order; reason None means it can run."""
+def explain(device: torch.device | str, dtype: torch.dtype, weight_format: str = "fp32",
+            training: bool = False) -> list[tuple[str, str | None]]:
+    """``(name, reason)`` for every kernel, in priority order; reason None means it can run
+    (for inference, or with ``training`` for the differentiable forward)."""
     device = torch.device(device)
-    return [(name, k.unavailable_reason(device, dtype, weight_format))
+    return [(name, k.unavailable_reason(device, dtype, weight_format, training=training))
             for name, k in registry().items()]
 
 
 def select(name: str, device: torch.device | str, dtype: torch.dtype,
-           weight_format: str = "fp32") -> FFFKernel:
-    """The kernel to use: ``name`` (``"auto"`` or a registered name) for this device and dtype.
+           weight_format: str = "fp32", training: bool = False) -> FFFKernel:
+    """The kernel to use: ``name`` (``"auto"`` or a registered name) for this device and dtype,
+    for inference or (``training``) for the differentiable forward.
 
     Raises:
-        ValueError: unknown name, or a named kernel that cannot run here (with the reason), or
+        InputError: unknown name, or a named kernel that cannot run here (with the reason), or
             ``"auto"`` with no kernel available (with every kernel's reason).
     """
     validate_weight_format(weight_format)
@@ -52,25 +55,32 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
         if name not in kernels:
             raise InputError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
                              f"{sorted(kernels)}")
-        reason = kernels[name].unavailable_reason(device, dtype, weight_format)
+        reason = kernels[name].unavailable_reason(device, dtype, weight_format,
+                                                  training=training)
         if reason is not None:
-            raise InputError(f"FFF implementation {name!r} cannot run on {device} / {dtype} / "
+            mode = "train" if training else "run"
+            raise InputError(f"FFF implementation {name!r} cannot {mode} on {device} / {dtype} / "
                              f"weights {weight_format}: {reason}")
         return kernels[name]
-    reasons = explain(device, dtype, weight_format)
+    reasons = explain(device, dtype, weight_format, training=training)
     for kname, reason in reasons:
         if reason is None:
             return kernels[kname]
     detail = "; ".join(f"{n}: {r}" for n, r in reasons)
-    raise InputError(f"no FFF implementation can run on {device} / {dtype} / weights "
+    mode = "train" if training else "run"
+    raise InputError(f"no FFF implementation can {mode} on {device} / {dtype} / weights "
                      f"{weight_format} ({detail})")
 
 
 def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
-             weight_format: str = "fp32") -> str:
-    """A human-readable table of the kernels and whether each can run here."""
+             weight_format: str = "fp32", training: bool | None = None) -> str:
+    """A human-readable table of the kernels and whether each can run here: for inference,
+    for training, or (``training=None``) both, one section each."""
+    if training is None:
+        return "\n".join(["inference:", describe(device, dtype, weight_format, False), "",
+                          "training:", describe(device, dtype, "fp32", True)])
     lines = []
-    for name, reason in explain(device, dtype, weight_format):
+    for name, reason in explain(device, dtype, weight_format, training=training):
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:8s} {status}  ({registry()[name].description})")
     return "\n".join(lines)

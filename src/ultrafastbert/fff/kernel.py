@@ -1,4 +1,5 @@
-"""The interface every FFF inference implementation declares, and weight formats.
+"""The interface every FFF implementation declares (inference, optionally training), and weight
+formats.
 
 An implementation says which devices and dtypes it serves and why it cannot run elsewhere;
 ``dispatch`` picks one. Implementations take weights in the checkpoint layout and may keep a
@@ -28,10 +29,11 @@ def validate_weight_format(weight_format: str) -> None:
 
 
 class FFFKernel(ABC):
-    """One way to run FFF inference (no autograd).
+    """One way to run the FFF layer: inference (no autograd) and, optionally, training.
 
     Subclasses set ``name``, ``description``, ``devices`` (device types such as ``"cpu"``) and
-    ``dtypes`` (input dtypes), and may add run-time requirements in ``extra_reason``.
+    ``dtypes`` (input dtypes), and may add run-time requirements in ``extra_reason``. A kernel
+    that has a training path sets ``trains = True`` and implements :meth:`train_forward`.
     """
 
     name: str = ""
@@ -39,10 +41,19 @@ class FFFKernel(ABC):
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ()
     weight_formats: tuple[str, ...] = ("fp32",)
+    #: Whether :meth:`train_forward` is implemented (the training entry is optional).
+    trains: bool = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype,
-                           weight_format: str = "fp32") -> str | None:
-        """None when this kernel can run for these inputs, else a sentence saying why not."""
+                           weight_format: str = "fp32", training: bool = False) -> str | None:
+        """None when this kernel can run for these inputs, else a sentence saying why not.
+
+        ``training``: for the differentiable forward (weights as they are: format ``fp32``).
+        """
+        if training and not self.trains:
+            return "has no training path (inference only)"
+        if training and weight_format != "fp32":
+            return f"trains on the weights as they are (format 'fp32'), not {weight_format!r}"
         if device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)} tensors, not {device.type}"
         if dtype not in self.dtypes:

@@ -12,8 +12,7 @@ from torch import nn
 from ..errors import InputError, InputTypeError
 from ..utils.cache import PackedCache
 from . import dispatch
-from .kernel import validate_weight_format
-from .training import fff_sparse
+from .kernel import FFFKernel, validate_weight_format
 from .tree import n_nodes, validate_tree_shape
 
 logger = logging.getLogger(__name__)
@@ -21,21 +20,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FFFRuntime:
-    """How inference runs (never what it computes beyond tolerance).
+    """Which kernels run the layer (never what it computes beyond tolerance).
 
-    implementation: ``"auto"`` or a kernel name (``torch``, ``native``, ``triton``).
-    weight_format: ``fp32`` | ``bf16`` | ``bf16-out`` (see ``kernel.WEIGHT_FORMATS``).
+    implementation: the inference kernel, ``"auto"`` or a registered name
+        (``ultrafastbert kernels`` lists them).
+    weight_format: ``fp32`` | ``bf16`` | ``bf16-out`` for inference (see
+        ``kernel.WEIGHT_FORMATS``); training always uses the weights as they are.
+    training: the kernel of the differentiable forward, ``"auto"`` (the first that trains here)
+        or the name of a kernel with a training path.
     """
 
     implementation: str = "auto"
     weight_format: str = "fp32"
+    training: str = "auto"
 
     def __post_init__(self) -> None:
         validate_weight_format(self.weight_format)
-        known = ("auto", *dispatch.registry())
+        kernels = dispatch.registry()
+        known = ("auto", *kernels)
         if self.implementation not in known:
             raise InputError(f"unknown FFF implementation {self.implementation!r}; choose one "
                              f"of {known}")
+        trainers = ("auto", *(name for name, k in kernels.items() if k.trains))
+        if self.training not in trainers:
+            raise InputError(f"FFF training kernel {self.training!r} is unknown or has no "
+                             f"training path; choose one of {trainers}")
 
 
 def _autocast_on(x: object) -> bool:
@@ -101,10 +110,11 @@ class FFF(nn.Module):
         self._runtime = value
         self._cache.clear()
 
-    def set_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
-        """Choose the inference kernel and weight format (availability is checked at the next
-        inference call)."""
-        self.runtime = FFFRuntime(implementation, weight_format)
+    def set_runtime(self, implementation: str = "auto", weight_format: str = "fp32",
+                    training: str = "auto") -> None:
+        """Choose the inference kernel and weight format, and the training kernel
+        (availability is checked at the next call)."""
+        self.runtime = FFFRuntime(implementation, weight_format, training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d_model)`` -> ``(..., d_model)``."""
@@ -192,24 +202,25 @@ class FFF(nn.Module):
                                  f"cast the input or call layer.to({x.dtype})")
         return x.reshape(-1, self.d_model).contiguous()
 
-    def _train_forward(self, flat: torch.Tensor, return_nodes: bool):
-        from .training import route
+    def _train_forward(self, flat: torch.Tensor, return_nodes: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The differentiable forward of the training kernel (visited nodes only)."""
+        kernel = self.train_kernel(flat.dtype)
+        y, nodes = kernel.train_forward(flat, self.linear_in.weight, self.linear_in.bias,
+                                        self.linear_out.weight, self.n_trees, self.depth)
+        return y, (nodes if return_nodes else None)
 
-        gpu = dispatch.registry().get("triton")
-        if gpu is not None and gpu.unavailable_reason(flat.device, flat.dtype) is None:
-            y, nodes = gpu.train_forward(flat, self.linear_in.weight, self.linear_in.bias,
-                                         self.linear_out.weight, self.n_trees, self.depth)
-            return y, (nodes if return_nodes else None)
-        routed = route(flat, self.linear_in.weight, self.linear_in.bias, self.n_trees,
-                       self.depth)
-        y = fff_sparse(flat, self.linear_in.weight, self.linear_in.bias,
-                       self.linear_out.weight, self.n_trees, self.depth, routed=routed)
-        return y, (routed[0] if return_nodes else None)
-
-    def kernel(self, dtype: torch.dtype | None = None):
-        """The kernel the dispatcher picks for this layer's device and ``dtype``."""
+    def kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
+        """The inference kernel the dispatcher picks for this layer's device and ``dtype``."""
         return dispatch.select(self.runtime.implementation, self.linear_in.weight.device,
                                dtype or self.linear_in.weight.dtype, self.runtime.weight_format)
+
+    def train_kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
+        """The training kernel the dispatcher picks (``runtime.training``) for this layer's
+        device and ``dtype``: on CUDA the Triton kernel when it can run, else the sparse
+        PyTorch path."""
+        return dispatch.select(self.runtime.training, self.linear_in.weight.device,
+                               dtype or self.linear_in.weight.dtype, training=True)
 
     def _infer(self, flat: torch.Tensor, return_nodes: bool):
         kernel, packed = self._kernel_and_packed(flat.dtype)

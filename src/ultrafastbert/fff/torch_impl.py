@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernel import FFFKernel
 from .tree import go_right, n_nodes, path_length
 
 #: Levels with at most this many nodes per tree use a dense GEMM for the logits.
@@ -147,19 +146,3 @@ def forward_packed(x: torch.Tensor, packed: TorchPacked, n_trees: int, depth: in
     flat = nodes.reshape(x.shape[0], -1)
     y = combine(F.gelu(logits.reshape(x.shape[0], -1)), flat, packed.w_out_rows)
     return y, (nodes if return_nodes else None)
-
-
-class TorchKernel(FFFKernel):
-    """The vectorised PyTorch path (every device, every floating dtype)."""
-
-    name = "torch"
-    description = "vectorised PyTorch (GEMM for shallow levels, sparse CSR products for deep)"
-    devices = ("cpu", "cuda", "mps", "xpu")
-    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    weight_formats = ("fp32", "bf16", "bf16-out")
-
-    def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
-        return pack(w_in, b_in, w_out, n_trees, depth, weight_format)
-
-    def forward(self, x, packed, n_trees, depth, return_nodes=False):  # noqa: D102
-        return forward_packed(x, packed, n_trees, depth, return_nodes)

@@ -294,6 +294,7 @@ class TritonKernel(FFFKernel):
     devices = ("cuda",)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     weight_formats = ("fp32", "bf16", "bf16-out")
+    trains = True
 
     def __init__(self, interpret: bool | None = None):
         self.interpret = interpret
@@ -305,14 +306,17 @@ class TritonKernel(FFFKernel):
         return os.environ.get(INTERPRET_ENV, "") == "1"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype,
-                           weight_format: str = "fp32") -> str | None:  # noqa: D102
+                           weight_format: str = "fp32", training: bool = False
+                           ) -> str | None:  # noqa: D102
         device = torch.device(device)
         if device.type == "cpu" and self.interpret_enabled():
-            if dtype not in self.dtypes or weight_format not in self.weight_formats:
+            if (dtype not in self.dtypes or weight_format not in self.weight_formats
+                    or (training and weight_format != "fp32")):
                 # the GPU's sentence for the dtype/format (returned before any CUDA check)
-                return super().unavailable_reason(torch.device("cuda"), dtype, weight_format)
+                return super().unavailable_reason(torch.device("cuda"), dtype, weight_format,
+                                                  training)
             return triton_missing_reason() or self._interpreter_reason()
-        reason = super().unavailable_reason(device, dtype, weight_format)
+        reason = super().unavailable_reason(device, dtype, weight_format, training)
         if reason is not None and device.type == "cpu":
             reason += (" (Triton's interpreter runs CPU tensors, for tests: set "
                        f"TRITON_INTERPRET=1 and {INTERPRET_ENV}=1)")

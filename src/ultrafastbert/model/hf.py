@@ -131,9 +131,10 @@ class _Wrapper(PreTrainedModel):
             hf_init.copy_(table, sinusoid_table(*table.shape).to(table.device, table.dtype))
             hf_init.constant_(module.scale_factor, table.shape[1] ** -0.5)
 
-    def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
-        """Choose the FFF inference kernel (see ``FFFRuntime``)."""
-        self.core.set_fff_runtime(implementation, weight_format)
+    def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32",
+                        training: str = "auto") -> None:
+        """Choose the FFF kernels (see ``FFFRuntime``)."""
+        self.core.set_fff_runtime(implementation, weight_format, training)
 
 
 class HFUltraFastBertModel(_Wrapper):

@@ -49,12 +49,14 @@ class PretrainedMixin:
         """
         return cast(_M, checkpoint.from_pretrained(directory, model_class=cls, **changes))
 
-    def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32") -> None:
-        """Choose the inference kernel and weight format of every FFF block (``FFFRuntime``)."""
-        FFFRuntime(implementation, weight_format)  # validate before touching any layer
+    def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32",
+                        training: str = "auto") -> None:
+        """Choose the inference kernel and weight format, and the training kernel, of every FFF
+        block (``FFFRuntime``)."""
+        FFFRuntime(implementation, weight_format, training)  # validate before touching a layer
         for module in self.modules():  # type: ignore[attr-defined]
             if isinstance(module, FFF):
-                module.set_runtime(implementation, weight_format)
+                module.set_runtime(implementation, weight_format, training)
 
     def set_precision(self, dtype: torch.dtype, fff_dtype: torch.dtype | None = None
                       ) -> PretrainedMixin:
