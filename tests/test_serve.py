@@ -157,8 +157,11 @@ def test_health_models_and_metrics(mlm):
 
 def test_requests_are_logged(mlm):
     mlm.post("/v1/embeddings", {"input": ["the cat sat", "a dog"]})
-    time.sleep(0.2)
-    assert re.search(r"POST /v1/embeddings 200 inputs=2 tokens=\d+ [\d.]+ ms", mlm.log())
+    line = r"POST /v1/embeddings 200 inputs=2 tokens=\d+ [\d.]+ ms"
+    deadline = time.monotonic() + 20  # the line is written just after the response is sent
+    while not re.search(line, mlm.log()):
+        assert time.monotonic() < deadline, mlm.log()[-2000:]
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------ concurrency

@@ -46,8 +46,10 @@ class Recorder:
         self.batches: list[list[object]] = []
         self.delay = delay
         self.threads: set[str] = set()
+        self.started = threading.Event()
 
     def __call__(self, key, jobs):
+        self.started.set()
         self.threads.add(threading.current_thread().name)
         self.batches.append([j.payload for j in jobs])
         time.sleep(self.delay)
@@ -75,14 +77,14 @@ def test_concurrent_jobs_share_a_batch_and_get_their_own_result():
 
 
 def test_without_waiting_an_idle_model_takes_the_first_job_alone():
-    runner = Recorder(delay=0.05)
+    runner = Recorder(delay=0.3)
     batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.0)
     batcher.start()
 
     async def staggered():
         first = batcher.submit("e", [[1]], ["first"])
-        await asyncio.sleep(0.01)  # the worker is busy with "first" now
-        rest = [f for i in range(3) for f in batcher.submit("e", [[1]], [i])]
+        await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, 30)
+        rest = [f for i in range(3) for f in batcher.submit("e", [[1]], [i])]  # model busy
         return await asyncio.gather(*first, *rest)
 
     assert asyncio.run(staggered()) == ["e:first", "e:0", "e:1", "e:2"]
