@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import InputError
+from .pretrain import positive_int
 
 TASKS = ("fill-mask", "embed", "classify")
 
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     fill = tasks.add_parser("fill-mask", help="candidates for each <mask> in a sentence")
     _common(fill)
-    fill.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    fill.add_argument("--top-k", type=positive_int, default=5,
+                      help="candidates per mask (default 5)")
     embed = tasks.add_parser("embed", help="sentence embeddings (one row per text)")
     _common(embed)
     embed.add_argument("--pooling", choices=("mean", "first"), default="mean")
@@ -41,8 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--kernel", default="auto",
                    help="FFF implementation: auto, torch, native, triton (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -6,7 +6,6 @@ Also runnable as ``python -m ultrafastbert.cli.pretrain ARGS`` (and under ``torc
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -149,8 +148,7 @@ def settings_from_args(args: argparse.Namespace):
     if args.preset is not None:
         model, name = ModelConfig.from_preset(args.preset), args.preset
     else:
-        model = ModelConfig.from_dict(json.loads(args.config.read_text(encoding="utf-8")))
-        name = args.config.stem
+        model, name = model_config_file(args.config), args.config.stem
     if args.vocab_size is not None:
         model = model.replace(vocab_size=args.vocab_size)
     recipe = CrammedRecipe(lr=args.lr, micro_batch=args.micro_batch,
@@ -165,6 +163,21 @@ def settings_from_args(args: argparse.Namespace):
         save_every_steps=every_steps, save_every_s=every_s,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, device=args.device,
         compile=args.compile, progress_bar=not args.no_progress, prepare_only=args.prepare_only)
+
+
+def model_config_file(path: Path):
+    """The ``ModelConfig`` of ``--config FILE``: a config as ``ModelConfig.to_dict`` writes it,
+    or a model directory's ``config.json`` (the same rule for keys as ``from_pretrained``)."""
+    from ..errors import NotFoundError
+    from ..model.checkpoint import config_from_json
+    from ..utils.jsonfile import read_json_object
+
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise NotFoundError(f"--config {path} does not exist; give a ModelConfig JSON file or "
+                            "use --preset NAME")
+    return config_from_json(read_json_object(path, "model config"), path)
 
 
 def run(args: argparse.Namespace) -> int:

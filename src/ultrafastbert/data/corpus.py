@@ -25,6 +25,7 @@ import json
 import logging
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -297,6 +298,12 @@ def _bounded_lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
     while True:
         try:
             line = f.readline(MAX_DOC_CHARS)
+        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as err:
+            raise CorpusError(
+                f"{where}: the compressed file is truncated or corrupt after line {lineno} "
+                f"({type(err).__name__}: {err}). Copy or download it again (`gzip -t` / `xz -t` "
+                "checks a file)."
+            ) from err
         except UnicodeDecodeError as err:
             raise CorpusError(
                 f"{where}: bytes that are not UTF-8 at or after line {lineno + 1} ({err.reason}, "

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..utils.oserrors import writing
 from .corpus import Corpus, CorpusError
 
 if TYPE_CHECKING:
@@ -163,6 +164,21 @@ def _build(corpus: Corpus, tokenizer: Tokenizer, cache: Path, key: str, seq_len:
     tmp_data = data_path.with_name(data_path.name + tmp_tag)
     tmp_manifest = manifest_path.with_name(manifest_path.name + tmp_tag)
     start = time.monotonic()
+    with writing(data_path, "the packed-corpus cache",
+                 note="Pass --cache-dir on a disk with space (or set ULTRAFASTBERT_CACHE)."):
+        stats, manifest = _write_entry(corpus, tokenizer, key, seq_len, dtype, batch_size,
+                                       (data_path, tmp_data), (manifest_path, tmp_manifest))
+    log.info("packed %d documents into %d sequences of %d tokens in %.1fs -> %s",
+             stats["n_documents"], stats["n_sequences"], seq_len, time.monotonic() - start,
+             data_path)
+    return PackedCorpus(data_path, manifest)
+
+
+def _write_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, seq_len: int, dtype: np.dtype,
+                 batch_size: int, data: tuple[Path, Path], manifest_paths: tuple[Path, Path]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the rows, then the manifest, each to its temporary path and then into place."""
+    (data_path, tmp_data), (manifest_path, tmp_manifest) = data, manifest_paths
     try:
         with open(tmp_data, "wb") as f:
             stats = _write_rows(corpus, tokenizer, f, seq_len, dtype, batch_size)
@@ -179,10 +195,7 @@ def _build(corpus: Corpus, tokenizer: Tokenizer, cache: Path, key: str, seq_len:
     finally:
         tmp_data.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
-    log.info("packed %d documents into %d sequences of %d tokens in %.1fs -> %s",
-             stats["n_documents"], stats["n_sequences"], seq_len, time.monotonic() - start,
-             data_path)
-    return PackedCorpus(data_path, manifest)
+    return stats, manifest
 
 
 def _encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[Any]:

@@ -18,6 +18,7 @@ runtime choice (padded keys are masked) and costs time on a CPU.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -169,8 +170,7 @@ def read_tsv(path: Path, task: GlueTask, split: str) -> GlueSplit:
         want = [TRAIN_TSV, *(e.tsv_file for e in task.eval_splits)]
         raise NotFoundError(f"{path} is missing; the GLUE layout needs {', '.join(want)} "
                             f"in {path.parent} for {task.name}")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_rows(path)
     columns = _column_indices(rows[0] if rows else [], task, path)
     body = rows[1:] if task.tsv.header else rows
     examples, skipped = [], 0
@@ -184,6 +184,21 @@ def read_tsv(path: Path, task: GlueTask, split: str) -> GlueSplit:
     if not examples:
         raise GlueDataError(f"{path} holds no examples; re-download {task.name}")
     return GlueSplit(task.name, split, tuple(examples), str(path))
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    """The tab-separated rows of ``path`` (UTF-8, a byte-order mark tolerated)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise GlueDataError(
+            f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 ({err.reason}); "
+            "GLUE files are UTF-8. Convert the file (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) "
+            "or download it again") from None
+    rows = io.StringIO(text, newline="")  # split on \n, \r\n, \r only, as open(newline="")
+    return list(csv.reader(rows, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _column_indices(header: list[str], task: GlueTask, path: Path) -> list[int | None]:

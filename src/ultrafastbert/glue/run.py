@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, NotFoundError, OutputExistsError
+from ..errors import ConfigError, InputError, NotFoundError, OutputExistsError
 from ..model.checkpoint import TOKENIZER_NAME, read_config
+from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
 from .data import (
@@ -114,6 +115,7 @@ def run(settings: GlueRunSettings) -> dict[str, Any]:
     tasks = resolve_tasks(settings)
     tokenizer_file = model_tokenizer(settings.model_dir)
     results = new_results(settings, tasks)
+    check_settings_fit(settings, results["model"])
     data = {t.name: load_task_data(settings, t) for t in tasks}
     tokenizer = load_checked_tokenizer(tokenizer_file, results["model"]["vocab_size"])
     with DirectoryLock(settings.out_dir, "glue"):  # no second run writes into OUT meanwhile
@@ -198,6 +200,17 @@ def resolve_tasks(settings: GlueRunSettings) -> tuple[GlueTask, ...]:
     return parse_tasks(complete)
 
 
+def check_settings_fit(settings: GlueRunSettings, model: dict[str, Any]) -> None:
+    """Checks that would otherwise fail only once training starts: the device exists, the
+    protocol's ``max_length`` fits the model."""
+    require_device(settings.runtime.device)
+    max_length, max_seq_len = settings.protocol.max_length, model["max_seq_len"]
+    if max_length > max_seq_len:
+        raise InputError(f"--max-length {max_length} exceeds the model's max_seq_len "
+                         f"{max_seq_len} ({settings.model_dir}/config.json); pass --max-length "
+                         f"{max_seq_len} or less")
+
+
 def model_tokenizer(model_dir: Path) -> Path:
     """``model_dir/tokenizer.json``, or an error that says how to provide one."""
     read_config(model_dir)  # a clear error for a missing or broken model directory
@@ -254,7 +267,7 @@ def describe_model(settings: GlueRunSettings) -> dict[str, Any]:
             "released_format": released, "ff": config.ff.to_dict(),
             "neurons": config.ff.neurons, "active_neurons": config.ff.active_neurons,
             "n_layers": config.n_layers, "d_model": config.d_model,
-            "vocab_size": config.vocab_size}
+            "vocab_size": config.vocab_size, "max_seq_len": config.max_seq_len}
 
 
 def environment() -> dict[str, Any]:

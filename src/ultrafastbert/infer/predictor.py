@@ -28,6 +28,7 @@ from ..model.heads import (
     pool,
 )
 from ..model.pretrained import fff_compute_dtype
+from ..utils.device import require_device
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def _load_tokenizer(path: Path) -> Any:
     return load_tokenizer(path)
 
 
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def _check_pooling(pooling: str) -> None:
     if pooling not in ("mean", "first"):
         raise InputError(f"pooling must be 'mean' or 'first', got {pooling!r}")
@@ -95,6 +101,8 @@ class Predictor:
                  weight_format: str = "fp32", batch_size: int = 32):
         if dtype not in DTYPES.values():
             raise InputError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        _check_positive("batch_size (--batch-size)", batch_size)
+        device = str(require_device(device))
         model.to(device=device)
         model.set_precision(dtype, fff_compute_dtype(device, dtype, kernel))
         self.model = model.eval()
@@ -202,6 +210,8 @@ class Predictor:
         needs at least one mask token. Only the masked positions are decoded. (A ``top_k``
         above the vocabulary size gives the whole vocabulary.)"""
         model = self._require(UltraFastBertForMaskedLM, "fill-mask")
+        _check_positive("top_k (--top-k)", top_k)
+        top_k = min(top_k, model.config.vocab_size)
         masked = ids == self._token_id(MASK_TOKEN)
         for text, row in zip(texts, masked, strict=True):
             if not bool(row.any()):

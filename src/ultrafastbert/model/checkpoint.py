@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError, InputError, NotFoundError, OutputExistsError
+from ..errors import ConfigError, DataError, InputError, NotFoundError, OutputExistsError
 from ..utils.io import atomic_directory
+from ..utils.jsonfile import read_json_object, unknown_keys_message
+from ..utils.oserrors import as_os_error
 from .config import CONFIG_FORMAT_VERSION, DenseFF, FFFSpec, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 #: themselves (``PretrainedMixin.__init_subclass__`` calls :func:`register_model_class`), so this
 #: module needs no import of the classes it loads.
 MODEL_CLASSES: dict[str, type] = {}
+#: Keys of ``config.json`` besides the ``ModelConfig`` fields: ours (``save_pretrained``) and
+#: those a Hugging Face ``save_pretrained`` of the same model adds.
+METADATA_KEYS = frozenset({"model_type", "architectures", "format_version", "torch_dtype",
+                           "dtype", "transformers_version", "tie_word_embeddings", "id2label",
+                           "label2id"})
 _CRAMMED_CLASSES = {"ScriptableLMForPreTraining": "UltraFastBertForMaskedLM",
                     "ScriptableLMForSequenceClassification":
                         "UltraFastBertForSequenceClassification"}
@@ -118,7 +125,13 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
                        "(pip install safetensors for the portable format)", TORCH_NAMES[0])
         torch.save(tensors, folder / TORCH_NAMES[0])
         return
-    save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    except Exception as err:  # safetensors reports a full disk with its own error type
+        cause = as_os_error(err, folder / SAFETENSORS_NAME)
+        if cause is err:
+            raise
+        raise cause from err
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -188,7 +201,7 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
         raise NotFoundError(f"checkpoint directory {folder} does not exist")
     if not path.is_file():
         raise NotFoundError(f"{folder} has no {CONFIG_NAME}; is it a checkpoint directory?")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json_object(path, "model config")
     if "arch" in data or data.get("model_type") == "crammedBERT":
         arch = data.get("arch") or _read_model_config_json(folder)
         vocab = _arch_get(arch, "embedding.vocab_size") or _vocab_from_weights(folder, tensors)
@@ -203,18 +216,34 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
     if class_name not in MODEL_CLASSES:
         raise DataError(f"{path}: unknown architecture {class_name!r}; known: "
                         f"{sorted(MODEL_CLASSES)}")
-    return config_from_json(data), class_name, False
+    return config_from_json(data, path), class_name, False
 
 
-def config_from_json(data: dict[str, Any]) -> ModelConfig:
-    """``ModelConfig`` from our ``config.json`` (or one Hugging Face re-saved: extra keys such
-    as ``transformers_version`` are ignored; ``id2label`` gives the labels when present)."""
+def config_from_json(data: dict[str, Any], source: str | os.PathLike = "config.json"
+                     ) -> ModelConfig:
+    """``ModelConfig`` from our ``config.json`` (or one Hugging Face re-saved; ``id2label``
+    gives the labels when present). The same rule for ``from_pretrained`` and ``pretrain
+    --config``: the ``ModelConfig`` fields and the format tags (:data:`METADATA_KEYS`) are
+    known; any other key is an error naming it, with the closest known key as a suggestion.
+    """
     fields = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - fields - METADATA_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown_keys_message(unknown, fields)}; "
+                          f"a model config holds {sorted(fields)} (and the format tags "
+                          f"{sorted(METADATA_KEYS)})")
+    if "model_type" in data and data["model_type"] != MODEL_TYPE:
+        raise ConfigError(f"{source}: model_type {data['model_type']!r} is not {MODEL_TYPE!r}")
     values = {k: v for k, v in data.items() if k in fields}
     id2label = data.get("id2label")
     if id2label and "num_labels" not in values:
         values["num_labels"] = len(id2label)
-    return ModelConfig.from_dict(values)
+    try:
+        return ModelConfig.from_dict(values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def _read_model_config_json(folder: Path) -> dict[str, Any]:
@@ -222,7 +251,7 @@ def _read_model_config_json(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{folder}/{CONFIG_NAME} has no 'arch' and there is no "
                         "model_config.json: not a released crammedBERT checkpoint")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, "released model config")
 
 
 def _vocab_from_weights(folder: Path, tensors: dict[str, torch.Tensor] | None) -> int:
@@ -337,7 +366,12 @@ def convert_released(tensors: dict[str, torch.Tensor], config: ModelConfig
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``folder``'s weights file (safetensors, else a ``weights_only`` torch file)."""
+    """All tensors of ``folder``'s weights file (safetensors, else a ``weights_only`` torch file).
+
+    Raises:
+        DataError: the file is truncated or corrupt, or a tensor holds NaN or infinity (the
+            message names the file and the tensor).
+    """
     path = folder / SAFETENSORS_NAME
     if path.is_file():
         try:
@@ -345,12 +379,48 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         except ImportError as err:
             raise ImportError(f"{path} needs the safetensors package: pip install safetensors"
                               ) from err
-        return load_file(str(path))
+        tensors = _read_weights(path, lambda: load_file(str(path)))
+        return check_finite(tensors, path)
     for name in TORCH_NAMES:
         if (folder / name).is_file():
-            return torch.load(folder / name, map_location="cpu", weights_only=True)
+            tensors = _read_weights(folder / name, lambda n=name: torch.load(
+                folder / n, map_location="cpu", weights_only=True))
+            return check_finite(tensors, folder / name)
     raise NotFoundError(f"{folder} has no weights file ({SAFETENSORS_NAME} or "
                         f"{' / '.join(TORCH_NAMES)})")
+
+
+def _read_weights(path: Path, read: Any) -> dict[str, torch.Tensor]:
+    """``read()``, with a truncated or corrupt file reported as a :class:`DataError`."""
+    try:
+        tensors = read()
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # SafetensorError, UnpicklingError, RuntimeError, EOFError...
+        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                        "copy or download it again, or save the model again") from err
+    if not isinstance(tensors, dict):
+        raise DataError(f"{path} holds a {type(tensors).__name__}, not a dict of tensors; "
+                        "save the weights with save_pretrained")
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike
+                 ) -> dict[str, torch.Tensor]:
+    """Return ``tensors`` after checking that no floating-point tensor holds NaN or infinity.
+
+    Raises:
+        DataError: naming ``path``, the first bad tensor and how many bad values it has.
+    """
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(
+        torch.isfinite(t).all())]
+    if bad:
+        count = int((~torch.isfinite(tensors[bad[0]])).sum())
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise DataError(f"{path}: tensor {bad[0]} holds {count} non-finite values (NaN or "
+                        f"infinity){more}; the file is corrupt or the model diverged. Copy it "
+                        "again, or use an earlier checkpoint")
+    return tensors
 
 
 # ----------------------------------------------------------------------------- strict loading

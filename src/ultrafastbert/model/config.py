@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..fff.tree import MAX_DEPTH, n_nodes
+from ..utils.jsonfile import unknown_keys_message
 
 #: Pooling for the classification head: ``first`` token (GLUE) or ``mean`` over non-pad tokens.
 POOLERS = ("first", "mean")
@@ -191,7 +192,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {unknown_keys_message(unknown, known)}"
+                              f"; allowed: {sorted(known)}")
         return cls(**data)
 
     @classmethod

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import RunError
 from ..utils.io import atomic_directory, atomic_write_json
+from ..utils.oserrors import as_os_error, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,14 @@ def _write_files(folder: Path, model: nn.Module, trainer_state: dict[str, Any],
                  info: dict[str, Any]) -> None:
     from safetensors.torch import save_model
 
-    save_model(model, str(folder / MODEL_FILE))
-    torch.save(trainer_state, folder / TRAINER_FILE)
+    try:
+        save_model(model, str(folder / MODEL_FILE))
+    except Exception as err:  # safetensors' own error type for a failed write
+        cause = as_os_error(err, folder / MODEL_FILE)
+        if cause is err:
+            raise
+        raise cause from err
+    save_torch(trainer_state, folder / TRAINER_FILE)
     (folder / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=2)
                                      + "\n", encoding="utf-8")
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ResourceError, RunError
+from ..errors import RunError
+from ..utils.device import require_device
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     ``cuda:<local_rank>``; anything else as given. A CUDA device without CUDA is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ResourceError(f"device {name!r} requested but CUDA is not available; use "
-                                "--device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+    device = require_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RunError
+from ..utils.oserrors import writing
 from .checkpoint import (
     CHECKPOINT_DIR,
     CheckpointInfo,
@@ -41,6 +42,7 @@ from .checkpoint import (
     load_checkpoint,
     remove_orphans,
     save_checkpoint,
+    step_dir_name,
 )
 from .distributed import DistContext, wrap_ddp
 from .metrics import METRICS_FILE, MetricsLog
@@ -273,8 +275,11 @@ class Trainer:
         info = {**asdict(self.state), "world_size": self.ctx.world_size,
                 "max_steps": self.config.max_steps, "budget_s": self.config.budget_s,
                 "schedule": _describe(self.schedule)}
-        return save_checkpoint(root, self.state.step, model=self.module, trainer_state=trainer,
-                               info=info, final=final, keep=self.config.keep_checkpoints)
+        with writing(root / step_dir_name(self.state.step), "the checkpoint",
+                     note=_intact_note(root)):
+            return save_checkpoint(root, self.state.step, model=self.module,
+                                   trainer_state=trainer, info=info, final=final,
+                                   keep=self.config.keep_checkpoints)
 
     # -------------------------------------------------------------------------------- run
     def fit(self) -> TrainResult:
@@ -395,6 +400,18 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------- helpers
+def _intact_note(root: Path) -> str:
+    """Which earlier checkpoint a failed save leaves untouched, and how to continue."""
+    try:
+        latest = latest_checkpoint(root)
+    except (OSError, ValueError, RuntimeError):
+        latest = None
+    if latest is None:
+        return "No checkpoint was written yet."
+    return (f"The previous checkpoint {latest.path} (step {latest.step}) is intact: "
+            "continue from it with the same command and --resume.")
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from ..errors import InputError, OutputExistsError
 from ..utils.io import atomic_path, atomic_write_text
+from ..utils.oserrors import writing
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,22 @@ class MetricsLog:
                                     "output directory")
         if keep_until_step is not None:
             self._truncate(keep_until_step)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        with writing(self.path, "the metrics log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def _truncate(self, step: int) -> None:
         kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        with writing(self.path, "the metrics log"):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line and flush it to the OS."""
         if self._file is None:
             raise InputError(f"{self.path} is closed")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path, "the metrics log"):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         """Close the file (idempotent)."""

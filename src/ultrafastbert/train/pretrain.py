@@ -43,6 +43,7 @@ from ..errors import InputError, NotFoundError, OutputExistsError
 from ..model import ModelConfig, UltraFastBertForMaskedLM
 from ..utils.io import atomic_write_json
 from ..utils.lock import LOCK_FILE, DirectoryLock
+from ..utils.oserrors import writing
 from .distributed import DistContext, init_distributed, main_first, shutdown
 from .loop import LoopConfig, Trainer, TrainResult
 from .metrics import METRICS_FILE, plot_loss_curve, read_metrics
@@ -179,11 +180,19 @@ def _run(s: PretrainSettings, ctx: DistContext, lock: DirectoryLock) -> Pretrain
     result = trainer.fit()
     if not ctx.is_main:
         return PretrainResult(s.out_dir, result, None, None, 0, {})
-    export_model(model, s, data)
-    records = read_metrics(s.out_dir / METRICS_FILE)
-    plot_loss_curve(records, s.out_dir / LOSS_CURVE_FILE, title=f"pretraining {s.model_name}")
-    heldout, unigram = evaluate(model, data, heldout_rows, ctx.device)
-    return summarize(s, model, result, records, heldout, unigram)
+    with writing(s.out_dir, "the model into", note=_resume_note(result)):
+        export_model(model, s, data)
+        records = read_metrics(s.out_dir / METRICS_FILE)
+        plot_loss_curve(records, s.out_dir / LOSS_CURVE_FILE,
+                        title=f"pretraining {s.model_name}")
+        heldout, unigram = evaluate(model, data, heldout_rows, ctx.device)
+        return summarize(s, model, result, records, heldout, unigram)
+
+
+def _resume_note(result: TrainResult) -> str:
+    where = f" {result.checkpoint.path}" if result.checkpoint is not None else ""
+    return (f"Training finished and its final checkpoint{where} is intact: free some space "
+            "and run the same command with --resume to write the model files.")
 
 
 # ------------------------------------------------------------------------- output folder
@@ -206,10 +215,11 @@ def claim_output_dir(s: PretrainSettings, lock: DirectoryLock | None = None) -> 
         what = "another run" if run_file.is_file() else "files"
         raise OutputExistsError(f"output directory {out} already holds {what}; pass --resume to "
                                 "continue that run, or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, {"command": "pretrain", "format": 1, "settings":
-                                 s.result_settings(), "runtime": s.to_json(),
-                                 "created_unix": int(time.time())})
+    with writing(run_file, "the run record", note="Choose a --out on a writable disk."):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, {"command": "pretrain", "format": 1, "settings":
+                                     s.result_settings(), "runtime": s.to_json(),
+                                     "created_unix": int(time.time())})
     return True
 
 
