@@ -191,8 +191,8 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch)
     trainer.fit()
     good = latest_checkpoint(tmp_path / "checkpoints")
 
-    def broken_save(obj: Any, path: Any) -> None:
-        Path(path).write_bytes(b"half a file")
+    def broken_save(obj: Any, f: Any) -> None:
+        f.write(b"half a file")  # an open file: see utils.oserrors.save_torch
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)

@@ -43,3 +43,10 @@ class ResourceError(UltraFastBertError, RuntimeError):
 
 class RunError(UltraFastBertError, RuntimeError):
     """A run cannot go on (a non-finite loss, a checkpoint that does not fit, a failed check)."""
+
+
+class Interrupted(UltraFastBertError):
+    """The user stopped a run (Ctrl-C); the message says what was saved and how to go on.
+
+    Not a failure: the command line exits with status 130 (as for SIGINT), without a traceback.
+    """

@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import UltraFastBertError
+from ..errors import Interrupted, UltraFastBertError
 
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
 COMMAND_MODULES = ("demo", "pretrain", "glue", "predict", "bench", "kernels", "serve")
@@ -45,6 +45,12 @@ def run_handler(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
+    except Interrupted as err:  # Ctrl-C in a training loop: saved, not a failure
+        print(f"ultrafastbert {args.command}: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"ultrafastbert {args.command}: interrupted", file=sys.stderr)
+        return 130
     except UltraFastBertError as err:
         print(f"ultrafastbert {args.command}: error: {err}", file=sys.stderr)
         return 2

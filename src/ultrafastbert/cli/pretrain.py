@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -182,15 +183,29 @@ def model_config_file(path: Path):
 
 def run(args: argparse.Namespace) -> int:
     """Pretrain and print the summary (rank 0)."""
+    from ..errors import Interrupted
     from ..train import pretrain
 
-    result = pretrain.run(settings_from_args(args))
+    try:
+        result = pretrain.run(settings_from_args(args))
+    except Interrupted as err:
+        raise Interrupted(f"{err}. Continue with: {shlex.join(resume_command())}") from None
     if result.train is None and result.summary:
         print(f"prepared {result.summary['sequences']:,} sequences in "
               f"{result.summary['packed']}; start training with the same command and --resume")
     elif result.summary:
         print(format_summary(result))
     return 0
+
+
+def resume_command(argv: list[str] | None = None) -> list[str]:
+    """The command line that continues this run: the one given, with ``--resume``."""
+    argv = list(sys.argv if argv is None else argv)
+    if "pretrain" in argv[1:]:
+        command = ["ultrafastbert", *argv[argv.index("pretrain", 1):]]
+    else:  # python -m ultrafastbert.cli.pretrain ARGS
+        command = ["python", "-m", "ultrafastbert.cli.pretrain", *argv[1:]]
+    return command if "--resume" in command else [*command, "--resume"]
 
 
 def format_summary(result) -> str:

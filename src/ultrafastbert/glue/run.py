@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, InputError, NotFoundError, OutputExistsError
+from ..errors import ConfigError, InputError, Interrupted, NotFoundError, OutputExistsError
 from ..model.checkpoint import TOKENIZER_NAME, read_config
 from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
@@ -120,7 +120,10 @@ def run(settings: GlueRunSettings) -> dict[str, Any]:
     tokenizer = load_checked_tokenizer(tokenizer_file, results["model"]["vocab_size"])
     with DirectoryLock(settings.out_dir, "glue"):  # no second run writes into OUT meanwhile
         claim_output_dir(settings.out_dir)
-        run_tasks(settings, tasks, data, tokenizer, tokenizer_file, results)
+        try:
+            run_tasks(settings, tasks, data, tokenizer, tokenizer_file, results)
+        except Interrupted:
+            raise Interrupted(interrupted_message(settings, tasks, results)) from None
         results["complete"] = True
         atomic_write_json(settings.out_dir / RESULTS_JSON, results)
         atomic_write_text(settings.out_dir / RESULTS_MD, results_markdown(results))
@@ -139,6 +142,17 @@ def run_tasks(settings: GlueRunSettings, tasks: Sequence[GlueTask],
             results["average"] = averages(task_scores(results["tasks"], "score"))
             results["baseline_average"] = averages(task_scores(results["tasks"], "baseline"))
             atomic_write_json(settings.out_dir / RESULTS_JSON, results)
+
+
+def interrupted_message(settings: GlueRunSettings, tasks: Sequence[GlueTask],
+                        results: dict[str, Any]) -> str:
+    """What a Ctrl-C kept (the finished tasks in ``results.json``) and how to finish."""
+    finished = list(results["tasks"])
+    left = [t.name for t in tasks if t.name not in finished]
+    kept = (f"{settings.out_dir / RESULTS_JSON} keeps the finished task(s) "
+            f"{', '.join(finished)}" if finished else "no task had finished")
+    return (f"interrupted during {left[0]} (fine-tuning runs are not checkpointed); {kept}. "
+            f"To finish, run the same command with --tasks {','.join(left)} and a new --out")
 
 
 def run_task(settings: GlueRunSettings, data: GlueTaskData, tokenizer: Any,

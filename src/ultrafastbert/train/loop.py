@@ -22,9 +22,12 @@ micro-batch and keep a rank-independent state, so rank 0's checkpoint resumes ev
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, Interrupted, RunError
 from ..utils.oserrors import writing
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -50,6 +53,8 @@ from .metrics import METRICS_FILE, MetricsLog
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+#: With a time budget, the longest an optimizer step may take, as a share of the budget.
+BUDGET_STEP_SHARE = 0.02
 
 
 # ------------------------------------------------------------------------------ interfaces
@@ -231,6 +236,9 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
         self._resumed = False
         self._clock: tuple[float, float] = (time.monotonic(), 0.0)
+        self._stop_requested = False
+        self._micro_s: float | None = None  # seconds per micro-batch (budget runs)
+        self._capped_at: int | None = None
 
     # ------------------------------------------------------------------------- checkpoints
     @property
@@ -283,10 +291,27 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def fit(self) -> TrainResult:
-        """Train until ``max_steps`` or the budget is reached; write the final checkpoint."""
+        """Train until ``max_steps`` or the budget is reached; write the final checkpoint.
+
+        Ctrl-C (SIGINT) stops at the next micro-batch: a step in progress is abandoned (its
+        data and random state rewound, so resuming repeats it exactly), a checkpoint of the
+        last complete step is written, and :class:`~ultrafastbert.errors.Interrupted` is
+        raised, naming it. A second Ctrl-C quits at once without saving.
+        """
         self.model.train()
         self._clock = (time.monotonic(), self.state.elapsed_s)
         start_tokens, history = self.state.tokens, []
+        with _stop_on_sigint(self):
+            try:
+                self._run_steps(history)
+            except _StopRequested:
+                self._interrupted()
+            checkpoint = self.save(final=True)
+        session_s = max(self.state.elapsed_s - self._clock[1], 1e-9)
+        return TrainResult(self.state, (self.state.tokens - start_tokens) / session_s,
+                           history[-1] if history else None, checkpoint, history)
+
+    def _run_steps(self, history: list[StepStats]) -> None:
         last_save = self.state.elapsed_s
         with self._metrics_log() as metrics, _progress_bar(self) as bar:
             # Decide on the recorded clock (broadcast from rank 0 at the end of each step), so
@@ -299,10 +324,26 @@ class Trainer:
                 if self._periodic_save_due(last_save):
                     self.save()
                     last_save = self.state.elapsed_s
-        checkpoint = self.save(final=True)
-        session_s = max(self.state.elapsed_s - self._clock[1], 1e-9)
-        return TrainResult(self.state, (self.state.tokens - start_tokens) / session_s,
-                           history[-1] if history else None, checkpoint, history)
+                if self._stop_now():
+                    raise _StopRequested
+
+    def _stop_now(self) -> bool:
+        """Whether Ctrl-C was pressed (on any rank: every rank must call this)."""
+        flag = float(self._stop_requested)
+        if self.ctx.enabled:
+            (flag,) = self.ctx.all_reduce_sum([flag])
+        return flag > 0
+
+    def _interrupted(self) -> None:
+        """Save the last complete step and raise :class:`Interrupted` naming the checkpoint."""
+        done = f"step {self.state.step}" + (f" of {self.config.max_steps}"
+                                            if self.config.max_steps else "")
+        if self.checkpoint_root is None:
+            raise Interrupted(f"interrupted at {done}; nothing saved (this loop writes no "
+                              "checkpoints)")
+        info = self.save()
+        where = info.path if info is not None else self.checkpoint_root
+        raise Interrupted(f"interrupted at {done}; saved the checkpoint {where}")
 
     def _elapsed(self) -> float:
         """Training seconds so far (rank 0's clock, so every rank decides alike)."""
@@ -324,15 +365,22 @@ class Trainer:
         directly to time steps (benchmarks). Every rank must call it.
         """
         started = time.monotonic()
+        rewind = (copy.deepcopy(self.data.state_dict()), _rng_state())
         progress = self.config.progress(self.state.step, self._elapsed())
         lr = self._set_lr(self.schedule.lr_factor(progress))
-        n_micro = self.schedule.accumulation(progress)
+        n_micro = self._micro_batches(progress)
         batches = [self.data.next_batch(self.ctx.rank, self.ctx.world_size)
                    for _ in range(n_micro)]
         targets, tokens, rows = self.ctx.all_reduce_sum(
             [sum(b.n_targets for b in batches), sum(b.n_tokens for b in batches),
              sum(b.n_sequences for b in batches)])
-        local_loss_sum = self._accumulate(batches, max(targets, 1.0))
+        try:
+            local_loss_sum = self._accumulate(batches, max(targets, 1.0))
+        except _StopRequested:  # Ctrl-C mid-step: as if this step had not begun
+            self.optimizer.zero_grad(set_to_none=True)
+            self.data.load_state_dict(rewind[0])
+            _restore_rng(rewind[1])
+            raise
         grad_norm = self._optimizer_step()
         (loss_sum,) = self.ctx.all_reduce_sum([local_loss_sum])
         loss = loss_sum / max(targets, 1.0)
@@ -341,8 +389,35 @@ class Trainer:
         self.state.tokens += int(tokens)
         self.state.elapsed_s = self._elapsed()
         seconds = max(time.monotonic() - started, 1e-9)
+        self._observe_step_time(seconds, n_micro)
         return StepStats(self.state.step, loss, lr, self.state.tokens, self.state.elapsed_s,
                          progress, int(rows), n_micro, grad_norm, tokens / seconds)
+
+    def _micro_batches(self, progress: float) -> int:
+        """``schedule.accumulation(progress)``; with a budget, capped so that one step takes at
+        most :data:`BUDGET_STEP_SHARE` of the budget (and no more than the time left), so the
+        budget is kept to within a few percent and the schedule runs to its end."""
+        wanted = self.schedule.accumulation(progress)
+        if self.config.budget_s is None or self._micro_s is None:
+            return wanted
+        left = self.config.budget_s - self.state.elapsed_s
+        fits = min(left, BUDGET_STEP_SHARE * self.config.budget_s) / self._micro_s
+        n_micro = max(1, min(wanted, math.floor(fits)))
+        if n_micro < wanted and self._capped_at is None:
+            self._capped_at = n_micro
+            log.warning("the budget is short for this batch ramp: one micro-batch takes %.2f s, "
+                        "so steps are capped at %d micro-batches (%.1f s, %.0f%% of the "
+                        "budget) instead of %d; the learning-rate schedule still runs to its "
+                        "end", self._micro_s, n_micro, n_micro * self._micro_s,
+                        100 * BUDGET_STEP_SHARE, wanted)
+        return n_micro
+
+    def _observe_step_time(self, seconds: float, n_micro: int) -> None:
+        """Running estimate of seconds per micro-batch (rank 0's, so every rank caps alike)."""
+        per_micro = self.ctx.broadcast_float(seconds / n_micro)
+        previous = self._micro_s
+        self._micro_s = per_micro if previous is None else max(per_micro,
+                                                               0.5 * (previous + per_micro))
 
     def _set_lr(self, factor: float) -> float:
         for group in self.optimizer.param_groups:
@@ -358,6 +433,8 @@ class Trainer:
         scale = self.ctx.world_size / total_targets
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for i, batch in enumerate(batches):
+            if i and self._stop_now():
+                raise _StopRequested
             sync = i == len(batches) - 1
             with self._no_sync(not sync):
                 with self._autocast():
@@ -429,6 +506,42 @@ def _describe(obj: Any) -> Any:
 def _rng_state() -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopRequested(Exception):
+    """Raised inside the loop when Ctrl-C asked it to stop (never escapes :meth:`fit`)."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """While training: the first Ctrl-C asks ``trainer`` to stop and save, a second quits.
+
+    Only in the main thread, and only when SIGINT has Python's default handler (a caller with
+    its own handler keeps it).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        log.warning("Ctrl-C: stopping after this micro-batch and saving a checkpoint "
+                    "(press Ctrl-C again to quit without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _set_rng_state(per_rank: list[dict[str, Any]], ctx: DistContext) -> None:
