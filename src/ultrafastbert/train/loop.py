@@ -300,7 +300,8 @@ class Trainer:
         """
         self.model.train()
         self._clock = (time.monotonic(), self.state.elapsed_s)
-        start_tokens, history = self.state.tokens, []
+        start_tokens = self.state.tokens
+        history: list[StepStats] = []
         with _stop_on_sigint(self):
             try:
                 self._run_steps(history)
