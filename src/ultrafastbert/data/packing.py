@@ -277,7 +277,8 @@ def prepare_data(
     The tokenizer is ``tokenizer_path`` if given (it must match any tokenizer already in
     ``out_dir``), else the one already in ``out_dir`` (a resumed run), else the shipped demo
     tokenizer (demo corpus with ``vocab_size`` 32,768), else a new one trained on ``corpus``.
-    Retraining is not bit-reproducible, so a run must always reuse the copy in its ``out_dir``.
+    Training is deterministic (same corpus, same tokenizer); a resumed run still reuses the copy
+    in its ``out_dir``, so it never depends on the corpus being unchanged.
 
     Raises:
         TokenizerError: ``out_dir`` already holds a tokenizer different from ``tokenizer_path``.
@@ -310,7 +311,7 @@ def _choose_tokenizer(corpus: Corpus, saved: Path, given: str | os.PathLike[str]
     if corpus.kind == "demo" and vocab_size == DEFAULT_VOCAB_SIZE:
         return demo_tokenizer()
     log.info("training a WordPiece tokenizer (vocab %d) on %s", vocab_size, corpus.source)
-    return train_tokenizer(corpus.batches(), vocab_size=vocab_size)
+    return train_tokenizer(corpus, vocab_size=vocab_size)  # re-iterable: read twice
 
 
 # --------------------------------------------------------------------------- order and batches

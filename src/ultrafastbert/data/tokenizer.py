@@ -103,7 +103,11 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a WordPiece tokenizer on ``texts`` (documents, or batches of documents).
 
-    The input is streamed (``tokenizers`` counts words in parallel). On a small corpus the
+    Deterministic: the same texts and settings give the same tokenizer, in any process (see
+    :func:`continuation_seeds`; ``texts`` is read twice, and a one-shot iterator is first
+    kept in memory, so pass a re-iterable such as a ``Corpus`` for a large corpus). The input
+    is streamed (``tokenizers`` counts words in
+    parallel). On a small corpus the
     vocabulary can come out smaller than ``vocab_size``; that is logged, not an error: every id
     is still below ``vocab_size``, so a model sized for ``vocab_size`` works.
 
@@ -123,12 +127,51 @@ def train_tokenizer(
         raise TokenizerError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, "
                              f"got {vocab_size}. Use e.g. 32768 (the paper) or 1024 for tests.")
     tok = new_tokenizer()
+    if iter(texts) is texts:  # a one-shot iterator: keep it for the second pass
+        texts = list(_as_strings(texts))
+    seeds = continuation_seeds(tok, _as_strings(texts))
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS),
+                                        special_tokens=[*SPECIAL_TOKENS, *seeds],
                                         show_progress=show_progress)
     tok.train_from_iterator(_as_strings(texts), trainer=trainer, length=length)
+    tok = _without_seed_specials(tok)
     _add_post_processor(tok)
     _check_trained(tok, vocab_size)
+    return tok
+
+
+def continuation_seeds(tok: Tokenizer, texts: Iterable[str]) -> list[str]:
+    """``##c`` for every character ``c`` the normalised ``texts`` contain, in code order.
+
+    Given to the WordPiece trainer up front, so that it never creates them itself: it would do
+    so in hash-map order, which differs from run to run and then breaks ties between merges
+    differently (huggingface/tokenizers#1794). With them, training is deterministic: the same
+    corpus gives the same tokenizer. The trainer would add the same pieces anyway, so the
+    vocabulary is not larger for it. Costs one extra pass over ``texts``.
+    """
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    normalise = tok.normalizer.normalize_str
+    chars = {c for raw in seen for c in normalise(raw)}
+    if "`" in seen or "'" in seen:  # `` and '' become " (a two-character rule)
+        chars.add('"')
+    return ["##" + c for c in sorted(chars) if not c.isspace()]
+
+
+def _without_seed_specials(trained: Tokenizer) -> Tokenizer:
+    """The trained WordPiece vocabulary (same ids) with only :data:`SPECIAL_TOKENS` special:
+    the seeds (:func:`continuation_seeds`) are ordinary continuation pieces, not tokens matched
+    in raw text."""
+    from tokenizers import models
+
+    vocab = trained.get_vocab(with_added_tokens=True)
+    model = trained.model
+    tok = new_tokenizer()
+    tok.model = models.WordPiece(vocab, unk_token=UNK,
+                                 continuing_subword_prefix=model.continuing_subword_prefix,
+                                 max_input_chars_per_word=model.max_input_chars_per_word)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 
 
@@ -219,9 +262,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
 def demo_tokenizer() -> Tokenizer:
     """The WordPiece tokenizer (32,768 entries) shipped with, and trained on, the demo corpus.
 
-    Use it for reproducible demo runs and stored-loss tests: retraining is not bit-reproducible,
-    because the ``tokenizers`` WordPiece trainer breaks count ties in hash-map order
-    (huggingface/tokenizers#1794).
+    It was trained before :func:`train_tokenizer` was made deterministic, so retraining on the
+    demo corpus gives a (reproducibly) different tokenizer; use this one for demo runs and
+    stored-loss tests.
     """
     from tokenizers import Tokenizer
 
