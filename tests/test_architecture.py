@@ -168,7 +168,7 @@ def test_the_walk_sees_module_and_function_level_imports() -> None:
             "ultrafastbert.fff.triton_impl"} <= graph["ultrafastbert.fff.dispatch"]
     assert graph["ultrafastbert.model.checkpoint"] <= {
         "ultrafastbert.model.config", "ultrafastbert.errors", "ultrafastbert.utils",
-        "ultrafastbert.utils.io", "ultrafastbert.utils.oserrors"}
+        "ultrafastbert.utils.io", "ultrafastbert.utils.jsonfile", "ultrafastbert.utils.oserrors"}
 
 
 @pytest.mark.parametrize("graph, expected", [
