@@ -79,6 +79,32 @@ def _load_tokenizer(path: Path) -> Any:
     return load_tokenizer(path)
 
 
+def _as_list(texts: str | Sequence[str], name: str) -> list[str]:
+    """``[texts]`` for one string, else the texts as a list (each must be a string)."""
+    rows = [texts] if isinstance(texts, str) else list(texts)
+    bad = [type(t).__name__ for t in rows if not isinstance(t, str)]
+    if bad:
+        raise InputTypeError(f"{name} must be a string or a list of strings, got a list "
+                             f"holding {bad[0]}")
+    return rows
+
+
+def _warn_empty(texts: Sequence[str], pairs: Sequence[str] | None, encodings: list[Any]
+                ) -> None:
+    """Log the texts that have no token left after normalisation (see ``Predictor.embed``)."""
+    empty = []
+    for i, encoding in enumerate(encodings):
+        if 0 not in encoding.sequence_ids:
+            empty.append(texts[i])
+        elif pairs is not None and 1 not in encoding.sequence_ids:
+            empty.append(pairs[i])
+    if empty:
+        logger.warning("%d text(s) have no tokens after normalisation, e.g. %r: the tokenizer "
+                       "keeps lowercase ASCII only (accents stripped, other characters "
+                       "dropped), so such a text is read as an empty one", len(empty),
+                       empty[0][:60])
+
+
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -162,7 +188,9 @@ class Predictor:
         if pairs is not None and len(pairs) != len(texts):
             raise InputError(f"{len(texts)} texts but {len(pairs)} pairs")
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        return [e.ids for e in self._unpadded_tokenizer(truncate).encode_batch(inputs)]
+        encodings = self._unpadded_tokenizer(truncate).encode_batch(inputs)
+        _warn_empty(texts, pairs, encodings)
+        return [e.ids for e in encodings]
 
     def _unpadded_tokenizer(self, truncate: bool) -> Any:
         # A copy of the tokenizer, so changing its truncation never races with self.tokenizer.
@@ -197,12 +225,16 @@ class Predictor:
             yield self.encode(texts[start:end], None if pairs is None else pairs[start:end])
 
     # ------------------------------------------------------------------------------ fill-mask
-    def fill_mask(self, text: str, top_k: int = 5) -> FillMaskResult:
-        """The ``top_k`` candidates for every ``<mask>`` (or ``[MASK]``) in ``text``."""
+    def fill_mask(self, text: str | Sequence[str], top_k: int = 5
+                  ) -> FillMaskResult | list[FillMaskResult]:
+        """The ``top_k`` candidates for every ``<mask>`` (or ``[MASK]``) in ``text``; a list
+        of texts gives a list of results."""
         self._require(UltraFastBertForMaskedLM, "fill-mask")
-        text = self.with_mask_token(text)
-        [result] = self.fill_mask_ids([text], *self.encode([text]), top_k=top_k)
-        return result
+        texts = [self.with_mask_token(t) for t in _as_list(text, "text")]
+        results = [result for start in range(0, len(texts), self.batch_size)
+                   for chunk in [texts[start:start + self.batch_size]]
+                   for result in self.fill_mask_ids(chunk, *self.encode(chunk), top_k=top_k)]
+        return results[0] if isinstance(text, str) else results
 
     def fill_mask_ids(self, texts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
                       top_k: int = 5) -> list[FillMaskResult]:
@@ -236,12 +268,19 @@ class Predictor:
                 for row_p, row_i in zip(probs, top, strict=True)]
 
     # ----------------------------------------------------------------------------- embeddings
-    def embed(self, texts: Sequence[str], pooling: str = "mean") -> torch.Tensor:
-        """Sentence embeddings ``(N, d)`` float32: mean of the final hidden states over real
-        tokens (``pooling="mean"``) or the first token's (``"first"``)."""
+    def embed(self, texts: str | Sequence[str], pooling: str = "mean") -> torch.Tensor:
+        """Sentence embeddings ``(N, d)`` float32 (``(d,)`` for one string): mean of the final
+        hidden states over real tokens (``pooling="mean"``) or the first token's (``"first"``).
+
+        A text with no tokens left after normalisation (empty, or only characters the
+        tokenizer drops, such as CJK for the ASCII-only crammed tokenizer) is logged as a
+        warning: its embedding is that of an empty text, the same for all of them.
+        """
         _check_pooling(pooling)
-        parts = [self.embed_ids(ids, mask, pooling) for ids, mask in self._batches(texts, None)]
-        return torch.cat(parts) if parts else torch.empty(0, self.model.config.d_model)
+        rows = _as_list(texts, "texts")
+        parts = [self.embed_ids(ids, mask, pooling) for ids, mask in self._batches(rows, None)]
+        out = torch.cat(parts) if parts else torch.empty(0, self.model.config.d_model)
+        return out[0] if isinstance(texts, str) else out
 
     def embed_ids(self, ids: torch.Tensor, mask: torch.Tensor | None,
                   pooling: str = "mean") -> torch.Tensor:
@@ -253,12 +292,16 @@ class Predictor:
             return pool(hidden, mask, pooling).float().cpu()
 
     # ------------------------------------------------------------------------- classification
-    def classify(self, texts: Sequence[str], pairs: Sequence[str] | None = None
-                 ) -> list[Classification]:
-        """Predictions of a fine-tuned classifier (or regressor) for ``texts`` (and ``pairs``)."""
+    def classify(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None
+                 ) -> Classification | list[Classification]:
+        """Predictions of a fine-tuned classifier (or regressor) for ``texts`` (and ``pairs``);
+        one string (and one pair string) gives one result."""
         self._require(UltraFastBertForSequenceClassification, "classification")
-        return [result for ids, mask in self._batches(texts, pairs)
-                for result in self.classify_ids(ids, mask)]
+        rows = _as_list(texts, "texts")
+        second = None if pairs is None else _as_list(pairs, "pairs")
+        results = [result for ids, mask in self._batches(rows, second)
+                   for result in self.classify_ids(ids, mask)]
+        return results[0] if isinstance(texts, str) else results
 
     def classify_ids(self, ids: torch.Tensor, mask: torch.Tensor | None
                      ) -> list[Classification]:

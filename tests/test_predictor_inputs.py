@@ -1,0 +1,78 @@
+"""Predictor inputs (issue 13, item 11): a string or a list for every task; texts that
+normalise to nothing are reported. One rule for config.json keys (item 10)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultrafastbert.errors import ConfigError
+from ultrafastbert.infer import Predictor
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ultrafastbert.model import (
+        ModelConfig,
+        UltraFastBertForMaskedLM,
+        UltraFastBertForSequenceClassification,
+    )
+
+    config = ModelConfig.from_dict(json.loads((FIXTURES / "train_model.json").read_text()))
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    tokenizer = FIXTURES / "train_tokenizer.json"
+    UltraFastBertForMaskedLM(config).save_pretrained(root / "mlm", tokenizer_file=tokenizer)
+    UltraFastBertForSequenceClassification(config.replace(num_labels=3)).save_pretrained(
+        root / "cls", tokenizer_file=tokenizer)
+    return {"mlm": root / "mlm", "cls": root / "cls"}
+
+
+def test_each_task_takes_a_string_or_a_list(model_dirs: dict[str, Path]) -> None:
+    mlm = Predictor.from_pretrained(model_dirs["mlm"], batch_size=1)
+    texts = ["the <mask> is here", "a [MASK] and a <mask>"]
+    many = mlm.fill_mask(texts, top_k=3)
+    assert isinstance(many, list) and len(many) == 2  # two batches of one
+    assert [m.candidates for m in many] == [mlm.fill_mask(t, top_k=3).candidates for t in texts]
+    assert len(many[1].candidates) == 2
+    one = mlm.embed("the cat")
+    assert one.shape == (64,)
+    torch.testing.assert_close(one, mlm.embed(["the cat", "a dog"])[0])
+    cls = Predictor.from_pretrained(model_dirs["cls"])
+    single = cls.classify("the cat", "a dog")
+    assert single == cls.classify(["the cat"], ["a dog"])[0]
+    with pytest.raises(TypeError, match="a string or a list of strings, got a list holding int"):
+        mlm.embed([1, 2])
+
+
+def test_texts_that_normalise_to_nothing_are_reported(model_dirs: dict[str, Path],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    p = Predictor.from_pretrained(model_dirs["mlm"])
+    with caplog.at_level(logging.WARNING, logger="ultrafastbert.infer.predictor"):
+        vectors = p.embed(["", "日本語", "the cat"])
+    assert "2 text(s) have no tokens after normalisation, e.g. ''" in caplog.text
+    torch.testing.assert_close(vectors[0], vectors[1])  # why it must be said: the same vector
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ultrafastbert.infer.predictor"):
+        p.embed(["the cat", "café"])  # accents are stripped, not dropped: no warning
+    assert "no tokens" not in caplog.text
+
+
+def test_pretrain_config_accepts_what_save_pretrained_writes(model_dirs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    from ultrafastbert.cli.pretrain import model_config_file
+    from ultrafastbert.model import from_pretrained
+
+    saved = from_pretrained(model_dirs["cls"]).config
+    assert model_config_file(model_dirs["cls"] / "config.json") == saved
+    assert model_config_file(model_dirs["cls"]) == saved  # the directory works too
+    data = json.loads((model_dirs["cls"] / "config.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**data, "n_head": 2}))
+    with pytest.raises(ConfigError, match=r"unknown keys 'n_head' \(did you mean 'n_heads'\?\)"):
+        model_config_file(tmp_path / "bad.json")
