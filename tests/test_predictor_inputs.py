@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_helpers import tiny_run  # noqa: F401
 from ultrafastbert.errors import ConfigError
 from ultrafastbert.infer import Predictor
 
@@ -76,3 +77,19 @@ def test_pretrain_config_accepts_what_save_pretrained_writes(model_dirs: dict[st
     (tmp_path / "bad.json").write_text(json.dumps({**data, "n_head": 2}))
     with pytest.raises(ConfigError, match=r"unknown keys 'n_head' \(did you mean 'n_heads'\?\)"):
         model_config_file(tmp_path / "bad.json")
+
+
+def test_intermediate_checkpoints_load(tiny_run: Path) -> None:  # noqa: F811
+    """``OUT/checkpoints/step-N`` loads like ``OUT`` (item 13): config from OUT/run.json."""
+    from ultrafastbert.model import UltraFastBertModel, from_pretrained
+    from ultrafastbert.train.checkpoint import latest_checkpoint
+
+    step = latest_checkpoint(tiny_run / "checkpoints").path
+    final, intermediate = from_pretrained(tiny_run), from_pretrained(step)
+    assert type(intermediate) is type(final)
+    for key, value in final.state_dict().items():
+        torch.testing.assert_close(intermediate.state_dict()[key], value)  # the last step
+    assert intermediate.tokenizer_file == tiny_run / "tokenizer.json"
+    assert UltraFastBertModel.from_pretrained(step).config.n_layers == final.config.n_layers
+    result = Predictor.from_pretrained(step).fill_mask("the <mask> is here")
+    assert len(result.candidates[0]) == 5

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError, Interrupted, NotFoundError, OutputExistsError
-from ..model.checkpoint import TOKENIZER_NAME, read_config
+from ..model.checkpoint import TOKENIZER_NAME, read_config, tokenizer_file
 from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
@@ -228,7 +228,7 @@ def check_settings_fit(settings: GlueRunSettings, model: dict[str, Any]) -> None
 def model_tokenizer(model_dir: Path) -> Path:
     """``model_dir/tokenizer.json``, or an error that says how to provide one."""
     read_config(model_dir)  # a clear error for a missing or broken model directory
-    path = model_dir / TOKENIZER_NAME
+    path = tokenizer_file(model_dir) or model_dir / TOKENIZER_NAME
     if not path.is_file():
         raise NotFoundError(f"model directory {model_dir} has no {TOKENIZER_NAME}; copy the "
                             "tokenizer the model was pretrained with into it (pretraining "

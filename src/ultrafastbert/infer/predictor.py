@@ -144,7 +144,8 @@ class Predictor:
                         dtype: str | torch.dtype = "float32", **kwargs: Any) -> Predictor:
         """Load the checkpoint (its class from ``config.json``) and ``tokenizer.json``."""
         model = from_pretrained(directory)
-        tokenizer = _load_tokenizer(Path(tokenizer_file or Path(directory) / TOKENIZER_NAME))
+        tokenizer = _load_tokenizer(Path(tokenizer_file or model.tokenizer_file
+                                         or Path(directory) / TOKENIZER_NAME))
         dtype = DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else dtype
         return cls(model, tokenizer, dtype=dtype, **kwargs)
 

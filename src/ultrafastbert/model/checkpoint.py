@@ -42,6 +42,10 @@ SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAMES = ("model.pt", "pytorch_model.bin")
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+#: A pretraining run's record (``OUT/run.json``) and a training checkpoint's state file
+#: (``OUT/checkpoints/step-N/state.json``): intermediate checkpoints load with them.
+RUN_RECORD_NAME = "run.json"
+TRAINING_STATE_NAME = "state.json"
 MODEL_TYPE = "ultrafastbert"
 #: Files a checkpoint directory may hold; saving over a directory with anything else is refused.
 OWNED_FILES = {CONFIG_NAME, SAFETENSORS_NAME, *TORCH_NAMES, TOKENIZER_NAME,
@@ -180,12 +184,13 @@ def from_pretrained(directory: str | os.PathLike, model_class: type | None = Non
     config, class_name, released = read_config(folder, tensors)
     if released:
         tensors = convert_released(tensors, config)
+    if training_run_dir(folder) is not None:
+        tensors = _untie_training_tensors(tensors)
     config = config.replace(**changes) if changes else config
     cls = model_class or MODEL_CLASSES[class_name]
     model = cls(config)
     load_checkpoint_tensors(model, tensors)
-    tokenizer = folder / TOKENIZER_NAME
-    model.tokenizer_file = tokenizer if tokenizer.is_file() else None
+    model.tokenizer_file = tokenizer_file(folder)
     model.to(device=device, dtype=dtype)
     return model.eval()
 
@@ -199,8 +204,13 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
     path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise NotFoundError(f"checkpoint directory {folder} does not exist")
+    run = training_run_dir(folder)
+    if run is not None:
+        return _training_config(run), "UltraFastBertForMaskedLM", False
     if not path.is_file():
-        raise NotFoundError(f"{folder} has no {CONFIG_NAME}; is it a checkpoint directory?")
+        raise NotFoundError(f"{folder} has no {CONFIG_NAME}: pass a model directory (one that "
+                            "holds config.json and model.safetensors, e.g. a pretraining "
+                            "--out, or OUT/checkpoints/step-N of a pretraining run)")
     data = read_json_object(path, "model config")
     if "arch" in data or data.get("model_type") == "crammedBERT":
         arch = data.get("arch") or _read_model_config_json(folder)
@@ -217,6 +227,41 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor] | None = None
         raise DataError(f"{path}: unknown architecture {class_name!r}; known: "
                         f"{sorted(MODEL_CLASSES)}")
     return config_from_json(data, path), class_name, False
+
+
+def training_run_dir(folder: Path) -> Path | None:
+    """The pretraining ``OUT`` of a training checkpoint folder ``OUT/checkpoints/step-N``
+    (weights and ``state.json``, the architecture in ``OUT/run.json``), else None."""
+    if (folder / CONFIG_NAME).is_file() or not (folder / TRAINING_STATE_NAME).is_file():
+        return None
+    run = folder.parent.parent
+    return run if (run / RUN_RECORD_NAME).is_file() else None
+
+
+def tokenizer_file(folder: Path) -> Path | None:
+    """``folder/tokenizer.json``, or its run's for a training checkpoint; None when absent."""
+    run = training_run_dir(folder)
+    for path in (folder / TOKENIZER_NAME, *(() if run is None else (run / TOKENIZER_NAME,))):
+        if path.is_file():
+            return path
+    return None
+
+
+def _training_config(run: Path) -> ModelConfig:
+    path = run / RUN_RECORD_NAME
+    model = read_json_object(path, "run record").get("settings", {}).get("model")
+    if not isinstance(model, dict):
+        raise DataError(f"{path} has no settings.model: not a pretraining run record")
+    return config_from_json(model, f"{path} (settings.model)")
+
+
+def _untie_training_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training checkpoint stores the tied decoder / token embedding once, under either name."""
+    embedding, decoder = "encoder.embedding.word_embedding.weight", "decoder.weight"
+    out = dict(tensors)
+    if decoder in out and embedding not in out:
+        out[embedding] = out[decoder]
+    return out
 
 
 def config_from_json(data: dict[str, Any], source: str | os.PathLike = "config.json"
