@@ -93,3 +93,16 @@ def test_intermediate_checkpoints_load(tiny_run: Path) -> None:  # noqa: F811
     assert UltraFastBertModel.from_pretrained(step).config.n_layers == final.config.n_layers
     result = Predictor.from_pretrained(step).fill_mask("the <mask> is here")
     assert len(result.candidates[0]) == 5
+
+
+def test_saved_files_have_the_usual_permissions(model_dirs: dict[str, Path],
+                                                tiny_run: Path) -> None:  # noqa: F811
+    """``model.safetensors`` was 0600 while the other files were 0644 (item 9)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in (model_dirs["mlm"], tiny_run):
+        assert (folder.stat().st_mode & 0o777) == 0o777 & ~mask
+        for name in ("model.safetensors", "config.json", "tokenizer.json"):
+            assert ((folder / name).stat().st_mode & 0o777) == 0o666 & ~mask, name
