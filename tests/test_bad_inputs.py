@@ -240,3 +240,14 @@ def test_good_inputs_still_work(model_dir: Path, capsys: pytest.CaptureFixture[s
     """Negative control: the same commands on the intact model succeed."""
     assert main(["predict", "fill-mask", str(model_dir), "the <mask> is", "--top-k", "2"]) == 0
     assert "mask 1:" in capsys.readouterr().out
+
+
+def test_kernels_on_a_missing_device_lists_none_available(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """``kernels --device cuda`` on a CPU-only torch listed ``torch`` as available (item 14)."""
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert main(["kernels", "--device", device]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3 and all("unavailable: device cuda" in line for line in lines)
+    assert main(["kernels", "--device", "cpu"]) == 0  # negative control
+    assert "torch    available" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..errors import InputError
+from ..utils.device import device_unavailable_reason
 from .kernel import FFFKernel, validate_weight_format
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def explain(device: torch.device | str, dtype: torch.dtype, weight_format: str =
     """``(name, reason)`` for every kernel, in priority order; reason None means it can run
     (for inference, or with ``training`` for the differentiable forward)."""
     device = torch.device(device)
+    missing = device_unavailable_reason(device)
+    if missing is not None:  # no kernel runs on a device that is not there
+        return [(name, f"device {device} is not available: {missing}") for name in registry()]
     return [(name, k.unavailable_reason(device, dtype, weight_format, training=training))
             for name, k in registry().items()]
 

@@ -19,19 +19,23 @@ def require_device(name: str | torch.device, flag: str = "--device") -> torch.de
     except (RuntimeError, TypeError) as err:
         raise InputError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N "
                          f"({err})") from None
-    if device.type == "cuda":
-        _require_cuda(device, flag)
+    reason = device_unavailable_reason(device)
+    if reason is not None:
+        raise ResourceError(f"{flag} {device}: {reason}")
     return device
 
 
-def _require_cuda(device: torch.device, flag: str) -> None:
+def device_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used here (None when it can); only CUDA devices are checked."""
+    if device.type != "cuda":
+        return None
     if torch.version.cuda is None and torch.version.hip is None:
-        raise ResourceError(f"{flag} {device}: this torch ({torch.__version__}) is built "
-                            "without CUDA; use --device cpu, or install a CUDA build of torch")
+        return (f"this torch ({torch.__version__}) is built without CUDA; use --device cpu, "
+                "or install a CUDA build of torch")
     if not torch.cuda.is_available():
-        raise ResourceError(f"{flag} {device}: no CUDA GPU is visible (check the driver and "
-                            "CUDA_VISIBLE_DEVICES); use --device cpu")
+        return ("no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES); use "
+                "--device cpu")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise ResourceError(f"{flag} {device}: only {count} CUDA device(s) are visible "
-                            f"(cuda:0 ... cuda:{count - 1})")
+        return f"only {count} CUDA device(s) are visible (cuda:0 ... cuda:{count - 1})"
+    return None
