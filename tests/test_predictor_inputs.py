@@ -106,3 +106,23 @@ def test_saved_files_have_the_usual_permissions(model_dirs: dict[str, Path],
         assert (folder.stat().st_mode & 0o777) == 0o777 & ~mask
         for name in ("model.safetensors", "config.json", "tokenizer.json"):
             assert ((folder / name).stat().st_mode & 0o777) == 0o666 & ~mask, name
+
+
+def test_left_padding_with_first_token_pooling(model_dirs: dict[str, Path],
+                                               monkeypatch) -> None:
+    """First-token pooling on a left-padded batch reads position 0, a padding row; the
+    feed-forward blocks skipped it, so the logits differed from the original model's (item 15).
+    Position 0 is now computed for that pooler: the logits equal those with no row skipped."""
+    from ultrafastbert.model import encoder as encoder_module
+    from ultrafastbert.model import from_pretrained
+
+    model = from_pretrained(model_dirs["cls"], pooler="first").eval()
+    mean_model = from_pretrained(model_dirs["cls"], pooler="mean").eval()
+    ids = torch.tensor([[0, 0, 0, 17, 40, 5], [23, 9, 31, 12, 8, 5]])
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        ours, mean = model(ids, mask).logits, mean_model(ids, mask).logits
+        monkeypatch.setattr(encoder_module, "token_rows", lambda keep: None)  # no row skipped
+        dense, dense_mean = model(ids, mask).logits, mean_model(ids, mask).logits
+    torch.testing.assert_close(ours, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, dense_mean, atol=1e-5, rtol=1e-5)  # mean never reads pads

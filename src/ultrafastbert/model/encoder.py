@@ -235,9 +235,14 @@ class UltraFastBertModel(PretrainedMixin, nn.Module):
         self._hinted = False  # logged once: eval mode with autograd on is not the fast path
         init_weights(self, config.init_std)
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> EncoderOutput:
-        """``input_ids`` ``(B, S)`` int64, ``attention_mask`` ``(B, S)`` 1/0 -> ``(B, S, d)``."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                first_row: bool = False) -> EncoderOutput:
+        """``input_ids`` ``(B, S)`` int64, ``attention_mask`` ``(B, S)`` 1/0 -> ``(B, S, d)``.
+
+        The feed-forward blocks skip padded positions; ``first_row`` computes position 0 of
+        every row even where it is padding (left padding), as the original model does: first-
+        token pooling reads it.
+        """
         _check_inputs(self.config, input_ids, attention_mask)
         if not self.training and torch.is_grad_enabled() and not self._hinted:
             self._hinted = True
@@ -246,7 +251,11 @@ class UltraFastBertModel(PretrainedMixin, nn.Module):
                         "(or no_grad) for the fast kernels")
         x = self.embedding(input_ids)
         keep = padding_mask(attention_mask)
-        bias, rows = attention_bias(keep, x.dtype), token_rows(keep)
+        computed = keep
+        if first_row and keep is not None and not bool(keep[:, 0].all()):
+            computed = keep.clone()
+            computed[:, 0] = True
+        bias, rows = attention_bias(keep, x.dtype), token_rows(computed)
         for layer in self.layers:
             x = layer(x, bias, rows)
         return EncoderOutput(self.final_norm(x))

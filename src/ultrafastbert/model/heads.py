@@ -131,7 +131,8 @@ class UltraFastBertForSequenceClassification(PretrainedMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
         """``input_ids``/``attention_mask`` ``(B, S)``, ``labels`` ``(B,)`` -> logits ``(B, L)``."""
-        hidden = self.encoder(input_ids, attention_mask).last_hidden_state
+        first = self.config.pooler == "first"  # a left-padded row 0 must be computed
+        hidden = self.encoder(input_ids, attention_mask, first_row=first).last_hidden_state
         logits = self.head(self.pooler(hidden, attention_mask))
         loss = None if labels is None else self.loss(logits, labels)
         return SequenceClassifierOutput(logits, loss)
