@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 #: With a time budget, the longest an optimizer step may take, as a share of the budget.
 BUDGET_STEP_SHARE = 0.02
+#: A ``max_steps`` run expected to take longer than this (seconds) is announced as a warning.
+LONG_RUN_S = 2 * 3600
 
 
 # ------------------------------------------------------------------------------ interfaces
@@ -238,6 +240,7 @@ class Trainer:
         self._clock: tuple[float, float] = (time.monotonic(), 0.0)
         self._stop_requested = False
         self._micro_s: float | None = None  # seconds per micro-batch (budget runs)
+        self._bar: Any = _NullBar()
         self._capped_at: int | None = None
 
     # ------------------------------------------------------------------------- checkpoints
@@ -315,18 +318,22 @@ class Trainer:
     def _run_steps(self, history: list[StepStats]) -> None:
         last_save = self.state.elapsed_s
         with self._metrics_log() as metrics, _progress_bar(self) as bar:
-            # Decide on the recorded clock (broadcast from rank 0 at the end of each step), so
-            # the run's reported time is never short of the budget it stopped at.
-            while not self.config.done(self.state.step, self.state.elapsed_s):
-                stats = self.step()
-                history.append(stats)
-                metrics.write(stats.to_json())
-                bar.update(stats)
-                if self._periodic_save_due(last_save):
-                    self.save()
-                    last_save = self.state.elapsed_s
-                if self._stop_now():
-                    raise _StopRequested
+            self._bar = bar
+            try:
+                # Decide on the recorded clock (broadcast from rank 0 at the end of each
+                # step), so the run's reported time is never short of the budget it stopped at.
+                while not self.config.done(self.state.step, self.state.elapsed_s):
+                    stats = self.step()
+                    history.append(stats)
+                    metrics.write(stats.to_json())
+                    bar.update(stats)
+                    if self._periodic_save_due(last_save):
+                        self.save()
+                        last_save = self.state.elapsed_s
+                    if self._stop_now():
+                        raise _StopRequested
+            finally:
+                self._bar = _NullBar()
 
     def _stop_now(self) -> bool:
         """Whether Ctrl-C was pressed (on any rank: every rank must call this)."""
@@ -417,8 +424,26 @@ class Trainer:
         """Running estimate of seconds per micro-batch (rank 0's, so every rank caps alike)."""
         per_micro = self.ctx.broadcast_float(seconds / n_micro)
         previous = self._micro_s
+        if previous is None and self.config.max_steps is not None:
+            self._warn_if_long(per_micro)
         self._micro_s = per_micro if previous is None else max(per_micro,
                                                                0.5 * (previous + per_micro))
+
+    def _warn_if_long(self, micro_s: float) -> None:
+        """After the first step of a ``max_steps`` run: say so when the whole run, with the
+        batch ramp, is expected to take more than :data:`LONG_RUN_S` on this device."""
+        steps = self.config.max_steps or 0
+        if steps > 100_000:
+            return  # not worth summing the schedule for; such a run is long by design
+        micro = sum(self.schedule.accumulation(s / steps) for s in range(self.state.step, steps))
+        expected = micro * micro_s
+        if expected > LONG_RUN_S:
+            biggest = self.schedule.accumulation(1.0)
+            log.warning("this run is expected to take about %s on %s: %d optimizer steps, up to "
+                        "%d micro-batches each (%.1f s per step at the end of the batch ramp). "
+                        "Lower --batch-size (or --max-steps) for a shorter run",
+                        _format_seconds(expected), self.ctx.device, steps - self.state.step,
+                        biggest, biggest * micro_s)
 
     def _set_lr(self, factor: float) -> float:
         for group in self.optimizer.param_groups:
@@ -442,6 +467,7 @@ class Trainer:
                     loss = self.model(**_to_device(batch.inputs, self.ctx.device)).loss
                 (loss * (batch.n_targets * scale)).backward()
             loss_sum += loss.detach().double() * batch.n_targets
+            self._bar.micro_batch_done(i + 1, len(batches))
         return float(loss_sum)
 
     def _optimizer_step(self) -> float:
@@ -578,20 +604,35 @@ class _Bar:
         self.cfg = cfg
         by_steps = cfg.max_steps is not None
         total = cfg.max_steps if cfg.max_steps is not None else round(cfg.budget_s or 0.0)
+        # One estimate of the time left (ours, "left=", which knows that steps grow with the
+        # batch ramp), not also tqdm's rate-based one: the two disagreed.
         self.bar = tqdm(total=total, initial=state.step if by_steps else round(state.elapsed_s),
                         unit="step" if by_steps else "s", desc=cfg.description,
-                        dynamic_ncols=True, leave=True)
+                        dynamic_ncols=True, leave=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.5g}/{total_fmt} "
+                                   "{unit} [{elapsed}{postfix}]")
+        self.trainer = trainer
         self.start = (state.step, state.elapsed_s)
         # Micro-batches before each step: steps get longer as the batch ramps up.
         self.micro_before = list(itertools.accumulate(
             (trainer.schedule.accumulation(s / total) for s in range(total)),
             initial=0)) if by_steps else []
 
+    def micro_batch_done(self, done: int, of: int) -> None:
+        """Move within a step (a step at the end of the batch ramp can take minutes)."""
+        if self.cfg.max_steps is not None:
+            self.bar.n = self.trainer.state.step + done / of
+        else:
+            start, before = self.trainer._clock
+            self.bar.n = round(before + time.monotonic() - start)
+        self.bar.refresh()
+
     def update(self, stats: StepStats) -> None:
         if self.cfg.max_steps is not None:
-            self.bar.update(1)
+            self.bar.n = stats.step
         else:
-            self.bar.update(max(0, round(stats.elapsed) - self.bar.n))
+            self.bar.n = max(self.bar.n, round(stats.elapsed))
+        self.bar.refresh()
         self.bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{stats.tokens_per_s:,.0f}",
                              left=_format_seconds(self._left(stats)), refresh=False)
 
@@ -623,6 +664,9 @@ def _progress_bar(trainer: Trainer):
 
 class _NullBar:
     def update(self, stats: StepStats) -> None:
+        pass
+
+    def micro_batch_done(self, done: int, of: int) -> None:
         pass
 
 
