@@ -92,3 +92,48 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path) -> None:
     resumed = _losses(out)
     assert sorted(resumed) == list(range(1, 61))
     assert all(resumed[s] == written[s] for s in written)  # nothing already written was lost
+
+
+def test_ctrl_c_in_glue_keeps_finished_tasks(tmp_path: Path, monkeypatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while fine-tuning the second task: exit 130, no traceback, the first task's
+    results kept, the tasks left named."""
+    import shutil
+
+    import torch
+
+    from ultrafastbert.cli import main
+    from ultrafastbert.glue import data as glue_data
+    from ultrafastbert.model import ModelConfig, UltraFastBertForMaskedLM
+
+    fixtures = Path(__file__).parent / "fixtures"
+    config = ModelConfig.from_dict(json.loads((fixtures / "train_model.json").read_text()))
+    torch.manual_seed(0)
+    UltraFastBertForMaskedLM(config).save_pretrained(
+        tmp_path / "M", tokenizer_file=fixtures / "train_tokenizer.json")
+    glue = shutil.copytree(fixtures / "glue_mini", tmp_path / "glue")
+    source = next(c for c in vars(glue_data).values()
+                  if isinstance(c, type) and "next_batch" in vars(c))
+    real, calls = source.next_batch, []
+
+    def next_batch(self, *args, **kwargs):
+        if not calls and len(_results(tmp_path / "out")) == 1:  # into the second task
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(source, "next_batch", next_batch)
+    status = main(["glue", "--model", str(tmp_path / "M"), "--glue-dir", str(glue), "--tasks",
+                   "RTE,MRPC", "--out", str(tmp_path / "out"), "--seeds", "1", "--epochs", "1",
+                   "--max-length", "32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 130, err
+    assert "Traceback" not in err
+    assert "interrupted during MRPC" in err and "keeps the finished task(s) RTE" in err
+    assert "--tasks MRPC" in err
+    assert list(_results(tmp_path / "out")) == ["RTE"]
+
+
+def _results(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text())["tasks"] if path.is_file() else {}
