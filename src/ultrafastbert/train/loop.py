@@ -374,7 +374,9 @@ class Trainer:
         """
         started = time.monotonic()
         rewind = (copy.deepcopy(self.data.state_dict()), _rng_state())
-        progress = self.config.progress(self.state.step, self._elapsed())
+        # The recorded clock (rank 0's, at the end of the last step), on which fit() decided to
+        # run this step: progress stays below 1 even if time passed in between.
+        progress = self.config.progress(self.state.step, self.state.elapsed_s)
         lr = self._set_lr(self.schedule.lr_factor(progress))
         n_micro = self._micro_batches(progress)
         batches = [self.data.next_batch(self.ctx.rank, self.ctx.world_size)
