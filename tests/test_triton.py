@@ -592,3 +592,24 @@ def test_forcing_torch_training_skips_triton(monkeypatch):
     assert layer.train_kernel().name == "torch"
     layer(x).sum().backward()
     assert calls == {"triton": 1, "torch": 1}
+
+
+@interp
+def test_custom_ops_match_the_launches_and_have_fakes(monkeypatch):
+    # torch.compile calls the Triton kernels through these operators; their fake
+    # implementations must give the real outputs' shapes and dtypes.
+    monkeypatch.setenv(ti.INTERPRET_ENV, "1")
+    forward_op, backward_op = ti.custom_ops()
+    p = make_problem(7, 16, 2, 2, torch.float32, "cpu", seed=3)
+    rows = p["w_out"].t().contiguous()
+    args = (p["x"], p["w_in"], p["b_in"], rows, 2, 2, True, True)
+    torch.library.opcheck(forward_op, args, test_utils=("test_schema", "test_faketensor"))
+    y, nodes, logits = forward_op(*args)
+    want_y, want_nodes, _ = ti.fff_forward(p["x"], p["w_in"], p["b_in"], rows, 2, 2,
+                                           write_nodes=True, write_logits=True)
+    assert torch.equal(y, want_y) and torch.equal(nodes, want_nodes)
+    grad_y = torch.randn_like(y)
+    back = (grad_y, p["x"], p["w_in"], rows, nodes, logits, True, True)
+    torch.library.opcheck(backward_op, back, test_utils=("test_schema", "test_faketensor"))
+    assert [g.shape for g in backward_op(*back)] == [
+        y.shape, p["w_in"].shape, p["b_in"].shape, p["w_in"].shape]

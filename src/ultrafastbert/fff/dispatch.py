@@ -8,7 +8,6 @@ error, never a silent fallback.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -20,15 +19,23 @@ from .kernel import FFFKernel, validate_weight_format
 logger = logging.getLogger(__name__)
 
 
-@functools.cache
-def registry() -> dict[str, FFFKernel]:
-    """All known kernels by name, fastest first (imports their modules lazily)."""
-    from .native import NativeCPUKernel
-    from .torch_kernel import TorchKernel
-    from .triton_impl import TritonKernel
+_REGISTRY: dict[str, FFFKernel] = {}
 
-    kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), TorchKernel()]
-    return {k.name: k for k in kernels}
+
+def registry() -> dict[str, FFFKernel]:
+    """All known kernels by name, fastest first (imports their modules lazily, at first use).
+
+    Filled once into a module dict rather than behind ``functools.cache``: ``torch.compile``
+    ignores such caches and would re-run (and re-create the kernels) inside every trace.
+    """
+    if not _REGISTRY:
+        from .native import NativeCPUKernel
+        from .torch_kernel import TorchKernel
+        from .triton_impl import TritonKernel
+
+        kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), TorchKernel()]
+        _REGISTRY.update((k.name, k) for k in kernels)
+    return _REGISTRY
 
 
 def explain(device: torch.device | str, dtype: torch.dtype, weight_format: str = "fp32",

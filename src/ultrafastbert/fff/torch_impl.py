@@ -54,10 +54,19 @@ def _csr(values: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
     columns increasing along each row."""
     tokens, per_row = cols.shape
     crow = torch.arange(0, tokens * per_row + 1, per_row, device=cols.device)
-    with warnings.catch_warnings():  # torch warns that CSR support is "beta"; it is tested here
+    return sparse_csr(crow, cols.reshape(-1), values.reshape(-1), (tokens, n_cols))
+
+
+def sparse_csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+               size: tuple[int, int]) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without torch's "CSR support is in beta" warning (the paths
+    that use it are tested here). Under ``torch.compile`` a warnings filter is a graph break, so
+    there the warning is left to torch (it warns once per process)."""
+    if torch.compiler.is_compiling():
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols.reshape(-1), values.reshape(-1),
-                                       (tokens, n_cols), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
 def visited_logits(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,

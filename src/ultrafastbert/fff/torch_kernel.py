@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
 from .kernel import FFFKernel
 from .torch_impl import forward_packed, pack
-from .training import fff_sparse, route
+from .training import fff_sparse, route, sparse_backward, sparse_forward
+from .tree import path_length
 
 
 class TorchKernel(FFFKernel):
@@ -20,6 +24,9 @@ class TorchKernel(FFFKernel):
     weight_formats = ("fp32", "bf16", "bf16-out")
     trains = True
 
+    def __init__(self) -> None:
+        custom_ops()  # defined here, outside any torch.compile trace (see custom_ops)
+
     def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
         return pack(w_in, b_in, w_out, n_trees, depth, weight_format)
 
@@ -29,5 +36,64 @@ class TorchKernel(FFFKernel):
     def train_forward(self, x, w_in, b_in, w_out, n_trees, depth):  # noqa: D102
         """The sparse training path: route without autograd, then :func:`.training.fff_sparse`
         (visited nodes only; equal to :func:`.training.fff_masked` in value and gradient)."""
+        if torch.compiler.is_compiling():  # sparse tensors cannot be traced: one opaque op
+            y, nodes, _ = torch.ops.ultrafastbert.torch_fff_train(x, w_in, b_in, w_out, n_trees,
+                                                                  depth)
+            return y, nodes
         routed = route(x, w_in, b_in, n_trees, depth)
         return fff_sparse(x, w_in, b_in, w_out, n_trees, depth, routed=routed), routed[0]
+
+
+# -------------------------------------------------------------- torch.compile: custom ops
+@functools.cache
+def custom_ops() -> Any:
+    """The sparse training path as a ``torch.library`` custom operator with autograd and fake
+    implementations, for ``torch.compile`` (which cannot trace sparse CSR tensors); the same
+    functions as the eager path inside. Defined at first use."""
+
+    @torch.library.custom_op("ultrafastbert::torch_fff_train", mutates_args=())
+    def train(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+              w_out: torch.Tensor, n_trees: int, depth: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``y`` ``(T, d)``, visited ``nodes`` and their ``logits`` ``(T, K, D+1)``."""
+        nodes, logits = route(x, w_in, b_in, n_trees, depth)
+        flat = x.shape[0], -1
+        y = sparse_forward(w_out.t().contiguous(), nodes.reshape(flat), logits.reshape(flat))
+        return y, nodes, logits
+
+    @train.register_fake
+    def _(x, w_in, b_in, w_out, n_trees, depth):  # noqa: ANN001, ANN202
+        shape = (x.shape[0], n_trees, path_length(depth))
+        return torch.empty_like(x), x.new_empty(shape, dtype=torch.long), x.new_empty(shape)
+
+    @torch.library.custom_op("ultrafastbert::torch_fff_train_backward", mutates_args=())
+    def backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
+                 w_out: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor,
+                 has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``grad_x``, ``grad_w_in``, ``grad_b_in`` (empty without bias), ``grad_w_out``."""
+        flat = x.shape[0], -1
+        grad_x, grad_w_in, grad_b, grad_rows = sparse_backward(
+            grad_y.contiguous(), x, w_in, w_out.t().contiguous(), nodes.reshape(flat),
+            logits.reshape(flat), has_bias)
+        return (grad_x, grad_w_in, grad_b if grad_b is not None else x.new_empty(0),
+                grad_rows.t().contiguous())
+
+    @backward.register_fake
+    def _(grad_y, x, w_in, w_out, nodes, logits, has_bias):  # noqa: ANN001, ANN202
+        return (torch.empty_like(x), torch.empty_like(w_in),
+                w_in.new_empty(w_in.shape[0] if has_bias else 0), torch.empty_like(w_out))
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, w_in, b_in, w_out, _, _ = inputs
+        _, nodes, logits = output
+        ctx.save_for_backward(x, w_in, w_out, nodes, logits)
+        ctx.has_bias = b_in is not None
+
+    def backward_rule(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple:
+        x, w_in, w_out, nodes, logits = ctx.saved_tensors
+        grad_x, grad_w_in, grad_b, grad_w_out = backward(grad_y, x, w_in, w_out, nodes, logits,
+                                                         ctx.has_bias)
+        return grad_x, grad_w_in, grad_b if ctx.has_bias else None, grad_w_out, None, None
+
+    train.register_autograd(backward_rule, setup_context=setup_context)
+    return train

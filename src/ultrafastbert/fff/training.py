@@ -13,7 +13,6 @@ gradients: ``y = A @ W_out^T``, ``dW_out^T = A^T @ dy``, ``dact = (dy @ W_out) a
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +66,7 @@ class _Transposed:
             return src.new_zeros(self.n_rows, src.shape[1]).index_add_(
                 0, self.nodes.reshape(-1), flat)
         values = coeff.reshape(-1)[self.order]
-        with warnings.catch_warnings():  # CSR support is "beta" in torch; tested here
-            warnings.simplefilter("ignore", UserWarning)
-            matrix = torch.sparse_csr_tensor(self.crow, self.cols, values,
-                                             (self.n_rows, src.shape[0]), check_invariants=False)
+        matrix = torch_impl.sparse_csr(self.crow, self.cols, values, (self.n_rows, src.shape[0]))
         return matrix @ src
 
 
@@ -80,7 +76,7 @@ class _SparseFFF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, nodes, logits):  # noqa: D102
         w_out_rows = w_out.t().contiguous()
-        y = torch_impl.combine(F.gelu(logits), nodes, w_out_rows)
+        y = sparse_forward(w_out_rows, nodes, logits)
         ctx.save_for_backward(x, w_in, w_out_rows, nodes, logits)
         ctx.has_bias = b_in is not None
         return y
@@ -88,17 +84,34 @@ class _SparseFFF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
         x, w_in, w_out_rows, nodes, logits = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        n_rows = w_in.shape[0]
-        grad_logit = _sampled_dot(grad_y, w_out_rows, nodes) * gelu_grad(logits)
-        grad_x = torch_impl.combine(grad_logit, nodes, w_in.contiguous())
-        transposed = _Transposed(nodes, n_rows)
-        grad_w_in = transposed.scatter(grad_logit, x)
-        grad_b = (grad_logit.new_zeros(n_rows).index_add_(0, nodes.reshape(-1),
-                                                          grad_logit.reshape(-1))
-                  if ctx.has_bias else None)
-        grad_rows = transposed.scatter(F.gelu(logits), grad_y)
+        grad_x, grad_w_in, grad_b, grad_rows = sparse_backward(
+            grad_y.contiguous(), x, w_in, w_out_rows, nodes, logits, ctx.has_bias)
         return grad_x, grad_w_in, grad_b, grad_rows.t(), None, None
+
+
+def sparse_forward(w_out_rows: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor
+                   ) -> torch.Tensor:
+    """``y`` ``(T, d)`` from the visited ``nodes`` and ``logits`` ``(T, K*(D+1))`` and the
+    output rows ``(K*N, d)``."""
+    return torch_impl.combine(F.gelu(logits), nodes, w_out_rows)
+
+
+def sparse_backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
+                    w_out_rows: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor,
+                    has_bias: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients over the visited nodes: ``grad_x`` ``(T, d)``, ``grad_w_in`` ``(K*N, d)``,
+    ``grad_b_in`` ``(K*N,)`` (None without bias), ``grad_w_out_rows`` ``(K*N, d)``."""
+    n_rows = w_in.shape[0]
+    grad_logit = _sampled_dot(grad_y, w_out_rows, nodes) * gelu_grad(logits)
+    grad_x = torch_impl.combine(grad_logit, nodes, w_in.contiguous())
+    transposed = _Transposed(nodes, n_rows)
+    grad_w_in = transposed.scatter(grad_logit, x)
+    grad_b = (grad_logit.new_zeros(n_rows).index_add_(0, nodes.reshape(-1),
+                                                      grad_logit.reshape(-1))
+              if has_bias else None)
+    grad_rows = transposed.scatter(F.gelu(logits), grad_y)
+    return grad_x, grad_w_in, grad_b, grad_rows
 
 
 def fff_sparse(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,

@@ -22,10 +22,12 @@ why ``TRITON_INTERPRET`` alone never makes the dispatcher offer this kernel for 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -248,8 +250,9 @@ class _TritonFFFFunction(torch.autograd.Function):
         w_out_rows = w_out.detach().t().contiguous()
         w_in = w_in.detach().contiguous()
         bias = b_in.detach().contiguous() if b_in is not None else None
-        y, nodes, logits = fff_forward(x.detach(), w_in, bias, w_out_rows, n_trees, depth,
-                                       write_nodes=True, write_logits=True)
+        # through the custom operators, which torch.compile can call (see custom_ops)
+        y, nodes, logits = torch.ops.ultrafastbert.triton_fff_forward(
+            x.detach(), w_in, bias, w_out_rows, n_trees, depth, True, True)
         ctx.save_for_backward(x, w_in, w_out_rows, nodes, logits)
         ctx.has_bias = b_in is not None
         ctx.mark_non_differentiable(nodes)
@@ -260,8 +263,8 @@ class _TritonFFFFunction(torch.autograd.Function):
         x, w_in, w_out_rows, nodes, logits = ctx.saved_tensors
         need_x, need_w_in, need_b, need_w_out = ctx.needs_input_grad[:4]
         weights = need_w_in or need_b or need_w_out
-        grad_x, g_in, g_b, g_out = fff_backward(grad_y.contiguous(), x, w_in, w_out_rows, nodes,
-                                                logits, ctx.has_bias, weight_grads=weights)
+        grad_x, g_in, g_b, g_out = torch.ops.ultrafastbert.triton_fff_backward(
+            grad_y.contiguous(), x, w_in, w_out_rows, nodes, logits, ctx.has_bias, weights)
         dtype = w_in.dtype
         return (grad_x if need_x else None,
                 g_in.to(dtype) if need_w_in else None,
@@ -298,6 +301,7 @@ class TritonKernel(FFFKernel):
 
     def __init__(self, interpret: bool | None = None):
         self.interpret = interpret
+        custom_ops()  # defined here, outside any torch.compile trace (see custom_ops)
 
     def interpret_enabled(self) -> bool:
         """Whether CPU tensors may run through Triton's interpreter (see the class docstring)."""
@@ -374,6 +378,11 @@ class TritonKernel(FFFKernel):
         if x.shape[1] != packed.w_in.shape[1]:
             raise InputError(f"input width {x.shape[1]} differs from the packed weights' "
                              f"{packed.w_in.shape[1]}")
+        if torch.compiler.is_compiling():  # through the custom op (a fake gives the shapes)
+            y, nodes, _ = torch.ops.ultrafastbert.triton_fff_forward(
+                x.contiguous(), packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                return_nodes, False)
+            return y, (nodes if return_nodes else None)
         y, nodes, _ = fff_forward(x.contiguous(), packed.w_in, packed.b_in, packed.w_out,
                                   n_trees, depth, write_nodes=return_nodes)
         return y, nodes
@@ -403,3 +412,50 @@ class TritonKernel(FFFKernel):
         reason = self._interpreter_reason()
         if reason is not None:
             raise InputError(f"the Triton kernel cannot run CPU tensors: {reason}")
+
+
+# -------------------------------------------------------------- torch.compile: custom ops
+@functools.cache
+def custom_ops() -> tuple[Any, Any]:
+    """The Triton forward and backward as ``torch.library`` custom operators with fake
+    implementations (shapes only), so ``torch.compile`` can call them; defined at first use."""
+
+    @torch.library.custom_op("ultrafastbert::triton_fff_forward", mutates_args=())
+    def forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                w_out_rows: torch.Tensor, n_trees: int, depth: int, write_nodes: bool,
+                write_logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``y`` ``(T, d)``, ``nodes`` and ``logits`` ``(T, K, D+1)`` (empty when not asked)."""
+        y, nodes, logits = fff_forward(x, w_in, b_in, w_out_rows, n_trees, depth,
+                                       write_nodes=write_nodes, write_logits=write_logits)
+        return (y, nodes if nodes is not None else x.new_empty(0, dtype=torch.long),
+                logits if logits is not None else x.new_empty(0, dtype=torch.float32))
+
+    @forward.register_fake
+    def _(x, w_in, b_in, w_out_rows, n_trees, depth, write_nodes, write_logits):  # noqa: ANN001, ANN202
+        shape = (x.shape[0], n_trees, path_length(depth))
+        return (torch.empty_like(x),
+                x.new_empty(shape if write_nodes else (0,), dtype=torch.long),
+                x.new_empty(shape if write_logits else (0,), dtype=torch.float32))
+
+    @torch.library.custom_op("ultrafastbert::triton_fff_backward", mutates_args=())
+    def backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
+                 w_out_rows: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor,
+                 has_bias: bool, weight_grads: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``grad_x``; ``grad_w_in``, ``grad_b_in``, ``grad_w_out_rows`` fp32 (empty when not
+        computed)."""
+        grads = fff_backward(grad_y, x, w_in, w_out_rows, nodes, logits, has_bias,
+                             weight_grads=weight_grads)
+        return grads[0], *(g if g is not None else x.new_empty(0, dtype=torch.float32)
+                           for g in grads[1:])  # type: ignore[return-value]
+
+    @backward.register_fake
+    def _(grad_y, x, w_in, w_out_rows, nodes, logits, has_bias, weight_grads):  # noqa: ANN001, ANN202
+        fp32 = torch.float32
+        if not weight_grads:
+            return (torch.empty_like(grad_y), *(x.new_empty(0, dtype=fp32) for _ in range(3)))
+        return (torch.empty_like(grad_y), w_in.new_empty(w_in.shape, dtype=fp32),
+                w_in.new_empty(w_in.shape[0] if has_bias else 0, dtype=fp32),
+                w_in.new_empty(w_in.shape, dtype=fp32))
+
+    return forward, backward

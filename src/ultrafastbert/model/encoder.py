@@ -186,7 +186,10 @@ def _check_inputs(config: ModelConfig, input_ids: torch.Tensor,
     if input_ids.shape[1] > config.max_seq_len:
         raise InputError(f"sequence length {input_ids.shape[1]} exceeds the position table "
                          f"(max_seq_len={config.max_seq_len}); truncate the input")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+    # Reading a value is a graph break under torch.compile; there the embedding's own bounds
+    # check (compiled code checks indirect indexing) reports a bad id instead.
+    if (not torch.compiler.is_compiling() and input_ids.numel()
+            and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size)):
         bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)][0].item()
         raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size}); "
                          "was the text tokenised with this model's tokenizer?")
@@ -244,7 +247,8 @@ class UltraFastBertModel(PretrainedMixin, nn.Module):
         token pooling reads it.
         """
         _check_inputs(self.config, input_ids, attention_mask)
-        if not self.training and torch.is_grad_enabled() and not self._hinted:
+        if (not self.training and torch.is_grad_enabled() and not self._hinted
+                and not torch.compiler.is_compiling()):
             self._hinted = True
             logger.info("eval mode with autograd on: the FFF blocks and linear layers take "
                         "their differentiable paths; run inference under torch.inference_mode() "

@@ -75,6 +75,8 @@ class UltraFastBertForMaskedLM(PretrainedMixin, nn.Module):
         if labels.shape != input_ids.shape:
             raise InputError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
+        if torch.compiler.is_compiling():  # reading a value is a graph break; cross_entropy
+            return                          # checks the targets itself
         valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self.config.vocab_size))
         if not bool(valid.all()):
             raise InputError(f"MLM labels must be token ids in [0, {self.config.vocab_size}) or "

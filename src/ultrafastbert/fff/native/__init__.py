@@ -8,6 +8,7 @@ may change routes); ``bf16-out`` (routing rows fp32, output rows bfloat16: route
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from ...errors import InputError, ResourceError
 from ..kernel import FFFKernel
+from ..tree import path_length
 from . import build
 
 
@@ -71,6 +73,7 @@ class NativeCPUKernel(FFFKernel):
         self._forward = getattr(library.forward, "_op", library.forward)
         self._forward_nodes = getattr(library.forward_nodes, "_op", library.forward_nodes)
         self._library = library
+        native_fakes()  # so torch.compile can trace calls of the operators
         return None
 
     @property
@@ -108,3 +111,24 @@ class NativeCPUKernel(FFFKernel):
                                        self._isa_code)
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
                              self._isa_code), None
+
+
+@functools.cache
+def native_fakes() -> None:
+    """``ultrafastbert::native_fff_forward``: the native kernel as a ``torch.library`` custom
+    operator with a fake implementation (shapes only), so code under ``torch.compile`` can call
+    it (``torch.ops.ultrafastbert.native_fff_forward(x, w_in, b_in, w_out_rows, K, D, isa)``).
+    The C++ operators themselves are composite, so they cannot take a fake. Defined once the
+    library is loaded; the eager layer keeps calling the C++ operator directly (fewer steps)."""
+
+    @torch.library.custom_op("ultrafastbert::native_fff_forward", mutates_args=())
+    def forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
+                n_trees: int, depth: int, isa: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y`` ``(T, d)`` and the visited nodes ``(T, K, D+1)``."""
+        return torch.ops.ultrafastbert.fff_cpu_forward_nodes(x, w_in, b_in, w_out, n_trees,
+                                                             depth, isa)
+
+    @forward.register_fake
+    def _(x, w_in, b_in, w_out, n_trees, depth, isa):  # noqa: ANN001, ANN202
+        nodes = x.new_empty((x.shape[0], n_trees, path_length(depth)), dtype=torch.long)
+        return torch.empty_like(x), nodes
