@@ -71,6 +71,17 @@ def _table1(folder: Path) -> tuple[dict, list[str]]:
     return env, [percent(min(pct)), percent(max(pct))]
 
 
+def _serve(folder: Path) -> tuple[dict, list[str]]:
+    figures = []
+    for path in (folder / "results.json", folder / "repeat_64_clients" / "results.json"):
+        data = json.loads(path.read_text())
+        rate = {t["label"]: next(lv["texts_per_s"] for lv in t["levels"] if lv["clients"] == 64)
+                for t in data["targets"]}
+        figures.append(speedup(rate["minilm-fff-8x7"] / rate["minilm-dense"]))
+    env = data["environment"]
+    return {"cpu": env["cpu"], "torch_threads": env["server_threads"]}, figures
+
+
 #: README row (first cell) -> reader of (environment, figures as printed) from the row's folder.
 CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "FFF 1x11 layer vs dense-4095 FF (`nn.Linear`), 4,096 tokens":
@@ -85,6 +96,9 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "same, `BertModel` on the same prepacked oneDNN GEMMs": _model("hf-bert-base-onednn"),
     "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
     "model": _table1,
+    "serving, all-MiniLM-L6-v2 converted to FFF 8x7 vs the dense one in the same server, "
+    "texts/s at 64 clients (taken under load, see "
+    "[serving](docs/serving.md#measured-so-far-under-load))": _serve,
 }
 
 
