@@ -13,7 +13,7 @@ import sys
 from ..errors import Interrupted, UltraFastBertError
 
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
-COMMAND_MODULES = ("demo", "pretrain", "glue", "predict", "bench", "kernels", "serve")
+COMMAND_MODULES = ("demo", "pretrain", "convert", "glue", "predict", "bench", "kernels", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

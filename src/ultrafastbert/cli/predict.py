@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="candidates per mask (default 5)")
     embed = tasks.add_parser("embed", help="sentence embeddings (one row per text)")
     _common(embed)
-    embed.add_argument("--pooling", choices=("mean", "first"), default="mean")
+    embed.add_argument("--pooling", choices=("mean", "first"), default=None,
+                       help="default: the model's own (mean for ours; a converted model's source)")
     embed.add_argument("--out", default=None, help="save the (N, d) float32 array as .npy")
     classify = tasks.add_parser("classify", help="labels from a fine-tuned classifier")
     _common(classify)

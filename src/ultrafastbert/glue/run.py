@@ -35,6 +35,7 @@ from ..model.checkpoint import TOKENIZER_NAME, read_config, tokenizer_file
 from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
+from . import transformers_models
 from .data import (
     EncodedSplit,
     GlueTaskData,
@@ -113,11 +114,14 @@ class GlueRunSettings:
 def run(settings: GlueRunSettings) -> dict[str, Any]:
     """Fine-tune and evaluate as the module docstring describes; returns ``results.json``."""
     tasks = resolve_tasks(settings)
-    tokenizer_file = model_tokenizer(settings.model_dir)
+    hf = transformers_models.model_type_of(settings.model_dir) is not None
+    tokenizer_file = (settings.model_dir / TOKENIZER_NAME if hf
+                      else model_tokenizer(settings.model_dir))
     results = new_results(settings, tasks)
     check_settings_fit(settings, results["model"])
     data = {t.name: load_task_data(settings, t) for t in tasks}
-    tokenizer = load_checked_tokenizer(tokenizer_file, results["model"]["vocab_size"])
+    tokenizer = (transformers_models.load_tokenizer(settings.model_dir) if hf else
+                 load_checked_tokenizer(tokenizer_file, results["model"]["vocab_size"]))
     with DirectoryLock(settings.out_dir, "glue"):  # no second run writes into OUT meanwhile
         claim_output_dir(settings.out_dir)
         try:
@@ -176,7 +180,9 @@ def run_seed(settings: GlueRunSettings, task: GlueTask, train: EncodedSplit,
              ) -> dict[str, Any]:
     """Load the encoder -> fine-tune -> evaluate -> save, for one seed."""
     protocol, runtime = settings.protocol, settings.runtime
-    model = load_classifier(settings.model_dir, task, protocol, seed, runtime.device)
+    load = (transformers_models.load_classifier
+            if transformers_models.model_type_of(settings.model_dir) else load_classifier)
+    model = load(settings.model_dir, task, protocol, seed, runtime.device)
     trained = finetune(model, train, protocol, seed, runtime, f"{task.name} seed {seed}")
     started = time.monotonic()
     metrics = evaluate(model, task, evals, runtime.eval_batch_size)
@@ -276,6 +282,8 @@ def new_results(settings: GlueRunSettings, tasks: Sequence[GlueTask]) -> dict[st
 
 def describe_model(settings: GlueRunSettings) -> dict[str, Any]:
     """Name, folder and feed-forward shape of the starting model."""
+    if transformers_models.model_type_of(settings.model_dir) is not None:
+        return transformers_models.describe(settings.model_dir, settings.name)
     config, class_name, released = read_config(settings.model_dir)
     return {"name": settings.name, "dir": str(settings.model_dir), "class": class_name,
             "released_format": released, "ff": config.ff.to_dict(),

@@ -1,5 +1,9 @@
 """Inference on text: fill-mask, sentence embeddings, classification with a fine-tuned model.
 
+Works with every model directory the project writes or reads: our crammedBERT/UltraFastBERT
+models, converted ``transformers`` BERT-family models (``ultrafastbert convert``) and their
+dense sources, through one interface (:mod:`ultrafastbert.infer.views`).
+
 The model runs in eval mode under ``torch.inference_mode``, so every FFF block uses the fastest
 kernel the dispatcher allows; padded positions are skipped by the feed-forward blocks. ``dtype``
 ``bfloat16`` casts the model (less memory traffic; routes may differ from fp32 near logit 0);
@@ -20,22 +24,17 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InputTypeError
-from ..model.checkpoint import TOKENIZER_NAME, from_pretrained
-from ..model.encoder import UltraFastBertModel
-from ..model.heads import (
-    UltraFastBertForMaskedLM,
-    UltraFastBertForSequenceClassification,
-    pool,
-)
-from ..model.pretrained import fff_compute_dtype
+from ..model.auto import from_pretrained
+from ..model.checkpoint import TOKENIZER_NAME
+from ..model.layouts import transformers_model_type
+from ..model.pretrained import fff_compute_dtype, set_fff_runtime, set_precision
 from ..utils.device import require_device
+from .views import ModelView, view_of
 
 logger = logging.getLogger(__name__)
 
-MASK_TOKEN = "<mask>"
-PAD_TOKEN = "<pad>"
-#: Spellings of the mask token accepted in input text.
-MASK_ALIASES = ("[MASK]",)
+#: Spellings of the mask token accepted in input text (each becomes the tokenizer's own).
+MASK_ALIASES = ("<mask>", "[MASK]")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -68,12 +67,18 @@ class Classification:
     value: float | None = None
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load_tokenizer(path: Path, native: bool = True) -> Any:
+    """Our tokenizer (its special tokens checked), or a transformers model's own."""
     try:
-        import tokenizers  # noqa: F401
+        import tokenizers
     except ImportError as err:
         raise ImportError("text inference needs the tokenizers package: pip install tokenizers"
                           ) from err
+    if not native:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
     from ..data.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
@@ -110,9 +115,11 @@ def _check_positive(name: str, value: Any) -> None:
         raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
-def _check_pooling(pooling: str) -> None:
+def _resolve_pooling(pooling: str | None, view: ModelView) -> str:
+    pooling = view.default_pooling if pooling is None else pooling
     if pooling not in ("mean", "first"):
         raise InputError(f"pooling must be 'mean' or 'first', got {pooling!r}")
+    return pooling
 
 
 class Predictor:
@@ -130,13 +137,14 @@ class Predictor:
         _check_positive("batch_size (--batch-size)", batch_size)
         device = str(require_device(device))
         model.to(device=device)
-        model.set_precision(dtype, fff_compute_dtype(device, dtype, kernel))
+        set_precision(model, dtype, fff_compute_dtype(device, dtype, kernel))
         self.model = model.eval()
-        self.model.set_fff_runtime(kernel, weight_format)
+        set_fff_runtime(self.model, kernel, weight_format)  # any module: ours or transformers
         self.tokenizer, self.device, self.batch_size = tokenizer, torch.device(device), batch_size
-        self.max_length = model.config.max_seq_len
-        pad_id = self._token_id(PAD_TOKEN, required=False)
-        self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
+        self.view: ModelView = view_of(self.model, tokenizer)
+        self.max_length = self.view.max_length
+        pad_id = self._token_id(self.view.pad_token, required=False)
+        self.pad_id = self.view.pad_token_id if pad_id is None else pad_id
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *,
@@ -144,8 +152,9 @@ class Predictor:
                         dtype: str | torch.dtype = "float32", **kwargs: Any) -> Predictor:
         """Load the checkpoint (its class from ``config.json``) and ``tokenizer.json``."""
         model = from_pretrained(directory)
-        tokenizer = _load_tokenizer(Path(tokenizer_file or model.tokenizer_file
-                                         or Path(directory) / TOKENIZER_NAME))
+        native = transformers_model_type(Path(directory)) is None
+        tokenizer = _load_tokenizer(Path(tokenizer_file or getattr(model, "tokenizer_file", None)
+                                         or Path(directory) / TOKENIZER_NAME), native)
         dtype = DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else dtype
         return cls(model, tokenizer, dtype=dtype, **kwargs)
 
@@ -160,23 +169,20 @@ class Predictor:
     def tasks(self) -> tuple[str, ...]:
         """What this model can do: ``"embed"`` always, ``"classify"`` with a classifier head,
         ``"fill-mask"`` with an MLM head (and a tokenizer that has the mask token)."""
-        tasks = ["embed"]
-        if isinstance(self.model, UltraFastBertForSequenceClassification):
-            tasks.append("classify")
-        if isinstance(self.model, UltraFastBertForMaskedLM) and self.mask_token_id is not None:
-            tasks.append("fill-mask")
-        return tuple(tasks)
+        return tuple(t for t in self.view.tasks
+                     if t != "fill-mask" or self.mask_token_id is not None)
 
     @property
     def mask_token_id(self) -> int | None:
         """Id of the mask token, None when the tokenizer has none."""
-        return self._token_id(MASK_TOKEN, required=False)
+        return self._token_id(self.view.mask_token, required=False)
 
-    @staticmethod
-    def with_mask_token(text: str) -> str:
-        """``text`` with every accepted spelling of the mask (``[MASK]``) written ``<mask>``."""
+    def with_mask_token(self, text: str) -> str:
+        """``text`` with every accepted spelling of the mask (``<mask>``, ``[MASK]``) written
+        as this tokenizer's mask token."""
         for alias in MASK_ALIASES:
-            text = text.replace(alias, MASK_TOKEN)
+            if alias != self.view.mask_token:
+                text = text.replace(alias, self.view.mask_token)
         return text
 
     def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
@@ -230,7 +236,7 @@ class Predictor:
                   ) -> FillMaskResult | list[FillMaskResult]:
         """The ``top_k`` candidates for every ``<mask>`` (or ``[MASK]``) in ``text``; a list
         of texts gives a list of results."""
-        self._require(UltraFastBertForMaskedLM, "fill-mask")
+        self._require("fill-mask")
         texts = [self.with_mask_token(t) for t in _as_list(text, "text")]
         results = [result for start in range(0, len(texts), self.batch_size)
                    for chunk in [texts[start:start + self.batch_size]]
@@ -242,18 +248,17 @@ class Predictor:
         """Fill-mask on one padded batch: ``ids``/``mask`` ``(N, S)`` of ``texts``; every row
         needs at least one mask token. Only the masked positions are decoded. (A ``top_k``
         above the vocabulary size gives the whole vocabulary.)"""
-        model = self._require(UltraFastBertForMaskedLM, "fill-mask")
+        self._require("fill-mask")
         _check_positive("top_k (--top-k)", top_k)
-        top_k = min(top_k, model.config.vocab_size)
-        masked = ids == self._token_id(MASK_TOKEN)
+        mask_token = self.view.mask_token
+        masked = ids == self._token_id(mask_token)
         for text, row in zip(texts, masked, strict=True):
             if not bool(row.any()):
-                raise InputError(f"no {MASK_TOKEN} in the text {text[:60]!r} (after truncation "
-                                 f"to {self.max_length} tokens); write {MASK_TOKEN} where a "
+                raise InputError(f"no {mask_token} in the text {text[:60]!r} (after truncation "
+                                 f"to {self.max_length} tokens); write {mask_token} where a "
                                  "word goes")
         with torch.inference_mode():
-            hidden = model.encoder(ids, mask).last_hidden_state[masked]
-            logits = model.decoder(hidden).float()
+            logits = self.view.masked_logits(ids, mask, masked).float()
         probs, top = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
         filled = ids.clone()
         filled[masked] = top[:, 0]
@@ -269,35 +274,42 @@ class Predictor:
                 for row_p, row_i in zip(probs, top, strict=True)]
 
     # ----------------------------------------------------------------------------- embeddings
-    def embed(self, texts: str | Sequence[str], pooling: str = "mean") -> torch.Tensor:
+    def embed(self, texts: str | Sequence[str], pooling: str | None = None,
+              normalize: bool | None = None) -> torch.Tensor:
         """Sentence embeddings ``(N, d)`` float32 (``(d,)`` for one string): mean of the final
-        hidden states over real tokens (``pooling="mean"``) or the first token's (``"first"``).
+        hidden states over real tokens (``pooling="mean"``) or the first token's (``"first"``),
+        L2-normalised with ``normalize``. Both default to the model's own (a sentence-
+        transformers source or its converted model: its pooling and normalisation; ours: mean,
+        not normalised).
 
         A text with no tokens left after normalisation (empty, or only characters the
         tokenizer drops, such as CJK for the ASCII-only crammed tokenizer) is logged as a
         warning: its embedding is that of an empty text, the same for all of them.
         """
-        _check_pooling(pooling)
+        pooling = _resolve_pooling(pooling, self.view)
         rows = _as_list(texts, "texts")
-        parts = [self.embed_ids(ids, mask, pooling) for ids, mask in self._batches(rows, None)]
-        out = torch.cat(parts) if parts else torch.empty(0, self.model.config.d_model)
+        parts = [self.embed_ids(ids, mask, pooling, normalize)
+                 for ids, mask in self._batches(rows, None)]
+        out = torch.cat(parts) if parts else torch.empty(0, self.view.width)
         return out[0] if isinstance(texts, str) else out
 
     def embed_ids(self, ids: torch.Tensor, mask: torch.Tensor | None,
-                  pooling: str = "mean") -> torch.Tensor:
+                  pooling: str | None = None, normalize: bool | None = None) -> torch.Tensor:
         """Embeddings ``(N, d)`` float32 on the CPU of one padded batch ``ids``/``mask``
         ``(N, S)`` (see :meth:`embed`)."""
-        _check_pooling(pooling)
+        pooling = _resolve_pooling(pooling, self.view)
         with torch.inference_mode():
-            hidden = self._encoder()(ids, mask).last_hidden_state
-            return pool(hidden, mask, pooling).float().cpu()
+            vectors = self.view.pooled(ids, mask, pooling).float().cpu()
+        if self.view.normalize if normalize is None else normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors
 
     # ------------------------------------------------------------------------- classification
     def classify(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None
                  ) -> Classification | list[Classification]:
         """Predictions of a fine-tuned classifier (or regressor) for ``texts`` (and ``pairs``);
         one string (and one pair string) gives one result."""
-        self._require(UltraFastBertForSequenceClassification, "classification")
+        self._require("classify")
         rows = _as_list(texts, "texts")
         second = None if pairs is None else _as_list(pairs, "pairs")
         results = [result for ids, mask in self._batches(rows, second)
@@ -307,27 +319,23 @@ class Predictor:
     def classify_ids(self, ids: torch.Tensor, mask: torch.Tensor | None
                      ) -> list[Classification]:
         """Predictions for one padded batch ``ids``/``mask`` ``(N, S)`` (see :meth:`classify`)."""
-        model = self._require(UltraFastBertForSequenceClassification, "classification")
+        self._require("classify")
         with torch.inference_mode():
-            logits = model(ids, mask).logits.float().cpu()
+            logits = self.view.class_logits(ids, mask).float().cpu()
         return [self._classification(row) for row in logits]
 
     def _classification(self, logits: torch.Tensor) -> Classification:
-        config = self.model.config
-        if config.num_labels == 1:
+        if self.view.num_labels() == 1:
             return Classification(None, None, {}, value=float(logits[0]))
-        names = config.label_names or tuple(f"LABEL_{i}" for i in range(config.num_labels))
+        names = self.view.label_names()
         probs = logits.softmax(-1)
         best = int(probs.argmax())
         return Classification(names[best], float(probs[best]),
                               {n: float(p) for n, p in zip(names, probs, strict=True)})
 
     # -------------------------------------------------------------------------------- helpers
-    def _require(self, cls: type, task: str) -> Any:
-        if not isinstance(self.model, cls):
-            raise InputError(f"{task} needs a {cls.__name__} checkpoint, but this is a "
-                             f"{type(self.model).__name__}")
-        return self.model
-
-    def _encoder(self) -> UltraFastBertModel:
-        return self.model if isinstance(self.model, UltraFastBertModel) else self.model.encoder
+    def _require(self, task: str) -> None:
+        if task not in self.view.tasks:
+            what = "classification" if task == "classify" else task
+            raise InputError(f"{what} needs a {self.view.head_class(task)} checkpoint, but this "
+                             f"is a {type(self.model).__name__}")

@@ -3,7 +3,8 @@
 Hugging Face interop lives in ``ultrafastbert.model.hf`` (needs ``transformers``).
 """
 
-from .checkpoint import from_pretrained, save_pretrained
+from .auto import from_pretrained
+from .checkpoint import save_pretrained
 from .config import PRESETS, DenseFF, FFFSpec, ModelConfig, preset_names
 from .encoder import EncoderOutput, UltraFastBertModel
 from .heads import (

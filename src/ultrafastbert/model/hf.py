@@ -14,6 +14,7 @@ it until ``transformers`` is used.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -196,6 +197,13 @@ def register_with_transformers() -> None:
     AutoModelForMaskedLM.register(UltraFastBertConfig, HFUltraFastBertForMaskedLM, exist_ok=True)
     AutoModelForSequenceClassification.register(
         UltraFastBertConfig, HFUltraFastBertForSequenceClassification, exist_ok=True)
+    converted = sys.modules.get(f"{__package__}.converted")
+    if converted is None or hasattr(converted, "register_with_transformers"):
+        from .converted import register_with_transformers as register_converted
+
+        register_converted()
+    # else model.converted is being imported right now (its transformers import fired the
+    # hook); it registers itself when its import completes.
 
 
 def load_tokenizer(directory: str | os.PathLike, model_max_length: int = 128

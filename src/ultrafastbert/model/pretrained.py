@@ -53,10 +53,7 @@ class PretrainedMixin:
                         training: str = "auto") -> None:
         """Choose the inference kernel and weight format, and the training kernel, of every FFF
         block (``FFFRuntime``)."""
-        FFFRuntime(implementation, weight_format, training)  # validate before touching a layer
-        for module in self.modules():  # type: ignore[attr-defined]
-            if isinstance(module, FFF):
-                module.set_runtime(implementation, weight_format, training)
+        set_fff_runtime(self, implementation, weight_format, training)  # type: ignore[arg-type]
 
     def set_precision(self, dtype: torch.dtype, fff_dtype: torch.dtype | None = None
                       ) -> PretrainedMixin:
@@ -65,17 +62,33 @@ class PretrainedMixin:
         Keeping the FFF blocks in float32 inside a bfloat16 model lets them use a float32-only
         kernel (see :func:`fff_compute_dtype`); their inputs and outputs are cast on the way.
         """
-        self.to(dtype)  # type: ignore[attr-defined]
-        if fff_dtype is not None and fff_dtype != dtype:
-            for module in self.modules():  # type: ignore[attr-defined]
-                if isinstance(module, FFF):
-                    module.to(fff_dtype)
+        set_precision(self, dtype, fff_dtype)  # type: ignore[arg-type]
         return self
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied decoder counts once)."""
         params = {id(p): p.numel() for p in self.parameters()}  # type: ignore[attr-defined]
         return sum(params.values())
+
+
+def set_fff_runtime(model: nn.Module, implementation: str = "auto",
+                    weight_format: str = "fp32", training: str = "auto") -> None:
+    """Choose the inference kernel and weight format, and the training kernel, of every FFF
+    block in ``model`` (``FFFRuntime``)."""
+    FFFRuntime(implementation, weight_format, training)  # validate before touching a layer
+    for module in model.modules():
+        if isinstance(module, FFF):
+            module.set_runtime(implementation, weight_format, training)
+
+
+def set_precision(model: nn.Module, dtype: torch.dtype, fff_dtype: torch.dtype | None = None
+                  ) -> None:
+    """Cast ``model`` to ``dtype`` and its FFF blocks to ``fff_dtype`` (default ``dtype``)."""
+    model.to(dtype)
+    if fff_dtype is not None and fff_dtype != dtype:
+        for module in model.modules():
+            if isinstance(module, FFF):
+                module.to(fff_dtype)
 
 
 def fff_compute_dtype(device: torch.device | str, dtype: torch.dtype,

@@ -1,0 +1,92 @@
+"""``ultrafastbert convert``: a pretrained BERT-family model -> FFF blocks, by distillation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .pretrain import parse_duration, positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand."""
+    p = sub.add_parser(
+        "convert", help="turn a pretrained BERT-family model into FFF by distillation",
+        description="Replace every feed-forward block of a local Hugging Face BERT-family model "
+                    "(BERT, MiniLM, RoBERTa, DistilBERT; sentence-transformers layout too) by an "
+                    "FFF of K trees of depth D, initialised from the dense neurons and distilled "
+                    "from the dense model on unlabeled text: layer by layer, then end to end. "
+                    "Attention, norms and embeddings are kept bit-identical unless --lr-rest > 0. "
+                    "OUT loads with ultrafastbert.from_pretrained(OUT), predict, glue, serve.")
+    p.add_argument("source", type=Path, help="local model directory (config.json + weights + "
+                                             "tokenizer.json)")
+    p.add_argument("--fff", default="8x7", metavar="KxD[,KxD...]",
+                   help="trees x depth for every layer, one per layer, or 'none' (the ablation: "
+                        "feed-forward blocks removed) (default: 8x7)")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--budget", type=parse_duration, default=parse_duration("20m"),
+                   metavar="DURATION", help="wall-clock time for init and distillation, e.g. "
+                                            "10m, 1h (default: 20m)")
+    p.add_argument("--corpus", default="demo", metavar="PATH|demo",
+                   help="unlabeled text: demo, a text/JSONL/Parquet file or folder (default: demo)")
+    p.add_argument("--layerwise-share", type=float, default=0.4, metavar="F",
+                   help="share of the time after init for the layer-by-layer phase (default 0.4)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-len", type=positive_int, default=128, help="tokens per text at most")
+    p.add_argument("--max-documents", type=positive_int, default=None,
+                   help="read at most this many documents of the corpus")
+    p.add_argument("--lr-layerwise", type=float, default=1e-3)
+    p.add_argument("--lr-fff", type=float, default=3e-4, help="FFF learning rate end to end")
+    p.add_argument("--lr-rest", type=float, default=0.0,
+                   help="learning rate of the non-FFN weights end to end (default 0: frozen, "
+                        "bit-identical to the source; >0 also tunes attention/norms/embeddings)")
+    p.add_argument("--init-tokens", type=positive_int, default=16384,
+                   help="tokens per layer the init fits on (default 16384)")
+    p.add_argument("--init-split", choices=["neuron", "median"], default="neuron",
+                   help="node splits where its dense neuron fires (neuron) or at its median")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=parse_duration, default=parse_duration("5m"),
+                   metavar="DURATION", help="checkpoint period (default 5m)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and print a summary."""
+    import torch
+
+    from ..convert.pipeline import ConvertSettings
+    from ..convert.pipeline import run as convert
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_transformers()
+    settings = ConvertSettings(
+        source=args.source, out=args.out, fff=args.fff, budget_s=args.budget, corpus=args.corpus,
+        layerwise_share=args.layerwise_share, batch_size=args.batch_size, max_len=args.max_len,
+        max_documents=args.max_documents, init_tokens=args.init_tokens,
+        init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
+        lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,
+        progress=not args.no_progress)
+    report = convert(settings)
+    held = report.heldout
+    errors = ", ".join(f"{e:.3f}" for e in held["block_error"])
+    print(f"converted {args.source} -> {args.out}: FFF {args.fff}, "
+          f"{report.active_fraction:.1%} of the dense FFN neurons active per token")
+    print(f"init {report.init_s:.0f} s; " + "; ".join(
+        f"{name} {p.get('steps', 0)} steps" for name, p in report.phases.items()))
+    print(f"held-out ({held['rows']} texts): block relative error [{errors}], pooled-embedding "
+          f"cosine to the dense model {held['pooled_cosine']:.4f}")
+    print(f"load it with ultrafastbert.from_pretrained({str(args.out)!r}); report in "
+          f"{args.out / 'conversion.json'}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-load progress bars and load reports are noise on a command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,326 @@
+"""``ultrafastbert convert``: source -> FFF student -> init -> distil layer by layer -> end to end.
+
+The run reads like its steps (:func:`run`): load the source and build the student (every tensor
+but the feed-forward blocks copied), tokenize the corpus, initialise each FFF from its dense
+block (:mod:`.init`), then two phases of the project's one training loop
+(:class:`~ultrafastbert.train.loop.Trainer`): each FFF against its dense block on its own inputs,
+then the whole student against the teacher. ``budget_s`` is wall-clock for all of it; each phase
+checkpoints atomically under ``OUT/distill/<phase>/`` and ``resume=True`` continues after a
+kill. The model files land in ``OUT`` at the end (``config.json`` last), with the source's
+tokenizer and ``conversion.json`` (settings, fit at every step, times).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.packing import SequenceStream
+from ..errors import InputError
+from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks
+from ..train.loop import LoopConfig, Trainer
+from ..train.recipe import WarmupCosineSchedule
+from ..utils.io import atomic_path, atomic_write_json
+from .data import TeacherBatches, cut_batch, ffn_io, load_segments, teacher_outputs
+from .init import init_block, relative_error
+from .objectives import EndToEndObjective, LayerwiseObjective
+from .source import SourceModel, active_fraction, load_source, make_student, parse_fff
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = "distill"
+REPORT_FILE = "conversion.json"
+INIT_FILE = "init.safetensors"
+PHASES = ("layerwise", "end-to-end")
+HELDOUT_ROWS = 256
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """Everything a conversion run depends on (written to ``conversion.json``).
+
+    Attributes:
+        source: the source model directory (see :func:`~.source.load_source`).
+        out: the output model directory.
+        fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation).
+        budget_s: wall-clock seconds for init and both phases together.
+        corpus: unlabeled text (``demo`` or a path the pretraining readers take).
+        layerwise_share: share of the time after init given to the layer-by-layer phase.
+        batch_size: sequences per step; max_len: tokens per sequence at most.
+        max_documents: use at most this many documents of the corpus.
+        init_tokens: tokens per layer the init fits on; init_split: ``median`` or ``neuron``.
+        lr_layerwise, lr_fff: learning rates of the FFF blocks in the two phases.
+        lr_rest: learning rate of everything else end to end (0: frozen, bit-identical).
+        cos_weight: weight of ``1 - cos`` of the pooled embeddings end to end.
+        seed: data order; save_every_s: checkpoint period; resume: continue ``out``.
+    """
+
+    source: Path
+    out: Path
+    fff: str = "8x7"
+    budget_s: float = 1800.0
+    corpus: str | None = "demo"
+    layerwise_share: float = 0.4
+    batch_size: int = 32
+    max_len: int = 128
+    max_documents: int | None = None
+    init_tokens: int = 16384
+    init_split: str = "neuron"
+    lr_layerwise: float = 1e-3
+    lr_fff: float = 3e-4
+    lr_rest: float = 0.0
+    cos_weight: float = 10.0
+    seed: int = 0
+    save_every_s: float = 300.0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", Path(self.source))
+        object.__setattr__(self, "out", Path(self.out))
+        if not self.budget_s > 0:
+            raise InputError(f"--budget must be > 0 seconds, got {self.budget_s}")
+        if not 0.0 <= self.layerwise_share <= 1.0:
+            raise InputError(f"layerwise share must be in [0, 1], got {self.layerwise_share}")
+        for name in ("batch_size", "max_len", "init_tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_rest < 0 or self.lr_fff <= 0 or self.lr_layerwise <= 0:
+            raise InputError("learning rates must be > 0 (lr_rest >= 0)")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class ConvertReport:
+    """What the run measured; written to ``OUT/conversion.json``."""
+
+    settings: dict[str, Any]
+    fff_layers: list
+    active_fraction: float
+    init_s: float = 0.0
+    init_error: list[float] = field(default_factory=list)
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heldout: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ the run
+def run(settings: ConvertSettings) -> ConvertReport:
+    """Convert ``settings.source`` into ``settings.out`` (see the module docstring)."""
+    started = time.monotonic()
+    claim_output_dir(settings.out, settings.resume)
+    source = load_source(settings.source)
+    fff_layers = parse_fff(settings.fff, source.n_layers)
+    student: Any = make_student(source, fff_layers)
+    pad_id = int(source.model.config.pad_token_id or 0)
+    rows = load_segments(settings.corpus, source.tokenizer_dir, max_len=min(
+        settings.max_len, source.max_seq_len), max_documents=settings.max_documents, pad_id=pad_id)
+    train_idx, heldout_idx = split_rows(len(rows), settings.seed)
+    report = ConvertReport(settings.to_json(), fff_layers, active_fraction(
+        fff_layers, student.config.ffn_width))
+    work = settings.out / WORK_DIR
+    init = initialise(student, source, rows[train_idx], settings, pad_id, work,
+                      setup_s=time.monotonic() - started)
+    report.init_s, report.init_error = init["seconds"], init["error"]
+    for phase, budget_s in init["phase_budgets"].items():
+        if budget_s > 0 and trains_anything(phase, student, settings):
+            report.phases[phase] = distil(phase, student, source, rows, train_idx, settings,
+                                          pad_id, work, budget_s)
+    report.heldout = heldout_fit(student, source, rows[heldout_idx], pad_id)
+    save_model(student, source, settings.out, report)
+    shutil.rmtree(work)
+    log.info("converted model written to %s", settings.out)
+    return report
+
+
+def claim_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to write into a folder holding other files, unless resuming our own run."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory for the converted model")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / WORK_DIR).is_dir()
+        if not resume:
+            hint = " (it holds an unfinished conversion: add --resume)" if ours else ""
+            raise InputError(f"--out {out} already holds files{hint}; choose an empty or new "
+                             "directory")
+        if not ours:
+            raise InputError(f"--resume: {out} holds no conversion run ({WORK_DIR}/ missing)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def split_rows(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and held-out row indices (a seeded shuffle; at most 1/4 held out)."""
+    order = np.random.default_rng([seed, 1]).permutation(n_rows)
+    n_held = min(HELDOUT_ROWS, n_rows // 4)
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+# ------------------------------------------------------------------------------ init
+def trains_anything(phase: str, student: Any, settings: ConvertSettings) -> bool:
+    """Whether ``phase`` has parameters to train (none for the ablation with ``lr_rest=0``)."""
+    has_fff = any(isinstance(b, FFFBlock) for b in fff_blocks(student))
+    return has_fff or (phase == "end-to-end" and settings.lr_rest > 0)
+
+
+def initialise(student: Any, source: SourceModel, rows: np.ndarray,
+               settings: ConvertSettings, pad_id: int, work: Path, setup_s: float
+               ) -> dict[str, Any]:
+    """Fit every FFF block from its dense block on ``init_tokens`` real inputs, or load the
+    saved init when resuming. Returns ``{"seconds", "error"`` (relative, per layer),
+    ``"phase_budgets"}``: what is left of the budget after setup and init, split between the
+    phases once and for all, so a resumed run keeps each phase's schedule."""
+    saved, info_file = work / INIT_FILE, work / "init.json"
+    if saved.is_file() and info_file.is_file():
+        from safetensors.torch import load_file
+
+        student.load_state_dict(load_file(str(saved)), strict=True)
+        log.info("init: loaded %s", saved)
+        return dict(json.loads(info_file.read_text(encoding="utf-8")))
+    started = time.monotonic()
+    xs = collect_inputs(source.model, rows, settings.init_tokens, pad_id, settings.batch_size)
+    dense = dense_ffns(source.model, FAMILIES[source.family])
+    errors = []
+    for i, (block, ffn) in enumerate(zip(fff_blocks(student), dense, strict=True)):
+        if isinstance(block, FFFBlock):
+            errors.append(init_block(block, ffn, xs[i], split=settings.init_split).refit)
+        else:
+            errors.append(1.0)
+        log.info("init layer %d: relative error %.3f", i, errors[-1])
+    seconds = time.monotonic() - started
+    left = max(settings.budget_s - setup_s - seconds, 2.0)
+    info = {"seconds": seconds, "error": errors, "phase_budgets": {
+        "layerwise": left * settings.layerwise_share,
+        "end-to-end": left * (1.0 - settings.layerwise_share)}}
+    write_state(student, saved)
+    atomic_write_json(info_file, info)  # last: the init exists once its info does
+    return info
+
+
+def collect_inputs(teacher: Any, rows: np.ndarray, n_tokens: int, pad_id: int,
+                   batch_size: int) -> torch.Tensor:
+    """The feed-forward inputs ``(L, n, d)`` of the first ``n <= n_tokens`` real tokens."""
+    parts, have = [], 0
+    for start in range(0, len(rows), batch_size):
+        x, _ = ffn_io(teacher, cut_batch(torch.from_numpy(rows[start:start + batch_size]),
+                                         pad_id))
+        parts.append(x)
+        have += x.shape[1]
+        if have >= n_tokens:
+            break
+    return torch.cat(parts, 1)[:, :n_tokens]
+
+
+def write_state(module: Any, path: Path) -> None:
+    """``module``'s tensors to ``path`` (safetensors, atomically)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+# ------------------------------------------------------------------------------ phases
+def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
+           train_idx: np.ndarray, settings: ConvertSettings, pad_id: int, work: Path,
+           budget_s: float) -> dict[str, Any]:
+    """One phase through the training loop; resumes from its checkpoints; returns its log."""
+    objective, params = phase_objective(phase, student, source, rows[train_idx], settings,
+                                        pad_id)
+    stream = SequenceStream(rows, seed=settings.seed, indices=train_idx)
+    data = TeacherBatches(source.model, stream, batch_size=settings.batch_size,
+                          mode="layerwise" if phase == "layerwise" else "end-to-end",
+                          pad_id=pad_id, pooling=source.pooling)
+    optimizer = torch.optim.AdamW(params, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    config = LoopConfig(budget_s=budget_s, grad_clip=1.0, save_every_s=settings.save_every_s,
+                        progress_bar=settings.progress, out_dir=work / phase, description=phase)
+    trainer = Trainer(objective, optimizer, WarmupCosineSchedule(warmup=0.05), data, config)
+    info = trainer.restore() if settings.resume else None
+    if info is not None and info.final:
+        log.info("%s: finished before (step %d), not rerun", phase, info.step)
+        return {"steps": info.step, "resumed_final": True}
+    result = trainer.fit()
+    history = result.history
+    return {"steps": result.state.step, "tokens": result.state.tokens,
+            "seconds": result.state.elapsed_s, "budget_s": budget_s,
+            "first_loss": history[0].loss if history else None,
+            "last_loss": _tail_mean([h.loss for h in history])}
+
+
+def _tail_mean(values: list[float], share: float = 0.1) -> float | None:
+    if not values:
+        return None
+    tail = values[-max(1, int(len(values) * share)):]
+    return float(sum(tail) / len(tail))
+
+
+def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
+                    settings: ConvertSettings, pad_id: int
+                    ) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The phase's objective module and its optimizer parameter groups."""
+    blocks = fff_blocks(student)
+    fff_params = [p for b in blocks for p in b.parameters()]
+    sample = cut_batch(torch.from_numpy(rows[:64]), pad_id)
+    if phase == "layerwise":
+        _, ys = ffn_io(source.model, sample)
+        scales = 1.0 / (ys - ys.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).clamp_min(1e-12)
+        return LayerwiseObjective(blocks, scales), [{"params": fff_params,
+                                                     "lr": settings.lr_layerwise}]
+    hidden, _ = teacher_outputs(source.model, sample, source.pooling)
+    real = hidden[sample.attention_mask.bool()]
+    scale = 1.0 / float((real - real.mean(0)).pow(2).sum(-1).mean())
+    ids = {id(p) for p in fff_params}
+    rest = [p for p in student.parameters() if id(p) not in ids]
+    for p in rest:
+        p.requires_grad_(settings.lr_rest > 0)
+    groups = [{"params": fff_params, "lr": settings.lr_fff}]
+    if settings.lr_rest > 0:
+        groups.append({"params": rest, "lr": settings.lr_rest})
+    objective = EndToEndObjective(student, pooling=source.pooling, hidden_scale=scale,
+                                  cos_weight=settings.cos_weight)
+    return objective, groups
+
+
+@torch.no_grad()
+def heldout_fit(student: Any, source: SourceModel, rows: np.ndarray, pad_id: int
+                ) -> dict[str, Any]:
+    """On held-out text: each block's relative error and the pooled embeddings' cosine."""
+    text = cut_batch(torch.from_numpy(rows), pad_id)
+    xs, ys = ffn_io(source.model, text)
+    errors = [relative_error(b(x), y) for b, x, y in zip(fff_blocks(student), xs, ys, strict=True)]
+    _, pooled_t = teacher_outputs(source.model, text, source.pooling)
+    _, pooled_s = teacher_outputs(student, text, source.pooling)
+    cos = torch.nn.functional.cosine_similarity(pooled_s, pooled_t, dim=-1)
+    return {"rows": len(rows), "block_error": errors, "pooled_cosine": float(cos.mean())}
+
+
+# ------------------------------------------------------------------------------ output
+def save_model(student: Any, source: SourceModel, out: Path, report: ConvertReport
+               ) -> None:
+    """Write the model, the source's tokenizer and the report into ``out``; every file goes to a
+    temporary folder first and is moved in, ``config.json`` last (a model dir exists once its
+    config does)."""
+    from transformers import AutoTokenizer
+
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(source.tokenizer_dir, local_files_only=True).save_pretrained(
+        staging)
+    atomic_write_json(staging / REPORT_FILE, asdict(report))
+    names = sorted(p.name for p in staging.iterdir() if p.name != "config.json")
+    for name in [*names, "config.json"]:
+        (staging / name).replace(out / name)
+    staging.rmdir()

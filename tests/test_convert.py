@@ -1,0 +1,369 @@
+"""Conversion of tiny random BERT-family models into FFF (built here, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from convertcheck import tiny_bert, tiny_corpus  # noqa: E402
+from ultrafastbert.convert.data import cut_batch, ffn_io, load_segments  # noqa: E402
+from ultrafastbert.convert.init import init_block, relative_error  # noqa: E402
+from ultrafastbert.convert.source import (  # noqa: E402
+    active_fraction,
+    load_source,
+    make_student,
+    parse_fff,
+)
+from ultrafastbert.errors import ConfigError, DataError, InputError  # noqa: E402
+from ultrafastbert.model.converted import (  # noqa: E402
+    FAMILIES,
+    FFFBlock,
+    RemovedFFN,
+    dense_ffns,
+    fff_blocks,
+    load_converted,
+)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_bert(tmp_path_factory.mktemp("src") / "bert", sentence_transformers=True)
+
+
+@pytest.fixture(scope="module")
+def source(bert_dir):
+    return load_source(bert_dir)
+
+
+def _ids(n: int = 3, s: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (n, s), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    ids[0, 6:] = 0
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------ parsing
+def test_parse_fff_one_for_all_and_per_layer():
+    assert parse_fff("8x7", 3) == [[8, 7]] * 3
+    assert parse_fff("1x2, 4X3,none", 3) == [[1, 2], [4, 3], None]
+
+
+@pytest.mark.parametrize("spec, message", [("8x7,8x7", "lists 2 configurations"),
+                                           ("8by7", "is not KxD"), ("0x3", "K >= 1")])
+def test_parse_fff_bad(spec, message):
+    with pytest.raises(InputError, match=message):
+        parse_fff(spec, 3)
+
+
+def test_active_fraction():
+    assert active_fraction([[8, 7]] * 2, 1536) == pytest.approx(64 / 1536)
+    assert active_fraction([[8, 7], None], 1536) == pytest.approx(32 / 1536)
+
+
+# ------------------------------------------------------------------------------ structure
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("task", ["base", "masked-lm"])
+def test_student_replaces_every_ffn_and_copies_the_rest(tmp_path, family, task):
+    src = load_source(tiny_bert(tmp_path / "m", family=family, task=task))
+    student = make_student(src, parse_fff("2x3", src.n_layers))
+    blocks = fff_blocks(student)
+    assert len(blocks) == 2 and all(isinstance(b, FFFBlock) for b in blocks)
+    src_state = src.model.state_dict()
+    st_state = student.state_dict()
+    ffn = ("intermediate.", "output.dense.", ".ffn.")
+    kept = [k for k in src_state if not any(f in k for f in ffn)]
+    assert kept and all(torch.equal(src_state[k], st_state[k]) for k in kept)
+    assert not any(("intermediate.dense" in k or "ffn.lin1" in k) for k in st_state)
+    # the block's output bias is the dense block's
+    dense = dense_ffns(src.model, FAMILIES[family])
+    assert torch.equal(blocks[0].bias, dense[0].b2)
+
+
+def test_outputs_differ_from_source_before_init(source):
+    """Negative control for the copy test: the FFN really is replaced."""
+    student = make_student(source, parse_fff("2x3", source.n_layers))
+    ids, mask = _ids()
+    with torch.no_grad():
+        a = source.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = student(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_sentence_transformers_settings(source):
+    assert (source.pooling, source.normalize, source.max_seq_len) == ("mean", True, 48)
+
+
+# ------------------------------------------------------------------------------ init
+def _layer_inputs(source, tmp_path, n_lines=200):
+    rows = load_segments(str(tiny_corpus(tmp_path / "c.txt", n_lines)), source.tokenizer_dir,
+                         max_len=32)
+    return ffn_io(source.model, cut_batch(torch.from_numpy(rows), 0))
+
+
+@pytest.mark.parametrize("split", ["median", "neuron"])
+def test_init_beats_random_on_held_out_inputs(source, tmp_path, split):
+    xs, ys = _layer_inputs(source, tmp_path)
+    half = xs.shape[1] // 2
+    dense = dense_ffns(source.model, FAMILIES["bert"])
+    student = make_student(source, parse_fff("4x3", source.n_layers))
+    block = fff_blocks(student)[0]
+    with torch.no_grad():
+        random_error = relative_error(block(xs[0, half:]), ys[0, half:])
+    report = init_block(block, dense[0], xs[0, :half], split=split)
+    with torch.no_grad():
+        init_error = relative_error(block(xs[0, half:]), ys[0, half:])
+    assert report.refit <= report.greedy + 1e-6
+    assert init_error < 0.7 * random_error, (init_error, random_error)
+
+
+def test_init_uses_dense_rows(source, tmp_path):
+    xs, _ = _layer_inputs(source, tmp_path, 60)
+    dense = dense_ffns(source.model, FAMILIES["bert"])
+    block = fff_blocks(make_student(source, parse_fff("1x2", source.n_layers)))[0]
+    init_block(block, dense[0], xs[0], split="neuron")
+    w = block.fff.linear_in.weight
+    assert all(any(torch.equal(row, d) for d in dense[0].w1) for row in w)
+
+
+# ------------------------------------------------------------------------------ save / load
+def test_save_load_round_trip_and_auto_classes(source, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    import ultrafastbert  # noqa: F401  (registers the Auto classes)
+
+    student = make_student(source, parse_fff("2x3,none", source.n_layers))
+    student.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "ultrafastbert-bert"
+    assert config["fff_layers"] == [[2, 3], None]
+    back = load_converted(tmp_path / "out")
+    assert isinstance(fff_blocks(back)[1], RemovedFFN)
+    auto = AutoModel.from_pretrained(tmp_path / "out")
+    assert type(auto) is type(back)
+    assert AutoConfig.from_pretrained(tmp_path / "out").fff_layers == [[2, 3], None]
+    ids, mask = _ids()
+    with torch.no_grad():
+        ref = student(input_ids=ids, attention_mask=mask).last_hidden_state
+        for model in (back, auto):
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+    other = make_student(source, parse_fff("2x3,none", source.n_layers))  # negative control
+    with torch.no_grad():
+        assert not torch.equal(other(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_not_a_bert_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="not of the BERT family"):
+        load_source(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(InputError, match="is not a directory"):
+        load_source(tmp_path / "nope")
+
+
+def test_no_config(tmp_path):
+    with pytest.raises(InputError, match="config.json does not exist"):
+        load_source(tmp_path)
+
+
+def test_unsupported_activation(tmp_path):
+    with pytest.raises(ConfigError, match="activation hidden_act='relu' is not supported"):
+        load_source(tiny_bert(tmp_path / "relu", hidden_act="relu"))
+
+
+def test_already_converted(source, tmp_path):
+    make_student(source, parse_fff("1x1", source.n_layers)).save_pretrained(tmp_path / "c")
+    with pytest.raises(InputError, match="already a converted model"):
+        load_source(tmp_path / "c")
+
+
+def test_fff_too_wide(source):
+    with pytest.raises(InputError, match="GiB of fp32 weights per layer"):
+        make_student(source, parse_fff("4096x16", source.n_layers))
+
+
+def test_corpus_without_text(source, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n   \n\n", encoding="utf-8")
+    with pytest.raises((DataError, ValueError), match="no text"):
+        load_segments(str(tmp_path / "empty.txt"), source.tokenizer_dir)
+
+
+# ------------------------------------------------------------------------------ the run
+def _convert_args(src, out, corpus, budget="6s", *extra):
+    return ["convert", str(src), "--fff", "2x3", "--out", str(out), "--budget", budget,
+            "--corpus", str(corpus), "--init-tokens", "800", "--batch-size", "8",
+            "--no-progress", "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def converted(bert_dir, tmp_path_factory):
+    from ultrafastbert.cli import main
+
+    root = tmp_path_factory.mktemp("run")
+    corpus = tiny_corpus(root / "c.txt", 400)
+    assert main(_convert_args(bert_dir, root / "out", corpus)) == 0
+    return root / "out", corpus
+
+
+def test_run_writes_a_loadable_model_with_a_report(converted, source):
+    import ultrafastbert
+
+    out, _ = converted
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["fff_layers"] == [[2, 3], [2, 3]]
+    assert set(report["phases"]) == {"layerwise", "end-to-end"}
+    for phase in report["phases"].values():
+        assert phase["steps"] > 0 and phase["last_loss"] < phase["first_loss"]
+    assert not (out / "distill").exists() and not (out / ".staging").exists()
+    model = ultrafastbert.from_pretrained(out)
+    assert type(model).__name__ == "FFFBertModel"
+    # distillation moved the student towards the dense model: better than the init alone
+    held = report["heldout"]
+    assert max(held["block_error"]) < max(report["init_error"])
+    # non-FFN tensors are still the source's (lr_rest = 0)
+    state, src_state = model.state_dict(), source.model.state_dict()
+    assert torch.equal(state["embeddings.word_embeddings.weight"],
+                       src_state["embeddings.word_embeddings.weight"])
+    assert torch.equal(state["encoder.layer.1.attention.self.query.weight"],
+                       src_state["encoder.layer.1.attention.self.query.weight"])
+
+
+def test_refuses_a_non_empty_out(converted, bert_dir):
+    from ultrafastbert.convert.pipeline import ConvertSettings, run
+
+    out, corpus = converted
+    with pytest.raises(InputError, match="already holds files"):
+        run(ConvertSettings(source=bert_dir, out=out, fff="2x3", corpus=str(corpus)))
+
+
+def test_resume_after_kill(bert_dir, tmp_path):
+    """A real process killed mid-run (-9) resumes from its checkpoint and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tiny_corpus(tmp_path / "c.txt", 400)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ultrafastbert.cli", *_convert_args(
+        bert_dir, out, corpus, "40s", "--save-every", "1s", "--layerwise-share", "0.5")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    latest = out / "distill" / "layerwise" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert latest.is_file(), proc.stderr.read().decode()[-2000:] if proc.poll() else "no ckpt"
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert not (out / "config.json").exists()
+    from ultrafastbert.cli import main
+    from ultrafastbert.convert.pipeline import claim_output_dir
+
+    with pytest.raises(InputError, match="unfinished conversion: add --resume"):
+        claim_output_dir(out, resume=False)
+    assert main(_convert_args(bert_dir, out, corpus, "40s", "--resume", "--save-every", "1s",
+                              "--layerwise-share", "0.5")) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["phases"]["layerwise"]["steps"] > killed_at
+    assert (out / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------ pipelines
+def _saved(source, tmp_path, spec="2x3"):
+    student = make_student(source, parse_fff(spec, source.n_layers))
+    out = tmp_path / "model"
+    student.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source.tokenizer_dir).save_pretrained(out)
+    return student, out
+
+
+def test_predictor_embeds_like_the_model(source, tmp_path):
+    from ultrafastbert.infer import Predictor
+
+    student, out = _saved(source, tmp_path)
+    predictor = Predictor.from_pretrained(out)
+    texts = ["the king saw the queen.", "a dog ran by the river at night."]
+    got = predictor.embed(texts)
+    from ultrafastbert.convert.evaluate import embed_texts
+
+    want = embed_texts(student, source.tokenizer_dir, texts, pooling="mean")
+    want = torch.nn.functional.normalize(want, dim=-1)  # the source had a Normalize module
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2))
+    raw = predictor.embed(texts, normalize=False)
+    assert not torch.allclose(raw, got, atol=1e-3)  # negative control: normalisation applied
+    assert predictor.tasks == ("embed",)
+    with pytest.raises(ValueError, match="fill-mask needs a FFFBertForMaskedLM"):
+        predictor.fill_mask("the [MASK] saw")
+
+
+def test_predictor_fill_mask_on_a_converted_mlm(tmp_path):
+    from ultrafastbert.infer import Predictor
+
+    src = load_source(tiny_bert(tmp_path / "mlm", task="masked-lm"))
+    student, out = _saved(src, tmp_path)
+    predictor = Predictor.from_pretrained(out)
+    assert "fill-mask" in predictor.tasks
+    result = predictor.fill_mask("the king <mask> the queen.", top_k=3)
+    ids, mask = predictor.encode(["the king [MASK] the queen."])
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=mask).logits
+    pos = int((ids[0] == predictor.mask_token_id).nonzero())
+    assert result.candidates[0][0].token_id == int(logits[0, pos].argmax())
+    assert len(result.candidates[0]) == 3
+
+
+def test_predictor_classifies_pairs_with_token_types(tmp_path):
+    from ultrafastbert.infer import Predictor
+
+    src = load_source(tiny_bert(tmp_path / "cls", task="sequence-classification"))
+    student, out = _saved(src, tmp_path)
+    predictor = Predictor.from_pretrained(out)
+    [result] = predictor.classify(["the king"], pairs=["the queen"])
+    ids, mask = predictor.encode(["the king"], ["the queen"])
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    assert ids.shape == types.shape
+    with torch.no_grad():
+        want = student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.softmax(-1)
+        untyped = student(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    assert result.probability == pytest.approx(float(want.max()), abs=1e-5)
+    assert not torch.allclose(want, untyped)  # negative control: the types matter here
+
+
+@pytest.mark.parametrize("converted_model", [True, False], ids=["converted", "dense-source"])
+def test_glue_runs_on_transformers_models(source, bert_dir, tmp_path, converted_model):
+    """``ultrafastbert glue --model DIR`` on a converted model and on its dense source; the
+    fine-tuned classifier reloads and predicts through the Predictor."""
+    from test_glue_cli import make_glue_dir
+    from ultrafastbert.cli.glue import main
+    from ultrafastbert.infer import Predictor
+
+    model_dir = _saved(source, tmp_path)[1] if converted_model else bert_dir
+    out = tmp_path / "glue-out"
+    rc = main(["--model", str(model_dir), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
+               "--tasks", "RTE,STS-B", "--epochs", "1", "--seeds", "1", "--out", str(out),
+               "--no-progress", "--save-models", "median"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["ff"]["kind"] == ("fff-converted" if converted_model else "dense")
+    rte = results["tasks"]["RTE"]
+    assert 0.0 <= rte["score"] <= 100.0
+    saved = out / rte["model_dir"]
+    predictor = Predictor.from_pretrained(saved)
+    assert predictor.tasks == ("embed", "classify")
+    [result] = predictor.classify(["the king"], pairs=["the queen"])
+    assert result.label in ("entailment", "not_entailment")
