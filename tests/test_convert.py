@@ -356,6 +356,7 @@ def test_glue_runs_on_transformers_models(source, bert_dir, tmp_path, converted_
     out = tmp_path / "glue-out"
     rc = main(["--model", str(model_dir), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
                "--tasks", "RTE,STS-B", "--epochs", "1", "--seeds", "1", "--out", str(out),
+               "--max-length", "48",
                "--no-progress", "--save-models", "median"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())

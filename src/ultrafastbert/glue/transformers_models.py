@@ -50,6 +50,8 @@ def describe(model_dir: Path, name: str) -> dict[str, Any]:
             "model_type": config.get("model_type"), "fff_layers": layers,
             "ff": {"kind": "fff-converted" if layers else "dense", "width": width},
             "neurons": neurons, "active_neurons": active, "n_layers": n_layers,
+            "max_seq_len": int(config.get("max_seq_len") or
+                               config.get("max_position_embeddings") or 512),
             "d_model": config.get("hidden_size") or config.get("dim"),
             "vocab_size": config.get("vocab_size")}
 
