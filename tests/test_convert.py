@@ -368,3 +368,21 @@ def test_glue_runs_on_transformers_models(source, bert_dir, tmp_path, converted_
     assert predictor.tasks == ("embed", "classify")
     [result] = predictor.classify(["the king"], pairs=["the queen"])
     assert result.label in ("entailment", "not_entailment")
+
+
+def test_bench_model_takes_converted_and_dense_dirs(source, bert_dir, tmp_path):
+    """``bench model --models DIR,...`` checks each (attention vs eager, every FFF vs the
+    reference, routes first) before timing it."""
+    from ultrafastbert.bench.model import ModelBenchSettings, run_bench
+
+    _, converted_dir = _saved(source, tmp_path)
+    settings = ModelBenchSettings(models=(str(converted_dir), str(bert_dir)), batches=(2,),
+                                  seq_len=16, dtypes=("float32",), repeats=3, max_seconds=2.0,
+                                  profile_batch=None)
+    result = run_bench(settings)
+    checks = {c["model"]: c for c in result["checks"]}
+    assert checks[str(converted_dir)]["fff_layers_checked"] == 2
+    assert checks[str(converted_dir)]["fff_route_agreement"] >= 0.999
+    assert "fff_layers_checked" not in checks[str(bert_dir)]  # the dense source has no FFF
+    assert {r["model"] for r in result["rows"]} == {str(converted_dir), str(bert_dir)}
+    assert all(r["latency_ms"] > 0 for r in result["rows"])

@@ -84,7 +84,8 @@ def _csv(kind: type) -> Callable[[str], tuple]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``bench model``."""
     p.add_argument("--models", type=_csv(str), default=MODELS,
-                   help=f"comma-separated subset of {','.join(MODELS)} (or any preset name)")
+                   help=f"comma-separated subset of {','.join(MODELS)}, any preset name, or "
+                        "model directories (a converted model and its dense source, e.g.)")
     p.add_argument("--batches", type=_csv(int), default=BATCHES, help="batch sizes (default "
                    "1,8,32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
@@ -107,18 +108,25 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
     if bad:
         raise InputError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
     known = set(MODELS) | _presets()
-    unknown = [m for m in args.models if m not in known]
+    unknown = [m for m in args.models if m not in known and not _is_model_dir(m)]
     if unknown:
         raise InputError(f"unknown models {unknown}; choose from {sorted(known)}")
     if min(args.batches, default=0) < 1 or args.seq_len < 1:
         raise InputError("--batches and --seq-len must be positive")
-    hf = [m for m in args.models if m in HF_MODELS]
+    hf = [m for m in args.models if m in HF_MODELS or _is_model_dir(m)]
     if hf and importlib.util.find_spec("transformers") is None:
         raise InputError(f"the {hf[0]} baseline needs transformers: pip install "
                          f"'ultrafastbert[hf]', or leave it out of --models")
     return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
                               tuple(args.dtypes), args.device, args.warmup, args.repeats,
                               args.max_seconds, args.profile_batch or None)
+
+
+def _is_model_dir(name: str) -> bool:
+    """A transformers model directory (converted or dense BERT-family)."""
+    from ..model.layouts import transformers_model_type
+
+    return Path(name).is_dir() and transformers_model_type(Path(name)) is not None
 
 
 def _presets() -> set[str]:
@@ -132,6 +140,14 @@ def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.
     """One of ours from its preset (eval mode), or Hugging Face ``BertModel`` (bert-base;
     ``HF_PACKED``: its linear layers on prepacked oneDNN GEMMs, like ours)."""
     torch.manual_seed(0)
+    if _is_model_dir(name):
+        from ..model.auto import from_pretrained
+        from ..model.converted import base_model_of
+        from ..model.pretrained import set_precision
+
+        loaded = from_pretrained(name, device=device)
+        set_precision(loaded, dtype, fff_compute_dtype(device, dtype))
+        return base_model_of(loaded).eval()
     if name in HF_MODELS:
         from transformers import BertConfig, BertModel
 
@@ -175,15 +191,19 @@ def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSetti
     ids = random_ids(model, CHECK_SHAPE[0], min(CHECK_SHAPE[1], s.seq_len), s.device, s.seed + 1)
     mask = torch.ones_like(ids)
     mask[-1, ids.shape[1] // 2:] = 0  # one padded row: exercises the masks and the FF row skip
-    if name in HF_MODELS:
+    if name in HF_MODELS or _is_model_dir(name):
         report = _check_hf(model, ids, mask)
+        report.update(_check_fff_blocks(model, ids, mask))
     else:
         rep = compare_layerwise(model, ids, mask, margin=CHECK_MARGIN[dtype_name])
         report = {"max_rel_error": rep.max_rel_error, "rows_compared": rep.rows_compared,
                   "rows_excluded_near_zero_logit": rep.rows_excluded,
                   "reference": "float64 reference encoder, step by step"}
-    tolerance = (HF_CHECK_TOLERANCE if name in HF_MODELS else CHECK_TOLERANCE)[dtype_name]
-    ok = report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
+    hf_like = name in HF_MODELS or _is_model_dir(name)
+    tolerance = (HF_CHECK_TOLERANCE if hf_like else CHECK_TOLERANCE)[dtype_name]
+    ok = (report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
+          and report.get("fff_route_agreement", 1.0) >= 0.999
+          and report.get("fff_max_rel_error", 0.0) <= tolerance)
     report.update(model=name, dtype=dtype_name, tolerance=tolerance, ok=ok)
     if not ok:
         raise RunError(f"output check failed for {name} / {dtype_name}: {report}")
@@ -205,6 +225,40 @@ def _check_hf(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[s
     return {"max_rel_error": err, "rows_compared": int(real.sum()),
             "rows_excluded_near_zero_logit": 0,
             "reference": f"same BertModel, eager attention (timed: {default})"}
+
+
+def _check_fff_blocks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                      ) -> dict[str, Any]:
+    """Every FFF in ``model`` against the float64 reference on the inputs it really gets:
+    routes first (share of tokens on the same paths), then values on the agreeing tokens."""
+    from ..fff import FFF, fff_reference
+
+    layers = [m for m in model.modules() if isinstance(m, FFF)]
+    if not layers:
+        return {}
+    inputs: list[torch.Tensor] = []
+    hooks = [f.register_forward_hook(lambda _m, args, _o: inputs.append(args[0]))
+             for f in layers]
+    try:
+        with torch.inference_mode():
+            model(ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    agree, err = 1.0, 0.0
+    for f, x in zip(layers, inputs, strict=True):
+        flat = x.reshape(-1, f.d_model)
+        with torch.inference_mode():
+            y, nodes = f.forward_with_nodes(flat)
+        ref = fff_reference(flat, f.linear_in.weight, f.linear_in.bias, f.linear_out.weight,
+                            f.n_trees, f.depth)
+        same = (nodes == ref.nodes).flatten(1).all(1)
+        agree = min(agree, float(same.float().mean()))
+        scale = float(ref.y.double().pow(2).mean().sqrt()) or 1.0
+        if bool(same.any()):
+            err = max(err, float((y[same].double() - ref.y[same].double()).abs().max()) / scale)
+    return {"fff_layers_checked": len(layers), "fff_route_agreement": agree,
+            "fff_max_rel_error": err}
 
 
 # ------------------------------------------------------------------------------------- timing
