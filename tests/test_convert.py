@@ -386,3 +386,24 @@ def test_bench_model_takes_converted_and_dense_dirs(source, bert_dir, tmp_path):
     assert "fff_layers_checked" not in checks[str(bert_dir)]  # the dense source has no FFF
     assert {r["model"] for r in result["rows"]} == {str(converted_dir), str(bert_dir)}
     assert all(r["latency_ms"] > 0 for r in result["rows"])
+
+
+def test_serve_embeds_a_converted_model_like_the_predictor(source, tmp_path):
+    """A real server process on 127.0.0.1 answers /v1/embeddings for a converted model with
+    the Predictor's vectors (normalised, as the sentence-transformers source defines)."""
+    pytest.importorskip("fastapi")
+    from servecheck import ServerProcess
+
+    from ultrafastbert.infer import Predictor
+
+    _, out = _saved(source, tmp_path)
+    texts = ["the king saw the queen.", "a dog"]
+    want = Predictor.from_pretrained(out).embed(texts)
+    server = ServerProcess(out, log_file=tmp_path / "serve.log")
+    try:
+        answer = server.post("/v1/embeddings", {"input": texts, "model": out.name})
+    finally:
+        server.stop()
+    assert answer.status == 200, answer
+    got = torch.tensor([row["embedding"] for row in answer.json["data"]])
+    assert torch.allclose(got, want, atol=1e-4)
