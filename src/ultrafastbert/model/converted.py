@@ -368,6 +368,10 @@ def load_transformers(directory: str | os.PathLike, **kwargs: Any) -> Any:
     if model_type.startswith("ultrafastbert-"):
         return load_converted(layout.model_dir, **kwargs)
     family = family_of(model_type)
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    if not any((layout.model_dir / name).is_file() for name in weights):
+        raise ConfigError(f"{layout.model_dir} is a transformers model (model_type "
+                          f"{model_type!r}) without weights: it needs one of {weights}")
     config = family.config_class.from_pretrained(layout.model_dir, local_files_only=True)
     cls: Any = family.classes[_saved_task(family, config, prefix="")]
     model = cls.from_pretrained(layout.model_dir, local_files_only=True, **kwargs)
