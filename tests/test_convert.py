@@ -393,7 +393,6 @@ def test_serve_embeds_a_converted_model_like_the_predictor(source, tmp_path):
     the Predictor's vectors (normalised, as the sentence-transformers source defines)."""
     pytest.importorskip("fastapi")
     from servecheck import ServerProcess
-
     from ultrafastbert.infer import Predictor
 
     _, out = _saved(source, tmp_path)
