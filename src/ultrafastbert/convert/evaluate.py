@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..glue.data import collate
 from ..model.converted import base_model_of
 from .data import pool_hidden
 
@@ -37,7 +38,7 @@ def embed_texts(model: Any, tokenizer_dir: Path, texts: Sequence[str], *, poolin
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             picked = order[start:start + batch_size]
-            ids, mask = _pad([encoded[i] for i in picked], pad)
+            ids, mask = collate([tuple(encoded[i]) for i in picked], pad)
             hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             out[picked] = pool_hidden(hidden, mask, pooling).float()
     return out
@@ -46,16 +47,6 @@ def embed_texts(model: Any, tokenizer_dir: Path, texts: Sequence[str], *, poolin
 def _width(model: Any) -> int:
     config = model.config
     return int(getattr(config, "hidden_size", None) or config.dim)
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def sts_spearman(model: Any, tokenizer_dir: Path, glue_dir: str | Path, *,
