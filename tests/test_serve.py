@@ -382,3 +382,33 @@ def test_load_test_script_checks_answers_then_measures(models, mlm, tmp_path):
     assert script.cpu_seconds(os.getpid()) - before >= 0.05
     assert results["environment"]["cpu"]
     assert "| tiny | serve | 4 |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ a transformers model
+def test_serves_a_transformers_masked_lm_like_the_predictor(tmp_path):
+    """Any directory Predictor loads: here a (tiny, unconverted) Hugging Face BertForMaskedLM
+    with its own tokenizer and mask token."""
+    pytest.importorskip("transformers")
+    import convertcheck
+
+    folder = convertcheck.tiny_bert(tmp_path / "bert-mlm", task="masked-lm")
+    api = Predictor.from_pretrained(folder)
+    server = ServerProcess(folder, log_file=tmp_path / "log")
+    try:
+        batch = ["the king saw the dog", "a cat"]
+        r = server.post("/v1/embeddings", {"input": batch})
+        assert r.status == 200, r
+        torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json["data"]]),
+                                   api.embed(batch), atol=1e-5, rtol=1e-5)
+        text = "the king <mask> the [MASK]"
+        r = server.post("/v1/fill-mask", {"input": text, "top_k": 3})
+        assert r.status == 200, r
+        want = api.fill_mask(text, top_k=3)
+        [row] = r.json["data"]
+        assert row["text"] == want.text and row["filled"] == want.filled
+        assert [[c["token_id"] for c in m] for m in row["masks"]] == [
+            [c.token_id for c in m] for m in want.candidates]
+        assert server.post("/v1/classify", {"input": "x"}).status == 404
+    finally:
+        status, _ = server.stop()
+    assert status == 0
