@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-batch", type=int, default=32)
     p.add_argument("--speed-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--glue-runs", default="", metavar="NAME=DIR,...",
+                   help="results of `ultrafastbert glue` runs to fold in, by model name (the "
+                        "dense model is 'dense'): SST-2/MRPC scores and their ratio to dense")
     p.add_argument("--note", default="", help="recorded with the results (e.g. 'under load')")
     return p.parse_args(argv)
 
@@ -74,10 +77,33 @@ def conversion_facts(directory: Path) -> dict[str, Any]:
     phases = report["phases"]
     seconds = report["init_s"] + sum(p.get("seconds", 0.0) for p in phases.values())
     return {"fff": report["settings"]["fff"], "active_pct": round(100 * report["active_fraction"], 2),
-            "distill_min": round(seconds / 60, 1),
+            "distill_min": round(seconds / 60, 2),
             "tokens_seen": sum(p.get("tokens", 0) for p in phases.values()),
             "heldout_pooled_cos": round(report["heldout"]["pooled_cosine"], 4),
             "lr_rest": report["settings"]["lr_rest"]}
+
+
+def add_glue(rows: list[dict[str, Any]], runs: str) -> dict[str, Any]:
+    """Fold ``glue`` results (``NAME=DIR``) into ``rows``: each task's score and its ratio to the
+    dense model's (same protocol, same subset: checked). Returns the protocol."""
+    found = dict(item.split("=", 1) for item in runs.split(",") if item)
+    results = {name: json.loads((Path(d) / "results.json").read_text(encoding="utf-8"))
+               for name, d in found.items()}
+    protocols = {json.dumps(r["protocol"], sort_keys=True) for r in results.values()}
+    if len(protocols) > 1:
+        raise SystemExit("the GLUE runs used different protocols: not comparable")
+    dense = results.get("dense")
+    for row in rows:
+        name = "dense" if row["model"] == "dense" else row["model"]
+        if name not in results:
+            continue
+        for task, summary in results[name]["tasks"].items():
+            key = task.lower().replace("-", "")
+            row[key] = round(summary["score"], 1)
+            if dense and task in dense["tasks"]:
+                row[f"{key}_pct_of_dense"] = round(
+                    100 * summary["score"] / dense["tasks"][task]["score"], 1)
+    return next(iter(results.values()))["protocol"] if results else {}
 
 
 # ------------------------------------------------------------------------------ speed
@@ -109,7 +135,8 @@ def speed(dense: Any, converted: Any, args: argparse.Namespace) -> dict[str, Any
     block = fff_blocks(converted)[0]
     x = torch.randn(4096, ffn.w1.shape[1])
     check_block(block, x)
-    ids = torch.randint(1000, 20000, (args.speed_batch, args.speed_len))
+    vocab = int(dense.config.vocab_size)  # random real-vocabulary ids, clear of the specials
+    ids = torch.randint(min(1000, vocab // 2), vocab, (args.speed_batch, args.speed_len))
     mask = torch.ones_like(ids)
     enc_d, enc_c = base_model_of(dense).eval(), base_model_of(converted).eval()
     with torch.inference_mode():
@@ -173,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         row.update(speed(source.model, model, args))
         rows.append(row)
         print(json.dumps(row), flush=True)
+    glue_protocol = add_glue(rows, args.glue_runs)
     env = {**environment(), "note": args.note, "source": str(source_dir),
-           "eval_seconds": round(time.monotonic() - started, 1)}
+           "eval_seconds": round(time.monotonic() - started, 1), "glue_protocol": glue_protocol}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", {"environment": env, "rows": rows})
     columns = ["model", "fff", "active_pct", "distill_min", "stsb", "raw_pct", "gain_kept_pct",
+               "sst2", "sst2_pct_of_dense", "mrpc", "mrpc_pct_of_dense",
                "ffn_speedup", "encoder_speedup", "heldout_pooled_cos"]
     table = format_table(rows, columns)
     atomic_write_text(args.out / "results.md",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,3 +407,31 @@ def test_serve_embeds_a_converted_model_like_the_predictor(source, tmp_path):
     assert answer.status == 200, answer
     got = torch.tensor([row["embedding"] for row in answer.json["data"]])
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_frontier_script_checks_then_reports(source, bert_dir, tmp_path):
+    """benchmarks/convert_minilm.py on a tiny source: dense, ablation and converted rows, gain
+    kept computed from them, speed measured after the kernel check."""
+    import importlib.util
+
+    from test_glue_cli import make_glue_dir
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_minilm", Path(__file__).resolve().parents[1] / "benchmarks" / "convert_minilm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, model_dir = _saved(source, tmp_path)
+    (model_dir / "conversion.json").write_text(json.dumps({
+        "settings": {"fff": "2x3", "lr_rest": 0.0}, "active_fraction": 0.125, "init_s": 1.0,
+        "phases": {"layerwise": {"seconds": 2.0, "tokens": 10}}, "heldout": {"pooled_cosine": 0.9}}))
+    out = tmp_path / "results"
+    assert script.main(["--source", str(bert_dir), "--models", str(model_dir), "--glue-dir",
+                        str(make_glue_dir(tmp_path / "g")), "--out", str(out), "--threads", "1",
+                        "--repeats", "3", "--speed-batch", "2", "--speed-len", "16"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    dense, removed, conv = rows["dense"], rows["FFNs removed (ablation)"], rows["model"]
+    kept = 100 * (conv["stsb"] - removed["stsb"]) / (dense["stsb"] - removed["stsb"])
+    assert conv["gain_kept_pct"] == pytest.approx(kept, abs=0.2)
+    assert conv["distill_min"] == pytest.approx(0.05)
+    assert conv["ffn_speedup"] > 0 and conv["encoder_speedup"] > 0
+    assert "| model |" in (out / "results.md").read_text()
