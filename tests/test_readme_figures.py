@@ -82,6 +82,17 @@ def _serve(folder: Path) -> tuple[dict, list[str]]:
     return {"cpu": env["cpu"], "torch_threads": env["server_threads"]}, figures
 
 
+def _convert(model: str, keys: tuple[str, ...]) -> Callable[[Path], tuple[dict, list[str]]]:
+    """Figures of one converted model in ``benchmarks/convert_minilm.py``'s results."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "results.json")
+        row = _row(data["rows"], model=model)
+        shown = {"stsb": lambda v: f"{v:.1f}", "gain_kept_pct": percent,
+                 "raw_pct": percent, "encoder_speedup": speedup, "ffn_speedup": speedup}
+        return data["environment"], [shown[k](row[k]) for k in keys]
+    return check
+
+
 #: README row (first cell) -> reader of (environment, figures as printed) from the row's folder.
 CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "FFF 1x11 layer vs dense-4095 FF (`nn.Linear`), 4,096 tokens":
@@ -96,6 +107,10 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "same, `BertModel` on the same prepacked oneDNN GEMMs": _model("hf-bert-base-onednn"),
     "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
     "model": _table1,
+    "converted all-MiniLM-L6-v2, FFF 8x7 (4.2% of FFN neurons per token), STS-B dev":
+        _convert("minilm-8x7", ("stsb", "gain_kept_pct")),
+    "same model, whole encoder vs dense all-MiniLM-L6-v2, 32x128, fp32":
+        _convert("minilm-8x7", ("encoder_speedup",)),
     "serving, all-MiniLM-L6-v2 converted to FFF 8x7 vs the dense one in the same server, "
     "texts/s at 64 clients (taken under load, see "
     "[serving](docs/serving.md#measured-so-far-under-load))": _serve,
