@@ -188,7 +188,12 @@ def initialise(student: Any, source: SourceModel, rows: np.ndarray,
         log.info("init: loaded %s", saved)
         return dict(json.loads(info_file.read_text(encoding="utf-8")))
     started = time.monotonic()
-    xs = collect_inputs(source.model, rows, settings.init_tokens, pad_id, settings.batch_size)
+    # A seeded random sample of the corpus, not its first documents: those are one text (the
+    # demo corpus starts with the Bible), and an init fitted there measured 48.2 on STS-B for
+    # MiniLM 8x7 against 69.5 from a random sample.
+    order = np.random.default_rng([settings.seed, 2]).permutation(len(rows))
+    xs = collect_inputs(source.model, rows[order], settings.init_tokens, pad_id,
+                        settings.batch_size)
     dense = dense_ffns(source.model, FAMILIES[source.family])
     errors = []
     for i, (block, ffn) in enumerate(zip(fff_blocks(student), dense, strict=True)):
