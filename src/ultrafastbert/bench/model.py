@@ -227,11 +227,28 @@ def _check_hf(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[s
             "reference": f"same BertModel, eager attention (timed: {default})"}
 
 
+def check_fff_layer(f: Any, x: torch.Tensor) -> tuple[float, float]:
+    """One FFF layer's inference kernel against the float64 reference on inputs ``x``
+    ``(T, d)``: routes first (the share of tokens on the same paths), then the largest error
+    on the agreeing tokens relative to the reference output's RMS."""
+    from ..fff import fff_reference
+
+    with torch.inference_mode():
+        y, nodes = f.forward_with_nodes(x)
+    ref = fff_reference(x, f.linear_in.weight, f.linear_in.bias, f.linear_out.weight,
+                        f.n_trees, f.depth)
+    same = (nodes == ref.nodes).flatten(1).all(1)
+    scale = float(ref.y.double().pow(2).mean().sqrt()) or 1.0
+    err = (float((y[same].double() - ref.y[same].double()).abs().max()) / scale
+           if bool(same.any()) else 0.0)
+    return float(same.float().mean()), err
+
+
 def _check_fff_blocks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
                       ) -> dict[str, Any]:
     """Every FFF in ``model`` against the float64 reference on the inputs it really gets:
     routes first (share of tokens on the same paths), then values on the agreeing tokens."""
-    from ..fff import FFF, fff_reference
+    from ..fff import FFF
 
     layers = [m for m in model.modules() if isinstance(m, FFF)]
     if not layers:
@@ -247,16 +264,8 @@ def _check_fff_blocks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
             hook.remove()
     agree, err = 1.0, 0.0
     for f, x in zip(layers, inputs, strict=True):
-        flat = x.reshape(-1, f.d_model)
-        with torch.inference_mode():
-            y, nodes = f.forward_with_nodes(flat)
-        ref = fff_reference(flat, f.linear_in.weight, f.linear_in.bias, f.linear_out.weight,
-                            f.n_trees, f.depth)
-        same = (nodes == ref.nodes).flatten(1).all(1)
-        agree = min(agree, float(same.float().mean()))
-        scale = float(ref.y.double().pow(2).mean().sqrt()) or 1.0
-        if bool(same.any()):
-            err = max(err, float((y[same].double() - ref.y[same].double()).abs().max()) / scale)
+        layer_agree, layer_err = check_fff_layer(f, x.reshape(-1, f.d_model))
+        agree, err = min(agree, layer_agree), max(err, layer_err)
     return {"fff_layers_checked": len(layers), "fff_route_agreement": agree,
             "fff_max_rel_error": err}
 

@@ -92,8 +92,9 @@ class GlueClassifier(nn.Module):
         """Logits (and the loss with ``labels``) of the padded batch."""
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.with_types and self.sep_id is not None:
-            sep = (input_ids == self.sep_id).long()
-            inputs["token_type_ids"] = ((sep.cumsum(1) - sep) > 0).long()
+            from ..model.converted import token_types
+
+            inputs["token_type_ids"] = token_types(input_ids, self.sep_id)
         if labels is not None:
             inputs["labels"] = labels
         return self.model(**inputs)

@@ -176,8 +176,9 @@ class TransformersView(ModelView):
         if mask is not None:
             inputs["attention_mask"] = mask
         if self.with_types and self.sep_id is not None:
-            sep = (ids == self.sep_id).long()
-            inputs["token_type_ids"] = ((sep.cumsum(1) - sep) > 0).long()
+            from ..model.converted import token_types
+
+            inputs["token_type_ids"] = token_types(ids, self.sep_id)
         return inputs
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # noqa: D102

@@ -206,6 +206,13 @@ def check_activation(family: Family, config: PretrainedConfig) -> None:
                           f"{SUPPORTED_ACTIVATIONS} can be converted")
 
 
+def token_types(ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """BERT's token types ``(B, S)`` for ``ids`` ``(B, S)``: 1 after the first separator (the
+    second text of a pair and its separator), 0 before and at it."""
+    sep = (ids == sep_id).long()
+    return ((sep.cumsum(1) - sep) > 0).long()
+
+
 # ------------------------------------------------------------------------------ swapping
 def base_model_of(model: Any) -> nn.Module:
     """The encoder of a ``transformers`` model with or without a head."""
