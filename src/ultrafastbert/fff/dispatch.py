@@ -29,11 +29,12 @@ def registry() -> dict[str, FFFKernel]:
     ignores such caches and would re-run (and re-create the kernels) inside every trace.
     """
     if not _REGISTRY:
-        from .native import NativeCPUKernel
+        from .native import NativeBF16Kernel, NativeCPUKernel
         from .torch_kernel import TorchKernel
         from .triton_impl import TritonKernel
 
-        kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), TorchKernel()]
+        kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), NativeBF16Kernel(),
+                                    TorchKernel()]
         _REGISTRY.update((k.name, k) for k in kernels)
     return _REGISTRY
 

@@ -19,6 +19,9 @@ from ...errors import InputError, ResourceError
 from ..kernel import FFFKernel
 from ..tree import path_length
 from . import build
+from .bf16 import NativeBF16Kernel
+
+__all__ = ["NativeBF16Kernel", "NativeCPUKernel", "NativePacked", "build"]
 
 
 @dataclass(frozen=True)

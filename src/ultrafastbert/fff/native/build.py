@@ -1,7 +1,7 @@
 """Build, cache and load the native CPU kernel on first use (never at import).
 
-The C++ source (``fff_cpu.cpp`` + ``fff_cpu_walk.h``) is compiled with
-``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
+The C++ sources (``fff_cpu.cpp`` + ``fff_cpu_walk.h``; the bf16 kernel's ``fff_cpu_bf16.cpp`` +
+``fff_cpu_bf16_walk.h``) are compiled into one library with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
 ``<cache>/native-<key>/``, where ``<cache>`` is ``$ULTRAFASTBERT_CACHE`` or
 ``~/.cache/ultrafastbert`` (``$XDG_CACHE_HOME/ultrafastbert`` when that is set) and ``<key>``
 hashes the source, the torch build, the Python ABI, the compiler and the CPU's instruction set.
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "ultrafastbert_fff_cpu"
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fff_cpu.cpp", "fff_cpu_walk.h")
+SOURCES = ("fff_cpu.cpp", "fff_cpu_walk.h", "fff_cpu_bf16.cpp", "fff_cpu_bf16_walk.h")
 #: Instruction sets the kernel is compiled for, best first, with the op's numeric code.
 ISA_CODES = {"avx512": 2, "avx2": 1}
 #: CPU flags (``/proc/cpuinfo`` spelling) each instruction set needs.
@@ -183,7 +183,8 @@ def _compile_into(build_dir: Path) -> Path:
     """
     from torch.utils import cpp_extension
 
-    cpp_extension.load(name=LIBRARY_NAME, sources=[str(SOURCE_DIR / SOURCES[0])],
+    sources = [str(SOURCE_DIR / name) for name in SOURCES if name.endswith(".cpp")]
+    cpp_extension.load(name=LIBRARY_NAME, sources=sources,
                        extra_cflags=_compile_flags(), extra_ldflags=_openmp_flags(),
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
     return build_dir / f"{LIBRARY_NAME}.so"
