@@ -186,8 +186,9 @@ def test_bf16_model_can_keep_its_fff_blocks_in_fp32():
     real = mask.bool()
     assert (low.float() - full)[real].abs().mean() < 0.05
     assert compare_layerwise(model, ids, mask, margin=1e-2).ok(tolerance=6e-2)
+    fast_bf16 = dispatch.select("auto", "cpu", torch.bfloat16).name != "torch"
     fast_fp32 = dispatch.select("auto", "cpu", torch.float32).name != "torch"
-    expected = torch.float32 if fast_fp32 else torch.bfloat16
+    expected = torch.float32 if fast_fp32 and not fast_bf16 else torch.bfloat16
     assert fff_compute_dtype("cpu", torch.bfloat16) == expected
     assert fff_compute_dtype("cpu", torch.bfloat16, implementation="torch") == torch.bfloat16
     assert fff_compute_dtype("cpu", torch.float32) == torch.float32

@@ -26,6 +26,12 @@ ISA_CODES = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
 ISA_ENV = "ULTRAFASTBERT_BF16_ISA"
 
 
+def cpu_path() -> str:
+    """The best path the loaded library runs on this CPU: ``avx512bf16``, ``avx512``, ``avx2``
+    or ``""`` (the library must be loaded)."""
+    return torch.ops.ultrafastbert.fff_bf16_isa()
+
+
 @dataclass(frozen=True)
 class NativeBF16Packed:
     """The kernel's copy of the weights (checkpoint node order, tree-major heap order).
@@ -72,7 +78,7 @@ class NativeBF16Kernel(FFFKernel):
         if isinstance(library, str):
             return library
         ops = torch.ops.ultrafastbert
-        best = ops.fff_bf16_isa()
+        best = cpu_path()
         isa = self._isa or os.environ.get(ISA_ENV) or best
         if isa not in ISA_CODES:
             return f"{ISA_ENV}={isa!r} is not one of {tuple(ISA_CODES)}; fix or unset it"
