@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_encoder import build, ids_and_mask
 
+from test_model_encoder import build, ids_and_mask
 from ultrafastbert.fff import FFF
 from ultrafastbert.fff.native import NativeBF16Kernel
 from ultrafastbert.model import ModelConfig
@@ -98,7 +98,6 @@ def test_converted_model_in_bf16(tmp_path):
     embedding stays within a bf16 tolerance of fp32."""
     _native_bf16_or_skip()
     from convertcheck import tiny_bert
-
     from ultrafastbert.convert.source import load_source, make_student, parse_fff
     from ultrafastbert.model.converted import fff_blocks
 
