@@ -59,8 +59,10 @@ class PretrainedMixin:
                       ) -> PretrainedMixin:
         """Cast the model to ``dtype``, its FFF blocks to ``fff_dtype`` (default ``dtype``).
 
-        Keeping the FFF blocks in float32 inside a bfloat16 model lets them use a float32-only
-        kernel (see :func:`fff_compute_dtype`); their inputs and outputs are cast on the way.
+        ``torch.bfloat16`` on the CPU: the linear layers run oneDNN's bf16 GEMMs on prepacked
+        weights (AMX where the CPU has it) and the FFF blocks the native bf16 kernel
+        (docs/precision.md). ``fff_dtype=torch.float32`` keeps the FFF blocks in float32 (their
+        inputs and outputs are cast on the way); see :func:`fff_compute_dtype`.
         """
         set_precision(self, dtype, fff_dtype)  # type: ignore[arg-type]
         return self
@@ -96,8 +98,9 @@ def fff_compute_dtype(device: torch.device | str, dtype: torch.dtype,
     """The precision to run FFF blocks in for a model in ``dtype`` on ``device``.
 
     ``dtype`` itself, unless only the generic torch kernel takes ``dtype`` there while a
-    dedicated kernel takes float32 (the native CPU kernel is float32-only): then float32, which
-    is both faster and more exact than the torch kernel in bfloat16.
+    dedicated kernel takes float32 (e.g. bfloat16 where the native bf16 kernel cannot run but
+    the float32 one can): then float32, which is both faster and more exact than the torch
+    kernel in bfloat16.
     """
     if implementation != "auto" or dtype == torch.float32:
         return dtype
