@@ -4,7 +4,7 @@ Every path this CPU has runs: AVX512-BF16 dot products and the widening AVX-512 
 (forced through the kernel's ``isa`` switch). The reference is the float64 spec evaluated on the
 kernel's own (bf16) inputs and weights, so what remains is the kernel's fp32 accumulation and its
 final rounding to bf16: rows with a routing logit within a margin of 0 are excluded and counted
-(DESIGN §2, low precision), and values are compared within a bf16 tolerance.
+(docs/design.md §2, low precision), and values are compared within a bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def test_declares_its_scope_and_reasons(monkeypatch):
     assert bf16_module.ISA_ENV in NativeBF16Kernel().unavailable_reason(CPU, torch.bfloat16)
     monkeypatch.delenv(bf16_module.ISA_ENV)
     monkeypatch.setenv("ULTRAFASTBERT_NATIVE", "0")
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})  # fresh kernels (loaded ones remember)
     build.reset()
     try:
         reasons = dict(dispatch.explain(CPU, torch.bfloat16))
