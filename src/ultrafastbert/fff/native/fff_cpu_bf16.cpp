@@ -81,6 +81,16 @@ using Bf16RunFn = void (*)(const Bf16Problem&, int64_t, int64_t);
 
 #define FFF_BF16_INLINE inline __attribute__((always_inline))
 
+// The dpbf16 path needs a compiler that knows AVX512-BF16 (target attribute, intrinsics and
+// __builtin_cpu_supports("avx512bf16")): GCC 11+, clang 12+. With an older one it is left out
+// (the widening paths remain), so the library, fp32 kernel included, still builds.
+#if (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define FFF_HAVE_DPBF16 1
+#else
+#define FFF_HAVE_DPBF16 0
+#endif
+
 // ---- AVX-512 helpers shared by the dot-product path and the widening path.
 #define FFF_AVX512_COMMON                                                                     \
   using F = __m512;                                                                           \
@@ -116,6 +126,7 @@ using Bf16RunFn = void (*)(const Bf16Problem&, int64_t, int64_t);
     _mm256_mask_storeu_epi16(p, mask16(n), to_bf16(v));                                       \
   }
 
+#if FFF_HAVE_DPBF16
 namespace bf16_dp {
 #define FFF_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
@@ -149,6 +160,7 @@ struct B {
 #include "fff_cpu_bf16_walk.h"
 #undef FFF_BF16_TARGET
 }  // namespace bf16_dp
+#endif
 
 namespace bf16_avx512 {
 #define FFF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
@@ -250,7 +262,9 @@ Bf16Isa bf16_best_isa() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl");
+#if FFF_HAVE_DPBF16
   if (avx512 && __builtin_cpu_supports("avx512bf16")) return kBf16Dot;
+#endif
   if (avx512) return kBf16Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kBf16Avx2;
   return kBf16None;
@@ -290,7 +304,9 @@ void bf16_check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Te
 }
 
 Bf16RunFn bf16_pick_run(int64_t isa) {
+#if FFF_HAVE_DPBF16
   if (isa == kBf16Dot) return &bf16_dp::run_tokens;
+#endif
   if (isa == kBf16Avx512) return &bf16_avx512::run_tokens;
   return &bf16_avx2::run_tokens;
 }
