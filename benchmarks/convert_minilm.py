@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import ultrafastbert
-    from ultrafastbert.bench.common import environment, format_table
+    from ultrafastbert.bench.common import environment, format_table, speed_summary
     from ultrafastbert.convert.source import load_source, make_student, parse_fff
     from ultrafastbert.utils.io import atomic_write_json, atomic_write_text
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     glue_protocol = add_glue(rows, args.glue_runs)
-    env = {**environment(), "note": args.note, "source": str(source_dir),
+    env = {**environment(dtypes=["float32"]), "note": args.note, "source": str(source_dir),
            "eval_seconds": round(time.monotonic() - started, 1), "glue_protocol": glue_protocol}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", {"environment": env, "rows": rows})
@@ -207,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, columns)
     atomic_write_text(args.out / "results.md",
                       f"# all-MiniLM-L6-v2 -> FFF: STS-B dev and speed\n\n{table}\n\n"
-                      f"CPU: {env['cpu']}, {env['torch_threads']} threads, fp32, torch "
-                      f"{env['torch']}. {args.note}\n")
+                      f"CPU: {speed_summary(env)}. {args.note}\n")
     print(table)
     return 0
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ultrafastbert.bench.common import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      max(1, args.calls // 10)),
         "settings": {**vars(args), "json": str(args.json) if args.json else None,
                      "kernel_used": new_fff.kernel().name, "torch": torch.__version__},
+        "environment": environment("cpu", dtypes=["float32"]),
     }
     for name, r in result.items():
         if name != "settings":

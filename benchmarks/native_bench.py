@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ultrafastbert import FFF
+from ultrafastbert.bench.common import environment, speed_summary
 from ultrafastbert.fff.native import NativeCPUKernel
 from ultrafastbert.fff.reference import fff_reference
 
@@ -106,10 +106,10 @@ def main() -> None:
     timed = {"dense": lambda x: dense_out(F.gelu(dense_in(x))),
              "kernel": lambda x: kernel.forward(x, packed, TREES, DEPTH),
              "layer": layer}
-    env = {"threads": args.threads, "format": args.format, "isa": kernel.isa,
-           "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "load_avg": os.getloadavg()}
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    env = {**environment("cpu", dtypes=["float32"]), "threads": args.threads,
+           "format": args.format, "isa": kernel.isa, "load_avg": os.getloadavg()}
+    print(speed_summary(env))
+    print(" ".join(f"{k}={env[k]}" for k in ("threads", "format", "isa", "load_avg")))
     print(f"{'tokens':>7} {'dense us/tok':>13} {'kernel us/tok':>14} {'(best)':>7} "
           f"{'layer us/tok':>13} {'x kernel':>9} {'x layer':>8}")
     rows = []

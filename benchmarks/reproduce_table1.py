@@ -386,10 +386,12 @@ def settings_json(s: Settings) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and machine, for the record."""
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(), "finished_unix": int(time.time())}
+    """Versions and machine (CPU model, speed flags, cores: ``bench.common.environment``),
+    for the record."""
+    from ultrafastbert.bench.common import environment as base
+
+    return {**base("cpu", dtypes=["float32"]), "processor": platform.processor(),
+            "finished_unix": int(time.time())}
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -285,7 +285,7 @@ def make_stand_ins(folder: Path) -> None:
 def environment(threads: int, note: str) -> dict[str, Any]:
     from ultrafastbert.bench.common import environment as base
 
-    env = base("cpu")
+    env = base("cpu")  # CPU model, speed flags (AVX-512, AVX512-BF16, AMX), cores, oneDNN
     env["server_threads"] = threads
     for pkg in ("fastapi", "uvicorn", "sentence-transformers", "transformers", "tokenizers"):
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -309,10 +309,12 @@ def parse_targets(args: argparse.Namespace) -> list[Target]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from ultrafastbert.bench.common import speed_summary
+
     env = results["environment"]
     lines = [f"# Serving load test ({env['timestamp']})", "",
-             f"CPU: {env['cpu']} ({env['cpu_count']} cores), server threads "
-             f"{env['server_threads']}, torch {env['torch']}, fastapi {env.get('fastapi')}, "
+             f"CPU: {speed_summary(env)}; server threads "
+             f"{env['server_threads']}, fastapi {env.get('fastapi')}, "
              f"uvicorn {env.get('uvicorn')}, load average at start "
              f"{env['loadavg_1m_at_start']}. {env['note']}", "",
              f"Command: `{results['command']}`", "",

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/train_throughput"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    env = common.environment(args.device)
+    env = common.environment(args.device, dtypes=[args.precision])
     env.update(load_before=_load(), precision=args.precision)
     rows = []
     for pair in args.pairs.split(","):

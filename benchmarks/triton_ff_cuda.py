@@ -72,7 +72,9 @@ def environment(device: torch.device) -> dict:
         gpu = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
                "sms": props.multi_processor_count,
                "memory_gib": round(props.total_memory / 2**30)}
-    return {**gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+    from ultrafastbert.bench.common import cpu_facts
+
+    return {**gpu, **cpu_facts(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__,
             "python": platform.python_version(), "d_model": D_MODEL, "dense_width": DENSE_WIDTH,
             "timer": "triton.testing.do_bench, median, L2 flushed between calls",

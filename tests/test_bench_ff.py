@@ -30,9 +30,10 @@ def test_run_writes_table_csv_json_png(tmp_path):
     assert all(r["check_rows"] >= 1 and r["max_abs_err"] < 1e-4 for r in fff_rows)
     dense = [r for r in data["rows"] if r["config"] == "dense-4095" and
              r["implementation"] == "nn.Linear"]
-    assert all(abs(r["speedup_vs_torch_dense4095"] - 1) < 1e-9 for r in dense)
-    assert all(r["speedup_vs_fastest_dense4095"] <= 1 + 1e-9 for r in dense)
-    assert "| 1x3 | torch |" in result["table"]
+    assert all(abs(r["speedup_vs_torch_dense"] - 1) < 1e-9 for r in dense)
+    assert all(r["speedup_vs_fastest_dense"] <= 1 + 1e-9 for r in dense)
+    assert env["cpu_flags"]["avx2"] in (True, False, None) and env["dtypes"] == ["float32"]
+    assert "| 1x3 | float32 | torch |" in result["table"]
     assert {r["implementation"] for r in result["train_rows"]} == {
         "fff-sparse", "fff-masked", "dense-4095 nn.Linear"}
 
@@ -94,7 +95,7 @@ def test_cli_bench_ff_small(tmp_path, capsys):
                  "torch", "--repeats", "2", "--warmup", "1", "--threads", "1", "--out",
                  str(tmp_path)])
     out = capsys.readouterr().out
-    assert code == 0 and "1 threads" in out and "| 1x2 | torch |" in out
+    assert code == 0 and "1 threads" in out and "| 1x2 | float32 | torch |" in out
     assert (tmp_path / "bench_ff.csv").exists()
 
 
@@ -106,7 +107,111 @@ def test_cli_bad_arguments_are_clear(capsys):
 
 
 def test_bfloat16_run_checks_with_low_precision_tolerances():
-    result = ff.run(small_settings(dtype=torch.bfloat16, tokens=(5,)), None)
-    assert result["environment"]["dtype"] == "bfloat16"
+    result = ff.run(small_settings(dtypes=(torch.bfloat16,), tokens=(5,)), None)
+    assert result["environment"]["dtypes"] == ["bfloat16"]
     assert {r["implementation"] for r in result["rows"] if r["kind"] == "dense"} == {
         "nn.Linear", "mm-pretransposed", "onednn-packed"}
+    assert all(r["dtype"] == "bfloat16" for r in result["rows"])
+
+
+def test_both_dtypes_custom_width_with_biases_and_speedups_per_dtype():
+    """fp32 and bf16 in one run at a MiniLM-like shape (d 48, dense 96 with biases): every row
+    has both speedups, the same-dtype one against its own dtype's fastest dense."""
+    s = small_settings(d_model=48, tokens=(3, 17), configs=("2x2",), dtypes=(
+        torch.float32, torch.bfloat16), dense_widths=(96,), dense_bias=True)
+    result = ff.run(s, None)
+    rows = result["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert {r["config"] for r in rows if r["kind"] == "dense"} == {"dense-96+bias"}
+    assert result["environment"]["reference_dense"] == "dense-96+bias"
+    for dtype in ("float32", "bfloat16"):
+        for tokens in (3, 17):
+            dense = [r for r in rows if r["kind"] == "dense" and r["dtype"] == dtype
+                     and r["tokens"] == tokens]
+            best = min(r["median_s"] for r in dense)
+            assert max(r["speedup_vs_fastest_dense"] for r in dense) == pytest.approx(1.0)
+            fff_row = ff_row(rows, "2x2", dtype, tokens)
+            assert fff_row["speedup_vs_fastest_dense"] == pytest.approx(
+                best / fff_row["median_s"])
+            assert fff_row["speedup_vs_fastest_dense_any_dtype"] <= (
+                fff_row["speedup_vs_fastest_dense"] + 1e-12)
+    assert "| dense-96+bias | bfloat16 | 3 |" in result["fastest_dense_table"]
+    module = ff.DenseFF(48, 96, bias=True)
+    assert module.linear_in.bias is not None and module.linear_out.bias.abs().sum() > 0
+
+
+def ff_row(rows, config, dtype, tokens):
+    found = [r for r in rows if r["config"] == config and r["dtype"] == dtype
+             and r["tokens"] == tokens]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_speedups_any_dtype_name_the_fastest_dense():
+    def row(kind, config, impl, dtype, seconds):
+        return {"kind": kind, "config": config, "implementation": impl, "dtype": dtype,
+                "tokens": 8, "median_s": seconds}
+
+    rows = [row("dense", "dense-4095", "nn.Linear", "float32", 8.0),
+            row("dense", "dense-4095", "onednn-packed", "float32", 4.0),
+            row("dense", "dense-4095", "nn.Linear", "bfloat16", 2.0),
+            row("dense", "dense-3072", "nn.Linear", "bfloat16", 1.0),  # not the reference
+            row("fff", "1x11", "native", "float32", 0.1),
+            row("fff", "1x11", "torch", "bfloat16", 0.5)]
+    ff.add_speedups(rows, "dense-4095")
+    fp32, bf16 = rows[4], rows[5]
+    assert fp32["speedup_vs_torch_dense"] == pytest.approx(80)
+    assert fp32["speedup_vs_fastest_dense"] == pytest.approx(40)
+    assert fp32["speedup_vs_fastest_dense_any_dtype"] == pytest.approx(20)
+    assert bf16["speedup_vs_fastest_dense"] == pytest.approx(4)
+    assert bf16["fastest_dense_any_dtype"] == "bfloat16 nn.Linear"
+    with pytest.raises(RuntimeError, match="no dense-1536 rows"):
+        ff.add_speedups(rows, "dense-1536")
+
+
+def test_check_fff_in_bf16_counts_near_zero_rows_and_refuses_a_wrong_kernel(monkeypatch):
+    torch.manual_seed(0)
+    layer = ff.FFF(32, n_trees=2, depth=3).to(torch.bfloat16).eval()
+    x = torch.randn(200, 32).to(torch.bfloat16)
+    report = ff.check_fff(layer, x, 0)
+    assert report["check_rows"] == 200 and 0 <= report["excluded_rows"] < 200
+    real = layer.forward_with_nodes
+
+    def broken(inp, return_nodes=True):
+        y, nodes = real(inp, return_nodes)
+        return y * 1.1, nodes
+
+    monkeypatch.setattr(layer, "forward_with_nodes", broken)
+    with pytest.raises(RuntimeError, match="output differs"):
+        ff.check_fff(layer, x, 0)
+
+
+def test_requested_implementation_that_runs_in_no_dtype_is_an_error():
+    with pytest.raises(ValueError, match="nope"):
+        ff.run(small_settings(implementations=("nope",), tokens=(2,)), None)
+
+
+def test_cli_bench_ff_two_dtypes_prints_the_cpu(tmp_path, capsys):
+    code = main(["bench", "ff", "--tokens", "2", "--configs", "1x2", "--implementations",
+                 "torch", "--dtypes", "float32,bfloat16", "--d-model", "24", "--dense-widths",
+                 "40", "--dense-bias", "--repeats", "1", "--warmup", "0", "--out",
+                 str(tmp_path)])
+    out = capsys.readouterr().out
+    env = json.loads((tmp_path / "bench_ff.json").read_text())["environment"]
+    assert code == 0 and env["cpu"] in out and "Fastest dense form per dtype" in out
+    assert env["dtypes"] == ["float32", "bfloat16"] and env["d_model"] == 24
+    assert "| 1x2 | bfloat16 | torch |" in out and "dense-40+bias" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "ff", "--dtypes", "int8"])
+    assert "dtypes must be among" in capsys.readouterr().err
+
+
+def test_demo_speed_table_names_the_cpu():
+    from ultrafastbert.bench.common import environment
+    from ultrafastbert.cli.demo import speed_table
+
+    text = speed_table(small_settings(tokens=(2,), configs=("1x2",), dense_widths=(40,),
+                                      repeats=1, warmup=0))
+    env = environment()
+    assert f"measured on: {env['cpu']}" in text and f"{env['torch_threads']} threads" in text
+    assert "1x2 FFF vs dense 40" in text and "| 1x2 | float32 | torch |" in text

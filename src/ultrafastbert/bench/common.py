@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -19,15 +21,84 @@ import torch
 
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
 
+#: CPU flags that decide which GEMM and FFF paths are fast (AVX2/AVX-512 vector units, the
+#: AVX512-BF16 dot products, Intel AMX tiles): recorded with every result.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+               "amx_int8")
 
-def _cpu_model() -> str:
+
+def _read_cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return ""  # not Linux: the model comes from platform, the flags are unknown
+
+
+def _first_processor(cpuinfo: str) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of a ``/proc/cpuinfo`` text."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block ends at its first blank line
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_facts(cpuinfo: str | None = None) -> dict[str, Any]:
+    """CPU model, the speed-relevant flags (:data:`SPEED_FLAGS`: True/False, or None each when
+    the flags cannot be read), physical cores and logical CPUs, the oneDNN version and MKL of
+    this torch build. ``cpuinfo``: a ``/proc/cpuinfo`` text (default: this machine's)."""
+    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    info = _first_processor(text)
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu": info.get("model name") or platform.processor() or "unknown",
+        "cpu_flags": {f: (f in flags) if flags else None for f in SPEED_FLAGS},
+        "cpu_logical": os.cpu_count(),
+        "cpu_cores": _physical_cores(text, info),
+        "onednn": _onednn_version(),
+        "mkl": torch.backends.mkl.is_available(),
+        "torch_cpu_capability": _torch_cpu_capability(),
+    }
+
+
+def _physical_cores(cpuinfo: str, info: dict[str, str]) -> int | None:
+    """Physical cores: ``cpu cores`` x distinct ``physical id`` in /proc/cpuinfo, else None."""
+    sockets = {line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+               if line.startswith("physical id")} or {"0"}
+    try:
+        return int(info["cpu cores"]) * len(sockets)
+    except (KeyError, ValueError):
+        return None
+
+
+def _onednn_version() -> str | None:
+    """oneDNN (MKL-DNN) version of this torch build, or None when it has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    match = re.search(r"(?:oneDNN|MKL-DNN)\s+v?([\w.]+)", torch.__config__.show())
+    return match.group(1) if match else "available (version unknown)"
+
+
+def _torch_cpu_capability() -> str | None:
+    """The vector ISA torch's own CPU kernels dispatch to (e.g. ``AVX512``), where known."""
+    with contextlib.suppress(Exception):
+        return str(torch.backends.cpu.get_cpu_capability())
+    return None
+
+
+def speed_summary(env: dict[str, Any]) -> str:
+    """One line naming the CPU, its speed flags that are present, cores and threads."""
+    flags = [f for f, on in (env.get("cpu_flags") or {}).items() if on]
+    dtypes = env.get("dtypes") or env.get("dtype")
+    dtype_text = f", {','.join(dtypes) if isinstance(dtypes, list) else dtypes}" if dtypes else ""
+    return (f"{env.get('cpu', 'unknown CPU')} ({' '.join(flags) or 'no AVX2/AVX-512/AMX flags'}; "
+            f"{env.get('cpu_cores')} cores, {env.get('cpu_logical')} logical), "
+            f"{env.get('torch_threads')} threads{dtype_text}, torch {env.get('torch')}, "
+            f"oneDNN {env.get('onednn')}")
 
 
 def _git_commit() -> str:
@@ -39,21 +110,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def environment(device: str = "cpu") -> dict[str, Any]:
-    """What a reader needs to interpret the figures: versions, threads, hardware, time."""
+def environment(device: str = "cpu", dtypes: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a reader needs to interpret the figures: versions, threads, hardware (CPU model,
+    speed flags, cores: :func:`cpu_facts`), the dtypes measured, time."""
     env: dict[str, Any] = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        **cpu_facts(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "git_commit": _git_commit(),
         "device": device,
     }
+    if dtypes is not None:
+        env["dtypes"] = [str(d).replace("torch.", "") for d in dtypes]
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
@@ -64,6 +138,14 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     except ImportError:
         pass
     return env
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages (how busy the machine was), or None where unknown."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _sync(device: str) -> None:

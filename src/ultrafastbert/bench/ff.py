@@ -1,9 +1,13 @@
 """``ultrafastbert bench ff``: the paper's Table 2, done honestly.
 
-In one process: dense feed-forward baselines (crammedBERT-3072/-4095: 768->W->768, GELU, no
-biases) as torch runs them and the fastest dense variant available, against FFF configs with
-every available implementation. Every output is checked (dense variants against each other, FFF
-against the float64 reference on sampled rows, routes first) before anything is timed.
+In one process: dense feed-forward baselines (crammedBERT-3072/-4095: d->W->d, GELU, no biases;
+or any widths, with biases like a BERT FFN) as torch runs them and in every faster dense form
+available, in each dtype asked for (float32 and bfloat16: plain ``F.linear`` on bf16 tensors
+runs on oneDNN, AMX where the CPU has it), against FFF configs with every available
+implementation in the same dtypes. Speedups are given against the fastest dense of the same
+dtype and against the fastest dense of any dtype measured. Every output is checked (dense
+variants against each other, FFF against the float64 reference on sampled rows, routes first,
+with the low-precision route rule in bf16) before anything is timed.
 """
 
 from __future__ import annotations
@@ -43,14 +47,17 @@ def parse_config(name: str) -> tuple[int, int]:
 
 
 class DenseFF(nn.Module):
-    """crammedBERT-W baseline as UltraFastBERT defines it: Linear(d, W) -> GELU -> Linear(W, d)."""
+    """crammedBERT-W baseline as UltraFastBERT defines it: Linear(d, W) -> GELU -> Linear(W, d);
+    ``bias=True`` gives both linears biases, as in a BERT FFN (e.g. MiniLM's 384->1536->384)."""
 
-    def __init__(self, d_model: int, width: int, device: str = "cpu"):
+    def __init__(self, d_model: int, width: int, device: str = "cpu", bias: bool = False):
         super().__init__()
-        self.linear_in = nn.Linear(d_model, width, bias=False, device=device)
-        self.linear_out = nn.Linear(width, d_model, bias=False, device=device)
-        nn.init.normal_(self.linear_in.weight, std=0.02)
-        nn.init.normal_(self.linear_out.weight, std=0.02)
+        self.linear_in = nn.Linear(d_model, width, bias=bias, device=device)
+        self.linear_out = nn.Linear(width, d_model, bias=bias, device=device)
+        for linear in (self.linear_in, self.linear_out):
+            nn.init.normal_(linear.weight, std=0.02)
+            if linear.bias is not None:
+                nn.init.normal_(linear.bias, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, d)`` -> ``(T, d)``."""
@@ -61,10 +68,12 @@ def dense_variants(module: DenseFF, compile_dense: bool) -> dict[str, Callable]:
     """Ways to run the same dense FF; the benchmark keeps the fastest per token count."""
     w1t = module.linear_in.weight.t().contiguous()
     w2t = module.linear_out.weight.t().contiguous()
+    b1, b2 = module.linear_in.bias, module.linear_out.bias
 
     def matmul_pretransposed(x: torch.Tensor) -> torch.Tensor:
-        hidden = torch.mm(x, w1t)
-        return torch.mm(F.gelu(hidden), w2t)
+        hidden = torch.mm(x, w1t) if b1 is None else torch.addmm(b1, x, w1t)
+        return torch.mm(F.gelu(hidden), w2t) if b2 is None else torch.addmm(b2, F.gelu(hidden),
+                                                                               w2t)
 
     variants: dict[str, Callable] = {"nn.Linear": module, "mm-pretransposed":
                                      matmul_pretransposed}
@@ -96,7 +105,12 @@ def _packed_variant(module: DenseFF) -> Callable:
 
 @dataclass
 class BenchSettings:
-    """Run-time settings of one benchmark invocation."""
+    """Run-time settings of one benchmark invocation.
+
+    ``dtypes``: input and weight dtypes, each measured for dense and FFF alike. ``dense_widths``:
+    the dense baselines; the last one is the reference the speedups are taken against.
+    ``dense_bias``: dense linears with biases (a BERT FFN) instead of crammedBERT's none.
+    """
 
     device: str = "cpu"
     d_model: int = 768
@@ -107,7 +121,21 @@ class BenchSettings:
     warmup: int = 3
     compile_dense: bool = False
     seed: int = 0
-    dtype: torch.dtype = torch.float32
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    dense_widths: tuple[int, ...] = DENSE_WIDTHS
+    dense_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.dtypes or not self.dense_widths:
+            raise InputError("bench ff needs at least one dtype and one dense width")
+        if min(self.dense_widths) < 1 or self.d_model < 1:
+            raise InputError(f"dense widths and d_model must be positive, got "
+                             f"{self.dense_widths} and {self.d_model}")
+
+    @property
+    def reference_width(self) -> int:
+        """The dense width the speedups are taken against (the last of ``dense_widths``)."""
+        return self.dense_widths[-1]
 
 
 def _inputs(tokens: int, d_model: int, device: str, seed: int,
@@ -115,6 +143,11 @@ def _inputs(tokens: int, d_model: int, device: str, seed: int,
     """Distinct LayerNorm-like rows (no aliasing of one row across the batch)."""
     gen = torch.Generator().manual_seed(seed + tokens)
     return torch.randn(tokens, d_model, generator=gen).to(device=device, dtype=dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
 
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -176,59 +209,109 @@ def _row(kind: str, config: str, impl: str, tokens: int, seconds: float, **extra
             "tokens_per_s": tokens / seconds, **extra}
 
 
+def dense_config(width: int, bias: bool) -> str:
+    """Row name of a dense baseline: ``dense-4095``, or ``dense-1536+bias`` with biases."""
+    return f"dense-{width}{'+bias' if bias else ''}"
+
+
 def bench_dense(s: BenchSettings) -> list[dict[str, Any]]:
-    """Time every dense variant of every baseline width at every token count."""
+    """Time every dense variant of every baseline width in every dtype at every token count."""
     rows = []
-    for width in DENSE_WIDTHS:
-        module = DenseFF(s.d_model, width, s.device).to(s.dtype).eval()
-        variants = dense_variants(module, s.compile_dense)
-        for tokens in s.tokens:
-            x = _inputs(tokens, s.d_model, s.device, s.seed, s.dtype)
-            err = check_dense(variants, x)
-            for name, fn in variants.items():
-                seconds = _time(fn, x, s)
-                rows.append(_row("dense", f"dense-{width}", name, tokens, seconds,
-                                 max_abs_err=err))
-                logger.info("dense-%d %s T=%d: %.3g s", width, name, tokens, seconds)
+    for dtype in s.dtypes:
+        for width in s.dense_widths:
+            torch.manual_seed(s.seed)
+            module = DenseFF(s.d_model, width, s.device, bias=s.dense_bias).to(dtype).eval()
+            variants = dense_variants(module, s.compile_dense)
+            config = dense_config(width, s.dense_bias)
+            for tokens in s.tokens:
+                x = _inputs(tokens, s.d_model, s.device, s.seed, dtype)
+                err = check_dense(variants, x)
+                for name, fn in variants.items():
+                    seconds = _time(fn, x, s)
+                    rows.append(_row("dense", config, name, tokens, seconds,
+                                     dtype=dtype_name(dtype), max_abs_err=err))
+                    logger.info("%s %s %s T=%d: %.3g s", config, dtype_name(dtype), name,
+                                tokens, seconds)
     return rows
 
 
-def fff_implementations(s: BenchSettings) -> list[str]:
-    """Implementations to time: the requested ones, else every one that can run here."""
-    if s.implementations:
-        return list(s.implementations)
-    return [n for n, reason in dispatch.explain(s.device, s.dtype) if reason is None]
+def fff_implementations(s: BenchSettings, dtype: torch.dtype) -> list[str]:
+    """Implementations to time in ``dtype``: the requested ones that can run in it (an unknown
+    name, or one that runs in none of the dtypes, is an error), else every one that can."""
+    runnable = [n for n, reason in dispatch.explain(s.device, dtype) if reason is None]
+    if not s.implementations:
+        return runnable
+    for name in s.implementations:
+        if not any(name in [n for n, r in dispatch.explain(s.device, d) if r is None]
+                   for d in s.dtypes):
+            dispatch.select(name, s.device, dtype)  # raises, naming the reason
+    skipped = [n for n in s.implementations if n not in runnable]
+    if skipped:
+        logger.warning("%s cannot run in %s here: not timed in that dtype", skipped,
+                       dtype_name(dtype))
+    return [n for n in s.implementations if n in runnable]
 
 
 def bench_fff(s: BenchSettings) -> list[dict[str, Any]]:
-    """Time every FFF config with every implementation at every token count (checked first)."""
+    """Time every FFF config with every implementation in every dtype at every token count
+    (checked first). The bf16 rows run the public FFF layer on bf16 weights and inputs."""
     rows = []
-    for config in s.configs:
-        n_trees, depth = parse_config(config)
-        torch.manual_seed(s.seed)
-        layer = FFF(s.d_model, n_trees=n_trees, depth=depth, device=s.device).to(s.dtype).eval()
-        for impl in fff_implementations(s):
-            layer.set_runtime(impl)
-            for tokens in s.tokens:
-                x = _inputs(tokens, s.d_model, s.device, s.seed, s.dtype)
-                check = check_fff(layer, x, s.seed)
-                seconds = _time(layer, x, s)
-                rows.append(_row("fff", config, impl, tokens, seconds, **check))
-                logger.info("fff %s %s T=%d: %.3g s", config, impl, tokens, seconds)
+    for dtype in s.dtypes:
+        for config in s.configs:
+            n_trees, depth = parse_config(config)
+            torch.manual_seed(s.seed)
+            layer = FFF(s.d_model, n_trees=n_trees, depth=depth, device=s.device)
+            layer = layer.to(dtype).eval()
+            for impl in fff_implementations(s, dtype):
+                layer.set_runtime(impl)
+                for tokens in s.tokens:
+                    x = _inputs(tokens, s.d_model, s.device, s.seed, dtype)
+                    check = check_fff(layer, x, s.seed)
+                    seconds = _time(layer, x, s)
+                    rows.append(_row("fff", config, impl, tokens, seconds,
+                                     dtype=dtype_name(dtype), **check))
+                    logger.info("fff %s %s %s T=%d: %.3g s", config, dtype_name(dtype), impl,
+                                tokens, seconds)
     return rows
 
 
-def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Add speedups vs torch's ``nn.Linear`` dense-4095 and vs the fastest dense-4095."""
-    torch_dense = {r["tokens"]: r["median_s"] for r in rows
-                   if r["config"] == "dense-4095" and r["implementation"] == "nn.Linear"}
-    fastest: dict[int, float] = {}
+def add_speedups(rows: list[dict[str, Any]], reference: str = "dense-4095") -> None:
+    """Speedups of every row against the ``reference`` dense config at the same token count:
+
+    - ``speedup_vs_torch_dense``: against its ``nn.Linear`` form in the row's dtype;
+    - ``speedup_vs_fastest_dense``: against its fastest form in the row's dtype;
+    - ``speedup_vs_fastest_dense_any_dtype``: against its fastest form in any dtype measured
+      (``fastest_dense_any_dtype`` names it, e.g. ``bfloat16 onednn-packed``).
+    """
+    ref = [r for r in rows if r["kind"] == "dense" and r["config"] == reference]
+    if not ref:
+        raise RunError(f"no {reference} rows to take speedups against")
+    torch_dense = {(r["dtype"], r["tokens"]): r["median_s"] for r in ref
+                   if r["implementation"] == "nn.Linear"}
+    fastest: dict[tuple[str, int], float] = {}
+    overall: dict[int, dict[str, Any]] = {}
+    for r in ref:
+        key = (r["dtype"], r["tokens"])
+        fastest[key] = min(fastest.get(key, float("inf")), r["median_s"])
+        if r["tokens"] not in overall or r["median_s"] < overall[r["tokens"]]["median_s"]:
+            overall[r["tokens"]] = r
     for r in rows:
-        if r["config"] == "dense-4095":
-            fastest[r["tokens"]] = min(fastest.get(r["tokens"], float("inf")), r["median_s"])
+        key, best = (r["dtype"], r["tokens"]), overall[r["tokens"]]
+        r["reference_dense"] = reference
+        r["speedup_vs_torch_dense"] = torch_dense[key] / r["median_s"]
+        r["speedup_vs_fastest_dense"] = fastest[key] / r["median_s"]
+        r["speedup_vs_fastest_dense_any_dtype"] = best["median_s"] / r["median_s"]
+        r["fastest_dense_any_dtype"] = f"{best['dtype']} {best['implementation']}"
+
+
+def fastest_dense(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest form of each dense config per dtype and token count (the summary table)."""
+    best: dict[tuple[str, str, int], dict[str, Any]] = {}
     for r in rows:
-        r["speedup_vs_torch_dense4095"] = torch_dense[r["tokens"]] / r["median_s"]
-        r["speedup_vs_fastest_dense4095"] = fastest[r["tokens"]] / r["median_s"]
+        key = (r["config"], r["dtype"], r["tokens"])
+        if r["kind"] == "dense" and (key not in best or r["median_s"] < best[key]["median_s"]):
+            best[key] = r
+    return list(best.values())
 
 
 def bench_train(s: BenchSettings, config: str = "1x11") -> list[dict[str, Any]]:
@@ -236,7 +319,7 @@ def bench_train(s: BenchSettings, config: str = "1x11") -> list[dict[str, Any]]:
     n_trees, depth = parse_config(config)
     torch.manual_seed(s.seed)
     layer = FFF(s.d_model, n_trees=n_trees, depth=depth, device=s.device)
-    dense = DenseFF(s.d_model, 4095, s.device)
+    dense = DenseFF(s.d_model, 4095, s.device)  # training stays fp32 against crammedBERT-4095
     params = (layer.linear_in.weight, layer.linear_in.bias, layer.linear_out.weight)
     rows = []
     for tokens in s.tokens:
@@ -285,20 +368,27 @@ def _add_train_speedups(rows: list[dict[str, Any]]) -> None:
         r["speedup_vs_dense4095"] = dense[r["tokens"]] / r["median_s"]
 
 
-TABLE_COLUMNS = ("config", "implementation", "tokens", "us_per_token", "tokens_per_s",
-                 "speedup_vs_torch_dense4095", "speedup_vs_fastest_dense4095")
+TABLE_COLUMNS = ("config", "dtype", "implementation", "tokens", "us_per_token", "tokens_per_s",
+                 "speedup_vs_torch_dense", "speedup_vs_fastest_dense",
+                 "speedup_vs_fastest_dense_any_dtype")
+FASTEST_COLUMNS = ("config", "dtype", "tokens", "implementation", "us_per_token")
 TRAIN_COLUMNS = ("config", "implementation", "tokens", "median_s", "speedup_vs_masked",
                  "speedup_vs_dense4095")
 
 
 def run(s: BenchSettings, out_dir: str | Path | None, train: bool = False) -> dict[str, Any]:
     """Run the inference table (and the training table) and write results; returns them."""
-    env = common.environment(s.device)
-    env.update(dtype=str(s.dtype).replace("torch.", ""), d_model=s.d_model)
+    env = common.environment(s.device, dtypes=[dtype_name(d) for d in s.dtypes])
+    reference = dense_config(s.reference_width, s.dense_bias)
+    env.update(d_model=s.d_model, dense_widths=list(s.dense_widths), dense_bias=s.dense_bias,
+               reference_dense=reference, loadavg_before=common.loadavg())
     rows = bench_dense(s) + bench_fff(s)
-    add_speedups(rows)
+    add_speedups(rows, reference)
+    env["loadavg_after"] = common.loadavg()
     result: dict[str, Any] = {"environment": env, "rows": rows,
-                              "table": common.format_table(rows, TABLE_COLUMNS)}
+                              "table": common.format_table(rows, TABLE_COLUMNS),
+                              "fastest_dense_table": common.format_table(fastest_dense(rows),
+                                                                         FASTEST_COLUMNS)}
     if train:
         train_rows = bench_train(s)
         result["train_rows"] = train_rows
@@ -316,12 +406,14 @@ def _write(out_dir: str | Path, result: dict[str, Any]) -> list[Path]:
     series = {}
     for r in result["rows"]:
         if r["kind"] == "fff":
-            xs, ys = series.setdefault(f"{r['config']} ({r['implementation']})", ([], []))
+            label = f"{r['config']} {r['dtype']} ({r['implementation']})"
+            xs, ys = series.setdefault(label, ([], []))
             xs.append(r["tokens"])
-            ys.append(r["speedup_vs_fastest_dense4095"])
+            ys.append(r["speedup_vs_fastest_dense_any_dtype"])
+    reference = result["environment"]["reference_dense"]
     try:
         files.append(common.plot_lines(Path(out_dir) / "bench_ff.png", series, xlabel="tokens",
-                                       ylabel="speedup vs fastest dense-4095 FF",
+                                       ylabel=f"speedup vs fastest {reference} (any dtype)",
                                        title="FFF vs dense feed-forward (same process)"))
     except ImportError:
         logger.warning("matplotlib is not installed: no chart (pip install ultrafastbert[bench])")

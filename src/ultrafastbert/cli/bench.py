@@ -21,6 +21,17 @@ def _str_list(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_list(text: str) -> tuple[torch.dtype, ...]:
+    names = _str_list(text)
+    bad = [n for n in names if n not in DTYPE_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"dtypes must be among {list(DTYPE_NAMES)}, got {text!r}")
+    return tuple(getattr(torch, n) for n in dict.fromkeys(names))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` with its ``ff`` and ``model`` subcommands."""
     bench = sub.add_parser("bench", help="benchmarks (feed-forward layer, whole model)",
@@ -44,11 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_ff_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench.ff import DEFAULT_TOKENS, PAPER_CONFIGS
+    from ..bench.ff import DEFAULT_TOKENS, DENSE_WIDTHS, PAPER_CONFIGS
 
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="input and weight dtype of every model (default: float32)")
+    p.add_argument("--dtypes", "--dtype", type=_dtype_list, default=(torch.float32,),
+                   help="comma-separated input and weight dtypes, each measured for dense and "
+                        "FFF alike: float32, bfloat16, float16 (default: float32)")
+    p.add_argument("--d-model", type=int, default=768,
+                   help="model width d (default 768; 384 for MiniLM-sized layers)")
+    p.add_argument("--dense-widths", type=_int_list, default=DENSE_WIDTHS,
+                   help="dense baseline widths; speedups are taken against the last "
+                        "(default: %(default)s)")
+    p.add_argument("--dense-bias", action="store_true",
+                   help="dense linears with biases, as in a BERT FFN (crammedBERT has none)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default; recorded)")
     p.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS,
@@ -68,19 +87,23 @@ def _add_ff_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_ff(args: argparse.Namespace) -> int:
     """Run the FF benchmark and print its tables."""
+    from ..bench.common import speed_summary
     from ..bench.ff import BenchSettings, run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = BenchSettings(device=args.device, tokens=args.tokens, configs=args.configs,
-                             implementations=args.implementations, repeats=args.repeats,
-                             warmup=args.warmup, compile_dense=args.compile_dense,
-                             dtype=getattr(torch, args.dtype))
+    settings = BenchSettings(device=args.device, d_model=args.d_model, tokens=args.tokens,
+                             configs=args.configs, implementations=args.implementations,
+                             repeats=args.repeats, warmup=args.warmup,
+                             compile_dense=args.compile_dense, dtypes=args.dtypes,
+                             dense_widths=args.dense_widths, dense_bias=args.dense_bias)
     result = run(settings, args.out, train=args.train)
     env = result["environment"]
-    print(f"# FF benchmark: {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "
-          f"{env['dtype']}, d_model {env['d_model']}, device {env['device']}")
+    print(f"# FF benchmark: {speed_summary(env)}; d_model {env['d_model']}, device "
+          f"{env['device']}, load {env['loadavg_before']} -> {env['loadavg_after']}; speedups "
+          f"against {env['reference_dense']}")
     print(result["table"])
+    print("\n# Fastest dense form per dtype\n" + result["fastest_dense_table"])
     if "train_table" in result:
         print("\n# Training (forward+backward)\n" + result["train_table"])
     for path in result.get("files", []):

@@ -8,8 +8,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .pretrain import format_summary, parse_duration, positive_int, standalone_main
+
+if TYPE_CHECKING:
+    from ..bench.ff import BenchSettings
 
 #: Sentences in the style of the demo corpus (KJV, Shakespeare, WordNet glosses).
 SENTENCES = (
@@ -110,15 +114,18 @@ def fill_mask_report(model_dir: Path, top_k: int = 3) -> str:
     return "\n".join(lines)
 
 
-def speed_table() -> str:
-    """Feed-forward inference speed, UltraFastBERT-1x11 vs dense 4095 (a quick subset)."""
+def speed_table(settings: BenchSettings | None = None) -> str:
+    """Feed-forward inference speed, UltraFastBERT-1x11 vs dense 4095 (a quick subset), with
+    the CPU it ran on (model, speed flags, cores, threads). ``settings`` replaces the subset."""
+    from ..bench.common import speed_summary
     from ..bench.ff import BenchSettings
     from ..bench.ff import run as bench_ff
 
-    result = bench_ff(BenchSettings(tokens=(1, 128, 4096), configs=("1x11",), repeats=5),
-                      out_dir=None)
-    return ("feed-forward layer speed (d 768, 1x11 FFF vs dense 4095; full table: "
-            "ultrafastbert bench ff):\n" + result["table"])
+    s = settings or BenchSettings(tokens=(1, 128, 4096), configs=("1x11",), repeats=5)
+    result = bench_ff(s, out_dir=None)
+    return (f"feed-forward layer speed (d {s.d_model}, {','.join(s.configs)} FFF vs dense "
+            f"{s.reference_width}; full table: ultrafastbert bench ff)\n"
+            f"measured on: {speed_summary(result['environment'])}\n" + result["table"])
 
 
 def main(argv: list[str] | None = None) -> int:
