@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "inference_linear_768x2304_1_token": compare(old_lin, new_lin, x, args.rounds,
                                                      max(1, args.calls // 10)),
         "settings": {**vars(args), "json": str(args.json) if args.json else None,
-                     "kernel_used": new_fff.kernel().name, "torch": torch.__version__},
-        "environment": environment("cpu", dtypes=["float32"]),
+                     "kernel_used": new_fff.kernel().name, "torch": torch.__version__,
+                     "environment": environment("cpu", dtypes=["float32"])},
     }
     for name, r in result.items():
         if name != "settings":

@@ -39,6 +39,8 @@ def test_small_run_writes_checked_results(tmp_path, capsys):
         for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 and r["seq_len"] == 16 for r in rows)
     assert data["environment"]["torch_threads"] == torch.get_num_threads()
+    assert data["environment"]["dtypes"] == ["float32", "bfloat16"]
+    assert set(data["environment"]["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "amx_tile"}
     checks = json.loads((tmp_path / "bench_model_checks.json").read_text())["rows"]
     assert all(c["ok"] for c in checks) and len(checks) == 4
     assert all(c["max_rel_error"] < 1e-4 for c in checks if c["dtype"] == "float32")
@@ -49,10 +51,26 @@ def test_small_run_writes_checked_results(tmp_path, capsys):
 
 
 def test_speedups_are_relative_to_the_fff_model():
-    rows = [{"model": bench_model.FFF_MODEL, "dtype": "float32", "batch": 8, "latency_ms": 2.0},
-            {"model": "crammedbert-4095", "dtype": "float32", "batch": 8, "latency_ms": 5.0}]
+    def row(model, kind, dtype, ms):
+        return {"model": model, "kind": kind, "dtype": dtype, "batch": 8, "latency_ms": ms}
+
+    rows = [row(bench_model.FFF_MODEL, "fff", "float32", 2.0),
+            row("crammedbert-4095", "dense", "float32", 5.0),
+            row("hf-bert-base", "dense", "float32", 4.0),
+            row(bench_model.FFF_MODEL, "fff", "bfloat16", 1.5),
+            row(bench_model.HF_AUTOCAST, "dense", "bfloat16", 3.0),
+            {"model": "onnx-int8:x", "kind": "dense", "dtype": "float32", "batch": 8,
+             "skipped": "onnxruntime not installed"}]
     bench_model.add_speedups(rows)
-    assert [r["fff_model_speedup"] for r in rows] == [1.0, 2.5]
+    assert [r.get("fff_model_speedup") for r in rows] == [1.0, 2.5, 2.0, 1.0, 2.0, None]
+    fp32, bf16 = rows[0], rows[3]
+    assert fp32["speedup_vs_fastest_dense"] == 2.0 and fp32["fastest_dense"] == "hf-bert-base"
+    assert fp32["speedup_vs_fastest_dense_any_dtype"] == 1.5
+    assert fp32["fastest_dense_any_dtype"] == f"{bench_model.HF_AUTOCAST} (bfloat16)"
+    assert bf16["speedup_vs_fastest_dense"] == 2.0
+    assert "speedup_vs_fastest_dense" not in rows[1]  # dense rows get fff_model_speedup only
+    assert [(r["dtype"], r["model"]) for r in bench_model.fastest_dense(rows)] == [
+        ("float32", "hf-bert-base"), ("bfloat16", bench_model.HF_AUTOCAST)]
 
 
 def test_a_wrong_fast_path_stops_the_benchmark(monkeypatch):

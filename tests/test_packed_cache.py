@@ -127,3 +127,4 @@ def test_hot_path_benchmark_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["fff_1x11_1_token"]["after_us"] > 0
     assert result["inference_linear_768x2304_1_token"]["before_us"] > 0
+    assert "avx512_bf16" in result["settings"]["environment"]["cpu_flags"]

@@ -4,7 +4,13 @@ In one process and with the same inputs: UltraFastBERT-1x11 against crammedBERT-
 (the same encoder code with a dense GELU FF) and Hugging Face ``BertModel`` (bert-base config,
 random weights, its default attention), as shipped and with its ``nn.Linear`` layers on the same
 prepacked oneDNN GEMMs our encoder uses (``model.linear``), so the speedup over it is not a
-matter of GEMM libraries. Before timing, each of our models is compared step by
+matter of GEMM libraries; in bfloat16 also ``BertModel`` under ``torch.autocast`` (fp32
+weights, bf16 GEMMs). A model directory (``--models DIR``) is timed as it loads; for a
+converted one, its dense source (``conversion.json``, or ``--dense-source``) comes with the
+baselines a CPU user would pick instead (:mod:`.baselines`): the torch model in fp32, bf16 and
+autocast, sentence-transformers, and ONNX Runtime in fp32 and dynamic int8. Every FFF model is
+reported against the fastest dense model of the same dtype and of any dtype.
+Before timing, each of our models is compared step by
 step with the float64 reference encoder (``model.reference``); ``BertModel``'s default attention
 is compared with its eager attention. Then the models are timed in interleaved rounds (one call
 of each per round, so a change in machine load hits all of them alike): median latency,
@@ -17,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,15 +37,17 @@ from ..model import ModelConfig, UltraFastBertModel
 from ..model.linear import packed_linear_unavailable, use_packed_linears
 from ..model.pretrained import fff_compute_dtype
 from ..model.reference import compare_layerwise
-from . import common
+from . import baselines, common
+from .baselines import Skipped
 
 logger = logging.getLogger(__name__)
 
 FFF_MODEL = "ultrafastbert-1x11"
 HF_MODEL = "hf-bert-base"
 HF_PACKED = "hf-bert-base-onednn"
+HF_AUTOCAST = "hf-bert-base-autocast"
 HF_MODELS = (HF_MODEL, HF_PACKED)
-MODELS = (FFF_MODEL, "crammedbert-4095", "crammedbert-3072", *HF_MODELS)
+MODELS = (FFF_MODEL, "crammedbert-4095", "crammedbert-3072", *HF_MODELS, HF_AUTOCAST)
 BATCHES = (1, 8, 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Step-wise relative error allowed against the float64 reference, and the logit margin under
@@ -50,8 +57,10 @@ CHECK_MARGIN = {"float32": 1e-4, "bfloat16": 1e-2}
 #: ``BertModel`` is compared end to end (12 layers of rounding in bf16), not step by step.
 HF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
 CHECK_SHAPE = (2, 128)
-TABLE_COLUMNS = ("model", "dtype", "batch", "seq_len", "latency_ms", "tokens_per_s",
-                 "fff_model_speedup")
+TABLE_COLUMNS = ("model", "dtype", "runtime", "batch", "seq_len", "latency_ms", "tokens_per_s",
+                 "fff_model_speedup", "speedup_vs_fastest_dense",
+                 "speedup_vs_fastest_dense_any_dtype")
+FASTEST_COLUMNS = ("dtype", "batch", "model", "runtime", "latency_ms")
 PROFILE_COLUMNS = ("model", "dtype", "batch", "part", "ms", "min_ms", "share")
 
 
@@ -85,7 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``bench model``."""
     p.add_argument("--models", type=_csv(str), default=MODELS,
                    help=f"comma-separated subset of {','.join(MODELS)}, any preset name, or "
-                        "model directories (a converted model and its dense source, e.g.)")
+                        "model directories (a converted model brings its dense source's "
+                        "baselines); a directory may carry a prefix: autocast:DIR (bf16 "
+                        "autocast), st:DIR (sentence-transformers), onnx:DIR, onnx-int8:DIR "
+                        "(ONNX Runtime fp32 / dynamic int8)")
+    p.add_argument("--dense-source", default=None,
+                   help="dense source directory of the converted models (default: the one "
+                        "their conversion.json names)")
+    p.add_argument("--no-dense-baselines", action="store_true",
+                   help="do not add a converted model's dense-source baselines")
     p.add_argument("--batches", type=_csv(int), default=BATCHES, help="batch sizes (default "
                    "1,8,32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
@@ -108,18 +125,44 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
     if bad:
         raise InputError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
     known = set(MODELS) | _presets()
-    unknown = [m for m in args.models if m not in known and not _is_model_dir(m)]
+    unknown = [m for m in args.models if m not in known and not _is_model_dir(
+        baselines.split_name(m)[1])]
     if unknown:
-        raise InputError(f"unknown models {unknown}; choose from {sorted(known)}")
+        raise InputError(f"unknown models {unknown}; choose from {sorted(known)}, a model "
+                         f"directory, or a directory with a prefix {sorted(baselines.PREFIXES)}")
     if min(args.batches, default=0) < 1 or args.seq_len < 1:
         raise InputError("--batches and --seq-len must be positive")
-    hf = [m for m in args.models if m in HF_MODELS or _is_model_dir(m)]
+    models = with_dense_baselines(tuple(args.models), getattr(args, "dense_source", None),
+                                  not getattr(args, "no_dense_baselines", False))
+    hf = [m for m in models if _needs_transformers(m)]
     if hf and importlib.util.find_spec("transformers") is None:
         raise InputError(f"the {hf[0]} baseline needs transformers: pip install "
                          f"'ultrafastbert[hf]', or leave it out of --models")
-    return ModelBenchSettings(tuple(args.models), tuple(args.batches), args.seq_len,
+    return ModelBenchSettings(models, tuple(args.batches), args.seq_len,
                               tuple(args.dtypes), args.device, args.warmup, args.repeats,
                               args.max_seconds, args.profile_batch or None)
+
+
+def _needs_transformers(name: str) -> bool:
+    return name in (*HF_MODELS, HF_AUTOCAST) or _is_model_dir(baselines.split_name(name)[1])
+
+
+def with_dense_baselines(models: tuple[str, ...], dense_source: str | None,
+                         add: bool = True) -> tuple[str, ...]:
+    """``models`` plus, after each converted model directory, the baselines of its dense source
+    (:func:`baselines.dense_baselines`; ``dense_source`` overrides the one its
+    ``conversion.json`` names) that are not listed yet. Unchanged when ``add`` is False."""
+    if not add:
+        return models
+    out = list(models)
+    for name in models:
+        if baselines.split_name(name)[0] is not None or not _is_model_dir(name):
+            continue
+        source = Path(dense_source) if dense_source else baselines.source_of(Path(name))
+        if source is None or not _is_model_dir(str(source)) or Path(name) == source:
+            continue
+        out += [b for b in baselines.dense_baselines(source) if b not in out]
+    return tuple(out)
 
 
 def _is_model_dir(name: str) -> bool:
@@ -136,10 +179,20 @@ def _presets() -> set[str]:
 
 
 # ------------------------------------------------------------------------------------- models
-def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.Module:
-    """One of ours from its preset (eval mode), or Hugging Face ``BertModel`` (bert-base;
-    ``HF_PACKED``: its linear layers on prepacked oneDNN GEMMs, like ours)."""
+def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int
+                ) -> nn.Module | Skipped:
+    """One of ours from its preset (eval mode), Hugging Face ``BertModel`` (bert-base;
+    ``HF_PACKED``: its linear layers on prepacked oneDNN GEMMs, like ours; ``HF_AUTOCAST``: fp32
+    under bf16 autocast), a model directory, or a prefixed baseline of one (:mod:`.baselines`:
+    built around the fp32 torch model; :class:`Skipped` when its extra is missing)."""
     torch.manual_seed(0)
+    prefix, target = baselines.split_name(name)
+    if name == HF_AUTOCAST:
+        prefix, target = "autocast", HF_MODEL
+    if prefix is not None:
+        reference = build_model(target, torch.float32, device, seq_len)
+        assert not isinstance(reference, Skipped)
+        return baselines.build(f"{prefix}:{target}", reference, seq_len)
     if _is_model_dir(name):
         from ..model.auto import from_pretrained
         from ..model.converted import base_model_of
@@ -163,6 +216,13 @@ def build_model(name: str, dtype: torch.dtype, device: str, seq_len: int) -> nn.
     return model.set_precision(dtype, fff_compute_dtype(device, dtype)).eval()
 
 
+def is_fff_model(model: Any) -> bool:
+    """Whether ``model`` has FFF blocks (the models the dense baselines are compared with)."""
+    from ..fff import FFF
+
+    return isinstance(model, nn.Module) and any(isinstance(m, FFF) for m in model.modules())
+
+
 def vocab_size(model: nn.Module) -> int:
     """Vocabulary size of either kind of model."""
     return model.config.vocab_size
@@ -176,7 +236,7 @@ def random_ids(model: nn.Module, batch: int, seq_len: int, device: str, seed: in
     return ids.to(device)
 
 
-def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
+def forward_fn(model: Any, ids: torch.Tensor) -> Callable[[], Any]:
     """A no-argument callable running the encoder on ``ids`` under ``inference_mode``."""
     def call() -> Any:
         with torch.inference_mode():
@@ -191,6 +251,13 @@ def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSetti
     ids = random_ids(model, CHECK_SHAPE[0], min(CHECK_SHAPE[1], s.seq_len), s.device, s.seed + 1)
     mask = torch.ones_like(ids)
     mask[-1, ids.shape[1] // 2:] = 0  # one padded row: exercises the masks and the FF row skip
+    if name == HF_AUTOCAST or baselines.split_name(name)[0] is not None:
+        report = baselines.check_baseline(name if name != HF_AUTOCAST else "autocast:",
+                                          model, ids, mask)
+        report.update(model=name, dtype=dtype_name)
+        if not report["ok"]:
+            raise RunError(f"output check failed for {name} / {dtype_name}: {report}")
+        return report
     if name in HF_MODELS or _is_model_dir(name):
         report = _check_hf(model, ids, mask)
         report.update(_check_fff_blocks(model, ids, mask))
@@ -306,7 +373,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], s: ModelBenchSettings
     return samples
 
 
-def bench_batch(models: dict[str, nn.Module], dtype_name: str, batch: int,
+def bench_batch(models: dict[str, Any], dtype_name: str, batch: int,
                 s: ModelBenchSettings) -> list[dict[str, Any]]:
     """One row per model for this batch size: median latency and tokens/s (interleaved)."""
     calls = {name: forward_fn(m, random_ids(m, batch, s.seq_len, s.device, s.seed))
@@ -314,7 +381,10 @@ def bench_batch(models: dict[str, nn.Module], dtype_name: str, batch: int,
     rows = []
     for name, samples in time_interleaved(calls, s).items():
         latency = common.median(samples)
-        rows.append({"model": name, "dtype": dtype_name, "batch": batch, "seq_len": s.seq_len,
+        rows.append({"model": name, "dtype": dtype_name, "runtime": baselines.runtime_of(name)
+                     if name != HF_AUTOCAST else "torch.autocast bfloat16",
+                     "kind": "fff" if is_fff_model(models[name]) else "dense",
+                     "batch": batch, "seq_len": s.seq_len,
                      "latency_ms": 1e3 * latency, "tokens_per_s": batch * s.seq_len / latency,
                      "min_ms": 1e3 * min(samples), "max_ms": 1e3 * max(samples),
                      "samples": len(samples)})
@@ -322,12 +392,59 @@ def bench_batch(models: dict[str, nn.Module], dtype_name: str, batch: int,
     return rows
 
 
+def skipped_rows(skipped: list[Skipped], dtype_name: str, s: ModelBenchSettings
+                 ) -> list[dict[str, Any]]:
+    """One row per baseline that cannot run here, with the reason instead of timings."""
+    return [{"model": sk.name, "dtype": dtype_name, "runtime": baselines.runtime_of(sk.name),
+             "kind": "dense", "batch": batch, "seq_len": s.seq_len, "skipped": sk.reason}
+            for sk in skipped for batch in s.batches]
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """``fff_model_speedup``: this row's latency / UltraFastBERT-1x11's (same dtype, batch)."""
-    fff = {(r["dtype"], r["batch"]): r["latency_ms"] for r in rows if r["model"] == FFF_MODEL}
-    for r in rows:
+    """Speedups, from the timed rows (skipped rows get none):
+
+    - ``fff_model_speedup``: this row's latency / the reference FFF model's (UltraFastBERT-1x11
+      when it was run, else the first FFF model), same dtype and batch;
+    - on FFF rows, ``speedup_vs_fastest_dense``: the fastest dense model's latency in the same
+      dtype and batch / this row's (``fastest_dense`` names it), and
+      ``speedup_vs_fastest_dense_any_dtype``: the same over every dtype and runtime measured.
+    """
+    timed = [r for r in rows if "latency_ms" in r]
+    fff_names = list(dict.fromkeys(r["model"] for r in timed if r["kind"] == "fff"))
+    ref_name = FFF_MODEL if FFF_MODEL in fff_names else (fff_names[0] if fff_names else None)
+    fff = {(r["dtype"], r["batch"]): r["latency_ms"] for r in timed if r["model"] == ref_name}
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    best_any: dict[int, dict[str, Any]] = {}
+    for r in timed:
+        if r["kind"] != "dense":
+            continue
+        key = (r["dtype"], r["batch"])
+        if key not in best or r["latency_ms"] < best[key]["latency_ms"]:
+            best[key] = r
+        if r["batch"] not in best_any or r["latency_ms"] < best_any[r["batch"]]["latency_ms"]:
+            best_any[r["batch"]] = r
+    for r in timed:
         base = fff.get((r["dtype"], r["batch"]))
         r["fff_model_speedup"] = r["latency_ms"] / base if base else None
+        if r["kind"] != "fff":
+            continue
+        same, anyd = best.get((r["dtype"], r["batch"])), best_any.get(r["batch"])
+        r["speedup_vs_fastest_dense"] = same["latency_ms"] / r["latency_ms"] if same else None
+        r["fastest_dense"] = same["model"] if same else None
+        r["speedup_vs_fastest_dense_any_dtype"] = (anyd["latency_ms"] / r["latency_ms"]
+                                                   if anyd else None)
+        r["fastest_dense_any_dtype"] = f"{anyd['model']} ({anyd['dtype']})" if anyd else None
+
+
+def fastest_dense(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest timed dense model per dtype and batch."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["dtype"], r["batch"])
+        if r.get("kind") == "dense" and "latency_ms" in r and (
+                key not in best or r["latency_ms"] < best[key]["latency_ms"]):
+            best[key] = r
+    return list(best.values())
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -378,13 +495,20 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 # ---------------------------------------------------------------------------------------- run
 def run_bench(s: ModelBenchSettings) -> dict[str, Any]:
     """Check, time and profile every model and dtype; returns rows, checks and the env."""
-    env = common.environment(s.device)
-    env.update(seq_len=s.seq_len, loadavg_before=_loadavg(), settings=s.__dict__.copy())
+    env = common.environment(s.device, dtypes=list(s.dtypes))
+    env.update(seq_len=s.seq_len, loadavg_before=_loadavg(), settings=s.__dict__.copy(),
+               **_runtime_versions())
     rows, checks, profile = [], [], []
     for dtype_name in s.dtypes:
-        models = {name: build_model(name, DTYPES[dtype_name], s.device, s.seq_len)
-                  for name in s.models}
+        built = {name: build_model(name, DTYPES[dtype_name], s.device, s.seq_len)
+                 for name in s.models if baselines.applies(name, dtype_name)
+                 and (name != HF_AUTOCAST or dtype_name == "bfloat16")}
+        models = {n: m for n, m in built.items() if not isinstance(m, Skipped)}
+        skipped = [m for m in built.values() if isinstance(m, Skipped)]
         checks += [check_model(name, m, dtype_name, s) for name, m in models.items()]
+        checks += [{"model": sk.name, "dtype": dtype_name, "ok": None, "skipped": sk.reason}
+                   for sk in skipped]
+        rows += skipped_rows(skipped, dtype_name, s)
         for batch in s.batches:
             rows += bench_batch(models, dtype_name, batch, s)
         if s.profile_batch:
@@ -399,10 +523,20 @@ def run_bench(s: ModelBenchSettings) -> dict[str, Any]:
 
 
 def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+    return common.loadavg()
+
+
+def _runtime_versions() -> dict[str, str | None]:
+    """Versions of the runtimes the baselines may use (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for package in ("transformers", "sentence-transformers", "onnxruntime", "onnx"):
+        try:
+            out[f"{package}_version"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[f"{package}_version"] = None
+    return out
 
 
 def _fff_kernels(s: ModelBenchSettings) -> dict[str, str]:
@@ -432,14 +566,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_bench(settings_from_args(args))
     env = result["environment"]
-    print(f"threads {env['torch_threads']}, cpu {env['cpu']}, load {env['loadavg_before']} -> "
+    print(f"{common.speed_summary(env)}; load {env['loadavg_before']} -> "
           f"{env['loadavg_after']}, FFF kernel {env['fff_kernel']}, linear layers "
           f"{env['linear_layers']}")
     print("\noutput checks (before timing):")
     print(common.format_table(result["checks"], ("model", "dtype", "max_rel_error",
                                                  "rows_compared", "rows_excluded_near_zero_logit",
                                                  "ok")))
-    print("\n" + common.format_table(result["rows"], TABLE_COLUMNS))
+    timed = [r for r in result["rows"] if "latency_ms" in r]
+    print("\n" + common.format_table(timed, TABLE_COLUMNS))
+    print("\nfastest dense model per dtype and batch:\n"
+          + common.format_table(fastest_dense(result["rows"]), FASTEST_COLUMNS))
+    skipped = {r["model"]: r["skipped"] for r in result["rows"] if "skipped" in r}
+    for name, reason in skipped.items():
+        print(f"skipped baseline {name}: {reason}")
     if result["profile"]:
         print("\nper-part profile:\n" + common.format_table(result["profile"], PROFILE_COLUMNS))
     if args.out:
@@ -472,6 +612,7 @@ def plot_throughput(path: Path, rows: list[dict[str, Any]], env: dict[str, Any])
     from ..utils.io import atomic_path
 
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    rows = [r for r in rows if "latency_ms" in r]
     models = list(dict.fromkeys(r["model"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), dpi=120,
