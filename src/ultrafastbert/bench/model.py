@@ -55,7 +55,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 6e-2}
 CHECK_MARGIN = {"float32": 1e-4, "bfloat16": 1e-2}
 #: ``BertModel`` is compared end to end (12 layers of rounding in bf16), not step by step.
-HF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
+#: In bf16 its error over the RMS is no measure (outlier channels): see ``baselines.BF16_RULE``.
+HF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": baselines.BF16_RULE}
+#: The FFF blocks of a transformers model against the float64 reference: largest error on the
+#: tokens routed alike, over the reference output's RMS. Trained BERT FFN outputs have outlier
+#: channels 30-160x their RMS (all-MiniLM-L6-v2 converted to 8x7), so fp32 rounding, ~1e-7 of
+#: the largest output, reaches ~1e-4 of the RMS; a wrong kernel is off by far more than 1e-3.
+FFF_VALUE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25}
 CHECK_SHAPE = (2, 128)
 TABLE_COLUMNS = ("model", "dtype", "runtime", "batch", "seq_len", "latency_ms", "tokens_per_s",
                  "fff_model_speedup", "speedup_vs_fastest_dense",
@@ -159,8 +165,12 @@ def with_dense_baselines(models: tuple[str, ...], dense_source: str | None,
         if baselines.split_name(name)[0] is not None or not _is_model_dir(name):
             continue
         source = Path(dense_source) if dense_source else baselines.source_of(Path(name))
-        if source is None or not _is_model_dir(str(source)) or Path(name) == source:
+        if source is None:
             continue
+        if not _is_dense_dir(source):
+            raise InputError(f"dense source {source} is not a dense model directory (a "
+                             "BERT-family transformers or sentence-transformers folder); pass "
+                             "the model the conversion started from with --dense-source")
         out += [b for b in baselines.dense_baselines(source) if b not in out]
     return tuple(out)
 
@@ -170,6 +180,14 @@ def _is_model_dir(name: str) -> bool:
     from ..model.layouts import transformers_model_type
 
     return Path(name).is_dir() and transformers_model_type(Path(name)) is not None
+
+
+def _is_dense_dir(path: Path) -> bool:
+    """A dense (not converted) transformers model directory."""
+    from ..model.layouts import transformers_model_type
+
+    kind = transformers_model_type(path) if path.is_dir() else None
+    return kind is not None and not kind.startswith("ultrafastbert-")
 
 
 def _presets() -> set[str]:
@@ -268,10 +286,15 @@ def check_model(name: str, model: nn.Module, dtype_name: str, s: ModelBenchSetti
                   "reference": "float64 reference encoder, step by step"}
     hf_like = name in HF_MODELS or _is_model_dir(name)
     tolerance = (HF_CHECK_TOLERANCE if hf_like else CHECK_TOLERANCE)[dtype_name]
-    ok = (report["rows_compared"] > 0 and report["max_rel_error"] <= tolerance
+    close = (baselines.bf16_ok(report) if isinstance(tolerance, dict)
+             else report["max_rel_error"] <= tolerance)
+    ok = (report["rows_compared"] > 0 and close
           and report.get("fff_route_agreement", 1.0) >= 0.999
-          and report.get("fff_max_rel_error", 0.0) <= tolerance)
-    report.update(model=name, dtype=dtype_name, tolerance=tolerance, ok=ok)
+          and report.get("fff_max_rel_error", 0.0) <= FFF_VALUE_TOLERANCE[dtype_name])
+    report.update(model=name, dtype=dtype_name, tolerance=dict(tolerance) if isinstance(
+        tolerance, dict) else tolerance, ok=ok)
+    if "fff_max_rel_error" in report:
+        report["fff_tolerance"] = FFF_VALUE_TOLERANCE[dtype_name]
     if not ok:
         raise RunError(f"output check failed for {name} / {dtype_name}: {report}")
     return report
@@ -287,10 +310,7 @@ def _check_hf(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[s
             ref = model(ids, attention_mask=mask).last_hidden_state.double()
         finally:
             model.set_attn_implementation(default)
-    real = mask.bool()
-    err = float((fast - ref)[real].abs().max()) / float(ref[real].pow(2).mean().sqrt())
-    return {"max_rel_error": err, "rows_compared": int(real.sum()),
-            "rows_excluded_near_zero_logit": 0,
+    return {**baselines.compare_states(fast, ref, mask),
             "reference": f"same BertModel, eager attention (timed: {default})"}
 
 
