@@ -435,3 +435,6 @@ def test_frontier_script_checks_then_reports(source, bert_dir, tmp_path):
     assert conv["distill_min"] == pytest.approx(0.05)
     assert conv["ffn_speedup"] > 0 and conv["encoder_speedup"] > 0
     assert "| model |" in (out / "results.md").read_text()
+    env = json.loads((out / "results.json").read_text())["environment"]
+    assert "amx_bf16" in env["cpu_flags"] and env["dtypes"] == ["float32"]
+    assert env["cpu"] in (out / "results.md").read_text()

@@ -366,6 +366,8 @@ def test_load_test_script_checks_answers_then_measures(models, mlm, tmp_path):
                         "--clients", "1,4", "--time-limit", "30", "--threads", "1",
                         "--out", str(out), "--note", "test"]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert set(results["environment"]["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "amx_tile"}
+    assert results["environment"]["cpu"] in (out / "results.md").read_text()
     [target] = results["targets"]
     assert target["check"].startswith("equal to Predictor.embed")
     assert [lv["clients"] for lv in target["levels"]] == [1, 4]

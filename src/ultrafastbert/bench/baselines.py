@@ -52,10 +52,10 @@ INT8_MIN_COSINE = 0.95
 #: A bf16 model end to end (``.to(bfloat16)`` or autocast) against fp32 or against its own eager
 #: attention: the error over the RMS is no measure there (trained models have output channels
 #: 30-40x the RMS, and bf16 keeps 8 bits of each), and a converted model's hard routes may
-#: legitimately change. Judged instead: mean token cosine >= 0.99 and the largest error <= 0.1
+#: legitimately change. Judged instead: mean token cosine >= 0.99 and the largest error <= 0.25
 #: of the largest output. Measured on all-MiniLM-L6-v2 dense / converted 8x7: cosine 0.9999 /
-#: 0.994-0.998, largest error 0.003-0.006 / 0.025-0.06 of the largest output.
-BF16_RULE = {"min_mean_token_cosine": 0.99, "max_error_over_max_abs": 0.1}
+#: 0.994-0.998, largest error 0.003-0.006 / 0.025-0.075 of the largest output.
+BF16_RULE = {"min_mean_token_cosine": 0.99, "max_error_over_max_abs": 0.25}
 ONNX_OPSET = 17
 
 
