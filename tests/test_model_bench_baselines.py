@@ -69,6 +69,7 @@ def test_a_converted_model_brings_its_dense_source_baselines(dirs):
                                               str(converted)]))
 
 
+@pytest.mark.slow  # integration (two ONNX exports, both dtypes): CI runs it (make test-slow)
 @pytest.mark.skipif(not (HAS_ST and HAS_ONNX), reason="needs the st and onnx extras (dev)")
 def test_every_baseline_is_checked_then_timed_and_the_fff_model_compared(dirs, tmp_path,
                                                                         capsys):
