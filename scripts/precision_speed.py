@@ -40,17 +40,21 @@ def cpu_facts() -> str:
     return f"{name} ({', '.join(wanted) or 'no AVX-512'})"
 
 
-def medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds after a warm-up."""
+def medians(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1
+            ) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds after a warm-up;
+    each sample times ``calls`` calls in a row (short calls are below the clock's jitter)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         for f in fns.values():
             f()
         for _ in range(rounds):
             for name, f in fns.items():
-                start = time.perf_counter()
                 f()
-                times[name].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    f()
+                times[name].append((time.perf_counter() - start) / calls)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -92,7 +96,8 @@ def layer_bench(tokens: list[int], rounds: int) -> None:
             "fff bf16": lambda xb=xb: bf16(xb), "fff fp32": lambda x=x: fp32(x),
             "dense bf16 F.linear": lambda xb=xb: F.linear(F.gelu(F.linear(xb, first.weight)),
                                                           second.weight),
-            "dense bf16 oneDNN packed": lambda xb=xb: second(F.gelu(first(xb)))}, rounds)
+            "dense bf16 oneDNN packed": lambda xb=xb: second(F.gelu(first(xb)))}, rounds,
+            calls=max(1, 512 // n))
         dense = min(t["dense bf16 F.linear"], t["dense bf16 oneDNN packed"])
         row = ", ".join(f"{k} {v / n * 1e6:.3f}" for k, v in t.items())
         print(f"{n} tokens (us/token): {row}; bf16 FFF vs fastest bf16 dense "
