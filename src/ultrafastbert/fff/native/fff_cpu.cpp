@@ -7,6 +7,9 @@
 // parts of the package may add ops to the same namespace):
 //   fff_cpu_forward(x, w_in, b_in, w_out_rows, n_trees, depth, isa) -> y
 //   fff_cpu_forward_nodes(same) -> (y, nodes)    nodes: (T, K, D+1) int64 global node ids
+//   fff_cpu_forward_tuned(x, w_in, b_in, w_out_rows, n_trees, depth, isa, knobs) -> y
+//   fff_cpu_forward_tuned_nodes(same) -> (y, nodes)   with a knobs table (see Knobs); the
+//       untuned ops use the fixed defaults. Knobs choose how a call is walked, never its result.
 //   fff_cpu_isa() -> str   the best instruction set this CPU runs: "avx512", "avx2" or ""
 // x (T, d) float32; w_in and w_out_rows (K*N, d) float32 or bfloat16 (bf16 is widened exactly to
 // fp32 in registers; all arithmetic is fp32); b_in (K*N,) float32; isa 2 = AVX-512, 1 = AVX2.
@@ -40,6 +43,26 @@
 
 namespace {
 
+// The CPU-dependent choices of how a call is walked (chosen per shape and token class by the
+// autotuner in Python, see fff/native/tuning.py). None of them changes a result: every (token,
+// tree) pair sees the same operations in the same order whatever the knobs (tested bit for bit).
+struct Knobs {
+  int64_t group = 4;           // tokens walked together: 1, 2, 4 or 8 (kMaxGroup)
+  int64_t trees_together = 1;  // 1: all trees of a group take level l before any takes l+1
+  int64_t prefetch = 0;        // 1: prefetch each visited output row once its node is known
+  int64_t bucket = 8;          // tokens per top-level bucket from which one deep tree is walked
+                               // in two phases (run_bucketed); 0: never
+  int64_t grain = 1 << 18;     // multiply-adds per parallel task, at least
+  int64_t block = 0;           // several trees: tokens per tree-major block (run_tree_blocked);
+                               // 0: token by token through all trees (run_groups)
+};
+
+// Columns of one row of the knobs table the ops take: the row applies from min_tokens tokens
+// per call (rows in increasing min_tokens; the first row's must be 0 or 1).
+enum KnobColumn : int64_t {
+  kMinTokens = 0, kColGroup, kColTreesTogether, kColPrefetch, kColBucket, kColGrain, kColBlock, kColumns
+};
+
 // One call's data, as raw pointers (at::parallel_for bodies must not touch Tensors).
 struct Problem {
   const float* x;      // (T, d)
@@ -49,34 +72,32 @@ struct Problem {
   float* y;            // (T, d)
   int64_t* nodes;      // (T, K, D+1) or null
   int64_t d, n_trees, depth;
-  bool prefetch_out;   // prefetch each visited output row as soon as its node is known
+  Knobs knobs;
 };
 
-// Tokens walked together. Their dot products are independent, so while one token's logit waits
-// on its reduction the others keep the FMA units busy; this hides the level-to-level dependency
-// (a token cannot load its next row before its current logit is known).
-constexpr int kGroup = 4;
+// (token, row) dot products computed together in one dot_group: their chains are independent,
+// so while one pair's logit waits on its reduction the others keep the FMA units busy.
+constexpr int kChunk = 4;
+// Largest group of tokens walked together.
+constexpr int64_t kMaxGroup = 8;
 
-// From this many tokens in one call, the visited output rows are prefetched during the walk:
-// a call that large touches most of the weights, so its rows have usually left the caches
-// since their last use (measured: ~10% faster at 4,096 tokens, ~10% slower at 128 where the
-// rows are still cached and the prefetches are wasted issue slots).
+// The defaults of the old fixed kernel: from this many tokens in one call, the visited output
+// rows are prefetched during the walk (such a call touches most of the weights, so its rows have
+// usually left the caches: measured ~10% faster at 4,096 tokens for 1x11, ~10% slower at 128).
 constexpr int64_t kPrefetchTokens = 1024;
 
 // Deep levels walked bucket by bucket (see run_bucketed): a subtree of 5 levels is 31 nodes,
 // 186 KB of fp32 input and output rows at d=768, small enough to stay in L2 while its bucket
 // is processed.
 constexpr int64_t kDeepLevels = 5;
-// Tokens per top-level bucket below which bucketing does not pay for its second pass over x.
-constexpr int64_t kTokensPerBucket = 8;
 
 // Whether a task of `tokens` tokens is walked in two phases (run_bucketed): one tree (several
 // trees would re-read x once per tree and phase), deep enough to have a subtree below the top
-// levels, and enough tokens per bucket for the deep rows to be reused.
+// levels, and enough tokens per bucket (knobs.bucket) for the deep rows to be reused.
 bool use_buckets(const Problem& pb, int64_t tokens) {
   const int64_t split = pb.depth + 1 - kDeepLevels;  // top levels walked in token order
-  if (pb.n_trees != 1 || split < 1) return false;
-  return tokens >= kTokensPerBucket * (int64_t{1} << split);
+  if (pb.n_trees != 1 || split < 1 || pb.knobs.bucket <= 0) return false;
+  return tokens >= pb.knobs.bucket * (int64_t{1} << split);
 }
 
 // Token indices [0, n) ordered by the node each token reached on level `split` (`local`: tree-
@@ -202,11 +223,59 @@ std::string isa_name() {
   }
 }
 
-// Blocks of tokens per at::parallel_for task: enough multiply-adds (~256k) that waking the
-// second thread pays off.
-int64_t grain_blocks(int64_t work_per_block) {
-  const int64_t blocks = (int64_t{1} << 18) / work_per_block;
+// Blocks of tokens per at::parallel_for task: at least `grain` multiply-adds per task, so that
+// waking the second thread pays off.
+int64_t grain_blocks(int64_t work_per_block, int64_t grain) {
+  const int64_t blocks = grain / work_per_block;
   return blocks < 1 ? 1 : blocks;
+}
+
+// The knobs for a call of `tokens` tokens: the last row of `table` (R, kColumns) whose
+// min_tokens is at most `tokens` (rows checked by check_knobs).
+Knobs knobs_for(const at::Tensor& table, int64_t tokens) {
+  const int64_t* t = table.data_ptr<int64_t>();
+  const int64_t rows = table.size(0);
+  int64_t r = 0;
+  while (r + 1 < rows && t[(r + 1) * kColumns + kMinTokens] <= tokens) ++r;
+  const int64_t* row = t + r * kColumns;
+  return Knobs{row[kColGroup], row[kColTreesTogether], row[kColPrefetch], row[kColBucket],
+               row[kColGrain], row[kColBlock]};
+}
+
+// The fixed defaults (what the untuned ops use; tuning.py's DEFAULTS say the same): prefetch from
+// kPrefetchTokens tokens; several trees: one token's trees together, and from 2 tokens
+// tree-major blocks of 64 tokens walked 8 at a time (measured best on AMD Zen 4 for 8x7-32x5).
+Knobs default_knobs(int64_t tokens, int64_t n_trees) {
+  Knobs k;
+  k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
+  if (n_trees > 1 && tokens > 1) {
+    k.group = 8;
+    k.block = 64;
+  }
+  return k;
+}
+
+// A knobs table the kernel can use: int64 (R >= 1, kColumns), min_tokens increasing from 0 or
+// 1, every knob in its range.
+void check_knobs(const at::Tensor& table) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.is_contiguous() && table.size(0) >= 1 && table.size(1) == kColumns,
+              "fff_cpu_forward_tuned: knobs must be a contiguous (rows, ", kColumns,
+              ") int64 CPU tensor");
+  const int64_t* t = table.data_ptr<int64_t>();
+  for (int64_t r = 0; r < table.size(0); ++r) {
+    const int64_t* row = t + r * kColumns;
+    TORCH_CHECK(r == 0 ? row[kMinTokens] <= 1 : row[kMinTokens] > (row - kColumns)[kMinTokens],
+                "fff_cpu_forward_tuned: knob rows must start at 0 or 1 token and increase");
+    const int64_t g = row[kColGroup];
+    TORCH_CHECK(g == 1 || g == 2 || g == 4 || g == 8,
+                "fff_cpu_forward_tuned: group must be 1, 2, 4 or 8, got ", g);
+    TORCH_CHECK((row[kColTreesTogether] | row[kColPrefetch]) >> 1 == 0 &&
+                    row[kColTreesTogether] >= 0 && row[kColPrefetch] >= 0,
+                "fff_cpu_forward_tuned: trees_together and prefetch must be 0 or 1");
+    TORCH_CHECK(row[kColBucket] >= 0 && row[kColGrain] >= 1 && row[kColBlock] >= 0,
+                "fff_cpu_forward_tuned: bucket and block must be >= 0 and grain >= 1");
+  }
 }
 
 // Outputs of at least this size go on 2 MB transparent huge pages (Linux; where THP is off the
@@ -263,14 +332,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor&
               "fff_cpu_forward: b_in must be a contiguous (", rows, ",) float32 CPU tensor");
 }
 
-// Fills y (and nodes when not null) for x; the shared body of both ops (inputs checked).
+// Fills y (and nodes when not null) for x with `knobs`; the shared body of the ops (inputs
+// checked).
 void run_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                  const at::Tensor& w_out, int64_t n_trees, int64_t depth, int64_t isa,
-                 at::Tensor& y, int64_t* nodes) {
+                 const Knobs& knobs, at::Tensor& y, int64_t* nodes) {
   const int64_t T = x.size(0), d = x.size(1);
   const Problem pb{x.data_ptr<float>(), w_in.data_ptr(), b_in.data_ptr<float>(),
-                   w_out.data_ptr(), y.data_ptr<float>(), nodes, d, n_trees, depth,
-                   T >= kPrefetchTokens};
+                   w_out.data_ptr(), y.data_ptr<float>(), nodes, d, n_trees, depth, knobs};
   const bool in_bf16 = w_in.scalar_type() == at::kBFloat16;
   const bool out_bf16 = w_out.scalar_type() == at::kBFloat16;
   const RunFn run = isa == kAvx512 ? avx512::pick_run(in_bf16, out_bf16)
@@ -278,7 +347,8 @@ void run_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& 
   // Tasks are whole blocks of kTask tokens so that only the call's last group can be short.
   constexpr int64_t kTask = 8;
   const int64_t blocks = (T + kTask - 1) / kTask;
-  const int64_t grain = grain_blocks(2 * kTask * n_trees * (depth + 1) * (d + 1));
+  const int64_t grain =
+      grain_blocks(2 * kTask * n_trees * (depth + 1) * (d + 1), knobs.grain);
   if (blocks < 2 * grain) {  // too little for two threads: no parallel region at all (at::
     run(pb, 0, T);            // parallel_for would still start the OpenMP team: ~1 us)
     return;
@@ -292,7 +362,7 @@ at::Tensor fff_cpu_forward(const at::Tensor& x, const at::Tensor& w_in, const at
                            const at::Tensor& w_out, int64_t n_trees, int64_t depth, int64_t isa) {
   check_inputs(x, w_in, b_in, w_out, n_trees, depth, isa);
   at::Tensor y = empty_cpu(x.sizes(), at::kFloat);
-  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, y, nullptr);
+  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, default_knobs(x.size(0), n_trees), y, nullptr);
   return y;
 }
 
@@ -302,7 +372,32 @@ std::tuple<at::Tensor, at::Tensor> fff_cpu_forward_nodes(
   check_inputs(x, w_in, b_in, w_out, n_trees, depth, isa);
   at::Tensor y = empty_cpu(x.sizes(), at::kFloat);
   at::Tensor nodes = empty_cpu({x.size(0), n_trees, depth + 1}, at::kLong);
-  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, y, nodes.data_ptr<int64_t>());
+  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, default_knobs(x.size(0), n_trees), y,
+              nodes.data_ptr<int64_t>());
+  return {y, nodes};
+}
+
+at::Tensor fff_cpu_forward_tuned(const at::Tensor& x, const at::Tensor& w_in,
+                                 const at::Tensor& b_in, const at::Tensor& w_out,
+                                 int64_t n_trees, int64_t depth, int64_t isa,
+                                 const at::Tensor& knobs) {
+  check_inputs(x, w_in, b_in, w_out, n_trees, depth, isa);
+  check_knobs(knobs);
+  at::Tensor y = empty_cpu(x.sizes(), at::kFloat);
+  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, knobs_for(knobs, x.size(0)), y,
+              nullptr);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> fff_cpu_forward_tuned_nodes(
+    const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
+    int64_t n_trees, int64_t depth, int64_t isa, const at::Tensor& knobs) {
+  check_inputs(x, w_in, b_in, w_out, n_trees, depth, isa);
+  check_knobs(knobs);
+  at::Tensor y = empty_cpu(x.sizes(), at::kFloat);
+  at::Tensor nodes = empty_cpu({x.size(0), n_trees, depth + 1}, at::kLong);
+  run_forward(x, w_in, b_in, w_out, n_trees, depth, isa, knobs_for(knobs, x.size(0)), y,
+              nodes.data_ptr<int64_t>());
   return {y, nodes};
 }
 
@@ -315,5 +410,11 @@ TORCH_LIBRARY_FRAGMENT(ultrafastbert, m) {
   m.def("fff_cpu_forward_nodes(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int n_trees, "
         "int depth, int isa) -> (Tensor, Tensor)",
         &fff_cpu_forward_nodes);
+  m.def("fff_cpu_forward_tuned(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int n_trees, "
+        "int depth, int isa, Tensor knobs) -> Tensor",
+        &fff_cpu_forward_tuned);
+  m.def("fff_cpu_forward_tuned_nodes(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, "
+        "int n_trees, int depth, int isa, Tensor knobs) -> (Tensor, Tensor)",
+        &fff_cpu_forward_tuned_nodes);
   m.def("fff_cpu_isa() -> str", &isa_name);
 }
