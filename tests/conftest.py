@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The native kernel's knobs autotuning measures ~1-2 s per new shape on first pack: off for the
+# suite (fixed defaults; knobs never change results). tests/test_native_tuning.py turns it on.
+os.environ.setdefault("ULTRAFASTBERT_AUTOTUNE", "0")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -1,8 +1,10 @@
 """Native CPU FFF kernel: AVX-512 / AVX2 C++ built on first use (see ``build`` for caching).
 
-The tree walk computes only the visited nodes' dot products, bias and GELU, four tokens at a
-time level by level; the visited output rows are then applied in one fused pass. Threads come
-from torch's own pool. Weight formats: ``fp32``; ``bf16`` (both matrices stored as bfloat16,
+The tree walk computes only the visited nodes' dot products, bias and GELU, a group of tokens at
+a time level by level (several trees: tree-major blocks of tokens, or one token's trees side by
+side); the visited output rows are then applied in one fused pass. How a call is walked is
+chosen per shape by a short measurement on first use (``tuning``; never changes a result).
+Threads come from torch's own pool. Weight formats: ``fp32``; ``bf16`` (both matrices stored as bfloat16,
 may change routes); ``bf16-out`` (routing rows fp32, output rows bfloat16: routes as ``fp32``).
 """
 
@@ -18,10 +20,10 @@ import torch
 from ...errors import InputError, ResourceError
 from ..kernel import FFFKernel
 from ..tree import path_length
-from . import build
+from . import build, tuning
 from .bf16 import NativeBF16Kernel
 
-__all__ = ["NativeBF16Kernel", "NativeCPUKernel", "NativePacked", "build"]
+__all__ = ["NativeBF16Kernel", "NativeCPUKernel", "NativePacked", "build", "tuning"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,14 @@ class NativePacked:
 
     w_in: ``(K*N, d)`` routing rows, float32 or bfloat16. b_in: ``(K*N,)`` float32 (zeros when the
     layer has no bias). w_out: ``(K*N, d)`` output rows (``linear_out.weight`` transposed),
-    float32 or bfloat16. All contiguous.
+    float32 or bfloat16. All contiguous. knobs: the walk's knobs table ``(R, 7)`` int64 (see
+    ``tuning``; it decides how calls are walked, never their results).
     """
 
     w_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
+    knobs: torch.Tensor
 
 
 class NativeCPUKernel(FFFKernel):
@@ -44,6 +48,8 @@ class NativeCPUKernel(FFFKernel):
     Args:
         isa: ``None`` for the best instruction set of this CPU, or ``"avx2"``/``"avx512"`` to
             force one (the AVX2 path can then be tested on an AVX-512 machine).
+        tune: choose the walk's knobs per shape by measurement on first pack (``tuning``;
+            ``ULTRAFASTBERT_AUTOTUNE=0`` also turns it off); False: the fixed defaults.
     """
 
     name = "native"
@@ -52,10 +58,11 @@ class NativeCPUKernel(FFFKernel):
     dtypes = (torch.float32,)
     weight_formats = ("fp32", "bf16", "bf16-out")
 
-    def __init__(self, isa: str | None = None):
+    def __init__(self, isa: str | None = None, tune: bool = True):
         if isa is not None and isa not in build.ISA_CODES:
             raise InputError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
         self._isa = isa
+        self._tune = tune
         self._library: build.NativeLibrary | None = None
         self._isa_code = 0
         self._forward: Callable[..., Any] | None = None
@@ -97,8 +104,27 @@ class NativeCPUKernel(FFFKernel):
         bias = (b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0]))
         in_dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
         out_dtype = torch.bfloat16 if weight_format in ("bf16", "bf16-out") else torch.float32
-        return NativePacked(w_in.to(in_dtype).contiguous(), bias.float().contiguous(),
-                            out_rows.to(out_dtype).contiguous())
+        packed = NativePacked(w_in.to(in_dtype).contiguous(), bias.float().contiguous(),
+                              out_rows.to(out_dtype).contiguous(), tuning.default_table(n_trees))
+        knobs = self.knobs_for(packed, n_trees, depth, weight_format)
+        return NativePacked(packed.w_in, packed.b_in, packed.w_out, knobs)
+
+    def knobs_for(self, packed: NativePacked, n_trees: int, depth: int,
+                  weight_format: str) -> torch.Tensor:
+        """The knobs table for these packed weights: tuned (cached per CPU model) or defaults."""
+        if not self._tune or self.unavailable_reason(torch.device("cpu"), torch.float32,
+                                                     weight_format) is not None:
+            return tuning.default_table(n_trees)
+        assert self._library is not None and self._forward is not None
+        forward = self._forward
+
+        def run(x: torch.Tensor, knobs: torch.Tensor) -> object:
+            return forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                           self._isa_code, knobs)
+
+        shape = tuning.Shape(n_trees, depth, packed.w_in.shape[1], weight_format,
+                             torch.get_num_threads())
+        return tuning.table_for(shape, run, f"{self._library.path.name}/{self.isa}")
 
     def forward(self, x: torch.Tensor, packed: NativePacked, n_trees: int, depth: int,
                 return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,9 +137,9 @@ class NativeCPUKernel(FFFKernel):
         # One op call and nothing else: at 1 token the Python around it is most of the cost.
         if return_nodes:
             return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
-                                       self._isa_code)
+                                       self._isa_code, packed.knobs)
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
-                             self._isa_code), None
+                             self._isa_code, packed.knobs), None
 
 
 @functools.cache

@@ -55,8 +55,8 @@ STALE_BUILD_S = 3600.0
 class NativeLibrary:
     """The loaded kernel: the op to call and the best instruction set of this CPU."""
 
-    forward: torch._ops.OpOverload
-    forward_nodes: torch._ops.OpOverload
+    forward: torch._ops.OpOverload  # fff_cpu_forward_tuned (with a knobs table)
+    forward_nodes: torch._ops.OpOverload  # fff_cpu_forward_tuned_nodes
     isa: str
     path: Path
 
@@ -248,8 +248,8 @@ def load() -> NativeLibrary | str:
                      "path instead): %s", err)
         return f"failed to build or load ({message}); see the log for the full compiler output"
     ops = torch.ops.ultrafastbert
-    return NativeLibrary(ops.fff_cpu_forward.default, ops.fff_cpu_forward_nodes.default,
-                         ops.fff_cpu_isa(), final_dir)
+    return NativeLibrary(ops.fff_cpu_forward_tuned.default,
+                         ops.fff_cpu_forward_tuned_nodes.default, ops.fff_cpu_isa(), final_dir)
 
 
 @functools.cache
