@@ -31,6 +31,7 @@ LEVELS: dict[str, int] = {
     "ultrafastbert.fff.training": 3,
     "ultrafastbert.fff.torch_impl": 3,
     "ultrafastbert.fff.torch_kernel": 3,
+    "ultrafastbert.fff.gemm_kernel": 3,
     "ultrafastbert.fff.native": 3,
     "ultrafastbert.fff.triton_impl": 3,
     "ultrafastbert.fff.triton_kernels": 3,

@@ -48,3 +48,123 @@ def test_no_kernel_for_integer_inputs_lists_every_reason():
 def test_describe_is_a_table_with_every_kernel():
     text = dispatch.describe("cpu")
     assert all(name in text for name in dispatch.registry()) and "available" in text
+
+
+# ------------------------------------------------------------------ choices by shape, reasons
+
+from ultrafastbert.fff.dispatch import Workload  # noqa: E402
+from ultrafastbert.fff.native import build  # noqa: E402
+from ultrafastbert.fff.reference import fff_reference  # noqa: E402
+
+
+def native_runs() -> bool:
+    return dict(dispatch.explain("cpu", torch.float32))["native"] is None
+
+
+needs_native = pytest.mark.skipif(not native_runs(), reason="native kernel unavailable here")
+
+
+@needs_native
+@pytest.mark.parametrize(("n_trees", "depth", "d"), [(1, 11, 768), (8, 7, 384), (32, 5, 384),
+                                                     (4, 8, 384), (1, 10, 384)])
+def test_native_is_chosen_for_trees_at_every_token_count(n_trees, depth, d):
+    shape = Workload(n_trees, depth, d)
+    (choice,) = dispatch.plan("cpu", torch.float32, "fp32", shape)
+    assert choice.kernel == "native" and choice.covers(1) and choice.covers(10**6)
+    assert choice.reason.startswith(f"native: chosen for {n_trees}x{depth}")
+    assert "faster than the torch path" in choice.reason
+    assert dispatch.select("auto", "cpu", torch.float32, shape=shape).name == "native"
+
+
+@needs_native
+def test_depth_zero_takes_the_gemm_route_from_the_threshold():
+    shape = Workload(3072, 0, 768)
+    small, large = dispatch.plan("cpu", torch.float32, "fp32", shape)
+    assert (small.kernel, small.min_tokens, small.max_tokens) == (
+        "native", 1, dispatch.GEMM_MIN_TOKENS - 1)
+    assert (large.kernel, large.min_tokens, large.max_tokens) == (
+        "gemm", dispatch.GEMM_MIN_TOKENS, None)
+    assert "gemm: chosen for 3072x0 at >=16 tokens" in large.reason
+    assert "below 16 tokens" in small.reason
+    # With a known token count there is one choice, and select returns that kernel.
+    at = Workload(3072, 0, 768, tokens=512)
+    (only,) = dispatch.plan("cpu", torch.float32, "fp32", at)
+    assert only.kernel == "gemm" and dispatch.select("auto", "cpu", torch.float32,
+                                                     shape=at).name == "gemm"
+    assert dispatch.select("auto", "cpu", torch.float32,
+                           shape=Workload(3072, 0, 768, tokens=1)).name == "native"
+
+
+@needs_native
+def test_token_split_routes_each_call_and_matches_the_reference():
+    kernel = dispatch.select("auto", "cpu", torch.float32, shape=Workload(6, 0, 37))
+    assert isinstance(kernel, dispatch.TokenSplit) and kernel.name.startswith("auto(native")
+    assert kernel.kernel_for(1).name == "native" and kernel.kernel_for(16).name == "gemm"
+    gen = torch.Generator().manual_seed(0)
+    w_in, b_in, w_out = (torch.randn(6, 37, generator=gen) * 0.2,
+                         torch.randn(6, generator=gen) * 0.1, torch.randn(37, 6, generator=gen))
+    packed = kernel.pack(w_in, b_in, w_out, 6, 0, "fp32")
+    for tokens in (1, 15, 16, 40):
+        x = torch.randn(tokens, 37, generator=gen)
+        ref = fff_reference(x, w_in, b_in, w_out, 6, 0)
+        y, nodes = kernel.forward(x, packed, 6, 0, return_nodes=True)
+        torch.testing.assert_close(y, ref.y, rtol=1e-4, atol=1e-5)
+        assert torch.equal(nodes, ref.nodes)
+
+
+@needs_native
+def test_the_layer_asks_with_its_shape():
+    from ultrafastbert import FFF
+
+    assert FFF(37, n_trees=2, depth=3).kernel().name == "native"
+    deep0 = FFF(37, n_trees=64, depth=0)
+    assert isinstance(deep0.kernel(), dispatch.TokenSplit)
+    x = torch.randn(3, 20, 37)
+    with torch.no_grad():
+        y = deep0(x)
+    ref = fff_reference(x.reshape(-1, 37), deep0.linear_in.weight, deep0.linear_in.bias,
+                        deep0.linear_out.weight, 64, 0)
+    torch.testing.assert_close(y.reshape(-1, 37), ref.y, rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_gemm_for_a_deep_tree_is_an_error_not_a_fallback():
+    with pytest.raises(ValueError, match="'gemm' cannot run 8x7 .*depth-0"):
+        dispatch.select("gemm", "cpu", torch.float32, shape=Workload(8, 7, 384))
+    reasons = dict(dispatch.explain("cpu", torch.float32, shape=Workload(8, 7, 384)))
+    assert "depth-0" in reasons["gemm"] and reasons["torch"] is None
+    assert dispatch.select("gemm", "cpu", torch.float32, shape=Workload(8, 0, 384)).name == "gemm"
+    # An explicitly named kernel runs even where the cost rule would choose another.
+    assert dispatch.select("torch", "cpu", torch.float32,
+                           shape=Workload(1, 11, 768)).name == "torch"
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    monkeypatch.setenv("ULTRAFASTBERT_NATIVE", "0")
+    build.reset()
+    dispatch.registry()["native"]._library = None  # forget the loaded library's shortcut
+    yield
+    monkeypatch.delenv("ULTRAFASTBERT_NATIVE")
+    build.reset()
+
+
+def test_without_native_torch_walks_and_gemm_serves_depth_zero(native_off):
+    (choice,) = dispatch.plan("cpu", torch.float32, "fp32", Workload(32, 5, 384))
+    assert choice.kernel == "torch" and "native kernel cannot run" in choice.reason
+    assert "ULTRAFASTBERT_NATIVE" in choice.reason
+    (choice,) = dispatch.plan("cpu", torch.float32, "fp32", Workload(512, 0, 384))
+    assert choice.kernel == "gemm" and choice.covers(1)
+
+
+def test_other_devices_keep_the_priority_order():
+    (choice,) = dispatch.plan("cpu", torch.float64, "fp32", Workload(8, 7, 384))
+    assert choice.kernel == "torch"  # native serves float32 only
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no FFF implementation can run 8x7"):
+            dispatch.plan("cuda", torch.float32, "fp32", Workload(8, 7, 384))
+
+
+def test_describe_gives_the_reason_for_each_choice():
+    text = dispatch.describe("cpu", shape=Workload(3072, 0, 768))
+    assert "auto for 3072x0 at d=768:" in text and "gemm: chosen for 3072x0" in text
+    assert "training:" in text and text.count("auto for") == 1  # training has no cost rule

@@ -1,14 +1,31 @@
 """One place picks the FFF kernel, for inference and for training.
 
-Kernels are tried in priority order (GPU kernel, native CPU kernel, vectorised PyTorch); each
-declares the devices and dtypes it serves, whether it has a training path, and says why it
-refuses. ``"auto"`` takes the first that can run; an explicitly named kernel that cannot run is an
-error, never a silent fallback.
+Kernels are listed in priority order (GPU kernel, native CPU kernel, vectorised PyTorch, the
+depth-0 GEMM route); each declares the devices, dtypes and tree shapes it serves, whether it has
+a training path, and says why it refuses. An explicitly named kernel that cannot run is an error,
+never a silent fallback.
+
+``"auto"`` without a layer shape takes the first kernel that can run. With one (a
+:class:`Workload`: trees, depth, width and optionally the tokens per call), inference follows the
+**cost rule** of :func:`plan`, which can depend on the token count (then the layer gets a
+:class:`TokenSplit` that routes each call by its size):
+
+- CPU: the native walk (when it can run) for every configuration except depth 0, where from
+  :data:`GEMM_MIN_TOKENS` tokens two dense GEMMs do the same work faster (every node is on the
+  path; measured 2-2.5x faster than the walk at >= 32 tokens). The torch path (GEMM for the
+  shallow levels, sparse products for the deep ones) was measured slower than the native walk
+  for every configuration and token count tried (docs/native.md), so it is chosen only when the
+  native kernel cannot run.
+- Other devices: no cost measurements, so the first kernel that can run in priority order.
+
+Each :class:`Choice` carries its reason; :func:`describe` prints them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,43 +35,150 @@ from .kernel import FFFKernel, validate_weight_format
 
 logger = logging.getLogger(__name__)
 
+#: Depth-0 layers from this many tokens per call take the GEMM route on CPU (measured: the GEMM
+#: route is slower than the walk at 1-4 tokens, even at 8 and 2-2.5x faster from 32 on, for
+#: 3072x0/256x0 at d=768 and 1536x0/64x0 at d=384; AMD EPYC Zen 4, 1 thread).
+GEMM_MIN_TOKENS = 16
+#: Where the cost rule's measurements are written up.
+EVIDENCE = "docs/native.md, 'Choosing a kernel'"
 
 _REGISTRY: dict[str, FFFKernel] = {}
 
 
 def registry() -> dict[str, FFFKernel]:
-    """All known kernels by name, fastest first (imports their modules lazily, at first use).
+    """All known kernels by name, in priority order (imports their modules lazily, at first use).
 
     Filled once into a module dict rather than behind ``functools.cache``: ``torch.compile``
     ignores such caches and would re-run (and re-create the kernels) inside every trace.
     """
     if not _REGISTRY:
+        from .gemm_kernel import GemmKernel
         from .native import NativeBF16Kernel, NativeCPUKernel
         from .torch_kernel import TorchKernel
         from .triton_impl import TritonKernel
 
         kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), NativeBF16Kernel(),
-                                    TorchKernel()]
+                                    TorchKernel(), GemmKernel()]
         _REGISTRY.update((k.name, k) for k in kernels)
     return _REGISTRY
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The layer a kernel is chosen for: ``n_trees`` x ``depth`` trees over ``d_model``, and the
+    tokens per call when known (None: any count)."""
+
+    n_trees: int
+    depth: int
+    d_model: int
+    tokens: int | None = None
+
+    @property
+    def config(self) -> str:
+        """``KxD``, e.g. ``32x5``."""
+        return f"{self.n_trees}x{self.depth}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel for calls of ``min_tokens`` up to ``max_tokens`` (None: no upper bound)."""
+
+    kernel: str
+    min_tokens: int
+    max_tokens: int | None
+    reason: str
+
+    def covers(self, tokens: int) -> bool:
+        """Whether a call of ``tokens`` tokens takes this choice."""
+        return tokens >= self.min_tokens and (self.max_tokens is None
+                                              or tokens <= self.max_tokens)
+
+    @property
+    def tokens(self) -> str:
+        """The token range in words: ``any token count``, ``>=16 tokens``, ``1-15 tokens``."""
+        if self.max_tokens is None:
+            return "any token count" if self.min_tokens <= 1 else f">={self.min_tokens} tokens"
+        return f"{self.min_tokens}-{self.max_tokens} tokens"
+
+
 def explain(device: torch.device | str, dtype: torch.dtype, weight_format: str = "fp32",
-            training: bool = False) -> list[tuple[str, str | None]]:
+            training: bool = False, shape: Workload | None = None
+            ) -> list[tuple[str, str | None]]:
     """``(name, reason)`` for every kernel, in priority order; reason None means it can run
-    (for inference, or with ``training`` for the differentiable forward)."""
+    (for inference, or with ``training`` for the differentiable forward; with ``shape`` also
+    for that tree shape). Why a runnable kernel is *chosen* is :func:`plan`'s."""
     device = torch.device(device)
     missing = device_unavailable_reason(device)
     if missing is not None:  # no kernel runs on a device that is not there
         return [(name, f"device {device} is not available: {missing}") for name in registry()]
-    return [(name, k.unavailable_reason(device, dtype, weight_format, training=training))
-            for name, k in registry().items()]
+    reasons = []
+    for name, kernel in registry().items():
+        reason = kernel.unavailable_reason(device, dtype, weight_format, training=training)
+        if reason is None and shape is not None:
+            reason = kernel.shape_reason(shape.n_trees, shape.depth)
+        reasons.append((name, reason))
+    return reasons
+
+
+def plan(device: torch.device | str, dtype: torch.dtype, weight_format: str,
+         shape: Workload) -> list[Choice]:
+    """The ``"auto"`` inference kernels for ``shape`` by token range, each with its reason
+    (the cost rule in the module docstring); only the range covering ``shape.tokens`` when set.
+
+    Raises:
+        InputError: no kernel can run this shape here (with every kernel's reason).
+    """
+    device = torch.device(device)
+    reasons = explain(device, dtype, weight_format, shape=shape)
+    runnable = [name for name, reason in reasons if reason is None]
+    if not runnable:
+        detail = "; ".join(f"{n}: {r}" for n, r in reasons)
+        raise InputError(f"no FFF implementation can run {shape.config} on {device} / {dtype} / "
+                         f"weights {weight_format} ({detail})")
+    refusals = dict(reasons)
+    choices = (_cpu_plan(runnable, refusals, shape) if device.type == "cpu"
+               else [Choice(runnable[0], 1, None,
+                            f"{runnable[0]}: first that can run on {device.type} (no cost "
+                            "measurements for this device; priority order)")])
+    if shape.tokens is not None:
+        choices = [c for c in choices if c.covers(max(shape.tokens, 1))]
+    return choices
+
+
+def _cpu_plan(runnable: list[str], refusals: dict[str, str | None],
+              shape: Workload) -> list[Choice]:
+    """The CPU cost rule: native walk, GEMM route for depth 0 from GEMM_MIN_TOKENS, else torch."""
+    cfg = shape.config
+    if "native" in runnable:
+        walk = "native"
+        why = (f"native: chosen for {cfg}: measured faster than the torch path at every token "
+               f"count for every configuration tried ({EVIDENCE})")
+    else:
+        walk = runnable[0]
+        why = (f"{walk}: chosen for {cfg}: the native kernel cannot run "
+               f"({refusals.get('native')})")
+    if "gemm" not in runnable:
+        return [Choice(walk, 1, None, why + " (any token count)")]
+    gemm_why = (f"gemm: chosen for {cfg} at >={GEMM_MIN_TOKENS} tokens: depth 0 puts every node "
+                f"on the path, so two dense GEMMs do no wasted work and reuse each weight "
+                f"across tokens (measured 2-2.5x faster than the native walk from 32 tokens; "
+                f"{EVIDENCE})")
+    if walk != "native":
+        return [Choice("gemm", 1, None, gemm_why.replace(
+            f" at >={GEMM_MIN_TOKENS} tokens", "") + "; the native kernel cannot run")]
+    return [Choice(walk, 1, GEMM_MIN_TOKENS - 1,
+                   f"native: chosen for {cfg} below {GEMM_MIN_TOKENS} tokens: measured faster "
+                   f"than the GEMM route there ({EVIDENCE})"),
+            Choice("gemm", GEMM_MIN_TOKENS, None, gemm_why)]
 
 
 def select(name: str, device: torch.device | str, dtype: torch.dtype,
-           weight_format: str = "fp32", training: bool = False) -> FFFKernel:
+           weight_format: str = "fp32", training: bool = False,
+           shape: Workload | None = None) -> FFFKernel:
     """The kernel to use: ``name`` (``"auto"`` or a registered name) for this device and dtype,
-    for inference or (``training``) for the differentiable forward.
+    for inference or (``training``) for the differentiable forward. With ``shape``, ``"auto"``
+    inference follows :func:`plan` (a :class:`TokenSplit` when the choice depends on the token
+    count and ``shape.tokens`` is None), and a named kernel must serve that shape.
 
     Raises:
         InputError: unknown name, or a named kernel that cannot run here (with the reason), or
@@ -64,17 +188,13 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
     device = torch.device(device)
     kernels = registry()
     if name != "auto":
-        if name not in kernels:
-            raise InputError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
-                             f"{sorted(kernels)}")
-        reason = kernels[name].unavailable_reason(device, dtype, weight_format,
-                                                  training=training)
-        if reason is not None:
-            mode = "train" if training else "run"
-            raise InputError(f"FFF implementation {name!r} cannot {mode} on {device} / {dtype} / "
-                             f"weights {weight_format}: {reason}")
-        return kernels[name]
-    reasons = explain(device, dtype, weight_format, training=training)
+        return _named(name, device, dtype, weight_format, training, shape)
+    if shape is not None and not training:
+        choices = plan(device, dtype, weight_format, shape)
+        if len(choices) == 1:
+            return kernels[choices[0].kernel]
+        return TokenSplit(choices, kernels)
+    reasons = explain(device, dtype, weight_format, training=training, shape=shape)
     for kname, reason in reasons:
         if reason is None:
             return kernels[kname]
@@ -84,15 +204,76 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
                      f"{weight_format} ({detail})")
 
 
+def _named(name: str, device: torch.device, dtype: torch.dtype, weight_format: str,
+           training: bool, shape: Workload | None) -> FFFKernel:
+    """The explicitly requested kernel, or an error saying why it cannot run (no fallback)."""
+    kernels = registry()
+    if name not in kernels:
+        raise InputError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
+                         f"{sorted(kernels)}")
+    reason = kernels[name].unavailable_reason(device, dtype, weight_format, training=training)
+    if reason is None and shape is not None:
+        reason = kernels[name].shape_reason(shape.n_trees, shape.depth)
+    if reason is not None:
+        mode = "train" if training else "run"
+        what = f" {shape.config}" if shape is not None else ""
+        raise InputError(f"FFF implementation {name!r} cannot {mode}{what} on {device} / "
+                         f"{dtype} / weights {weight_format}: {reason}")
+    return kernels[name]
+
+
+class TokenSplit(FFFKernel):
+    """``"auto"`` for a layer whose best kernel depends on the tokens per call: each call runs
+    on the kernel of the :class:`Choice` covering its token count (packed for each)."""
+
+    trains = False
+
+    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
+        self.choices = choices
+        self._kernels = [(c.min_tokens, kernels[c.kernel]) for c in choices]
+        first = kernels[choices[0].kernel]
+        self.name = "auto(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
+        self.description = "; ".join(c.reason for c in choices)
+        self.devices, self.dtypes = first.devices, first.dtypes
+        self.weight_formats = first.weight_formats
+
+    def kernel_for(self, tokens: int) -> FFFKernel:
+        """The kernel a call of ``tokens`` tokens runs on."""
+        chosen = self._kernels[0][1]
+        for min_tokens, kernel in self._kernels:
+            if tokens >= min_tokens:
+                chosen = kernel
+        return chosen
+
+    def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
+        return {k.name: k.pack(w_in, b_in, w_out, n_trees, depth, weight_format)
+                for _, k in self._kernels}
+
+    def forward(self, x: torch.Tensor, packed: Any, n_trees: int, depth: int,
+                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(T, d)`` on the kernel chosen for ``T`` tokens."""
+        kernel = self.kernel_for(x.shape[0])
+        return kernel.forward(x, packed[kernel.name], n_trees, depth, return_nodes)
+
+
 def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
-             weight_format: str = "fp32", training: bool | None = None) -> str:
+             weight_format: str = "fp32", training: bool | None = None,
+             shape: Workload | None = None) -> str:
     """A human-readable table of the kernels and whether each can run here: for inference,
-    for training, or (``training=None``) both, one section each."""
+    for training, or (``training=None``) both, one section each; with ``shape`` also the
+    ``"auto"`` choice for it by token range, with the reasons."""
     if training is None:
-        return "\n".join(["inference:", describe(device, dtype, weight_format, False), "",
-                          "training:", describe(device, dtype, "fp32", True)])
+        return "\n".join(["inference:", describe(device, dtype, weight_format, False, shape),
+                          "", "training:", describe(device, dtype, "fp32", True, shape)])
     lines = []
-    for name, reason in explain(device, dtype, weight_format, training=training):
+    for name, reason in explain(device, dtype, weight_format, training=training, shape=shape):
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:8s} {status}  ({registry()[name].description})")
+    if shape is not None and not training:
+        lines.append(f"auto for {shape.config} at d={shape.d_model}:")
+        try:
+            lines += [f"  {c.tokens}: {c.reason}" for c in plan(device, dtype, weight_format,
+                                                               shape)]
+        except InputError as err:
+            lines.append(f"  none: {err}")
     return "\n".join(lines)

@@ -67,6 +67,10 @@ class FFFKernel(ABC):
         """Run-time requirements beyond device and dtype (a compiler, a package)."""
         return None
 
+    def shape_reason(self, n_trees: int, depth: int) -> str | None:
+        """Why this kernel cannot run layers of ``n_trees`` trees of ``depth`` (None: it can)."""
+        return None
+
     @abstractmethod
     def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
              n_trees: int, depth: int, weight_format: str) -> Any:

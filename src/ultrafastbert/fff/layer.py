@@ -211,9 +211,11 @@ class FFF(nn.Module):
         return y, (nodes if return_nodes else None)
 
     def kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
-        """The inference kernel the dispatcher picks for this layer's device and ``dtype``."""
+        """The inference kernel the dispatcher picks for this layer's device, ``dtype`` and
+        shape (``"auto"``: by the cost rule, possibly a ``dispatch.TokenSplit`` by call size)."""
         return dispatch.select(self.runtime.implementation, self.linear_in.weight.device,
-                               dtype or self.linear_in.weight.dtype, self.runtime.weight_format)
+                               dtype or self.linear_in.weight.dtype, self.runtime.weight_format,
+                               shape=dispatch.Workload(self.n_trees, self.depth, self.d_model))
 
     def train_kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
         """The training kernel the dispatcher picks (``runtime.training``) for this layer's
