@@ -66,7 +66,8 @@ needs_native = pytest.mark.skipif(not native_runs(), reason="native kernel unava
 
 @needs_native
 @pytest.mark.parametrize(("n_trees", "depth", "d"), [(1, 11, 768), (8, 7, 384), (32, 5, 384),
-                                                     (4, 8, 384), (1, 10, 384)])
+                                                     (4, 8, 384), (1, 10, 384), (2, 0, 384),
+                                                     (63, 0, 37)])
 def test_native_is_chosen_for_trees_at_every_token_count(n_trees, depth, d):
     shape = Workload(n_trees, depth, d)
     (choice,) = dispatch.plan("cpu", torch.float32, "fp32", shape)
@@ -97,17 +98,17 @@ def test_depth_zero_takes_the_gemm_route_from_the_threshold():
 
 @needs_native
 def test_token_split_routes_each_call_and_matches_the_reference():
-    kernel = dispatch.select("auto", "cpu", torch.float32, shape=Workload(6, 0, 37))
+    kernel = dispatch.select("auto", "cpu", torch.float32, shape=Workload(64, 0, 37))
     assert isinstance(kernel, dispatch.TokenSplit) and kernel.name.startswith("auto(native")
     assert kernel.kernel_for(1).name == "native" and kernel.kernel_for(16).name == "gemm"
     gen = torch.Generator().manual_seed(0)
-    w_in, b_in, w_out = (torch.randn(6, 37, generator=gen) * 0.2,
-                         torch.randn(6, generator=gen) * 0.1, torch.randn(37, 6, generator=gen))
-    packed = kernel.pack(w_in, b_in, w_out, 6, 0, "fp32")
+    w_in, b_in, w_out = (torch.randn(64, 37, generator=gen) * 0.2,
+                         torch.randn(64, generator=gen) * 0.1, torch.randn(37, 64, generator=gen))
+    packed = kernel.pack(w_in, b_in, w_out, 64, 0, "fp32")
     for tokens in (1, 15, 16, 40):
         x = torch.randn(tokens, 37, generator=gen)
-        ref = fff_reference(x, w_in, b_in, w_out, 6, 0)
-        y, nodes = kernel.forward(x, packed, 6, 0, return_nodes=True)
+        ref = fff_reference(x, w_in, b_in, w_out, 64, 0)
+        y, nodes = kernel.forward(x, packed, 64, 0, return_nodes=True)
         torch.testing.assert_close(y, ref.y, rtol=1e-4, atol=1e-5)
         assert torch.equal(nodes, ref.nodes)
 
@@ -148,7 +149,7 @@ def native_off(monkeypatch):
     build.reset()
 
 
-def test_without_native_torch_walks_and_gemm_serves_depth_zero(native_off):
+def test_without_native_torch_walks_and_gemm_serves_wide_depth_zero(native_off):
     (choice,) = dispatch.plan("cpu", torch.float32, "fp32", Workload(32, 5, 384))
     assert choice.kernel == "torch" and "native kernel cannot run" in choice.reason
     assert "ULTRAFASTBERT_NATIVE" in choice.reason

@@ -10,9 +10,10 @@ never a silent fallback.
 **cost rule** of :func:`plan`, which can depend on the token count (then the layer gets a
 :class:`TokenSplit` that routes each call by its size):
 
-- CPU: the native walk (when it can run) for every configuration except depth 0, where from
-  :data:`GEMM_MIN_TOKENS` tokens two dense GEMMs do the same work faster (every node is on the
-  path; measured 2-2.5x faster than the walk at >= 32 tokens). The torch path (GEMM for the
+- CPU: the native walk (when it can run) for every configuration except wide depth-0 ones
+  (:data:`GEMM_MIN_TREES` trees and more), where from :data:`GEMM_MIN_TOKENS` tokens two dense
+  GEMMs do the same work faster (every node is on the path; measured 2-2.5x faster than the walk
+  at >= 32 tokens). The torch path (GEMM for the
   shallow levels, sparse products for the deep ones) was measured slower than the native walk
   for every configuration and token count tried (docs/native.md), so it is chosen only when the
   native kernel cannot run.
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 #: route is slower than the walk at 1-4 tokens, even at 8 and 2-2.5x faster from 32 on, for
 #: 3072x0/256x0 at d=768 and 1536x0/64x0 at d=384; AMD EPYC Zen 4, 1 thread).
 GEMM_MIN_TOKENS = 16
+#: ... and from this many trees: with few trees the GEMMs' fixed cost dominates (measured: 2x0 at
+#: d=384, 32 tokens: walk 0.11 µs/token, GEMMs 0.37).
+GEMM_MIN_TREES = 64
 #: Where the cost rule's measurements are written up.
 EVIDENCE = "docs/native.md, 'Choosing a kernel'"
 
@@ -157,7 +161,7 @@ def _cpu_plan(runnable: list[str], refusals: dict[str, str | None],
         walk = runnable[0]
         why = (f"{walk}: chosen for {cfg}: the native kernel cannot run "
                f"({refusals.get('native')})")
-    if "gemm" not in runnable:
+    if "gemm" not in runnable or shape.n_trees < GEMM_MIN_TREES:
         return [Choice(walk, 1, None, why + " (any token count)")]
     gemm_why = (f"gemm: chosen for {cfg} at >={GEMM_MIN_TOKENS} tokens: depth 0 puts every node "
                 f"on the path, so two dense GEMMs do no wasted work and reuse each weight "
