@@ -17,12 +17,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16",
                                                           "float64"])
     p.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "bf16-out"])
+    p.add_argument("--config", default=None, metavar="KxD",
+                   help="also show what 'auto' chooses for this tree shape, with reasons")
+    p.add_argument("--d-model", type=int, default=768, help="width for --config (default 768)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per call for --config")
+    p.add_argument("--clear-tuning", action="store_true",
+                   help="delete this CPU's cached native-kernel knobs (remeasured on next use)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the dispatcher's table."""
-    from ..fff.dispatch import describe
+    """Print the dispatcher's table (and the choice for ``--config``)."""
+    from ..fff.dispatch import Workload, describe
 
-    print(describe(args.device, getattr(torch, args.dtype), args.weight_format))
+    if args.clear_tuning:
+        from ..fff.native import tuning
+
+        path = tuning.cache_path()
+        print(f"{'removed' if tuning.clear() else 'no cached knobs at'} {path}")
+    shape = None
+    if args.config:
+        try:
+            n_trees, depth = (int(v) for v in args.config.lower().split("x"))
+        except ValueError:
+            print(f"--config must look like 8x7 (trees x depth), got {args.config!r}")
+            return 2
+        shape = Workload(n_trees, depth, args.d_model, args.tokens)
+    print(describe(args.device, getattr(torch, args.dtype), args.weight_format, shape=shape))
     return 0

@@ -162,7 +162,7 @@ def _cpu_plan(runnable: list[str], refusals: dict[str, str | None],
         why = (f"{walk}: chosen for {cfg}: the native kernel cannot run "
                f"({refusals.get('native')})")
     if "gemm" not in runnable or shape.n_trees < GEMM_MIN_TREES:
-        return [Choice(walk, 1, None, why + " (any token count)")]
+        return [Choice(walk, 1, None, why)]
     gemm_why = (f"gemm: chosen for {cfg} at >={GEMM_MIN_TOKENS} tokens: depth 0 puts every node "
                 f"on the path, so two dense GEMMs do no wasted work and reuse each weight "
                 f"across tokens (measured 2-2.5x faster than the native walk from 32 tokens; "
