@@ -126,13 +126,13 @@ def test_bad_knobs_are_rejected(bad):
 @pytest.fixture
 def tuning_on(tmp_path, monkeypatch):
     """Autotuning on, a private cache, small measurements; yields the cache file's path."""
+    _native()  # loaded (from the usual cache) before the cache root moves to tmp_path
     monkeypatch.delenv("ULTRAFASTBERT_AUTOTUNE", raising=False)
     monkeypatch.setenv("ULTRAFASTBERT_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "TOKEN_CLASSES", ((0, 1), (8, 40)))
     monkeypatch.setattr(tuning, "SAMPLE_S", 0.0002)
     monkeypatch.setattr(tuning, "SAMPLES", 1)
     tuning._MEMO.clear()
-    _native()  # built before the cache root moves (the build key does not depend on it)
     yield tuning.cache_path()
     tuning._MEMO.clear()
 
@@ -233,3 +233,44 @@ def test_clear_forgets_the_cache(tuning_on, monkeypatch):
     calls = count_measurements(monkeypatch)
     pack(_native())
     assert len(calls) == 1
+
+
+def fake_timing(monkeypatch, cost, spiky: bool):
+    """Replace the clock: a sample of a knobs table costs ``cost(row)``, and with ``spiky``
+    every other sample is 10x slower (another process took the core)."""
+    counter = iter(range(10**6))
+    monkeypatch.setattr(tuning, "_calls_per_sample", lambda run, x, table: 1)
+
+    def sample(run, x, table, calls):
+        (row,) = tuning.from_table(table)
+        return cost(row) * (10.0 if spiky and next(counter) % 2 else 1.0)
+
+    monkeypatch.setattr(tuning, "_sample", sample)
+
+
+@pytest.mark.parametrize("spiky", [False, True])
+def test_tuner_finds_a_clearly_faster_knob_and_ignores_load_spikes(monkeypatch, spiky):
+    shape = tuning.Shape(8, 7, 384, "fp32", 1)
+    x = torch.zeros(256, 384)
+    start = tuning.default_row(64, 8)
+    fake_timing(monkeypatch, lambda row: 1.0, spiky)  # every setting equally fast
+    assert tuning._tune_class(start, shape, x, None)[0] == start
+    fake_timing(monkeypatch, lambda row: 0.7 if row["block"] == 256 else 1.0, spiky)
+    chosen, base_s, best_s = tuning._tune_class(start, shape, x, None)
+    assert chosen == {**start, "block": 256} and best_s == pytest.approx(0.7)
+    # A 2% gain is noise (below MIN_GAIN): the default stays.
+    fake_timing(monkeypatch, lambda row: 0.98 if row["prefetch"] else 1.0, spiky)
+    assert tuning._tune_class(start, shape, x, None)[0] == start
+
+
+def test_tuner_times_only_the_knobs_that_matter():
+    one = tuning.Shape(1, 11, 768, "fp32", 1)
+    many = tuning.Shape(32, 5, 384, "fp32", 2)
+    row = tuning.default_row(64, 32)
+    assert not tuning.relevant("block", one, 256, row)
+    assert not tuning.relevant("grain", one, 256, row)  # one thread
+    assert tuning.relevant("grain", many, 256, row) and tuning.relevant("block", many, 256, row)
+    assert not tuning.relevant("trees_together", many, 256, row)  # blocks ignore it
+    assert tuning.relevant("trees_together", many, 1, row)
+    assert not tuning.relevant("bucket", many, 4096, row)
+    assert tuning.relevant("bucket", one, 4096, row) and not tuning.relevant("group", one, 1, row)

@@ -10,8 +10,8 @@ applies).
 - **Defaults** (:func:`default_table`): what the untuned C++ ops use, measured best on AMD Zen 4.
 - **Autotuning**: on the first pack of a shape (``K x D``, ``d``, weight format, thread count) the
   kernel times a few candidates per token class on the real packed weights (coordinate descent
-  from the defaults, a candidate is kept only when it is :data:`MIN_GAIN` faster; about a second
-  per shape) and caches the table in ``<cache>/tuning/knobs-<cpu>.json`` (``<cache>`` as for the
+  from the defaults; a candidate, timed alternately with the current choice, fastest sample of
+  each, is kept only when :data:`MIN_GAIN` faster; 1-3 s per shape) and caches the table in ``<cache>/tuning/knobs-<cpu>.json`` (``<cache>`` as for the
   kernel build, see :func:`..build.cache_root`; one file per CPU model, entries keyed by shape and
   by the kernel's build key, so a changed kernel is retuned). Written atomically under a lock; a
   corrupt file is ignored with a warning, remeasured and rewritten.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
 }
 #: A candidate replaces the current choice only when this much faster (noise guard).
 MIN_GAIN = 0.05
-#: Seconds of calls per timing sample, and samples per candidate (the median is kept).
+#: Seconds of calls per timing sample, and samples per candidate (the fastest is kept).
 SAMPLE_S, SAMPLES = 0.002, 3
 #: Bump when the file's layout or the knobs' meaning changes.
 CACHE_VERSION = 1
@@ -263,9 +262,14 @@ def relevant(knob: str, shape: Shape, tokens: int, row: dict[str, int]) -> bool:
 
 def _tune_class(row: dict[str, int], shape: Shape, x: torch.Tensor, run: KnobRun
                 ) -> tuple[dict[str, int], float, float]:
-    """Coordinate descent over :data:`CANDIDATES` for one token class: (row, default s, best s)."""
+    """Coordinate descent over :data:`CANDIDATES` for one token class: (row, default s, best s).
+
+    Each candidate is timed alternately with the current choice and both keep their fastest
+    sample: other processes only ever slow a sample down, so the minimum is the robust figure
+    and a load spike cannot make a candidate look better than it is.
+    """
     best = dict(row)
-    best_s = base_s = _time(run, x, best)
+    base_s = best_s = _time(run, x, best)
     for knob, values in CANDIDATES.items():
         if not relevant(knob, shape, x.shape[0], best):
             continue
@@ -273,23 +277,48 @@ def _tune_class(row: dict[str, int], shape: Shape, x: torch.Tensor, run: KnobRun
             if value == best[knob]:
                 continue
             trial = {**best, knob: value}
-            trial_s = _time(run, x, trial)
+            current_s, trial_s = _time_pair(run, x, best, trial)
+            best_s = min(best_s, current_s)
             if trial_s < best_s * (1 - MIN_GAIN):
                 best, best_s = trial, trial_s
     return best, base_s, best_s
 
 
-def _time(run: KnobRun, x: torch.Tensor, row: dict[str, int]) -> float:
-    """Median seconds per call of ``run`` with the knobs of ``row`` applied from 0 tokens."""
-    table = to_table([{**row, "min_tokens": 0}])
-    run(x, table)  # warm-up (caches, first-touch)
+def _table(row: dict[str, int]) -> torch.Tensor:
+    """A one-row knobs table applying ``row`` from 0 tokens."""
+    return to_table([{**row, "min_tokens": 0}])
+
+
+def _calls_per_sample(run: KnobRun, x: torch.Tensor, table: torch.Tensor) -> int:
+    """How many calls fill :data:`SAMPLE_S` (after a warm-up call)."""
+    run(x, table)
     once = time.perf_counter()
     run(x, table)
-    calls = max(1, int(SAMPLE_S / max(time.perf_counter() - once, 1e-7)))
-    samples = []
+    return max(1, int(SAMPLE_S / max(time.perf_counter() - once, 1e-7)))
+
+
+def _sample(run: KnobRun, x: torch.Tensor, table: torch.Tensor, calls: int) -> float:
+    """Seconds per call over ``calls`` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(x, table)
+    return (time.perf_counter() - start) / calls
+
+
+def _time(run: KnobRun, x: torch.Tensor, row: dict[str, int]) -> float:
+    """The fastest of :data:`SAMPLES` samples, seconds per call, with the knobs of ``row``."""
+    table = _table(row)
+    calls = _calls_per_sample(run, x, table)
+    return min(_sample(run, x, table, calls) for _ in range(SAMPLES))
+
+
+def _time_pair(run: KnobRun, x: torch.Tensor, a: dict[str, int], b: dict[str, int]
+               ) -> tuple[float, float]:
+    """Fastest samples of ``a`` and ``b``, timed alternately (seconds per call)."""
+    ta, tb = _table(a), _table(b)
+    calls = min(_calls_per_sample(run, x, ta), _calls_per_sample(run, x, tb))
+    sa, sb = [], []
     for _ in range(SAMPLES):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run(x, table)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+        sa.append(_sample(run, x, ta, calls))
+        sb.append(_sample(run, x, tb, calls))
+    return min(sa), min(sb)
