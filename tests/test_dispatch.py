@@ -169,3 +169,10 @@ def test_describe_gives_the_reason_for_each_choice():
     text = dispatch.describe("cpu", shape=Workload(3072, 0, 768))
     assert "auto for 3072x0 at d=768:" in text and "gemm: chosen for 3072x0" in text
     assert "training:" in text and text.count("auto for") == 1  # training has no cost rule
+
+
+def test_bfloat16_keeps_the_priority_order_of_its_walkers():
+    (choice,) = dispatch.plan("cpu", torch.bfloat16, "fp32", Workload(8, 7, 384))
+    reasons = dict(dispatch.explain("cpu", torch.bfloat16))
+    expected = "native-bf16" if reasons.get("native-bf16") is None else "torch"
+    assert choice.kernel == expected and "float32" in choice.reason

@@ -151,29 +151,34 @@ def plan(device: torch.device | str, dtype: torch.dtype, weight_format: str,
 
 def _cpu_plan(runnable: list[str], refusals: dict[str, str | None],
               shape: Workload) -> list[Choice]:
-    """The CPU cost rule: native walk, GEMM route for depth 0 from GEMM_MIN_TOKENS, else torch."""
+    """The CPU cost rule: native walk, GEMM route for wide depth 0 from GEMM_MIN_TOKENS, torch
+    (or gemm for wide depth 0) without the native kernel; another kernel that walks this dtype
+    (native-bf16) has no cost measurements here and keeps its priority."""
     cfg = shape.config
-    if "native" in runnable:
-        walk = "native"
-        why = (f"native: chosen for {cfg}: measured faster than the torch path at every token "
-               f"count for every configuration tried ({EVIDENCE})")
-    else:
-        walk = runnable[0]
-        why = (f"{walk}: chosen for {cfg}: the native kernel cannot run "
-               f"({refusals.get('native')})")
-    if "gemm" not in runnable or shape.n_trees < GEMM_MIN_TREES:
-        return [Choice(walk, 1, None, why)]
+    walkers = [name for name in runnable if name != "gemm"]
+    wide0 = "gemm" in runnable and shape.n_trees >= GEMM_MIN_TREES
     gemm_why = (f"gemm: chosen for {cfg} at >={GEMM_MIN_TOKENS} tokens: depth 0 puts every node "
                 f"on the path, so two dense GEMMs do no wasted work and reuse each weight "
                 f"across tokens (measured 2-2.5x faster than the native walk from 32 tokens; "
                 f"{EVIDENCE})")
-    if walk != "native":
-        return [Choice("gemm", 1, None, gemm_why.replace(
-            f" at >={GEMM_MIN_TOKENS} tokens", "") + "; the native kernel cannot run")]
-    return [Choice(walk, 1, GEMM_MIN_TOKENS - 1,
-                   f"native: chosen for {cfg} below {GEMM_MIN_TOKENS} tokens: measured faster "
-                   f"than the GEMM route there ({EVIDENCE})"),
-            Choice("gemm", GEMM_MIN_TOKENS, None, gemm_why)]
+    if walkers and walkers[0] == "native":
+        why = (f"native: chosen for {cfg}: measured faster than the torch path at every token "
+               f"count for every configuration tried ({EVIDENCE})")
+        if not wide0:
+            return [Choice("native", 1, None, why)]
+        return [Choice("native", 1, GEMM_MIN_TOKENS - 1,
+                       f"native: chosen for {cfg} below {GEMM_MIN_TOKENS} tokens: measured "
+                       f"faster than the GEMM route there ({EVIDENCE})"),
+                Choice("gemm", GEMM_MIN_TOKENS, None, gemm_why)]
+    if walkers and walkers[0] != "torch":
+        return [Choice(walkers[0], 1, None,
+                       f"{walkers[0]}: first that can run {cfg} in priority order (no cost "
+                       f"measurements for it; native: {refusals.get('native')})")]
+    if wide0 or not walkers:
+        return [Choice("gemm", 1, None, gemm_why.replace(f" at >={GEMM_MIN_TOKENS} tokens", "")
+                       + f"; the native kernel cannot run ({refusals.get('native')})")]
+    return [Choice("torch", 1, None, f"torch: chosen for {cfg}: the native kernel cannot run "
+                                     f"({refusals.get('native')})")]
 
 
 def select(name: str, device: torch.device | str, dtype: torch.dtype,
