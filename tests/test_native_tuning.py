@@ -274,3 +274,15 @@ def test_tuner_times_only_the_knobs_that_matter():
     assert tuning.relevant("trees_together", many, 1, row)
     assert not tuning.relevant("bucket", many, 4096, row)
     assert tuning.relevant("bucket", one, 4096, row) and not tuning.relevant("group", one, 1, row)
+
+
+def test_default_tables_take_the_untuned_op_with_the_same_bits():
+    kernel = _native()
+    weights = make_weights(8, 3, 37)
+    packed = kernel.pack(*weights, 8, 3, "fp32")
+    assert packed.untuned and packed.n_trees == 8
+    other = dataclasses.replace(packed, knobs=tuning.to_table(
+        [{**tuning.default_row(0, 8), "group": 2}]))
+    assert not other.untuned  # replacing the knobs re-derives it
+    x = make_inputs(13, 37)
+    assert torch.equal(kernel.forward(x, packed, 8, 3)[0], kernel.forward(x, other, 8, 3)[0])
