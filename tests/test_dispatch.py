@@ -134,6 +134,10 @@ def test_explicit_gemm_for_a_deep_tree_is_an_error_not_a_fallback():
     reasons = dict(dispatch.explain("cpu", torch.float32, shape=Workload(8, 7, 384)))
     assert "depth-0" in reasons["gemm"] and reasons["torch"] is None
     assert dispatch.select("gemm", "cpu", torch.float32, shape=Workload(8, 0, 384)).name == "gemm"
+    # Without a shape it cannot tell, so it is not offered (bench ff's list of runnable kernels).
+    assert "shape is needed" in dict(dispatch.explain("cpu", torch.float32))["gemm"]
+    with pytest.raises(ValueError, match="'gemm' cannot run on cpu"):
+        dispatch.select("gemm", "cpu", torch.float32)
     # An explicitly named kernel runs even where the cost rule would choose another.
     assert dispatch.select("torch", "cpu", torch.float32,
                            shape=Workload(1, 11, 768)).name == "torch"

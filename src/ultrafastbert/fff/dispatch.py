@@ -118,8 +118,9 @@ def explain(device: torch.device | str, dtype: torch.dtype, weight_format: str =
     reasons = []
     for name, kernel in registry().items():
         reason = kernel.unavailable_reason(device, dtype, weight_format, training=training)
-        if reason is None and shape is not None:
-            reason = kernel.shape_reason(shape.n_trees, shape.depth)
+        if reason is None:
+            reason = (kernel.shape_reason(shape.n_trees, shape.depth) if shape is not None
+                      else kernel.shape_reason(None, None))
         reasons.append((name, reason))
     return reasons
 
@@ -221,8 +222,9 @@ def _named(name: str, device: torch.device, dtype: torch.dtype, weight_format: s
         raise InputError(f"unknown FFF implementation {name!r}; choose 'auto' or one of "
                          f"{sorted(kernels)}")
     reason = kernels[name].unavailable_reason(device, dtype, weight_format, training=training)
-    if reason is None and shape is not None:
-        reason = kernels[name].shape_reason(shape.n_trees, shape.depth)
+    if reason is None:
+        reason = (kernels[name].shape_reason(shape.n_trees, shape.depth) if shape is not None
+                  else kernels[name].shape_reason(None, None))
     if reason is not None:
         mode = "train" if training else "run"
         what = f" {shape.config}" if shape is not None else ""

@@ -35,8 +35,11 @@ class GemmKernel(FFFKernel):
     devices = ("cpu", "cuda", "mps", "xpu")
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-    def shape_reason(self, n_trees: int, depth: int) -> str | None:
+    def shape_reason(self, n_trees: int | None, depth: int | None) -> str | None:
         """Why this kernel cannot run a ``n_trees x depth`` layer (None: it can)."""
+        if depth is None:
+            return ("serves depth-0 configurations only; the layer's shape is needed to tell "
+                    "(dispatch.Workload)")
         if depth != 0:
             return (f"serves depth-0 configurations only (every node on the path); {n_trees}x"
                     f"{depth} would compute {2 ** depth}x the nodes it needs")

@@ -67,8 +67,9 @@ class FFFKernel(ABC):
         """Run-time requirements beyond device and dtype (a compiler, a package)."""
         return None
 
-    def shape_reason(self, n_trees: int, depth: int) -> str | None:
-        """Why this kernel cannot run layers of ``n_trees`` trees of ``depth`` (None: it can)."""
+    def shape_reason(self, n_trees: int | None, depth: int | None) -> str | None:
+        """Why this kernel cannot run layers of ``n_trees`` trees of ``depth`` (None: it can;
+        both None: the shape is not known, for kernels that serve only some shapes)."""
         return None
 
     @abstractmethod
