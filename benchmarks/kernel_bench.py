@@ -14,7 +14,7 @@ built from that git revision (ops renamed, same process). Each kernel's output i
 the float64 reference before timing (routes, then values); the old build must give the same bits
 as the new one. Each round times every variant back to back; the table gives medians over rounds
 and the speedup over dense is the median of per-round ratios. CPU model and flags, threads and
-the load average are recorded in the JSON.
+the load average are recorded in the JSON (bench.common.environment).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ultrafastbert.bench.common import environment
 from ultrafastbert.fff import dispatch
 from ultrafastbert.fff.gemm_kernel import GemmKernel
-from ultrafastbert.fff.native import NativeCPUKernel, build, tuning
+from ultrafastbert.fff.native import NativeCPUKernel, build
 from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
@@ -46,12 +47,9 @@ NATIVE_DIR = "src/ultrafastbert/fff/native"
 
 
 def cpu_facts() -> dict[str, object]:
-    """CPU model, the flags that matter here, the kernel's ISA and the load average."""
-    flags = build._cpu_flags() or set()
-    return {"cpu": tuning.cpu_model(), "isa": build.cpu_isa(),
-            "flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma"))),
-            "amx": any(f.startswith("amx") for f in flags), "avx512_bf16": "avx512_bf16" in flags,
-            "torch": torch.__version__, "load_avg": os.getloadavg()}
+    """bench.common's environment (CPU model, speed flags, cores, versions), the kernel's ISA
+    and the load average."""
+    return {**environment("cpu"), "isa": build.cpu_isa(), "load_avg": os.getloadavg()}
 
 
 def build_old(rev: str) -> Callable[..., torch.Tensor]:
