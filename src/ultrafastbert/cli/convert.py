@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="unlabeled text: demo, a text/JSONL/Parquet file or folder (default: demo)")
     p.add_argument("--layerwise-share", type=float, default=0.4, metavar="F",
                    help="share of the time after init for the layer-by-layer phase (default 0.4)")
+    p.add_argument("--layerwise-loss", choices=("output", "post-norm"), default="output",
+                   help="layer-by-layer phase: match each block's output, or the layer's output "
+                        "after the residual sum and LayerNorm (post-norm)")
+    p.add_argument("--end-to-end-layers", choices=("last", "all"), default="last",
+                   help="end-to-end phase: hidden-state loss on the last layer or on every "
+                        "layer's output (plus the pooled-embedding cosine)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-len", type=positive_int, default=128, help="tokens per text at most")
     p.add_argument("--max-documents", type=positive_int, default=None,
@@ -65,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     _quiet_transformers()
     settings = ConvertSettings(
         source=args.source, out=args.out, fff=args.fff, budget_s=args.budget, corpus=args.corpus,
-        layerwise_share=args.layerwise_share, batch_size=args.batch_size, max_len=args.max_len,
+        layerwise_share=args.layerwise_share,
+        layerwise_space=args.layerwise_loss,
+        e2e_layers=args.end_to_end_layers, batch_size=args.batch_size, max_len=args.max_len,
         max_documents=args.max_documents, init_tokens=args.init_tokens,
         init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
         lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,

@@ -78,7 +78,7 @@ class TeacherBatches:
     ``mode="layerwise"``: ``inputs = {"x": (L, T, d), "y": (L, T, d)}``, each layer's
     feed-forward input and dense output on the ``T`` real tokens of the batch.
     ``mode="end-to-end"``: ``inputs = {"input_ids", "attention_mask", "teacher_hidden":
-    (B, S, d), "teacher_pooled": (B, d)}``.
+    (L, B, S, d)`` (every layer's output), ``"teacher_pooled": (B, d)}``.
     """
 
     def __init__(self, teacher: Any, stream: SequenceStream, *, batch_size: int,
@@ -97,7 +97,7 @@ class TeacherBatches:
         if self.mode == "layerwise":
             x, y = ffn_io(self.teacher, text)
             return MicroBatch({"x": x, "y": y}, n_targets=x.shape[1], n_tokens=x.shape[1])
-        hidden, pooled = teacher_outputs(self.teacher, text, self.pooling)
+        hidden, pooled = teacher_layers(self.teacher, text, self.pooling)
         inputs = {"input_ids": text.input_ids, "attention_mask": text.attention_mask,
                   "teacher_hidden": hidden, "teacher_pooled": pooled}
         return MicroBatch(inputs, n_targets=text.input_ids.shape[0],
@@ -143,6 +143,16 @@ def teacher_outputs(teacher: Any, text: TextBatch, pooling: str
     hidden = base_model_of(teacher)(input_ids=text.input_ids,
                                     attention_mask=text.attention_mask).last_hidden_state
     return hidden, pool_hidden(hidden, text.attention_mask, pooling)
+
+
+@torch.no_grad()
+def teacher_layers(teacher: Any, text: TextBatch, pooling: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's output ``(L, B, S, d)`` and the pooled embeddings ``(B, d)``."""
+    out = base_model_of(teacher)(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                                 output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states[1:])
+    return hidden, pool_hidden(hidden[-1], text.attention_mask, pooling)
 
 
 def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ expects. The teacher's side comes in through the inputs (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..model.converted import FFFBlock, base_model_of
 from .data import pool_hidden
 
@@ -31,41 +32,78 @@ class ObjectiveOutput:
 class LayerwiseObjective(nn.Module):
     """Each FFF block against its dense block, on that block's own inputs.
 
-    ``loss = mean over tokens and FFF layers of |block_l(x_l) - y_l|^2 * scale_l``, with
-    ``scale_l = 1 / E|y_l - mean(y_l)|^2``: every layer's term is a relative squared error.
-    Removed blocks (the ablation) are skipped.
+    ``loss = mean over tokens and FFF layers of |f_l(block_l(x_l)) - f_l(y_l)|^2 * scale_l``,
+    with ``scale_l = 1 / E|f_l(y_l) - mean f_l(y_l)|^2``: every layer's term is a relative squared
+    error. ``f_l`` is the identity (``space="output"``: the block's output) or, with
+    ``space="post-norm"``, what the layer makes of it: ``f_l(v) = LayerNorm_l(x_l + v)``, the
+    layer's own (frozen) norm after the residual sum, so an error counts as much as it changes
+    the layer's output (the norm divides each token by its own spread). Removed blocks (the
+    ablation) are skipped.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], scales: torch.Tensor) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], scales: torch.Tensor, *,
+                 norms: Sequence[nn.LayerNorm] | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.register_buffer("scales", scales.float().clone())
         self.trained = [i for i, b in enumerate(blocks) if isinstance(b, FFFBlock)]
+        self.norms = [frozen_norm(n) for n in norms] if norms is not None else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> ObjectiveOutput:
         """``x``, ``y`` ``(L, T, d)``: every layer's inputs and dense outputs."""
         blocks: Any = self.blocks
         scales: Any = self.scales
-        terms = [(blocks[i](x[i]) - y[i]).pow(2).sum(-1).mean() * scales[i]
-                 for i in self.trained]
+        terms = [(self.view(i, x[i], blocks[i](x[i])) - self.view(i, x[i], y[i])).pow(2)
+                 .sum(-1).mean() * scales[i] for i in self.trained]
         loss = torch.stack(terms).mean()
         return ObjectiveOutput(loss, {f"layer{i}": float(t.detach()) for i, t in
                                       zip(self.trained, terms, strict=True)})
+
+    def view(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``f_layer(out)`` ``(T, d)`` (see the class docstring)."""
+        if self.norms is None:
+            return out
+        return self.norms[layer](x + out)
+
+
+LAYERWISE_SPACES = ("output", "post-norm")
+
+
+def frozen_norm(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm`` as a function of detached copies of its parameters (not trained, not saved)."""
+    weight = norm.weight.detach().clone() if norm.weight is not None else None
+    bias = norm.bias.detach().clone() if norm.bias is not None else None
+    shape, eps = tuple(norm.normalized_shape), float(norm.eps)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(v, shape, weight, bias, eps)
+
+    return apply
+
+
+E2E_LAYERS = ("last", "all")
 
 
 class EndToEndObjective(nn.Module):
     """The whole student against the teacher: hidden states and the pooled embedding.
 
-    ``loss = mean over sequences of  hidden_scale * mean_tokens |h_s - h_t|^2
-    + cos_weight * (1 - cos(pool(h_s), pool(h_t)))``. Dropout stays off (the student is kept
-    in eval mode while training: it must match a deterministic teacher).
+    ``loss = mean over sequences of  mean_l hidden_scale_l * mean_tokens |h_s^l - h_t^l|^2
+    + cos_weight * (1 - cos(pool(h_s), pool(h_t)))``, ``l`` over the last layer
+    (``layers="last"``) or every layer (``"all"``: each block also sees what the layers after
+    it make of its error, and gets a direct signal where upstream errors leave it).
+    ``hidden_scale_l = 1 / E|h_t^l - mean h_t^l|^2`` makes each term a relative error. Dropout
+    stays off (the student is kept in eval mode while training: it must match a deterministic
+    teacher).
     """
 
-    def __init__(self, student: Any, *, pooling: str, hidden_scale: float,
-                 cos_weight: float = 10.0) -> None:
+    def __init__(self, student: Any, *, pooling: str, hidden_scales: torch.Tensor,
+                 layers: str = "last", cos_weight: float = 10.0) -> None:
         super().__init__()
+        if layers not in E2E_LAYERS:
+            raise InputError(f"end-to-end layers must be one of {E2E_LAYERS}, got {layers!r}")
         self.student = student
-        self.pooling, self.hidden_scale, self.cos_weight = pooling, hidden_scale, cos_weight
+        self.pooling, self.layers, self.cos_weight = pooling, layers, cos_weight
+        self.register_buffer("hidden_scales", hidden_scales.float().clone())
 
     def train(self, mode: bool = True) -> EndToEndObjective:
         """Keep the student in eval mode (no dropout) whatever ``mode``."""
@@ -75,12 +113,21 @@ class EndToEndObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_pooled: torch.Tensor) -> ObjectiveOutput:
-        """``input_ids``, ``attention_mask`` ``(B, S)``; teacher ``(B, S, d)`` and ``(B, d)``."""
-        hidden = base_model_of(self.student)(input_ids=input_ids,
-                                             attention_mask=attention_mask).last_hidden_state
+        """``input_ids``, ``attention_mask`` ``(B, S)``; teacher ``(L, B, S, d)`` (every
+        layer's output) and ``(B, d)``."""
+        out = base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
+                                          output_hidden_states=self.layers == "all")
+        picked = (range(len(teacher_hidden)) if self.layers == "all"
+                  else [len(teacher_hidden) - 1])
+        hidden = out.last_hidden_state
         mask = attention_mask.to(hidden.dtype)
-        per_token = (hidden - teacher_hidden).pow(2).sum(-1)
-        mse = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0) * self.hidden_scale
+        scales: Any = self.hidden_scales
+        terms = []
+        for layer in picked:
+            h_s = hidden if layer == len(teacher_hidden) - 1 else out.hidden_states[layer + 1]
+            per_token = (h_s - teacher_hidden[layer]).pow(2).sum(-1)
+            terms.append((per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0) * scales[layer])
+        mse = torch.stack(terms).mean(0)
         pooled = pool_hidden(hidden, attention_mask, self.pooling)
         cos = 1.0 - F.cosine_similarity(pooled, teacher_pooled, dim=-1)
         loss = (mse + self.cos_weight * cos).mean()

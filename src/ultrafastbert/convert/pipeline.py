@@ -26,13 +26,20 @@ from torch import nn
 
 from ..data.packing import SequenceStream
 from ..errors import InputError
-from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks
+from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks, post_norms
 from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
-from .data import TeacherBatches, cut_batch, ffn_io, load_segments, teacher_outputs
+from .data import (
+    TeacherBatches,
+    cut_batch,
+    ffn_io,
+    load_segments,
+    teacher_layers,
+    teacher_outputs,
+)
 from .init import init_block, relative_error
-from .objectives import EndToEndObjective, LayerwiseObjective
+from .objectives import E2E_LAYERS, LAYERWISE_SPACES, EndToEndObjective, LayerwiseObjective
 from .source import SourceModel, active_fraction, load_source, make_student, parse_fff
 
 log = logging.getLogger(__name__)
@@ -55,12 +62,16 @@ class ConvertSettings:
         budget_s: wall-clock seconds for init and both phases together.
         corpus: unlabeled text (``demo`` or a path the pretraining readers take).
         layerwise_share: share of the time after init given to the layer-by-layer phase.
+        layerwise_space: where that phase compares a block with its dense block: ``output``
+            (the block's output) or ``post-norm`` (the layer's output after the residual sum and
+            its LayerNorm; see :class:`~.objectives.LayerwiseObjective`).
         batch_size: sequences per step; max_len: tokens per sequence at most.
         max_documents: use at most this many documents of the corpus.
         init_tokens: tokens per layer the init fits on; init_split: ``median`` or ``neuron``.
         lr_layerwise, lr_fff: learning rates of the FFF blocks in the two phases.
         lr_rest: learning rate of everything else end to end (0: frozen, bit-identical).
         cos_weight: weight of ``1 - cos`` of the pooled embeddings end to end.
+        e2e_layers: end-to-end hidden-state terms on the ``last`` layer or on ``all`` layers.
         seed: data order; save_every_s: checkpoint period; resume: continue ``out``.
     """
 
@@ -70,6 +81,7 @@ class ConvertSettings:
     budget_s: float = 1800.0
     corpus: str | None = "demo"
     layerwise_share: float = 0.4
+    layerwise_space: str = "output"
     batch_size: int = 32
     max_len: int = 128
     max_documents: int | None = None
@@ -79,6 +91,7 @@ class ConvertSettings:
     lr_fff: float = 3e-4
     lr_rest: float = 0.0
     cos_weight: float = 10.0
+    e2e_layers: str = "last"
     seed: int = 0
     save_every_s: float = 300.0
     resume: bool = False
@@ -89,6 +102,12 @@ class ConvertSettings:
         object.__setattr__(self, "out", Path(self.out))
         if not self.budget_s > 0:
             raise InputError(f"--budget must be > 0 seconds, got {self.budget_s}")
+        if self.layerwise_space not in LAYERWISE_SPACES:
+            raise InputError(f"layerwise space must be one of {LAYERWISE_SPACES}, got "
+                             f"{self.layerwise_space!r}")
+        if self.e2e_layers not in E2E_LAYERS:
+            raise InputError(f"end-to-end layers must be one of {E2E_LAYERS}, got "
+                             f"{self.e2e_layers!r}")
         if not 0.0 <= self.layerwise_share <= 1.0:
             raise InputError(f"layerwise share must be in [0, 1], got {self.layerwise_share}")
         for name in ("batch_size", "max_len", "init_tokens"):
@@ -111,6 +130,7 @@ class ConvertReport:
     active_fraction: float
     init_s: float = 0.0
     init_error: list[float] = field(default_factory=list)
+    init_heldout: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +153,7 @@ def run(settings: ConvertSettings) -> ConvertReport:
     init = initialise(student, source, rows[train_idx], settings, pad_id, work,
                       setup_s=time.monotonic() - started)
     report.init_s, report.init_error = init["seconds"], init["error"]
+    report.init_heldout = heldout_fit(student, source, rows[heldout_idx], pad_id)
     for phase, budget_s in init["phase_budgets"].items():
         if budget_s > 0 and trains_anything(phase, student, settings):
             report.phases[phase] = distil(phase, student, source, rows, train_idx, settings,
@@ -277,13 +298,11 @@ def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndar
     fff_params = [p for b in blocks for p in b.parameters()]
     sample = cut_batch(torch.from_numpy(rows[:64]), pad_id)
     if phase == "layerwise":
-        _, ys = ffn_io(source.model, sample)
-        scales = 1.0 / (ys - ys.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).clamp_min(1e-12)
-        return LayerwiseObjective(blocks, scales), [{"params": fff_params,
-                                                     "lr": settings.lr_layerwise}]
-    hidden, _ = teacher_outputs(source.model, sample, source.pooling)
-    real = hidden[sample.attention_mask.bool()]
-    scale = 1.0 / float((real - real.mean(0)).pow(2).sum(-1).mean())
+        return layerwise_objective(blocks, source, sample, settings.layerwise_space), [
+            {"params": fff_params, "lr": settings.lr_layerwise}]
+    hidden, _ = teacher_layers(source.model, sample, source.pooling)
+    real = hidden[:, sample.attention_mask.bool()]
+    scales = 1.0 / (real - real.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).clamp_min(1e-12)
     ids = {id(p) for p in fff_params}
     rest = [p for p in student.parameters() if id(p) not in ids]
     for p in rest:
@@ -291,9 +310,23 @@ def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndar
     groups = [{"params": fff_params, "lr": settings.lr_fff}]
     if settings.lr_rest > 0:
         groups.append({"params": rest, "lr": settings.lr_rest})
-    objective = EndToEndObjective(student, pooling=source.pooling, hidden_scale=scale,
-                                  cos_weight=settings.cos_weight)
+    objective = EndToEndObjective(student, pooling=source.pooling, hidden_scales=scales,
+                                  layers=settings.e2e_layers, cos_weight=settings.cos_weight)
     return objective, groups
+
+
+@torch.no_grad()
+def layerwise_objective(blocks: list[Any], source: SourceModel, sample: Any, space: str
+                        ) -> LayerwiseObjective:
+    """The layer-by-layer objective in ``space``, each layer's term scaled by the spread of its
+    dense target on ``sample`` (so every term is a relative error)."""
+    norms = post_norms(source.model) if space == "post-norm" else None
+    objective = LayerwiseObjective(blocks, torch.ones(len(blocks)), norms=norms)
+    xs, ys = ffn_io(source.model, sample)
+    targets = torch.stack([objective.view(i, x, y) for i, (x, y) in enumerate(zip(xs, ys))])
+    spread = (targets - targets.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)
+    objective.scales.copy_(1.0 / spread.clamp_min(1e-12))
+    return objective
 
 
 @torch.no_grad()

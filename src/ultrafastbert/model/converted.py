@@ -117,6 +117,7 @@ class Family:
     read_ffn: Callable[[Any], DenseFFN]
     install: Callable[[Any, Any], None]
     ffn_module: Callable[[Any], Any]
+    norm_module: Callable[[Any], nn.LayerNorm]
 
     @property
     def model_type(self) -> str:
@@ -167,7 +168,8 @@ def _bias(linear: Any) -> torch.Tensor:
 def _families() -> dict[str, Family]:
     bert_like: dict[str, Any] = dict(activation_key="hidden_act", layers=_bert_layers,
                                      read_ffn=_bert_read, install=_bert_install,
-                                     ffn_module=lambda layer: layer.intermediate)
+                                     ffn_module=lambda layer: layer.intermediate,
+                                     norm_module=lambda layer: layer.output.LayerNorm)
     return {
         "bert": Family("bert", BertConfig, {"base": BertModel, "masked-lm": BertForMaskedLM,
                                              "sequence-classification":
@@ -181,7 +183,8 @@ def _families() -> dict[str, Family]:
                               "sequence-classification": DistilBertForSequenceClassification},
                              activation_key="activation", layers=_distil_layers,
                              read_ffn=_distil_read, install=_distil_install,
-                             ffn_module=lambda layer: layer.ffn),
+                             ffn_module=lambda layer: layer.ffn,
+                             norm_module=lambda layer: layer.output_layer_norm),
     }
 
 
@@ -248,6 +251,12 @@ def fff_blocks(model: Any) -> list[Any]:
     """The converted blocks of ``model`` in layer order (FFF or removed)."""
     family = family_of(model.config.model_type)
     return [family.ffn_module(layer) for layer in family.layers(base_model_of(model))]
+
+
+def post_norms(model: Any) -> list[nn.LayerNorm]:
+    """The LayerNorm after each feed-forward block's residual sum, in layer order."""
+    family = family_of(model.config.model_type)
+    return [family.norm_module(layer) for layer in family.layers(base_model_of(model))]
 
 
 # ------------------------------------------------------------------------------ classes
