@@ -180,6 +180,82 @@ def test_post_norm_loss_is_zero_for_the_dense_output_and_positive_otherwise(sour
     assert float(exact(xs, ys).loss) < 1e-10
 
 
+def _init_settings(source, tmp_path, **kw):
+    from ultrafastbert.convert.pipeline import ConvertSettings
+
+    return ConvertSettings(source=source.path, out=tmp_path / "o", fff="2x3",
+                           init_tokens=600, batch_size=8, **kw)
+
+
+def _initialised(source, tmp_path, rows, inputs):
+    from ultrafastbert.convert.pipeline import initialise
+
+    student = make_student(source, parse_fff("2x3", source.n_layers))
+    initialise(student, source, rows, _init_settings(source, tmp_path, init_inputs=inputs), 0,
+               tmp_path / inputs, setup_s=0.0)
+    return student
+
+
+def test_student_input_init_restores_the_teachers_residual_sum(source, tmp_path):
+    """``init_inputs="student"``: layer 0 sees the teacher's inputs (same fit up to rounding);
+    later blocks, fitted on the student's own inputs, bring the residual sum closer to the
+    teacher's than blocks fitted on the teacher's inputs (the negative control)."""
+    from ultrafastbert.convert.data import block_inputs
+
+    rows = load_segments(str(tiny_corpus(tmp_path / "c.txt", 300)), source.tokenizer_dir,
+                         max_len=32)
+    by_teacher = _initialised(source, tmp_path, rows, "teacher")
+    by_student = _initialised(source, tmp_path, rows, "student")
+    w = [fff_blocks(m)[0].fff.linear_in.weight for m in (by_teacher, by_student)]
+    torch.testing.assert_close(w[0], w[1])
+    text = cut_batch(torch.from_numpy(rows[-80:]), 0)  # mostly tokens the init did not see
+    x_t, y_t = ffn_io(source.model, text)
+    gaps = []
+    for student in (by_teacher, by_student):
+        x_s = block_inputs(student, text)
+        with torch.no_grad():
+            out = fff_blocks(student)[1](x_s[1])
+        gaps.append(float((x_s[1] + out - x_t[1] - y_t[1]).pow(2).sum()))
+    assert gaps[1] < gaps[0], gaps
+
+
+def test_init_inputs_is_checked(source, tmp_path):
+    with pytest.raises(InputError, match="init inputs"):
+        _init_settings(source, tmp_path, init_inputs="both")
+    with pytest.raises(InputError, match="end-to-end layers"):
+        _init_settings(source, tmp_path, e2e_layers="first")
+    with pytest.raises(InputError, match="layerwise space"):
+        _init_settings(source, tmp_path, layerwise_space="input")
+
+
+def test_end_to_end_all_layers_adds_every_layers_term(source):
+    """``layers="all"``: the hidden term is the mean of every layer's relative error (computed
+    here by hand), ``"last"`` only the last layer's; both are 0 for the teacher itself."""
+    from ultrafastbert.convert.data import TextBatch, teacher_layers
+    from ultrafastbert.convert.objectives import EndToEndObjective
+
+    ids, mask = _ids()
+    text = TextBatch(ids * mask, mask)
+    hidden, pooled = teacher_layers(source.model, text, "mean")
+    scales = torch.tensor([2.0, 3.0])
+    student = make_student(source, parse_fff("2x2", source.n_layers))
+    objectives = {layers: EndToEndObjective(student, pooling="mean", hidden_scales=scales,
+                                            layers=layers, cos_weight=0.0)
+                  for layers in ("last", "all")}
+    losses = {k: float(o(text.input_ids, mask, hidden, pooled).loss)
+              for k, o in objectives.items()}
+    h_s = student(input_ids=text.input_ids, attention_mask=mask,
+                  output_hidden_states=True).hidden_states[1:]
+    m = mask.float()
+    terms = [float(((((a - b).pow(2).sum(-1) * m).sum(1) / m.sum(1)) * s).mean())
+             for a, b, s in zip(h_s, hidden, scales, strict=True)]
+    assert losses["last"] == pytest.approx(terms[-1], rel=1e-4)
+    assert losses["all"] == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    assert terms[0] > 0 and terms[-1] > 0
+    same = EndToEndObjective(source.model, pooling="mean", hidden_scales=scales, layers="all")
+    assert float(same(text.input_ids, mask, hidden, pooled).loss) < 1e-8
+
+
 # ------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip_and_auto_classes(source, tmp_path):
     from transformers import AutoConfig, AutoModel

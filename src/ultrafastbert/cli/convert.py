@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layerwise-loss", choices=("output", "post-norm"), default="output",
                    help="layer-by-layer phase: match each block's output, or the layer's output "
                         "after the residual sum and LayerNorm (post-norm)")
+    p.add_argument("--init-inputs", choices=("teacher", "student"), default="teacher",
+                   help="fit each block's init on the dense model's inputs (teacher) or, layer "
+                        "by layer, on the student's own (student: later blocks also correct "
+                        "earlier blocks' errors)")
     p.add_argument("--end-to-end-layers", choices=("last", "all"), default="last",
                    help="end-to-end phase: hidden-state loss on the last layer or on every "
                         "layer's output (plus the pooled-embedding cosine)")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, fff=args.fff, budget_s=args.budget, corpus=args.corpus,
         layerwise_share=args.layerwise_share,
         layerwise_space=args.layerwise_loss,
-        e2e_layers=args.end_to_end_layers, batch_size=args.batch_size, max_len=args.max_len,
+        e2e_layers=args.end_to_end_layers, init_inputs=args.init_inputs, batch_size=args.batch_size, max_len=args.max_len,
         max_documents=args.max_documents, init_tokens=args.init_tokens,
         init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
         lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,

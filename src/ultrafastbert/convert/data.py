@@ -116,19 +116,27 @@ class TeacherBatches:
 def ffn_io(teacher: Any, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Each layer's feed-forward input and dense output on the real tokens: ``(L, T, d)`` each."""
     family = family_of(teacher.config.model_type)
-    layers = family.layers(base_model_of(teacher))
-    dense = [family.read_ffn(layer) for layer in layers]
+    dense = [family.read_ffn(layer) for layer in family.layers(base_model_of(teacher))]
+    xs = block_inputs(teacher, text)
+    return xs, dense_outputs(dense, xs)
+
+
+@torch.no_grad()
+def block_inputs(model: Any, text: TextBatch) -> torch.Tensor:
+    """Each layer's feed-forward input on the real tokens ``(L, T, d)``, for a source or a
+    converted model (the input of whatever block the layer holds)."""
+    family = family_of(model.config.model_type)
+    layers = family.layers(base_model_of(model))
     captured: list[torch.Tensor] = []
     hooks = [family.ffn_module(layer).register_forward_hook(
         lambda _m, args, _out: captured.append(args[0])) for layer in layers]
     try:
-        base_model_of(teacher)(input_ids=text.input_ids, attention_mask=text.attention_mask)
+        base_model_of(model)(input_ids=text.input_ids, attention_mask=text.attention_mask)
     finally:
         for hook in hooks:
             hook.remove()
     real = text.attention_mask.bool()
-    xs = torch.stack([c[real] for c in captured])
-    return xs, dense_outputs(dense, xs)
+    return torch.stack([c[real] for c in captured])
 
 
 def dense_outputs(dense: list[DenseFFN], xs: torch.Tensor) -> torch.Tensor:

@@ -49,15 +49,21 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 @torch.no_grad()
 def init_block(block: FFFBlock, dense: DenseFFN, x: torch.Tensor, *, split: str = "median",
-               ridge: float = 1e-3) -> InitReport:
-    """Initialise ``block`` from ``dense`` on inputs ``x`` ``(N, d)``; returns the fit."""
+               ridge: float = 1e-3, target: torch.Tensor | None = None) -> InitReport:
+    """Initialise ``block`` from ``dense`` on inputs ``x`` ``(N, d)``; returns the fit.
+
+    The block is fitted to ``target`` ``(N, d)``, by default the dense block's outputs on ``x``.
+    """
     if x.dim() != 2 or x.shape[0] < 2:
         raise InputError(f"init needs a (N >= 2, d) sample of the block's inputs, got "
                          f"{tuple(x.shape)}")
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+    if target is not None and target.shape != x.shape:
+        raise InputError(f"init target {tuple(target.shape)} does not match the inputs "
+                         f"{tuple(x.shape)}")
     x = x.float()
-    y = dense(x).float()
+    y = dense(x).float() if target is None else target.float()
     fff = block.fff
     w_in, b_in, w_out = greedy_fff(x, y - dense.b2.float(), dense, fff.n_trees, fff.depth, split)
     fff.linear_in.weight.copy_(w_in)

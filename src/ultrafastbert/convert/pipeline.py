@@ -32,6 +32,7 @@ from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
 from .data import (
     TeacherBatches,
+    block_inputs,
     cut_batch,
     ffn_io,
     load_segments,
@@ -48,6 +49,7 @@ WORK_DIR = "distill"
 REPORT_FILE = "conversion.json"
 INIT_FILE = "init.safetensors"
 PHASES = ("layerwise", "end-to-end")
+INIT_INPUTS = ("teacher", "student")
 HELDOUT_ROWS = 256
 
 
@@ -68,6 +70,9 @@ class ConvertSettings:
         batch_size: sequences per step; max_len: tokens per sequence at most.
         max_documents: use at most this many documents of the corpus.
         init_tokens: tokens per layer the init fits on; init_split: ``median`` or ``neuron``.
+        init_inputs: ``teacher``: fit each block to its dense block on the teacher's inputs;
+            ``student``: fit the blocks in layer order on the student's own inputs (earlier
+            blocks converted), to the output that restores the teacher's residual sum.
         lr_layerwise, lr_fff: learning rates of the FFF blocks in the two phases.
         lr_rest: learning rate of everything else end to end (0: frozen, bit-identical).
         cos_weight: weight of ``1 - cos`` of the pooled embeddings end to end.
@@ -87,6 +92,7 @@ class ConvertSettings:
     max_documents: int | None = None
     init_tokens: int = 16384
     init_split: str = "neuron"
+    init_inputs: str = "teacher"
     lr_layerwise: float = 1e-3
     lr_fff: float = 3e-4
     lr_rest: float = 0.0
@@ -105,6 +111,9 @@ class ConvertSettings:
         if self.layerwise_space not in LAYERWISE_SPACES:
             raise InputError(f"layerwise space must be one of {LAYERWISE_SPACES}, got "
                              f"{self.layerwise_space!r}")
+        if self.init_inputs not in INIT_INPUTS:
+            raise InputError(f"init inputs must be one of {INIT_INPUTS}, got "
+                             f"{self.init_inputs!r}")
         if self.e2e_layers not in E2E_LAYERS:
             raise InputError(f"end-to-end layers must be one of {E2E_LAYERS}, got "
                              f"{self.e2e_layers!r}")
@@ -213,15 +222,25 @@ def initialise(student: Any, source: SourceModel, rows: np.ndarray,
     # demo corpus starts with the Bible), and an init fitted there measured 48.2 on STS-B for
     # MiniLM 8x7 against 69.5 from a random sample.
     order = np.random.default_rng([settings.seed, 2]).permutation(len(rows))
-    xs = collect_inputs(source.model, rows[order], settings.init_tokens, pad_id,
-                        settings.batch_size)
+    sample = rows[order]
+    xs = collect_inputs(source.model, sample, settings.init_tokens, pad_id, settings.batch_size)
     dense = dense_ffns(source.model, FAMILIES[source.family])
     errors = []
     for i, (block, ffn) in enumerate(zip(fff_blocks(student), dense, strict=True)):
-        if isinstance(block, FFFBlock):
-            errors.append(init_block(block, ffn, xs[i], split=settings.init_split).refit)
-        else:
+        if not isinstance(block, FFFBlock):
             errors.append(1.0)
+            continue
+        if settings.init_inputs == "student":
+            # The student's own input to this block (earlier blocks already converted), and the
+            # output that brings its residual sum back to the teacher's: x_t + y_t - x_s. The
+            # block then also corrects what the earlier blocks got wrong.
+            x_s = collect_inputs(student, sample, settings.init_tokens, pad_id,
+                                 settings.batch_size)[i]
+            fit = init_block(block, ffn, x_s, split=settings.init_split,
+                             target=xs[i] + ffn(xs[i]) - x_s)
+        else:
+            fit = init_block(block, ffn, xs[i], split=settings.init_split)
+        errors.append(fit.refit)
         log.info("init layer %d: relative error %.3f", i, errors[-1])
     seconds = time.monotonic() - started
     left = max(settings.budget_s - setup_s - seconds, 2.0)
@@ -233,13 +252,15 @@ def initialise(student: Any, source: SourceModel, rows: np.ndarray,
     return info
 
 
-def collect_inputs(teacher: Any, rows: np.ndarray, n_tokens: int, pad_id: int,
+@torch.no_grad()
+def collect_inputs(model: Any, rows: np.ndarray, n_tokens: int, pad_id: int,
                    batch_size: int) -> torch.Tensor:
-    """The feed-forward inputs ``(L, n, d)`` of the first ``n <= n_tokens`` real tokens."""
+    """The feed-forward inputs ``(L, n, d)`` of the first ``n <= n_tokens`` real tokens of
+    ``rows`` in ``model`` (the source or the student: the same tokens in the same order)."""
     parts, have = [], 0
     for start in range(0, len(rows), batch_size):
-        x, _ = ffn_io(teacher, cut_batch(torch.from_numpy(rows[start:start + batch_size]),
-                                         pad_id))
+        x = block_inputs(model, cut_batch(torch.from_numpy(rows[start:start + batch_size]),
+                                          pad_id))
         parts.append(x)
         have += x.shape[1]
         if have >= n_tokens:
