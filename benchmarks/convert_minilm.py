@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=Path, nargs="*", default=[], help="converted model dirs")
     p.add_argument("--configs", default="", help="KxD list to convert here, e.g. 8x7,1x10")
     p.add_argument("--budget", default="1h", help="conversion budget per config")
+    p.add_argument("--corpus", default="demo",
+                   help="distillation text for --configs (see benchmarks/glue_text_corpus.py)")
     p.add_argument("--work", type=Path, default=Path("runs/convert_minilm"))
     p.add_argument("--glue-dir", type=Path, default=Path("../shared/glue"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_minilm"))
@@ -80,7 +82,9 @@ def conversion_facts(directory: Path) -> dict[str, Any]:
             "distill_min": round(seconds / 60, 2),
             "tokens_seen": sum(p.get("tokens", 0) for p in phases.values()),
             "heldout_pooled_cos": round(report["heldout"]["pooled_cosine"], 4),
-            "lr_rest": report["settings"]["lr_rest"]}
+            "lr_rest": report["settings"]["lr_rest"], "corpus": report["settings"]["corpus"],
+            "init_inputs": report["settings"].get("init_inputs", "teacher"),
+            "e2e_layers": report["settings"].get("e2e_layers", "last")}
 
 
 def add_glue(rows: list[dict[str, Any]], runs: str) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def convert_configs(args: argparse.Namespace, source_dir: Path) -> list[Path]:
     for spec in [c for c in args.configs.split(",") if c]:
         out = args.work / f"minilm-{spec}"
         if not (out / "config.json").is_file():
-            run(ConvertSettings(source=source_dir, out=out, fff=spec,
+            run(ConvertSettings(source=source_dir, out=out, fff=spec, corpus=args.corpus,
                                 budget_s=parse_duration(args.budget), progress=False,
                                 resume=(out / "distill").is_dir()))
         dirs.append(out)
