@@ -114,13 +114,13 @@ def add_glue(rows: list[dict[str, Any]], runs: str) -> dict[str, Any]:
 def check_block(block: Any, x: torch.Tensor) -> None:
     """The block's kernel against the float64 reference (``bench model``'s check): routes first,
     then values on the tokens whose routes agree (a logit within rounding of 0 may flip)."""
-    from ultrafastbert.bench.model import check_fff_layer
+    from ultrafastbert.bench.model import FFF_VALUE_TOLERANCE, check_fff_layer
 
     agreement, error = check_fff_layer(block.fff, x)
     if agreement < 0.999:
         raise SystemExit(f"FFF kernel routes agree with the reference on only "
                          f"{agreement:.2%} of {len(x)} tokens: not timing it")
-    if error > 1e-4:
+    if error > FFF_VALUE_TOLERANCE["float32"]:
         raise SystemExit(f"FFF kernel values differ from the reference ({error:.2g} of the "
                          "output RMS): not timing it")
 

@@ -546,7 +546,7 @@ def test_frontier_script_checks_then_reports(source, bert_dir, tmp_path):
     spec.loader.exec_module(script)
     _, model_dir = _saved(source, tmp_path)
     (model_dir / "conversion.json").write_text(json.dumps({
-        "settings": {"fff": "2x3", "lr_rest": 0.0}, "active_fraction": 0.125, "init_s": 1.0,
+        "settings": {"fff": "2x3", "lr_rest": 0.0, "corpus": "c.jsonl"}, "active_fraction": 0.125, "init_s": 1.0,
         "phases": {"layerwise": {"seconds": 2.0, "tokens": 10}}, "heldout": {"pooled_cosine": 0.9}}))
     out = tmp_path / "results"
     assert script.main(["--source", str(bert_dir), "--models", str(model_dir), "--glue-dir",
@@ -557,6 +557,8 @@ def test_frontier_script_checks_then_reports(source, bert_dir, tmp_path):
     kept = 100 * (conv["stsb"] - removed["stsb"]) / (dense["stsb"] - removed["stsb"])
     assert conv["gain_kept_pct"] == pytest.approx(kept, abs=0.2)
     assert conv["distill_min"] == pytest.approx(0.05)
+    assert (conv["corpus"], conv["init_inputs"], conv["e2e_layers"]) == ("c.jsonl", "teacher",
+                                                                         "last")
     assert conv["ffn_speedup"] > 0 and conv["encoder_speedup"] > 0
     assert "| model |" in (out / "results.md").read_text()
     env = json.loads((out / "results.json").read_text())["environment"]
