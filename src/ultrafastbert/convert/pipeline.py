@@ -344,9 +344,11 @@ def layerwise_objective(blocks: list[Any], source: SourceModel, sample: Any, spa
     norms = post_norms(source.model) if space == "post-norm" else None
     objective = LayerwiseObjective(blocks, torch.ones(len(blocks)), norms=norms)
     xs, ys = ffn_io(source.model, sample)
-    targets = torch.stack([objective.view(i, x, y) for i, (x, y) in enumerate(zip(xs, ys, strict=True))])
+    targets = torch.stack([objective.view(i, x, y)
+                           for i, (x, y) in enumerate(zip(xs, ys, strict=True))])
     spread = (targets - targets.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)
-    objective.scales.copy_(1.0 / spread.clamp_min(1e-12))
+    scales: Any = objective.scales
+    scales.copy_(1.0 / spread.clamp_min(1e-12))
     return objective
 
 

@@ -151,6 +151,7 @@ class NativeCPUKernel(FFFKernel):
             return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
                                        self._isa_code, packed.knobs)
         if packed.untuned:
+            assert self._forward_untuned is not None  # set by loading
             return self._forward_untuned(x, packed.w_in, packed.b_in, packed.w_out, n_trees,
                                          depth, self._isa_code), None
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
