@@ -63,6 +63,40 @@ def _model(model: str) -> Callable[[Path], tuple[dict, list[str]]]:
     return check
 
 
+def _ff_dtype(impl: str, tokens: int, key: str) -> Callable[[Path], tuple[dict, list[str]]]:
+    """A 1x11 row of a multi-dtype ``bench ff`` result (``--dtypes float32,bfloat16``)."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "bench_ff.json")
+        row = _row(data["rows"], config="1x11", implementation=impl, tokens=tokens)
+        return data["environment"], [speedup(row[key])]
+    return check
+
+
+def _ff_fp32_vs_any(folder: Path) -> tuple[dict, list[str]]:
+    env, same = _ff_dtype("native", 128, "speedup_vs_fastest_dense")(folder)
+    _, anyd = _ff_dtype("native", 128, "speedup_vs_fastest_dense_any_dtype")(folder)
+    return env, same + anyd
+
+
+def _model_bf16(model: str) -> Callable[[Path], tuple[dict, list[str]]]:
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "bench_model.json")
+        row = _row(data["rows"], model=model, dtype="bfloat16", batch=8)
+        return data["environment"], [speedup(row["fff_model_speedup"])]
+    return check
+
+
+def _minilm_vs_onnx_int8(folder: Path) -> tuple[dict, list[str]]:
+    """Converted MiniLM 8x7 at 32x128, fp32 and bf16, against dense MiniLM on ONNX Runtime int8
+    (``bench model --models DIR`` with its dense source's baselines)."""
+    data = _json(folder, "bench_model.json")
+    rows = [r for r in data["rows"] if r["batch"] == 32]
+    int8 = next(r for r in rows if r["runtime"] == "onnxruntime dynamic int8")
+    ours = {r["dtype"]: r for r in rows if r["model"].endswith("minilm-8x7")}
+    return data["environment"], [speedup(int8["latency_ms"] / ours[d]["latency_ms"])
+                                 for d in ("float32", "bfloat16")]
+
+
 def _table1(folder: Path) -> tuple[dict, list[str]]:
     data = _json(folder, "results.json")
     pct = [m["percent_of_dense_without_cola"] for name, m in data["models"].items()
@@ -119,6 +153,14 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
         _convert("minilm-8x7", ("stsb", "gain_kept_pct")),
     "same model, whole encoder vs dense all-MiniLM-L6-v2, 32x128, fp32":
         _convert("minilm-8x7", ("encoder_speedup",)),
+    "FFF 1x11 layer in bf16 vs the fastest bf16 dense-4095 (oneDNN), 4,096 tokens":
+        _ff_dtype("native-bf16", 4096, "speedup_vs_fastest_dense"),
+    "FFF 1x11 layer in fp32 vs the fastest fp32 dense-4095, 128 tokens; vs the fastest dense of "
+    "any dtype (bf16)": _ff_fp32_vs_any,
+    "whole encoder in bf16, UltraFastBERT-1x11 vs `BertModel` in bf16, 8x128":
+        _model_bf16("hf-bert-base"),
+    "converted all-MiniLM-L6-v2 8x7, whole encoder 32x128, vs dense MiniLM on ONNX Runtime "
+    "dynamic int8; ours in fp32, in bf16": _minilm_vs_onnx_int8,
     "serving, all-MiniLM-L6-v2 converted to FFF 8x7 vs the dense one in the same server, "
     "texts/s at 64 clients (taken under load, see "
     "[serving](docs/serving.md#measured-so-far-under-load))": _serve,
