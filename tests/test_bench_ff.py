@@ -42,11 +42,16 @@ def test_check_fff_refuses_a_wrong_kernel(monkeypatch):
     layer = ff.FFF(16, n_trees=1, depth=3).eval()
     x = torch.randn(20, 16)
     ff.check_fff(layer, x, 0)
+    _assert_refuses_scaled_output(monkeypatch, layer, x, 1.01)
+
+
+def _assert_refuses_scaled_output(monkeypatch, layer, x, factor):
+    """``check_fff`` rejects ``layer`` once its outputs are scaled by ``factor``."""
     real = layer.forward_with_nodes
 
     def broken(inp, return_nodes=True):
         y, nodes = real(inp, return_nodes)
-        return y * 1.01, nodes
+        return y * factor, nodes
 
     monkeypatch.setattr(layer, "forward_with_nodes", broken)
     with pytest.raises(RuntimeError, match="output differs"):
@@ -175,15 +180,7 @@ def test_check_fff_in_bf16_counts_near_zero_rows_and_refuses_a_wrong_kernel(monk
     x = torch.randn(200, 32).to(torch.bfloat16)
     report = ff.check_fff(layer, x, 0)
     assert report["check_rows"] == 200 and 0 <= report["excluded_rows"] < 200
-    real = layer.forward_with_nodes
-
-    def broken(inp, return_nodes=True):
-        y, nodes = real(inp, return_nodes)
-        return y * 1.1, nodes
-
-    monkeypatch.setattr(layer, "forward_with_nodes", broken)
-    with pytest.raises(RuntimeError, match="output differs"):
-        ff.check_fff(layer, x, 0)
+    _assert_refuses_scaled_output(monkeypatch, layer, x, 1.1)
 
 
 def test_requested_implementation_that_runs_in_no_dtype_is_an_error():

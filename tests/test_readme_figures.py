@@ -43,9 +43,10 @@ def percent(x: float) -> str:
     return f"{x:.1f}%"
 
 
-def _ff(folder: Path, tokens: int, key: str, name: str = "bench_ff.json") -> tuple[dict, list[str]]:
+def _ff(folder: Path, tokens: int, key: str, name: str = "bench_ff.json",
+        impl: str = "native") -> tuple[dict, list[str]]:
     data = _json(folder, name)
-    row = _row(data["rows"], config="1x11", implementation="native", tokens=tokens)
+    row = _row(data["rows"], config="1x11", implementation=impl, tokens=tokens)
     return data["environment"], [speedup(row[key])]
 
 
@@ -55,35 +56,23 @@ def _ff_train(folder: Path) -> tuple[dict, list[str]]:
     return data["environment"], [speedup(row["speedup_vs_masked"])]
 
 
-def _model(model: str) -> Callable[[Path], tuple[dict, list[str]]]:
+def _model(model: str, dtype: str = "float32") -> Callable[[Path], tuple[dict, list[str]]]:
     def check(folder: Path) -> tuple[dict, list[str]]:
         data = _json(folder, "bench_model.json")
-        row = _row(data["rows"], model=model, dtype="float32", batch=8)
+        row = _row(data["rows"], model=model, dtype=dtype, batch=8)
         return data["environment"], [speedup(row["fff_model_speedup"])]
     return check
 
 
 def _ff_dtype(impl: str, tokens: int, key: str) -> Callable[[Path], tuple[dict, list[str]]]:
     """A 1x11 row of a multi-dtype ``bench ff`` result (``--dtypes float32,bfloat16``)."""
-    def check(folder: Path) -> tuple[dict, list[str]]:
-        data = _json(folder, "bench_ff.json")
-        row = _row(data["rows"], config="1x11", implementation=impl, tokens=tokens)
-        return data["environment"], [speedup(row[key])]
-    return check
+    return lambda folder: _ff(folder, tokens, key, impl=impl)
 
 
 def _ff_fp32_vs_any(folder: Path) -> tuple[dict, list[str]]:
     env, same = _ff_dtype("native", 128, "speedup_vs_fastest_dense")(folder)
     _, anyd = _ff_dtype("native", 128, "speedup_vs_fastest_dense_any_dtype")(folder)
     return env, same + anyd
-
-
-def _model_bf16(model: str) -> Callable[[Path], tuple[dict, list[str]]]:
-    def check(folder: Path) -> tuple[dict, list[str]]:
-        data = _json(folder, "bench_model.json")
-        row = _row(data["rows"], model=model, dtype="bfloat16", batch=8)
-        return data["environment"], [speedup(row["fff_model_speedup"])]
-    return check
 
 
 def _minilm_vs_onnx_int8(folder: Path) -> tuple[dict, list[str]]:
@@ -158,7 +147,7 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "FFF 1x11 layer in fp32 vs the fastest fp32 dense-4095, 128 tokens; vs the fastest dense of "
     "any dtype (bf16)": _ff_fp32_vs_any,
     "whole encoder in bf16, UltraFastBERT-1x11 vs `BertModel` in bf16, 8x128":
-        _model_bf16("hf-bert-base"),
+        _model("hf-bert-base", "bfloat16"),
     "converted all-MiniLM-L6-v2 8x7, whole encoder 32x128, vs dense MiniLM on ONNX Runtime "
     "dynamic int8; ours in fp32, in bf16": _minilm_vs_onnx_int8,
     "serving, all-MiniLM-L6-v2 converted to FFF 8x7 vs the dense one in the same server, "
