@@ -162,12 +162,13 @@ def run(settings: ConvertSettings) -> ConvertReport:
     init = initialise(student, source, rows[train_idx], settings, pad_id, work,
                       setup_s=time.monotonic() - started)
     report.init_s, report.init_error = init["seconds"], init["error"]
-    report.init_heldout = heldout_fit(student, source, rows[heldout_idx], pad_id)
+    held = heldout_set(source, rows[heldout_idx], pad_id)
+    report.init_heldout = heldout_fit(student, held)
     for phase, budget_s in init["phase_budgets"].items():
         if budget_s > 0 and trains_anything(phase, student, settings):
             report.phases[phase] = distil(phase, student, source, rows, train_idx, settings,
                                           pad_id, work, budget_s)
-    report.heldout = heldout_fit(student, source, rows[heldout_idx], pad_id)
+    report.heldout = heldout_fit(student, held)
     save_model(student, source, settings.out, report)
     shutil.rmtree(work)
     log.info("converted model written to %s", settings.out)
@@ -352,17 +353,36 @@ def layerwise_objective(blocks: list[Any], source: SourceModel, sample: Any, spa
     return objective
 
 
+@dataclass(frozen=True)
+class HeldoutSet:
+    """Held-out text and what the teacher makes of it, computed once per run: the blocks'
+    inputs and dense outputs ``(L, T, d)`` and the pooled embeddings ``(B, d)``."""
+
+    text: Any
+    xs: torch.Tensor
+    ys: torch.Tensor
+    pooled: torch.Tensor
+    pooling: str
+
+
 @torch.no_grad()
-def heldout_fit(student: Any, source: SourceModel, rows: np.ndarray, pad_id: int
-                ) -> dict[str, Any]:
-    """On held-out text: each block's relative error and the pooled embeddings' cosine."""
+def heldout_set(source: SourceModel, rows: np.ndarray, pad_id: int) -> HeldoutSet:
+    """The teacher's side of :func:`heldout_fit` on ``rows``."""
     text = cut_batch(torch.from_numpy(rows), pad_id)
     xs, ys = ffn_io(source.model, text)
-    errors = [relative_error(b(x), y) for b, x, y in zip(fff_blocks(student), xs, ys, strict=True)]
-    _, pooled_t = teacher_outputs(source.model, text, source.pooling)
-    _, pooled_s = teacher_outputs(student, text, source.pooling)
-    cos = torch.nn.functional.cosine_similarity(pooled_s, pooled_t, dim=-1)
-    return {"rows": len(rows), "block_error": errors, "pooled_cosine": float(cos.mean())}
+    _, pooled = teacher_outputs(source.model, text, source.pooling)
+    return HeldoutSet(text, xs, ys, pooled, source.pooling)
+
+
+@torch.no_grad()
+def heldout_fit(student: Any, held: HeldoutSet) -> dict[str, Any]:
+    """On held-out text: each block's relative error and the pooled embeddings' cosine."""
+    errors = [relative_error(b(x), y)
+              for b, x, y in zip(fff_blocks(student), held.xs, held.ys, strict=True)]
+    _, pooled_s = teacher_outputs(student, held.text, held.pooling)
+    cos = torch.nn.functional.cosine_similarity(pooled_s, held.pooled, dim=-1)
+    return {"rows": int(held.text.input_ids.shape[0]), "block_error": errors,
+            "pooled_cosine": float(cos.mean())}
 
 
 # ------------------------------------------------------------------------------ output
