@@ -256,6 +256,63 @@ def test_end_to_end_all_layers_adds_every_layers_term(source):
     assert float(same(text.input_ids, mask, hidden, pooled).loss) < 1e-8
 
 
+def test_last_layer_objective_takes_only_the_last_teacher_layer(source):
+    """``layers="last"`` gives the same loss from every layer's teacher output or the last
+    one's alone; ``"all"`` refuses the last one's alone."""
+    from ultrafastbert.convert.data import TextBatch, teacher_layers
+    from ultrafastbert.convert.objectives import EndToEndObjective
+
+    ids, mask = _ids()
+    text = TextBatch(ids * mask, mask)
+    hidden, pooled = teacher_layers(source.model, text, "mean")
+    student = make_student(source, parse_fff("2x2", source.n_layers))
+    scales = torch.tensor([2.0, 3.0])
+    last = EndToEndObjective(student, pooling="mean", hidden_scales=scales, layers="last")
+    full, alone = (float(last(ids * mask, mask, h, pooled).loss) for h in (hidden, hidden[-1:]))
+    assert full == alone > 0
+    wrong = float(last(ids * mask, mask, hidden[:1], pooled).loss)  # the first layer's output
+    assert wrong != pytest.approx(full, rel=1e-3)
+    every = EndToEndObjective(student, pooling="mean", hidden_scales=scales, layers="all")
+    with pytest.raises(InputError, match="needs the teacher's 2 layers"):
+        every(ids * mask, mask, hidden[-1:], pooled)
+
+
+def _teacher_batches(source, tmp_path, **kw):
+    from ultrafastbert.convert.data import TeacherBatches
+    from ultrafastbert.data.packing import LengthBucketedStream
+
+    rows = load_segments(str(tiny_corpus(tmp_path / "c.txt", n_lines=40)), source.tokenizer_dir,
+                         max_len=24)
+    stream = LengthBucketedStream(rows, seed=1, lengths=(rows != 0).sum(1), batch_size=8)
+    return TeacherBatches(source.model, stream, batch_size=8, mode="end-to-end", pad_id=0, **kw)
+
+
+def test_teacher_cache_serves_later_epochs_like_the_teacher(source, tmp_path):
+    """Cached targets equal a fresh forward pass of the teacher on the same batch at every real
+    token (to float rounding), within the byte cap; no cache for every layer's targets."""
+    cached = _teacher_batches(source, tmp_path, layers="last", cache_bytes=2**30)
+    fresh = _teacher_batches(source, tmp_path, layers="last", cache_bytes=0)
+    for _ in range(15):  # 40 rows, 8 a batch: three epochs
+        a, b = cached.next_batch(0, 1).inputs, fresh.next_batch(0, 1).inputs
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert a["teacher_hidden"].shape == b["teacher_hidden"].shape == (
+            1, *a["input_ids"].shape, source.model.config.hidden_size)
+        real = a["attention_mask"].bool()  # padding: zeros from the cache (the loss masks it)
+        torch.testing.assert_close(a["teacher_hidden"][:, real], b["teacher_hidden"][:, real],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(a["teacher_pooled"], b["teacher_pooled"], atol=1e-5, rtol=0)
+    assert len(cached.cache) == 40 and not fresh.cache
+    other = next(iter(cached.cache.values()))[1]  # negative control: rows differ
+    assert not torch.allclose(other, list(cached.cache.values())[1][1], atol=1e-3)
+    small = _teacher_batches(source, tmp_path, layers="last", cache_bytes=20_000)
+    for _ in range(10):
+        small.next_batch(0, 1)
+    assert 0 < len(small.cache) < 40 and small.cached_bytes <= 20_000
+    every = _teacher_batches(source, tmp_path, layers="all", cache_bytes=2**30)
+    assert every.next_batch(0, 1).inputs["teacher_hidden"].shape[0] == source.n_layers
+    assert not every.cache
+
+
 # ------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip_and_auto_classes(source, tmp_path):
     from transformers import AutoConfig, AutoModel

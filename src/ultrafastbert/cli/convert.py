@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--end-to-end-layers", choices=("last", "all"), default="last",
                    help="end-to-end phase: hidden-state loss on the last layer or on every "
                         "layer's output (plus the pooled-embedding cosine)")
+    p.add_argument("--teacher-cache", type=float, default=4.0, metavar="GB",
+                   help="memory for the dense model's end-to-end targets, kept so later epochs "
+                        "over the corpus skip its forward pass (--end-to-end-layers last only; "
+                        "0: off; default 4)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-len", type=positive_int, default=128, help="tokens per text at most")
     p.add_argument("--max-documents", type=positive_int, default=None,
@@ -75,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     _quiet_transformers()
     settings = ConvertSettings(
         source=args.source, out=args.out, fff=args.fff, budget_s=args.budget, corpus=args.corpus,
-        layerwise_share=args.layerwise_share,
-        layerwise_space=args.layerwise_loss,
-        e2e_layers=args.end_to_end_layers, init_inputs=args.init_inputs, batch_size=args.batch_size, max_len=args.max_len,
+        layerwise_share=args.layerwise_share, layerwise_space=args.layerwise_loss,
+        e2e_layers=args.end_to_end_layers, init_inputs=args.init_inputs,
+        teacher_cache_gb=args.teacher_cache, batch_size=args.batch_size, max_len=args.max_len,
         max_documents=args.max_documents, init_tokens=args.init_tokens,
         init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
         lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,

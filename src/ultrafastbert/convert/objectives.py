@@ -114,18 +114,23 @@ class EndToEndObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_pooled: torch.Tensor) -> ObjectiveOutput:
         """``input_ids``, ``attention_mask`` ``(B, S)``; teacher ``(L, B, S, d)`` (every
-        layer's output) and ``(B, d)``."""
+        layer's output; ``(1, B, S, d)``, the last layer's, is enough for ``layers="last"``)
+        and ``(B, d)``."""
         out = base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
                                           output_hidden_states=self.layers == "all")
-        picked = (range(len(teacher_hidden)) if self.layers == "all"
-                  else [len(teacher_hidden) - 1])
+        scales: Any = self.hidden_scales
+        n_layers = len(scales)
+        if self.layers == "all" and len(teacher_hidden) != n_layers:
+            raise InputError(f"end-to-end layers 'all' needs the teacher's {n_layers} layers, "
+                             f"got {len(teacher_hidden)}")
+        picked = range(n_layers) if self.layers == "all" else [n_layers - 1]
         hidden = out.last_hidden_state
         mask = attention_mask.to(hidden.dtype)
-        scales: Any = self.hidden_scales
         terms = []
         for layer in picked:
-            h_s = hidden if layer == len(teacher_hidden) - 1 else out.hidden_states[layer + 1]
-            per_token = (h_s - teacher_hidden[layer]).pow(2).sum(-1)
+            h_s = hidden if layer == n_layers - 1 else out.hidden_states[layer + 1]
+            target = teacher_hidden[layer - n_layers + len(teacher_hidden)]
+            per_token = (h_s - target).pow(2).sum(-1)
             terms.append((per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0) * scales[layer])
         mse = torch.stack(terms).mean(0)
         pooled = pool_hidden(hidden, attention_mask, self.pooling)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.packing import SequenceStream
+from ..data.packing import LengthBucketedStream
 from ..errors import InputError
 from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks, post_norms
 from ..train.loop import LoopConfig, Trainer
@@ -77,6 +77,8 @@ class ConvertSettings:
         lr_rest: learning rate of everything else end to end (0: frozen, bit-identical).
         cos_weight: weight of ``1 - cos`` of the pooled embeddings end to end.
         e2e_layers: end-to-end hidden-state terms on the ``last`` layer or on ``all`` layers.
+        teacher_cache_gb: memory for the teacher's end-to-end targets, kept so later epochs
+            skip its forward pass (``e2e_layers="last"`` only; 0: off).
         seed: data order; save_every_s: checkpoint period; resume: continue ``out``.
     """
 
@@ -98,6 +100,7 @@ class ConvertSettings:
     lr_rest: float = 0.0
     cos_weight: float = 10.0
     e2e_layers: str = "last"
+    teacher_cache_gb: float = 4.0
     seed: int = 0
     save_every_s: float = 300.0
     resume: bool = False
@@ -122,6 +125,8 @@ class ConvertSettings:
         for name in ("batch_size", "max_len", "init_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.teacher_cache_gb < 0:
+            raise InputError(f"teacher cache must be >= 0 GB, got {self.teacher_cache_gb}")
         if self.lr_rest < 0 or self.lr_fff <= 0 or self.lr_layerwise <= 0:
             raise InputError("learning rates must be > 0 (lr_rest >= 0)")
 
@@ -285,10 +290,13 @@ def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
     """One phase through the training loop; resumes from its checkpoints; returns its log."""
     objective, params = phase_objective(phase, student, source, rows[train_idx], settings,
                                         pad_id)
-    stream = SequenceStream(rows, seed=settings.seed, indices=train_idx)
+    stream = LengthBucketedStream(rows, seed=settings.seed, indices=train_idx,
+                                  lengths=(rows != pad_id).sum(1),
+                                  batch_size=settings.batch_size)
     data = TeacherBatches(source.model, stream, batch_size=settings.batch_size,
                           mode="layerwise" if phase == "layerwise" else "end-to-end",
-                          pad_id=pad_id, pooling=source.pooling)
+                          pad_id=pad_id, pooling=source.pooling, layers=settings.e2e_layers,
+                          cache_bytes=int(settings.teacher_cache_gb * 2**30))
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
     config = LoopConfig(budget_s=budget_s, grad_clip=1.0, save_every_s=settings.save_every_s,
                         progress_bar=settings.progress, out_dir=work / phase, description=phase)

@@ -20,6 +20,7 @@ from .corpus import DEMO, Corpus, CorpusError, CorpusFile, open_corpus
 from .masking import IGNORE_INDEX, MaskingConfig, MlmMasker, mask_tokens
 from .packing import (
     DEFAULT_SEQ_LEN,
+    LengthBucketedStream,
     PackedBatches,
     PackedCorpus,
     PreparedData,
@@ -46,8 +47,9 @@ from .tokenizer import (
 
 __all__ = [
     "DEFAULT_SEQ_LEN", "DEFAULT_VOCAB_SIZE", "DEMO", "IGNORE_INDEX", "SPECIAL_TOKENS", "Corpus",
-    "CorpusError", "CorpusFile", "MaskingConfig", "MlmMasker", "PackedBatches", "PackedCorpus",
-    "PreparedData", "SequenceStream", "SpecialTokenIds", "TokenizerError", "cache_key",
+    "CorpusError", "CorpusFile", "LengthBucketedStream", "MaskingConfig", "MlmMasker",
+    "PackedBatches", "PackedCorpus", "PreparedData", "SequenceStream", "SpecialTokenIds",
+    "TokenizerError", "cache_key",
     "demo_tokenizer", "load_packed", "load_tokenizer", "mask_tokens", "open_corpus", "pack_corpus",
     "prepare_data", "save_tokenizer", "special_token_ids", "split_indices", "to_transformers",
     "tokenizer_fingerprint", "train_tokenizer",

@@ -420,6 +420,53 @@ class SequenceStream:
         self.position = int(state["position"])
 
 
+class LengthBucketedStream(SequenceStream):
+    """A :class:`SequenceStream` whose consecutive ``batch_size`` rows have similar lengths.
+
+    Padded rows of very different lengths waste most of a batch's compute on padding (GLUE
+    sentences: 17 real tokens a row against a longest row of ~50 in a random batch of 32, so
+    ~2.2x the work). Each epoch's seeded permutation is cut into chunks of
+    ``batch_size * chunk_batches`` rows; each chunk is sorted by length, cut into batches, and
+    its batches are shuffled (seeded by ``(seed, epoch)``). Every row is still served exactly
+    once per epoch, in an order fixed by the seed, so position-based resume is unchanged.
+    Serve it with a constant ``batch_size`` for the batches to line up with the buckets (from
+    position 0 or a multiple of ``batch_size``).
+    """
+
+    def __init__(self, rows: np.ndarray, *, seed: int, lengths: np.ndarray, batch_size: int,
+                 indices: np.ndarray | None = None, position: int = 0,
+                 chunk_batches: int = 64) -> None:
+        """Create a stream; ``lengths`` ``(N,)``: real tokens of each of the ``N`` rows."""
+        super().__init__(rows, seed=seed, indices=indices, position=position)
+        self.lengths = np.asarray(lengths)
+        if self.lengths.shape != (len(self.rows),):
+            raise DataError(f"lengths must have one entry per row ({len(self.rows)}), got shape "
+                            f"{self.lengths.shape}")
+        if batch_size < 1 or chunk_batches < 1:
+            raise DataError(f"batch_size ({batch_size}) and chunk_batches ({chunk_batches}) "
+                            "must be >= 1")
+        self.batch_size, self.chunk_batches = int(batch_size), int(chunk_batches)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row indices of ``epoch`` in serving order, shape ``(len(indices),)``."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            shuffled = self.indices[rng.permutation(len(self.indices))]
+            chunk = self.batch_size * self.chunk_batches
+            # The first ``head`` rows complete the batch the previous epoch's last rows began,
+            # so this epoch's buckets line up with the batches served.
+            head = -epoch * len(self.indices) % self.batch_size
+            parts = [shuffled[:head]]
+            for start in range(head, len(shuffled), chunk):
+                rows = shuffled[start:start + chunk]
+                rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+                batches = [rows[i:i + self.batch_size]
+                           for i in range(0, len(rows), self.batch_size)]
+                parts.extend(batches[i] for i in rng.permutation(len(batches)))
+            self._perm_cache = (epoch, np.concatenate(parts))
+        return self._perm_cache[1]
+
+
 class PackedBatches(torch.utils.data.IterableDataset):
     """Endless (or ``max_batches``-long) iterator of fixed-size batches from a stream.
 
