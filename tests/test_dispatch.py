@@ -48,6 +48,10 @@ def test_no_kernel_for_integer_inputs_lists_every_reason():
 def test_describe_is_a_table_with_every_kernel():
     text = dispatch.describe("cpu")
     assert all(name in text for name in dispatch.registry()) and "available" in text
+    section = dispatch.describe("cpu", training=False).splitlines()
+    status_columns = {line.index(" available") if " available" in line
+                      else line.index(" unavailable") for line in section}
+    assert len(section) == len(dispatch.registry()) and len(status_columns) == 1  # aligned
 
 
 # ------------------------------------------------------------------ choices by shape, reasons

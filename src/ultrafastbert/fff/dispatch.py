@@ -277,9 +277,11 @@ def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
         return "\n".join(["inference:", describe(device, dtype, weight_format, False, shape),
                           "", "training:", describe(device, dtype, "fp32", True, shape)])
     lines = []
-    for name, reason in explain(device, dtype, weight_format, training=training, shape=shape):
+    rows = explain(device, dtype, weight_format, training=training, shape=shape)
+    width = max(len(name) for name, _ in rows)
+    for name, reason in rows:
         status = "available" if reason is None else f"unavailable: {reason}"
-        lines.append(f"{name:8s} {status}  ({registry()[name].description})")
+        lines.append(f"{name:{width}s} {status}  ({registry()[name].description})")
     if shape is not None and not training:
         lines.append(f"auto for {shape.config} at d={shape.d_model}:")
         try:
