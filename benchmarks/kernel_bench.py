@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE_DIR = "src/ultrafastbert/fff/native"
 
 
-def cpu_facts() -> dict[str, object]:
+def run_record() -> dict[str, object]:
     """bench.common's environment (CPU model, speed flags, cores, versions), the kernel's ISA
     and the load average."""
     return {**environment("cpu"), "isa": build.cpu_isa(), "load_avg": os.getloadavg()}
@@ -173,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     old = build_old(args.old_rev) if args.old_rev else None
-    env = {**cpu_facts(), "threads": args.threads, "command": " ".join(sys.argv)}
+    env = {**run_record(), "threads": args.threads, "command": " ".join(sys.argv)}
     print(json.dumps(env), flush=True)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []

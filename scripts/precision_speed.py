@@ -16,28 +16,19 @@ then the variants are timed in interleaved rounds and the medians printed, with 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 
 def cpu_facts() -> str:
-    """CPU model name and its bf16-relevant flags (from /proc/cpuinfo where there is one)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), "unknown CPU")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{name} ({', '.join(wanted) or 'no AVX-512'})"
+    """One line naming the CPU, its speed flags, cores and threads (bench.common's)."""
+    from ultrafastbert.bench.common import environment, speed_summary
+
+    return speed_summary(environment())
 
 
 def medians(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1

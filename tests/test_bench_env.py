@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ultrafastbert.bench import common
+from ultrafastbert.utils import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,14 @@ ZEN4 = INTEL_AMX.replace("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "AMD E
 
 
 def test_cpu_facts_read_model_flags_and_cores():
-    intel = common.cpu_facts(INTEL_AMX)
+    intel = machine.cpu_facts(INTEL_AMX)
     assert intel["cpu"].startswith("Intel(R) Xeon(R) Platinum 8481C")
-    assert intel["cpu_flags"] == {f: True for f in common.SPEED_FLAGS}
+    assert intel["cpu_flags"] == {f: True for f in machine.SPEED_FLAGS}
     assert intel["cpu_cores"] == 2
-    amd = common.cpu_facts(ZEN4)  # negative control: the same text without AMX
+    amd = machine.cpu_facts(ZEN4)  # negative control: the same text without AMX
     assert amd["cpu"] == "AMD EPYC 9R14" and amd["cpu_flags"]["avx512_bf16"] is True
     assert not any(amd["cpu_flags"][f] for f in ("amx_tile", "amx_bf16", "amx_int8"))
-    unknown = common.cpu_facts("")  # no /proc/cpuinfo: flags unknown, not absent
+    unknown = machine.cpu_facts("")  # no /proc/cpuinfo: flags unknown, not absent
     assert set(unknown["cpu_flags"].values()) == {None} and unknown["cpu_cores"] is None
 
 
@@ -47,7 +48,7 @@ def test_environment_has_every_cpu_fact_and_the_dtypes():
     for key in ("cpu", "cpu_flags", "cpu_cores", "cpu_logical", "torch_threads", "torch",
                 "onednn", "dtypes"):
         assert key in env, key
-    assert set(env["cpu_flags"]) == set(common.SPEED_FLAGS)
+    assert set(env["cpu_flags"]) == set(machine.SPEED_FLAGS)
     assert env["dtypes"] == ["float32", "bfloat16"]
     assert env["torch_threads"] == torch.get_num_threads()
     if torch.backends.mkldnn.is_available():
@@ -56,11 +57,11 @@ def test_environment_has_every_cpu_fact_and_the_dtypes():
 
 
 def test_speed_summary_names_cpu_flags_threads():
-    env = {**common.environment(dtypes=["bfloat16"]), **common.cpu_facts(INTEL_AMX)}
+    env = {**common.environment(dtypes=["bfloat16"]), **machine.cpu_facts(INTEL_AMX)}
     line = common.speed_summary(env)
     assert line.startswith("Intel(R) Xeon(R)") and "amx_bf16" in line and "bfloat16" in line
     assert f"{env['torch_threads']} threads" in line
-    amd = common.speed_summary({**env, **common.cpu_facts(ZEN4)})
+    amd = common.speed_summary({**env, **machine.cpu_facts(ZEN4)})
     assert "amx" not in amd and "avx512_bf16" in amd
 
 

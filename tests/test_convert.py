@@ -402,9 +402,12 @@ def test_run_writes_a_loadable_model_with_a_report(converted, source):
     report = json.loads((out / "conversion.json").read_text())
     assert report["fff_layers"] == [[2, 3], [2, 3]]
     assert set(report["phases"]) == {"layerwise", "end-to-end"}
-    for phase in report["phases"].values():
-        assert phase["steps"] > 0 and phase["last_loss"] < phase["first_loss"]
+    for phase in report["phases"].values():  # (batches are bucketed by length, so one
+        # batch's loss says little; what distillation did is measured on held-out text below)
+        assert phase["steps"] > 0 and 0 < phase["last_loss"] < float("inf")
     assert not (out / "distill").exists() and not (out / ".staging").exists()
+    env = report["environment"]  # which CPU and how many threads the distillation had
+    assert env["cpu"] and env["torch_threads"] >= 1 and set(env["cpu_flags"]) >= {"avx2"}
     model = ultrafastbert.from_pretrained(out)
     assert type(model).__name__ == "FFFBertModel"
     # distillation moved the student towards the dense model: better than the init alone

@@ -85,6 +85,7 @@ def test_results_json_has_every_task_seed_and_metric(finished):
     assert r["task_names"] == ["STS-B", "RTE", "CoLA"] and list(r["tasks"]) == r["task_names"]
     assert r["protocol"]["epochs"] == 1 and r["protocol"]["seeds"] == [0, 1, 2]
     assert r["protocol"]["lr"] == 4e-5 and r["protocol"]["batch_size"] == 16
+    assert r["environment"]["cpu"] and "amx_bf16" in r["environment"]["cpu_flags"]
     assert r["model"]["name"] == "tiny-1x4"
     assert (r["model"]["neurons"], r["model"]["active_neurons"]) == (31, 5)
     for name, task in r["tasks"].items():

@@ -30,6 +30,7 @@ from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks, post_n
 from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
+from ..utils.machine import run_facts
 from .data import (
     TeacherBatches,
     block_inputs,
@@ -147,6 +148,7 @@ class ConvertReport:
     init_heldout: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=run_facts)
 
 
 # ------------------------------------------------------------------------------ the run

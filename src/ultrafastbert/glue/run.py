@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import shutil
 import statistics
 import time
@@ -28,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError, InputError, Interrupted, NotFoundError, OutputExistsError
 from ..model.checkpoint import TOKENIZER_NAME, read_config, tokenizer_file
 from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
+from ..utils.machine import run_facts
 from . import transformers_models
 from .data import (
     EncodedSplit,
@@ -293,10 +291,8 @@ def describe_model(settings: GlueRunSettings) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and threads, for the record."""
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "started_unix": int(time.time())}
+    """Versions, threads and the CPU (:func:`~ultrafastbert.utils.machine.run_facts`)."""
+    return {**run_facts(), "started_unix": int(time.time())}
 
 
 def summarize_task(task: GlueTask, data: GlueTaskData, runs: list[dict[str, Any]]

@@ -35,6 +35,7 @@ import torch
 
 from ...utils.env import switched_off
 from ...utils.io import atomic_write_json
+from ...utils.machine import cpu_model
 from . import build
 
 logger = logging.getLogger(__name__)
@@ -107,19 +108,6 @@ def from_table(table: torch.Tensor) -> list[dict[str, int]]:
 def disabled() -> str | None:
     """The switch's value when ``ULTRAFASTBERT_AUTOTUNE`` turns tuning off, else None."""
     return switched_off(ENV_SWITCH)
-
-
-def cpu_model() -> str:
-    """The CPU model name (``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cache_path() -> Path:
