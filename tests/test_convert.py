@@ -421,6 +421,35 @@ def test_run_writes_a_loadable_model_with_a_report(converted, source):
                        src_state["encoder.layer.1.attention.self.query.weight"])
 
 
+@pytest.mark.parametrize("lr_rest", ["0", "3e-3"])
+def test_fair_ablation_with_the_feed_forward_blocks_removed(bert_dir, source, tmp_path, lr_rest):
+    """``--fff none --lr-rest R``: the ablation that gets the same treatment as a conversion
+    tuned at ``R``: every block's output stays zero, the rest is distilled end to end (and
+    moves towards the teacher); with ``R = 0`` nothing is trained and nothing changes."""
+    import ultrafastbert
+    from ultrafastbert.cli import main
+
+    corpus = tiny_corpus(tmp_path / "c.txt", 400)
+    out = tmp_path / "out"
+    args = _convert_args(bert_dir, out, corpus, "8s", "--lr-rest", lr_rest)
+    args[args.index("--fff") + 1] = "none"
+    assert main(args) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    model = ultrafastbert.from_pretrained(out)
+    blocks = fff_blocks(model)
+    assert all(isinstance(b, RemovedFFN) for b in blocks) and report["active_fraction"] == 0
+    x = torch.randn(3, source.model.config.hidden_size)
+    assert all(torch.equal(b(x), torch.zeros_like(x)) for b in blocks)
+    query = "encoder.layer.1.attention.self.query.weight"
+    same = torch.equal(model.state_dict()[query], source.model.state_dict()[query])
+    held, init = report["heldout"], report["init_heldout"]
+    if lr_rest == "0":
+        assert report["phases"] == {} and same and held == init
+    else:
+        assert set(report["phases"]) == {"end-to-end"} and not same
+        assert held["pooled_cosine"] > init["pooled_cosine"] + 1e-3, (held, init)
+
+
 def test_refuses_a_non_empty_out(converted, bert_dir):
     from ultrafastbert.convert.pipeline import ConvertSettings, run
 
