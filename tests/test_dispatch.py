@@ -1,5 +1,7 @@
 """One place picks the kernel; explicit requests that cannot run are errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -184,3 +186,76 @@ def test_bfloat16_keeps_the_priority_order_of_its_walkers():
     reasons = dict(dispatch.explain("cpu", torch.bfloat16))
     expected = "native-bf16" if reasons.get("native-bf16") is None else "torch"
     assert choice.kernel == expected and "float32" in choice.reason
+
+
+# ------------------------------------------------------------------ measured choices (autotune on)
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """``"auto"`` measures (ULTRAFASTBERT_AUTOTUNE on) with a private cache and small counts."""
+    from ultrafastbert.fff.native import tuning
+
+    if native_runs():
+        build.load()  # from the usual cache, before the cache root moves to tmp_path
+    monkeypatch.delenv("ULTRAFASTBERT_AUTOTUNE", raising=False)
+    monkeypatch.setenv("ULTRAFASTBERT_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "MEASURED_TOKENS", (1, 4, 32))
+    tuning._MEMO.clear()
+    yield tuning
+    tuning._MEMO.clear()
+
+
+def test_choices_follow_the_timings_by_token_range():
+    shape = Workload(64, 0, 384)
+    timings = {"tokens": [1, 16, 128, 1024],
+               "us_per_token": {"native": [1.0, 0.5, 0.4, 0.4], "torch": [9.0, 2.0, 0.5, 0.3],
+                                "gemm": [5.0, 0.4, 0.2, 0.35]}}
+    choices = dispatch.choices_from_timings(timings, shape)
+    assert [(c.kernel, c.min_tokens, c.max_tokens) for c in choices] == [
+        ("native", 1, 15), ("gemm", 16, 1023), ("torch", 1024, None)]
+    assert "measured fastest on this CPU for 64x0 at d=384 at 16/128 tokens" in choices[1].reason
+    assert "gemm 0.4" in choices[1].reason and "native 0.5" in choices[1].reason
+    # negative control: one kernel fastest everywhere gives one choice for every count
+    flat = {**timings, "us_per_token": {"native": [1, 1, 1, 1], "gemm": [2, 2, 2, 2]}}
+    (only,) = dispatch.choices_from_timings(flat, shape)
+    assert (only.kernel, only.min_tokens, only.max_tokens) == ("native", 1, None)
+
+
+@needs_native
+def test_measured_plan_times_every_runnable_kernel_once_and_caches_it(measured, monkeypatch):
+    calls = []
+    real = dispatch.time_kernels
+
+    def counted(names, shape, dtype, weight_format):
+        calls.append(tuple(names))
+        return real(names, shape, dtype, weight_format)
+
+    monkeypatch.setattr(dispatch, "time_kernels", counted)
+    shape = Workload(64, 0, 37)
+    first = dispatch.plan("cpu", torch.float32, "fp32", shape)
+    assert calls == [("native", "torch", "gemm")]
+    assert all("measured fastest on this CPU" in c.reason for c in first)
+    assert first[0].min_tokens == 1 and first[-1].max_tokens is None
+    measured._MEMO.clear()  # a new process: read from the cache file, not measured again
+    again = dispatch.plan("cpu", torch.float32, "fp32", shape)
+    assert calls == [("native", "torch", "gemm")] and again == first
+    entries = json.loads(measured.cache_path().read_text())["kernels"][dispatch.PLAN_CACHE_KEY]
+    assert len(entries) == 1 and next(iter(entries)).startswith("64x0/d37/float32/fp32/")
+    # the layer runs on the measured choice and still matches the reference
+    from ultrafastbert import FFF
+
+    layer = FFF(37, n_trees=64, depth=0)
+    x = torch.randn(40, 37)
+    with torch.no_grad():
+        y = layer(x)
+    ref = fff_reference(x, layer.linear_in.weight, layer.linear_in.bias,
+                        layer.linear_out.weight, 64, 0)
+    torch.testing.assert_close(y, ref.y, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 1  # same shape, same cache entry
+
+
+def test_fixed_rule_when_measuring_is_off(monkeypatch):
+    monkeypatch.setenv("ULTRAFASTBERT_AUTOTUNE", "0")
+    monkeypatch.setattr(dispatch, "time_kernels", lambda *a: pytest.fail("measured"))
+    choices = dispatch.plan("cpu", torch.float32, "fp32", Workload(8, 7, 384))
+    assert choices and not any("measured fastest on this CPU" in c.reason for c in choices)

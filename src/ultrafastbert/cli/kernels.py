@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-model", type=int, default=768, help="width for --config (default 768)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per call for --config")
     p.add_argument("--clear-tuning", action="store_true",
-                   help="delete this CPU's cached native-kernel knobs (remeasured on next use)")
+                   help="delete this CPU's cached native-kernel knobs and kernel timings "
+                        "(remeasured on next use)")
     p.set_defaults(handler=run)
 
 

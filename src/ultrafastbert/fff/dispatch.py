@@ -17,6 +17,11 @@ never a silent fallback.
   shallow levels, sparse products for the deep ones) was measured slower than the native walk
   for every configuration and token count tried (docs/native.md), so it is chosen only when the
   native kernel cannot run.
+- CPU with ``ULTRAFASTBERT_AUTOTUNE`` on (the default outside the tests): the rule above is
+  replaced by a measurement: every kernel that can run the shape is timed on first use at
+  :data:`MEASURED_TOKENS` and the fastest serves each token range (:func:`measured_cpu_plan`;
+  cached per CPU model with the native kernel's knobs), so a CPU where the GEMM route or the
+  torch path wins gets it.
 - Other devices: no cost measurements, so the first kernel that can run in priority order.
 
 Each :class:`Choice` carries its reason; :func:`describe` prints them.
@@ -141,10 +146,14 @@ def plan(device: torch.device | str, dtype: torch.dtype, weight_format: str,
         raise InputError(f"no FFF implementation can run {shape.config} on {device} / {dtype} / "
                          f"weights {weight_format} ({detail})")
     refusals = dict(reasons)
-    choices = (_cpu_plan(runnable, refusals, shape) if device.type == "cpu"
-               else [Choice(runnable[0], 1, None,
-                            f"{runnable[0]}: first that can run on {device.type} (no cost "
-                            "measurements for this device; priority order)")])
+    if device.type != "cpu":
+        choices = [Choice(runnable[0], 1, None,
+                          f"{runnable[0]}: first that can run on {device.type} (no cost "
+                          "measurements for this device; priority order)")]
+    elif len(runnable) > 1 and measuring():
+        choices = measured_cpu_plan(runnable, shape, dtype, weight_format)
+    else:
+        choices = _cpu_plan(runnable, refusals, shape)
     if shape.tokens is not None:
         choices = [c for c in choices if c.covers(max(shape.tokens, 1))]
     return choices
@@ -180,6 +189,106 @@ def _cpu_plan(runnable: list[str], refusals: dict[str, str | None],
                        + f"; the native kernel cannot run ({refusals.get('native')})")]
     return [Choice("torch", 1, None, f"torch: chosen for {cfg}: the native kernel cannot run "
                                      f"({refusals.get('native')})")]
+
+
+#: Token counts at which ``"auto"`` times every kernel that can run a CPU layer shape (on first
+#: use; each choice then covers the counts from its own up to the next one's).
+MEASURED_TOKENS = (1, 16, 128, 1024)
+#: Seconds of calls per timing sample (3 samples per kernel and count).
+SAMPLE_S = 0.004
+#: Cache entries of measured plans (in the native kernel's tuning file, one per CPU model).
+PLAN_CACHE_KEY = "dispatch-plan-v1"
+
+
+def measuring() -> bool:
+    """Whether ``"auto"`` measures the CPU kernels on first use (``ULTRAFASTBERT_AUTOTUNE``
+    not off); otherwise it follows the fixed rule of :func:`_cpu_plan`."""
+    from .native import tuning
+
+    return tuning.disabled() is None
+
+
+def measured_cpu_plan(runnable: list[str], shape: Workload, dtype: torch.dtype,
+                      weight_format: str) -> list[Choice]:
+    """``"auto"`` on this CPU by measurement: each kernel in ``runnable`` timed on random weights
+    of ``shape`` at :data:`MEASURED_TOKENS` (cached per CPU model, shape, dtype, weight format
+    and thread count), the fastest at each count chosen for the counts up to the next one."""
+    from .native import tuning
+
+    key = (f"{shape.config}/d{shape.d_model}/{str(dtype).replace('torch.', '')}/"
+           f"{weight_format}/t{torch.get_num_threads()}/{'+'.join(runnable)}")
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and entry.get("tokens") == list(MEASURED_TOKENS)
+                and set(entry.get("us_per_token", {})) == set(runnable))
+
+    entry = tuning.cached(PLAN_CACHE_KEY, key, lambda: time_kernels(
+        runnable, shape, dtype, weight_format), valid)
+    return choices_from_timings(entry, shape)
+
+
+def choices_from_timings(entry: dict[str, Any], shape: Workload) -> list[Choice]:
+    """Choices from ``{"tokens": [...], "us_per_token": {kernel: [...]}}``: the fastest
+    kernel at each measured count, adjacent counts with the same winner merged."""
+    tokens, times = entry["tokens"], entry["us_per_token"]
+    winners = [min(times, key=lambda k: times[k][i]) for i in range(len(tokens))]
+    choices: list[Choice] = []
+    for i, name in enumerate(winners):
+        if choices and choices[-1].kernel == name:
+            continue
+        end = next((j for j in range(i + 1, len(tokens)) if winners[j] != name), None)
+        lo = 1 if i == 0 else tokens[i]
+        hi = None if end is None else tokens[end] - 1
+        counts = tokens[i:end]
+        detail = ", ".join(f"{k} {times[k][tokens.index(counts[0])]:.3g}" for k in times)
+        choices.append(Choice(name, lo, hi, (
+            f"{name}: measured fastest on this CPU for {shape.config} at d={shape.d_model} at "
+            f"{'/'.join(map(str, counts))} tokens (us/token at {counts[0]}: {detail}; timed "
+            f"on first use and cached; ULTRAFASTBERT_AUTOTUNE=0 gives the fixed rule)")))
+    return choices
+
+
+@torch.no_grad()
+def time_kernels(names: list[str], shape: Workload, dtype: torch.dtype, weight_format: str,
+                 tokens: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Microseconds per token of each kernel in ``names`` on random weights of ``shape`` (std
+    0.02, the released init) at each count of ``tokens`` (default :data:`MEASURED_TOKENS`):
+    fastest of 3 samples of about :data:`SAMPLE_S` of calls each. Returns ``{"tokens":
+    [...], "us_per_token": {name: [...]}}``."""
+    import time
+
+    from .tree import n_nodes
+
+    tokens = MEASURED_TOKENS if tokens is None else tokens
+
+    g = torch.Generator().manual_seed(0)
+    width, d = shape.n_trees * n_nodes(shape.depth), shape.d_model
+    w_in = (torch.randn(width, d, generator=g) * 0.02).to(dtype)
+    b_in = torch.zeros(width, dtype=dtype)
+    w_out = (torch.randn(d, width, generator=g) * 0.02).to(dtype)
+    kernels = registry()
+    packs = {n: kernels[n].pack(w_in, b_in, w_out, shape.n_trees, shape.depth, weight_format)
+             for n in names}
+    result: dict[str, list[float]] = {n: [] for n in names}
+    for count in tokens:
+        x = torch.randn(count, d, generator=g).to(dtype)
+        for name in names:
+            kernel, packed = kernels[name], packs[name]
+            kernel.forward(x, packed, shape.n_trees, shape.depth)  # warm-up
+            start = time.perf_counter()
+            kernel.forward(x, packed, shape.n_trees, shape.depth)
+            once = time.perf_counter() - start  # calls per sample: about SAMPLE_S of work
+            calls = max(1, min(4096, int(SAMPLE_S / max(once, 1e-7))))
+            samples = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    kernel.forward(x, packed, shape.n_trees, shape.depth)
+                samples.append((time.perf_counter() - start) / calls / count * 1e6)
+            result[name].append(min(samples))
+    logger.info("FFF %s at d=%d: measured us/token at %s tokens: %s", shape.config, d,
+                list(tokens), {n: [round(v, 3) for v in t] for n, t in result.items()})
+    return {"tokens": list(tokens), "us_per_token": result}
 
 
 def select(name: str, device: torch.device | str, dtype: torch.dtype,

@@ -127,7 +127,28 @@ def clear() -> bool:
         return False
 
 
-_MEMO: dict[str, torch.Tensor] = {}
+_MEMO: dict[str, Any] = {}
+
+
+def cached(kernel_key: str, entry_key: str, compute: Callable[[], dict[str, Any]],
+           valid: Callable[[Any], bool]) -> dict[str, Any]:
+    """A measured entry (JSON-ready dict): this process's memo, else the cache file's entry when
+    ``valid``, else ``compute()`` now, written to the file. Tuning off: ``compute()`` each call,
+    nothing read or written (callers check :func:`disabled` first when off means "don't
+    measure")."""
+    if disabled() is not None:
+        return compute()
+    memo_key = f"{kernel_key}/{entry_key}"
+    if memo_key in _MEMO:
+        return dict(_MEMO[memo_key])
+    found = _read_entries(kernel_key).get(entry_key)
+    if valid(found):
+        entry: dict[str, Any] = found  # type: ignore[assignment]  # valid() checked it
+    else:
+        entry = compute()
+        _write_entry(kernel_key, entry_key, entry)
+    _MEMO[memo_key] = entry
+    return dict(entry)
 
 
 def table_for(shape: Shape, run: KnobRun, kernel_key: str) -> torch.Tensor:
