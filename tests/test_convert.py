@@ -226,6 +226,10 @@ def test_init_inputs_is_checked(source, tmp_path):
         _init_settings(source, tmp_path, e2e_layers="first")
     with pytest.raises(InputError, match="layerwise space"):
         _init_settings(source, tmp_path, layerwise_space="input")
+    with pytest.raises(InputError, match="similarity weights must be >= 0"):
+        _init_settings(source, tmp_path, similarity_weight=-1.0)
+    with pytest.raises(InputError, match="teacher cache must be >= 0"):
+        _init_settings(source, tmp_path, teacher_cache_gb=-1.0)
 
 
 def test_end_to_end_all_layers_adds_every_layers_term(source):
@@ -275,6 +279,46 @@ def test_last_layer_objective_takes_only_the_last_teacher_layer(source):
     every = EndToEndObjective(student, pooling="mean", hidden_scales=scales, layers="all")
     with pytest.raises(InputError, match="needs the teacher's 2 layers"):
         every(ids * mask, mask, hidden[-1:], pooled)
+
+
+def test_similarity_error_reads_the_pairwise_cosines():
+    """Zero for the teacher itself and for any per-text rescaling (cosines do not change), the
+    mean squared pairwise-cosine error over the teacher's variance otherwise (by hand)."""
+    from ultrafastbert.convert.objectives import similarity_error
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 5, generator=g)
+    assert float(similarity_error(teacher, teacher)) == pytest.approx(0.0, abs=1e-7)
+    scaled = teacher * torch.rand(6, 1, generator=g).add(0.5)
+    assert float(similarity_error(scaled, teacher)) == pytest.approx(0.0, abs=1e-6)
+    student = teacher + 0.5 * torch.randn(6, 5, generator=g)
+    cos = torch.nn.functional.cosine_similarity
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j]
+    c_s = torch.stack([cos(student[i], student[j], dim=0) for i, j in pairs])
+    c_t = torch.stack([cos(teacher[i], teacher[j], dim=0) for i, j in pairs])
+    by_hand = float((c_s - c_t).pow(2).mean() / c_t.var(unbiased=False))
+    assert float(similarity_error(student, teacher)) == pytest.approx(by_hand, rel=1e-4)
+    assert by_hand > 0.01
+
+
+def test_similarity_weight_adds_the_batch_term(source):
+    from ultrafastbert.convert.data import TextBatch, teacher_layers
+    from ultrafastbert.convert.objectives import EndToEndObjective, similarity_error
+    from ultrafastbert.model.heads import pool
+
+    ids, mask = _ids(n=4)
+    text = TextBatch(ids * mask, mask)
+    hidden, pooled = teacher_layers(source.model, text, "mean")
+    student = make_student(source, parse_fff("2x2", source.n_layers))
+    scales = torch.tensor([2.0, 3.0])
+    plain, weighted = (EndToEndObjective(student, pooling="mean", hidden_scales=scales,
+                                         similarity_weight=w) for w in (0.0, 2.0))
+    a, b = (o(ids * mask, mask, hidden, pooled) for o in (plain, weighted))
+    pooled_s = pool(student(input_ids=ids * mask, attention_mask=mask).last_hidden_state,
+                    mask, "mean")
+    expected = float(a.loss) + 2.0 * float(similarity_error(pooled_s, pooled))
+    assert float(b.loss) == pytest.approx(expected, rel=1e-4) and float(b.loss) > float(a.loss)
+    assert "similarity" in b.parts and "similarity" not in a.parts
 
 
 def _teacher_batches(source, tmp_path, **kw):

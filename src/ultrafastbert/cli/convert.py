@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--end-to-end-layers", choices=("last", "all"), default="last",
                    help="end-to-end phase: hidden-state loss on the last layer or on every "
                         "layer's output (plus the pooled-embedding cosine)")
+    p.add_argument("--similarity-weight", type=float, default=0.0, metavar="W",
+                   help="end to end, also match the pairwise cosine similarities of each "
+                        "batch's pooled embeddings to the dense model's, with weight W "
+                        "(relative squared error; default 0: off)")
     p.add_argument("--teacher-cache", type=float, default=4.0, metavar="GB",
                    help="memory for the dense model's end-to-end targets, kept so later epochs "
                         "over the corpus skip its forward pass (--end-to-end-layers last only; "
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, fff=args.fff, budget_s=args.budget, corpus=args.corpus,
         layerwise_share=args.layerwise_share, layerwise_space=args.layerwise_loss,
         e2e_layers=args.end_to_end_layers, init_inputs=args.init_inputs,
-        teacher_cache_gb=args.teacher_cache, batch_size=args.batch_size, max_len=args.max_len,
+        teacher_cache_gb=args.teacher_cache, similarity_weight=args.similarity_weight,
+        batch_size=args.batch_size, max_len=args.max_len,
         max_documents=args.max_documents, init_tokens=args.init_tokens,
         init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
         lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,

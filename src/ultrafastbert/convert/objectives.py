@@ -91,18 +91,22 @@ class EndToEndObjective(nn.Module):
     + cos_weight * (1 - cos(pool(h_s), pool(h_t)))``, ``l`` over the last layer
     (``layers="last"``) or every layer (``"all"``: each block also sees what the layers after
     it make of its error, and gets a direct signal where upstream errors leave it).
-    ``hidden_scale_l = 1 / E|h_t^l - mean h_t^l|^2`` makes each term a relative error. Dropout
+    ``hidden_scale_l = 1 / E|h_t^l - mean h_t^l|^2`` makes each term a relative error. With
+    ``similarity_weight > 0`` the batch adds ``similarity_weight *`` :func:`similarity_error`
+    (the pairwise cosines of its pooled embeddings against the teacher's). Dropout
     stays off (the student is kept in eval mode while training: it must match a deterministic
     teacher).
     """
 
     def __init__(self, student: Any, *, pooling: str, hidden_scales: torch.Tensor,
-                 layers: str = "last", cos_weight: float = 10.0) -> None:
+                 layers: str = "last", cos_weight: float = 10.0,
+                 similarity_weight: float = 0.0) -> None:
         super().__init__()
         if layers not in E2E_LAYERS:
             raise InputError(f"end-to-end layers must be one of {E2E_LAYERS}, got {layers!r}")
         self.student = student
         self.pooling, self.layers, self.cos_weight = pooling, layers, cos_weight
+        self.similarity_weight = similarity_weight
         self.register_buffer("hidden_scales", hidden_scales.float().clone())
 
     def train(self, mode: bool = True) -> EndToEndObjective:
@@ -136,5 +140,20 @@ class EndToEndObjective(nn.Module):
         pooled = pool_hidden(hidden, attention_mask, self.pooling)
         cos = 1.0 - F.cosine_similarity(pooled, teacher_pooled, dim=-1)
         loss = (mse + self.cos_weight * cos).mean()
-        return ObjectiveOutput(loss, {"hidden": float(mse.detach().mean()),
-                                     "cos": float(cos.detach().mean())})
+        parts = {"hidden": float(mse.detach().mean()), "cos": float(cos.detach().mean())}
+        if self.similarity_weight > 0 and len(pooled) > 1:
+            similarity = similarity_error(pooled, teacher_pooled)
+            loss = loss + self.similarity_weight * similarity
+            parts["similarity"] = float(similarity.detach())
+        return ObjectiveOutput(loss, parts)
+
+
+def similarity_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How differently the student ranks the batch's texts against each other: over the pairs
+    ``i != j`` of ``student``, ``teacher`` ``(B, d)`` pooled embeddings,
+    ``mean (cos_s(i, j) - cos_t(i, j))^2 / var(cos_t)``: the relative squared error of the
+    pairwise cosine similarities (what STS-style uses of an embedding read), a scalar."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    c_s, c_t = (s @ s.T)[off], (t @ t.T)[off]
+    return (c_s - c_t).pow(2).mean() / c_t.var(unbiased=False).clamp_min(1e-8)

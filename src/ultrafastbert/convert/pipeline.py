@@ -77,6 +77,8 @@ class ConvertSettings:
         lr_layerwise, lr_fff: learning rates of the FFF blocks in the two phases.
         lr_rest: learning rate of everything else end to end (0: frozen, bit-identical).
         cos_weight: weight of ``1 - cos`` of the pooled embeddings end to end.
+        similarity_weight: weight of the batch's pairwise-cosine error end to end (see
+            :func:`~.objectives.similarity_error`; 0: off).
         e2e_layers: end-to-end hidden-state terms on the ``last`` layer or on ``all`` layers.
         teacher_cache_gb: memory for the teacher's end-to-end targets, kept so later epochs
             skip its forward pass (``e2e_layers="last"`` only; 0: off).
@@ -100,6 +102,7 @@ class ConvertSettings:
     lr_fff: float = 3e-4
     lr_rest: float = 0.0
     cos_weight: float = 10.0
+    similarity_weight: float = 0.0
     e2e_layers: str = "last"
     teacher_cache_gb: float = 4.0
     seed: int = 0
@@ -126,6 +129,8 @@ class ConvertSettings:
         for name in ("batch_size", "max_len", "init_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.similarity_weight < 0 or self.cos_weight < 0:
+            raise InputError("cos and similarity weights must be >= 0")
         if self.teacher_cache_gb < 0:
             raise InputError(f"teacher cache must be >= 0 GB, got {self.teacher_cache_gb}")
         if self.lr_rest < 0 or self.lr_fff <= 0 or self.lr_layerwise <= 0:
@@ -343,7 +348,8 @@ def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndar
     if settings.lr_rest > 0:
         groups.append({"params": rest, "lr": settings.lr_rest})
     objective = EndToEndObjective(student, pooling=source.pooling, hidden_scales=scales,
-                                  layers=settings.e2e_layers, cos_weight=settings.cos_weight)
+                                  layers=settings.e2e_layers, cos_weight=settings.cos_weight,
+                                  similarity_weight=settings.similarity_weight)
     return objective, groups
 
 
