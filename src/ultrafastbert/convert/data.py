@@ -122,9 +122,11 @@ class TeacherBatches:
         ``picked`` ``(B,)`` (from the cache where every row is in it)."""
         if self.cache_bytes and all(int(i) in self.cache for i in picked):
             return self.from_cache(picked, text)
-        hidden, pooled = teacher_layers(self.teacher, text, self.pooling)
-        if self.layers == "last":
-            hidden = hidden[-1:]
+        if self.layers == "last":  # the last layer's output alone: no stack of every layer's
+            last, pooled = teacher_outputs(self.teacher, text, self.pooling)
+            hidden = last[None]
+        else:
+            hidden, pooled = teacher_layers(self.teacher, text, self.pooling)
         if self.cache_bytes:
             self.remember(picked, text, hidden[0], pooled)
         return hidden, pooled
@@ -134,11 +136,11 @@ class TeacherBatches:
         """Keep rows ``picked``' last hidden states (their real tokens) and pooled embeddings
         while the cache has room."""
         lengths = text.attention_mask.sum(1).tolist()
-        for row, i, n in zip(picked.tolist(), range(len(lengths)), lengths, strict=True):
-            size = (int(n) + 1) * last.shape[-1] * last.element_size()
+        for i, (row, n) in enumerate(zip(picked.tolist(), lengths, strict=True)):
+            size = (n + 1) * last.shape[-1] * last.element_size()
             if row in self.cache or self.cached_bytes + size > self.cache_bytes:
                 continue
-            self.cache[row] = (last[i, :int(n)].clone(), pooled[i].clone())
+            self.cache[row] = (last[i, :n].clone(), pooled[i].clone())
             self.cached_bytes += size
 
     def from_cache(self, picked: np.ndarray, text: TextBatch

@@ -367,9 +367,14 @@ class SequenceStream:
     def order(self, epoch: int) -> np.ndarray:
         """Row indices of ``epoch`` in serving order, shape ``(len(indices),)``."""
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
-            self._perm_cache = (epoch, self.indices[perm])
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm_cache = (epoch, self.arrange(epoch, rng))
         return self._perm_cache[1]
+
+    def arrange(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """``epoch``'s serving order (computed once per epoch by :meth:`order`): a permutation
+        of ``indices`` drawn from ``rng``, seeded by ``(seed, epoch)``."""
+        return self.indices[rng.permutation(len(self.indices))]
 
     def rows_at(self, position: int, count: int) -> np.ndarray:
         """Row indices served at positions ``position ... position + count - 1``."""
@@ -447,24 +452,20 @@ class LengthBucketedStream(SequenceStream):
                             "must be >= 1")
         self.batch_size, self.chunk_batches = int(batch_size), int(chunk_batches)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Row indices of ``epoch`` in serving order, shape ``(len(indices),)``."""
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            shuffled = self.indices[rng.permutation(len(self.indices))]
-            chunk = self.batch_size * self.chunk_batches
-            # The first ``head`` rows complete the batch the previous epoch's last rows began,
-            # so this epoch's buckets line up with the batches served.
-            head = -epoch * len(self.indices) % self.batch_size
-            parts = [shuffled[:head]]
-            for start in range(head, len(shuffled), chunk):
-                rows = shuffled[start:start + chunk]
-                rows = rows[np.argsort(self.lengths[rows], kind="stable")]
-                batches = [rows[i:i + self.batch_size]
-                           for i in range(0, len(rows), self.batch_size)]
-                parts.extend(batches[i] for i in rng.permutation(len(batches)))
-            self._perm_cache = (epoch, np.concatenate(parts))
-        return self._perm_cache[1]
+    def arrange(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """The plain stream's permutation, bucketed by length chunk by chunk (class docstring)."""
+        shuffled = super().arrange(epoch, rng)
+        chunk = self.batch_size * self.chunk_batches
+        # The first ``head`` rows complete the batch the previous epoch's last rows began, so
+        # this epoch's buckets line up with the batches served.
+        head = -epoch * len(self.indices) % self.batch_size
+        parts = [shuffled[:head]]
+        for start in range(head, len(shuffled), chunk):
+            rows = shuffled[start:start + chunk]
+            rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+            batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            parts.extend(batches[i] for i in rng.permutation(len(batches)))
+        return np.concatenate(parts)
 
 
 class PackedBatches(torch.utils.data.IterableDataset):

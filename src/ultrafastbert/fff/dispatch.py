@@ -240,7 +240,7 @@ def choices_from_timings(entry: dict[str, Any], shape: Workload) -> list[Choice]
         lo = 1 if i == 0 else tokens[i]
         hi = None if end is None else tokens[end] - 1
         counts = tokens[i:end]
-        detail = ", ".join(f"{k} {times[k][tokens.index(counts[0])]:.3g}" for k in times)
+        detail = ", ".join(f"{k} {times[k][i]:.3g}" for k in times)
         choices.append(Choice(name, lo, hi, (
             f"{name}: measured fastest on this CPU for {shape.config} at d={shape.d_model} at "
             f"{'/'.join(map(str, counts))} tokens (us/token at {counts[0]}: {detail}; timed "

@@ -47,7 +47,7 @@ def cpu_facts(cpuinfo: str | None = None) -> dict[str, Any]:
     info = _first_processor(text)
     flags = set(info.get("flags", "").split())
     return {
-        "cpu": cpu_model(text),
+        "cpu": _model_name(info),
         "cpu_flags": {f: (f in flags) if flags else None for f in SPEED_FLAGS},
         "cpu_logical": os.cpu_count(),
         "cpu_cores": _physical_cores(text, info),
@@ -84,7 +84,11 @@ def _torch_cpu_capability() -> str | None:
 
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU model name (``/proc/cpuinfo``), else the platform's processor string."""
-    info = _first_processor(_read_cpuinfo() if cpuinfo is None else cpuinfo)
+    return _model_name(_first_processor(_read_cpuinfo() if cpuinfo is None else cpuinfo))
+
+
+def _model_name(info: dict[str, str]) -> str:
+    """``model name`` of a processor's ``/proc/cpuinfo`` fields, else the platform's."""
     return info.get("model name") or platform.processor() or platform.machine() or "unknown"
 
 

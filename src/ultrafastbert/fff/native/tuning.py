@@ -161,17 +161,16 @@ def table_for(shape: Shape, run: KnobRun, kernel_key: str) -> torch.Tensor:
     """
     if disabled() is not None:
         return default_table(shape.n_trees)
-    memo_key = f"{kernel_key}/{shape.key}"
-    if memo_key in _MEMO:
-        return _MEMO[memo_key]
-    entries = _read_entries(kernel_key)
-    rows = entries.get(shape.key, {}).get("rows")
-    table = _valid_table(rows) if rows is not None else None
-    if table is None:
+
+    def measured() -> dict[str, Any]:
         table, report = measure(shape, run)
-        _write_entry(kernel_key, shape.key, {"rows": from_table(table), "measured": report})
-    _MEMO[memo_key] = table
-    return table
+        return {"rows": from_table(table), "measured": report}
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and entry.get("rows") is not None
+                and _valid_table(entry["rows"]) is not None)
+
+    return to_table(cached(kernel_key, shape.key, measured, valid)["rows"])
 
 
 def _valid_table(rows: Any) -> torch.Tensor | None:
