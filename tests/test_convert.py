@@ -697,3 +697,44 @@ def test_frontier_script_checks_then_reports(source, bert_dir, tmp_path):
     env = json.loads((out / "results.json").read_text())["environment"]
     assert "amx_bf16" in env["cpu_flags"] and env["dtypes"] == ["float32"]
     assert env["cpu"] in (out / "results.md").read_text()
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_topk_bound_oracle_keeps_each_tokens_largest_contributions():
+    """The per-token oracle keeps exactly k contributions, the largest: all W of them give the
+    dense output back, fewer can only lose (checked against a by-hand choice)."""
+    bound = _script("ffn_topk_bound")
+    torch.manual_seed(0)
+    a, w2 = torch.randn(5, 12), torch.randn(12, 4)
+    assert torch.allclose(bound.oracle(a, w2, 12), a @ w2, atol=1e-5)
+    want = torch.stack([sum(a[t, j] * w2[j] for j in (a[t].abs() * w2.norm(dim=1)).argsort()[-3:])
+                        for t in range(5)])
+    assert torch.allclose(bound.oracle(a, w2, 3), want, atol=1e-5)
+    errs = [float((bound.oracle(a, w2, k) - a @ w2).pow(2).sum()) for k in (1, 3, 6, 12)]
+    assert errs == sorted(errs, reverse=True) and errs[0] > 0
+
+
+def test_topk_bound_script_reports_every_layer_against_removal(source, bert_dir, tmp_path):
+    """benchmarks/ffn_topk_bound.py on a tiny source: one row per layer, oracle errors that
+    fall with k, the FFF init measured the same way, and the CPU facts."""
+    out = tmp_path / "bound"
+    assert _script("ffn_topk_bound").main([
+        "--source", str(bert_dir), "--corpus", str(tiny_corpus(tmp_path / "c.txt", 200)),
+        "--held-out", "16", "--init", "2x2", "--init-tokens", "400", "--threads", "1",
+        "--out", str(out)]) == 0
+    result = json.loads((out / "bound.json").read_text())
+    assert len(result["layers"]) == source.n_layers
+    for row in result["layers"]:
+        posts = [v["post_norm"] for v in row["oracle"].values()]
+        assert len(posts) >= 2 and posts == sorted(posts, reverse=True) and posts[-1] >= 0
+        assert row["init"]["fff"] == "2x2" and 0 <= row["init"]["post_norm"] < 10
+    assert "amx_bf16" in result["environment"]["cpu_flags"]
