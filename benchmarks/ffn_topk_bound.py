@@ -30,7 +30,7 @@ import torch
 from ultrafastbert.bench.common import environment
 from ultrafastbert.convert.data import cut_batch, ffn_io, load_segments
 from ultrafastbert.convert.init import init_block
-from ultrafastbert.convert.pipeline import collect_inputs
+from ultrafastbert.convert.pipeline import collect_inputs, post_norm_error
 from ultrafastbert.convert.source import load_source, make_student, parse_fff
 from ultrafastbert.model.converted import FAMILIES, dense_ffns, fff_blocks, post_norms
 from ultrafastbert.utils.io import atomic_write_json
@@ -41,11 +41,10 @@ KS = (12, 64, 128, 256, 512)
 def errors(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, b2: torch.Tensor,
            norm: torch.nn.Module) -> dict[str, float]:
     """Relative squared error of ``pred`` against ``target`` (both bias-free, ``(T, d)``) and
-    the post-norm error relative to removing the block."""
+    the post-norm error relative to removing the block (``convert.pipeline.post_norm_error``)."""
     rel = (pred - target).pow(2).sum() / target.pow(2).sum()
-    full = norm(x + target + b2)
-    post = (norm(x + pred + b2) - full).pow(2).sum() / (norm(x + b2) - full).pow(2).sum()
-    return {"rel": round(float(rel), 4), "post_norm": round(float(post), 4)}
+    return {"rel": round(float(rel), 4),
+            "post_norm": round(post_norm_error(pred + b2, x, target + b2, norm), 4)}
 
 
 @torch.no_grad()

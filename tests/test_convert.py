@@ -457,6 +457,8 @@ def test_run_writes_a_loadable_model_with_a_report(converted, source):
     # distillation moved the student towards the dense model: better than the init alone
     held, init = report["heldout"], report["init_heldout"]
     assert sum(held["block_error"]) < sum(init["block_error"]), (held, init)
+    # on the ordinary tokens each block keeps part of its dense block's effect (1 = removed)
+    assert len(held["post_norm_error"]) == 2 and all(0 < e < 1 for e in held["post_norm_error"])
     # non-FFN tensors are still the source's (lr_rest = 0)
     state, src_state = model.state_dict(), source.model.state_dict()
     assert torch.equal(state["embeddings.word_embeddings.weight"],
@@ -487,11 +489,23 @@ def test_fair_ablation_with_the_feed_forward_blocks_removed(bert_dir, source, tm
     query = "encoder.layer.1.attention.self.query.weight"
     same = torch.equal(model.state_dict()[query], source.model.state_dict()[query])
     held, init = report["heldout"], report["init_heldout"]
+    assert held["post_norm_error"] == pytest.approx([1.0, 1.0])  # removed: nothing kept
     if lr_rest == "0":
         assert report["phases"] == {} and same and held == init
     else:
         assert set(report["phases"]) == {"end-to-end"} and not same
         assert held["pooled_cosine"] > init["pooled_cosine"] + 1e-3, (held, init)
+
+
+def test_post_norm_error_is_zero_for_the_dense_output_and_one_for_none():
+    from ultrafastbert.convert.pipeline import post_norm_error
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(8)
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    assert post_norm_error(y, x, y, norm) == 0.0
+    assert post_norm_error(torch.zeros_like(y), x, y, norm) == pytest.approx(1.0)
+    assert 0 < post_norm_error(y + 0.1 * torch.randn(5, 8), x, y, norm) < 0.5
 
 
 def test_refuses_a_non_empty_out(converted, bert_dir):

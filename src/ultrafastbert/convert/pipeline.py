@@ -41,7 +41,13 @@ from .data import (
     teacher_outputs,
 )
 from .init import init_block, relative_error
-from .objectives import E2E_LAYERS, LAYERWISE_SPACES, EndToEndObjective, LayerwiseObjective
+from .objectives import (
+    E2E_LAYERS,
+    LAYERWISE_SPACES,
+    EndToEndObjective,
+    LayerwiseObjective,
+    frozen_norm,
+)
 from .source import SourceModel, active_fraction, load_source, make_student, parse_fff
 
 log = logging.getLogger(__name__)
@@ -372,11 +378,15 @@ def layerwise_objective(blocks: list[Any], source: SourceModel, sample: Any, spa
 @dataclass(frozen=True)
 class HeldoutSet:
     """Held-out text and what the teacher makes of it, computed once per run: the blocks'
-    inputs and dense outputs ``(L, T, d)`` and the pooled embeddings ``(B, d)``."""
+    inputs and dense outputs ``(L, T, d)`` on the real tokens, which of those are ordinary
+    (``ordinary`` ``(T,)``: neither a row's first nor its last token, i.e. not [CLS]/[SEP]),
+    each layer's frozen post-block norm, and the pooled embeddings ``(B, d)``."""
 
     text: Any
     xs: torch.Tensor
     ys: torch.Tensor
+    ordinary: torch.Tensor
+    norms: list[Any]
     pooled: torch.Tensor
     pooling: str
 
@@ -387,18 +397,38 @@ def heldout_set(source: SourceModel, rows: np.ndarray, pad_id: int) -> HeldoutSe
     text = cut_batch(torch.from_numpy(rows), pad_id)
     xs, ys = ffn_io(source.model, text)
     _, pooled = teacher_outputs(source.model, text, source.pooling)
-    return HeldoutSet(text, xs, ys, pooled, source.pooling)
+    mask = text.attention_mask.bool()
+    position = torch.arange(mask.shape[1]).expand_as(mask)
+    last = mask.sum(1, keepdim=True) - 1
+    ordinary = ((position > 0) & (position < last))[mask]
+    norms = [frozen_norm(n) for n in post_norms(source.model)]
+    return HeldoutSet(text, xs, ys, ordinary, norms, pooled, source.pooling)
 
 
 @torch.no_grad()
 def heldout_fit(student: Any, held: HeldoutSet) -> dict[str, Any]:
-    """On held-out text: each block's relative error and the pooled embeddings' cosine."""
-    errors = [relative_error(b(x), y)
-              for b, x, y in zip(fff_blocks(student), held.xs, held.ys, strict=True)]
+    """On held-out text: each block's relative error (all tokens), its post-norm error on the
+    ordinary tokens (:func:`post_norm_error`) and the pooled embeddings' cosine."""
+    blocks = fff_blocks(student)
+    errors = [relative_error(b(x), y) for b, x, y in zip(blocks, held.xs, held.ys, strict=True)]
+    post = [post_norm_error(b(x[held.ordinary]), x[held.ordinary], y[held.ordinary], norm)
+            for b, x, y, norm in zip(blocks, held.xs, held.ys, held.norms, strict=True)]
     _, pooled_s = teacher_outputs(student, held.text, held.pooling)
     cos = torch.nn.functional.cosine_similarity(pooled_s, held.pooled, dim=-1)
     return {"rows": int(held.text.input_ids.shape[0]), "block_error": errors,
-            "pooled_cosine": float(cos.mean())}
+            "post_norm_error": post, "pooled_cosine": float(cos.mean())}
+
+
+def post_norm_error(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: Any) -> float:
+    """How far a block's output ``pred`` leaves the layer's output from the dense one, relative to
+    removing the block: ``|N(x + pred) - N(x + y)|^2 / |N(x) - N(x + y)|^2`` over ``(T, d)``
+    inputs ``x`` and dense outputs ``y``, ``N`` the layer's norm after the residual sum (0: the
+    dense block's effect kept, 1: as if removed). In all-MiniLM-L6-v2 the [CLS] token carries
+    73-99% of the block output's energy in layers 0-3, so the all-token relative error mostly
+    measures [CLS]; this one is read on the ordinary tokens."""
+    full = norm(x + y)
+    return float((norm(x + pred) - full).pow(2).sum()
+                 / (norm(x) - full).pow(2).sum().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------ output
