@@ -508,6 +508,17 @@ def test_post_norm_error_is_zero_for_the_dense_output_and_one_for_none():
     assert 0 < post_norm_error(y + 0.1 * torch.randn(5, 8), x, y, norm) < 0.5
 
 
+def test_heldout_ordinary_tokens_leave_out_each_rows_first_and_last(source):
+    import numpy as np
+
+    from ultrafastbert.convert.pipeline import heldout_set
+
+    rows = np.array([[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]], dtype=np.int32)
+    held = heldout_set(source, rows, pad_id=0)
+    assert held.xs.shape[1] == 7 and len(held.norms) == source.n_layers
+    assert held.ordinary.tolist() == [False, True, True, False, False, True, False]
+
+
 def test_refuses_a_non_empty_out(converted, bert_dir):
     from ultrafastbert.convert.pipeline import ConvertSettings, run
 
