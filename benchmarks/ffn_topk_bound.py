@@ -11,6 +11,8 @@ feed-forward output (bias excluded):
   relative to removing the block (``post-norm``: 1.0 = as bad as no FFN at all);
 - **FFF KxD init** (``--init``): the project's initialisation (``convert.init.init_block``, 16,384
   sample tokens of the same text, disjoint from the held-out ones) measured the same way;
+- converted models (``--models DIR ...``): their blocks on the same (teacher's) inputs, after
+  distillation (the held-out texts come from the corpus, which the distillation may have read);
 - the number of neurons with ``|GELU| > 0.05`` per token (how spread the dense output is).
 
 Tokens are split into the tokenizer's special tokens ([CLS], [SEP]) and the rest: all-MiniLM's
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ultrafastbert import from_pretrained
 from ultrafastbert.bench.common import environment
 from ultrafastbert.convert.data import cut_batch, ffn_io, load_segments
 from ultrafastbert.convert.init import init_block
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", required=True)
     p.add_argument("--held-out", type=int, default=128, help="texts measured on")
     p.add_argument("--init", default=None, help="also measure the FFF init of this KxD")
+    p.add_argument("--models", type=Path, nargs="*", default=[],
+                   help="converted model dirs whose blocks to measure the same way")
     p.add_argument("--init-tokens", type=int, default=16384, help="sample tokens of the init")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ordinary = ~torch.isin(ids, torch.tensor(sorted(set(tok.all_special_ids))))
     dense = dense_ffns(src.model, FAMILIES[src.family])
     norms = post_norms(src.model)
+    converted = {d.name: fff_blocks(from_pretrained(d)) for d in args.models}
     blocks = None
     if args.init:
         fit_x = collect_inputs(src.model, rows[order[args.held_out:]], args.init_tokens, 0, 32)
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 init_block(blocks[i], ffn, fit_x[i], split="neuron")
                 row["init"] = {"fff": args.init, "seconds": round(time.monotonic() - started, 1),
                                **errors(blocks[i](x) - b2, y - b2, x, b2, norms[i])}
+            row["models"] = {name: errors(bl[i](x) - b2, y - b2, x, b2, norms[i])
+                             for name, bl in converted.items()}
             layers.append(row)
             print(row, flush=True)
     env = environment(dtypes=["float32"])

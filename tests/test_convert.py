@@ -752,14 +752,16 @@ def test_topk_bound_script_reports_every_layer_against_removal(source, bert_dir,
     """benchmarks/ffn_topk_bound.py on a tiny source: one row per layer, oracle errors that
     fall with k, the FFF init measured the same way, and the CPU facts."""
     out = tmp_path / "bound"
+    _, model_dir = _saved(source, tmp_path)
     assert _script("ffn_topk_bound").main([
         "--source", str(bert_dir), "--corpus", str(tiny_corpus(tmp_path / "c.txt", 200)),
         "--held-out", "16", "--init", "2x2", "--init-tokens", "400", "--threads", "1",
-        "--out", str(out)]) == 0
+        "--models", str(model_dir), "--out", str(out)]) == 0
     result = json.loads((out / "bound.json").read_text())
     assert len(result["layers"]) == source.n_layers
     for row in result["layers"]:
         posts = [v["post_norm"] for v in row["oracle"].values()]
         assert len(posts) >= 2 and posts == sorted(posts, reverse=True) and posts[-1] >= 0
         assert row["init"]["fff"] == "2x2" and 0 <= row["init"]["post_norm"] < 10
+        assert 0 <= row["models"][model_dir.name]["post_norm"] < 10
     assert "amx_bf16" in result["environment"]["cpu_flags"]
