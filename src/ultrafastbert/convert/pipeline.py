@@ -409,10 +409,11 @@ def heldout_set(source: SourceModel, rows: np.ndarray, pad_id: int) -> HeldoutSe
 def heldout_fit(student: Any, held: HeldoutSet) -> dict[str, Any]:
     """On held-out text: each block's relative error (all tokens), its post-norm error on the
     ordinary tokens (:func:`post_norm_error`) and the pooled embeddings' cosine."""
-    blocks = fff_blocks(student)
-    errors = [relative_error(b(x), y) for b, x, y in zip(blocks, held.xs, held.ys, strict=True)]
-    post = [post_norm_error(b(x[held.ordinary]), x[held.ordinary], y[held.ordinary], norm)
-            for b, x, y, norm in zip(blocks, held.xs, held.ys, held.norms, strict=True)]
+    outs = [b(x) for b, x in zip(fff_blocks(student), held.xs, strict=True)]
+    errors = [relative_error(out, y) for out, y in zip(outs, held.ys, strict=True)]
+    ordinary = held.ordinary
+    post = [post_norm_error(out[ordinary], x[ordinary], y[ordinary], norm)
+            for out, x, y, norm in zip(outs, held.xs, held.ys, held.norms, strict=True)]
     _, pooled_s = teacher_outputs(student, held.text, held.pooling)
     cos = torch.nn.functional.cosine_similarity(pooled_s, held.pooled, dim=-1)
     return {"rows": int(held.text.input_ids.shape[0]), "block_error": errors,
