@@ -15,7 +15,8 @@ feed-forward output (bias excluded):
   distillation (the held-out texts come from the corpus, which the distillation may have read);
 - the number of neurons with ``|GELU| > 0.05`` per token (how spread the dense output is).
 
-Tokens are split into the tokenizer's special tokens ([CLS], [SEP]) and the rest: all-MiniLM's
+Tokens are split as the conversion's held-out report splits them (``convert.pipeline.heldout_set``:
+each text's first and last token, [CLS] and [SEP], against the rest): all-MiniLM's
 [CLS] carries a massive activation (one dimension near 190 in layer 0) that dominates
 all-token figures, so the bound is read on the ordinary tokens.
 
@@ -25,24 +26,25 @@ all-token figures, so the bound is read on the ordinary tokens.
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ultrafastbert import from_pretrained
 from ultrafastbert.bench.common import environment
-from ultrafastbert.convert.data import cut_batch, ffn_io, load_segments
+from ultrafastbert.convert.data import load_segments
 from ultrafastbert.convert.init import init_block
-from ultrafastbert.convert.pipeline import collect_inputs, post_norm_error
+from ultrafastbert.convert.pipeline import collect_inputs, heldout_set, post_norm_error
 from ultrafastbert.convert.source import load_source, make_student, parse_fff
-from ultrafastbert.model.converted import FAMILIES, dense_ffns, fff_blocks, post_norms
+from ultrafastbert.model.converted import FAMILIES, dense_ffns, fff_blocks
 from ultrafastbert.utils.io import atomic_write_json
 
 KS = (12, 64, 128, 256, 512)
 
 
 def errors(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, b2: torch.Tensor,
-           norm: torch.nn.Module) -> dict[str, float]:
+           norm: Any) -> dict[str, float]:
     """Relative squared error of ``pred`` against ``target`` (both bias-free, ``(T, d)``) and
     the post-norm error relative to removing the block (``convert.pipeline.post_norm_error``)."""
     rel = (pred - target).pow(2).sum() / target.pow(2).sum()
@@ -72,21 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = load_source(args.source)
-    rows = load_segments(args.corpus, src.tokenizer_dir, max_len=128, max_documents=40000)
+    pad_id = int(src.model.config.pad_token_id or 0)
+    rows = load_segments(args.corpus, src.tokenizer_dir, max_len=128, max_documents=40000,
+                         pad_id=pad_id)
     order = np.random.default_rng(1).permutation(len(rows))
-    held = cut_batch(torch.from_numpy(rows[order[:args.held_out]]), 0)
-    xs, ys = ffn_io(src.model, held)
-    ids = held.input_ids[held.attention_mask.bool()]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(src.tokenizer_dir))
-    ordinary = ~torch.isin(ids, torch.tensor(sorted(set(tok.all_special_ids))))
+    held = heldout_set(src, rows[order[:args.held_out]], pad_id)
+    xs, ys, ordinary, norms = held.xs, held.ys, held.ordinary, held.norms
     dense = dense_ffns(src.model, FAMILIES[src.family])
-    norms = post_norms(src.model)
     converted = {d.name: fff_blocks(from_pretrained(d)) for d in args.models}
     blocks = None
     if args.init:
-        fit_x = collect_inputs(src.model, rows[order[args.held_out:]], args.init_tokens, 0, 32)
+        fit_x = collect_inputs(src.model, rows[order[args.held_out:]], args.init_tokens, pad_id,
+                               32)
         blocks = fff_blocks(make_student(src, parse_fff(args.init, len(dense))))
     layers = []
     with torch.no_grad():
