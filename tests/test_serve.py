@@ -316,7 +316,8 @@ def test_cli_refuses_a_port_in_use(models, mlm, capsys):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_answers_requests_in_flight(models, mlm_api, tmp_path, sig):
-    server = ServerProcess(models / "mlm", "--max-wait-ms", "3000", "--workers", "2",
+    server = ServerProcess(models / "mlm", "--max-wait-ms", "3000", "--max-queue-ms", "20000",
+                           "--workers", "2",
                            log_file=tmp_path / "log")
     batch = texts(4, seed=11)
     with ThreadPoolExecutor(4) as pool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds requests in flight get at shutdown (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not log every request")
+    _add_overload_options(p)
     p.set_defaults(handler=run)
+
+
+def _add_overload_options(p: argparse.ArgumentParser) -> None:
+    """Admission control and API keys (docs/serving.md, "Overload" and "API keys")."""
+    g = p.add_argument_group("overload and access")
+    g.add_argument("--max-queue-tokens", type=int, default=None,
+                   help="tokens waiting for the model; more is refused with 429 (default: "
+                        "what the model computes in half of --max-queue-ms, measured at start)")
+    g.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="model requests in the server at once; more is refused with 429 "
+                        "(default: --max-queue-tokens / 16, within 16 and 1024)")
+    g.add_argument("--max-queue-ms", type=float, default=1000.0,
+                   help="a request not in the model after this long is answered 429 and not "
+                        "computed (default 1000)")
+    g.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                   help="accepted keys, one per line (Authorization: Bearer KEY on every "
+                        f"route but /health); or set {API_KEY_ENV}")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"a key on the command line (visible in ps: prefer {API_KEY_ENV} or "
+                        "--api-key-file)")
+
+
+#: The environment variable holding an API key.
+API_KEY_ENV = "ULTRAFASTBERT_API_KEY"
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """The keys from --api-key-file, $ULTRAFASTBERT_API_KEY and --api-key (warned about)."""
+    from ..errors import InputError, NotFoundError
+
+    keys = []
+    if args.api_key_file is not None:
+        try:
+            text = args.api_key_file.read_text()
+        except FileNotFoundError as err:
+            raise NotFoundError(f"--api-key-file {args.api_key_file} does not exist") from err
+        keys = [k.strip() for k in text.splitlines() if k.strip() and not k.startswith("#")]
+        if not keys:
+            raise InputError(f"--api-key-file {args.api_key_file} holds no key: one key per "
+                             "line")
+    if os.environ.get(API_KEY_ENV, "").strip():
+        keys.append(os.environ[API_KEY_ENV].strip())
+    if args.api_key is not None:
+        print(f"warning: --api-key puts the key where every user of this machine sees it (ps, "
+              f"shell history); use {API_KEY_ENV} or --api-key-file", file=sys.stderr)
+        keys.append(args.api_key)
+    return tuple(keys)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
                          max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
                          max_request_tokens=args.max_request_tokens, truncate=args.truncate,
                          max_body_bytes=args.max_body_bytes,
-                         graceful_timeout_s=args.graceful_timeout, workers=args.workers)
+                         graceful_timeout_s=args.graceful_timeout, workers=args.workers,
+                         max_queue_tokens=args.max_queue_tokens, max_queue_ms=args.max_queue_ms,
+                         max_concurrent_requests=args.max_concurrent_requests,
+                         api_keys=api_keys(args))
     predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                           kernel=args.kernel)
     sock = bind(args.host, args.port)
@@ -78,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         print(f"ultrafastbert serve: {name} ({', '.join(predictor.tasks)}) on {url} "
-              f"({torch.get_num_threads()} threads); stop with Ctrl+C or SIGTERM", flush=True)
+              f"({torch.get_num_threads()} threads{', API key needed' if config.api_keys else ''}"
+              "); stop with Ctrl+C or SIGTERM", flush=True)
 
     serve(predictor, config, sock, on_ready=ready)
     print("ultrafastbert serve: stopped", flush=True)

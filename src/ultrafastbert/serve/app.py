@@ -3,13 +3,17 @@
 Endpoints (see ``docs/serving.md``): ``POST /v1/embeddings`` (OpenAI's request and response
 shape), ``POST /v1/classify``, ``POST /v1/fill-mask``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus text format). Every error is JSON in OpenAI's shape
-``{"error": {"message", "type", "code", "param"}}`` with a 4xx status for a bad request.
+``{"error": {"message", "type", "code", "param"}}`` with a 4xx status for a bad request, 429
+(503 while draining) with ``Retry-After`` when the server is full, 401 without the API key
+(when the server has keys; ``/health`` is always open).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -23,9 +27,10 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
+from .errors import ClientGone, ServeError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .schemas import ClassifyRequest, EmbeddingRequest, FillMaskRequest
-from .service import ServeError, Service
+from .service import Service
 
 logger = logging.getLogger("ultrafastbert.serve")
 
@@ -33,6 +38,10 @@ ENDPOINTS = ("POST /v1/embeddings", "POST /v1/classify", "POST /v1/fill-mask",
              "GET /v1/models", "GET /health", "GET /metrics")
 _PATHS = {e.split()[1] for e in ENDPOINTS}
 _QUIET_PATHS = {"/health", "/metrics"}  # scraped often: logged at debug level only
+_MODEL_PATHS = {"/v1/embeddings", "/v1/classify", "/v1/fill-mask"}  # admission-controlled
+_OPEN_PATHS = {"/health"}  # no API key needed
+#: The status logged and counted for a request whose client left before its answer (nginx's).
+CLIENT_GONE = 499
 
 
 def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
@@ -51,7 +60,8 @@ def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="ultrafastbert", version="1", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(RequestLog, service=service)
+    app.add_middleware(Gate, service=service)
+    app.add_middleware(RequestLog, service=service)  # outermost: logs the gate's refusals too
     _add_error_handlers(app)
     _add_routes(app, service)
     return app
@@ -71,7 +81,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
                                   f"{service.dimensions}; leave it out", "dimensions",
                              "dimensions")
         rows = _tokenized(request, service, body.input)
-        vectors = await service.run(("embed",), rows)
+        vectors = await service.run(("embed",), rows, receive=request.receive)
         data = [{"object": "embedding", "index": i, "embedding": _vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return _json({"object": "list", "data": data, "model": name, "usage": _usage(rows)})
@@ -82,7 +92,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         service.check_model(body.model)
         service.require("classify")
         rows = _tokenized(request, service, body.input, body.pair)
-        results = await service.run(("classify",), rows)
+        results = await service.run(("classify",), rows, receive=request.receive)
         data = [{"index": i, "label": r.label, "probability": r.probability,
                  "probabilities": r.probabilities, "value": r.value}
                 for i, r in enumerate(results)]
@@ -99,7 +109,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         texts = [service.predictor.with_mask_token(t) for t in body.input]
         rows = _tokenized(request, service, texts)
         _check_masks(service, texts, rows)
-        results = await service.run(("fill-mask", body.top_k), rows, texts)
+        results = await service.run(("fill-mask", body.top_k), rows, texts,
+                                    receive=request.receive)
         data = [{"index": i, "text": r.text, "filled": r.filled,
                  "masks": [[c.__dict__ for c in mask] for mask in r.candidates]}
                 for i, r in enumerate(results)]
@@ -118,14 +129,30 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        """200 with the model's name and texts in the works while the server takes requests."""
-        return _json({"status": "ok", "model": name, "tasks": list(service.tasks),
-                      "pending_inputs": service.batcher.pending})
+        """200 with the model's name, its load and bounds while the server takes requests
+        (``status`` "ok" or "overloaded"); 503 "draining" once it shuts down."""
+        return _health(service)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _health(service: Service) -> Response:
+    admission, limits = service.admission, service.limits
+    status = "draining" if admission.draining else \
+        "overloaded" if limits is not None and admission.overloaded else "ok"
+    body: dict[str, Any] = {
+        "status": status, "model": service.config.model_name, "tasks": list(service.tasks),
+        "pending_inputs": service.batcher.pending, "requests_in_flight": admission.in_flight,
+        "queued_tokens": service.batcher.queued_tokens}
+    if limits is not None:
+        body["limits"] = {"max_queue_tokens": limits.max_queue_tokens,
+                          "max_concurrent_requests": limits.max_concurrent_requests,
+                          "max_queue_ms": round(limits.max_queue_s * 1000, 3),
+                          "measured_tokens_per_s": round(limits.tokens_per_s, 1)}
+    return _json(body, 503 if status == "draining" else 200)
 
 
 def _tokenized(request: Request, service: Service, texts: list[str],
@@ -169,10 +196,13 @@ def _json(content: Any, status: int = 200, headers: Mapping[str, str] | None = N
 
 
 # ------------------------------------------------------------------------------------ errors
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
 def error_response(status: int, message: str, code: str, param: str | None = None,
                    headers: Mapping[str, str] | None = None) -> Response:
     """A JSON error in OpenAI's shape."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return _json({"error": {"message": message, "type": kind, "code": code, "param": param}},
                  status, headers)
 
@@ -180,7 +210,11 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, err: ServeError) -> Response:
-        return error_response(err.status, err.message, err.code, err.param)
+        return error_response(err.status, err.message, err.code, err.param, err.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE)  # nobody reads it: logged and counted only
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> Response:
@@ -227,6 +261,70 @@ def _validation_error(request: Request, errors: Sequence[Any]) -> Response:
     first = errors[0].get("loc", ()) if errors else ()
     param = ".".join(str(p) for p in first[1:]) or None
     return error_response(422, "; ".join(parts), "invalid_value", param)
+
+
+# ------------------------------------------------------------------------ keys and admission
+class Gate:
+    """ASGI middleware in front of the routes: the API key (401) on every path but
+    ``/health``; then, for the model endpoints, admission (503 draining, 429 too many
+    requests) before the body is read, so a refusal costs next to nothing."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app, self.service = app, service
+        self._keys = [_digest(k.encode()) for k in service.config.api_keys]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self._keys and path not in _OPEN_PATHS and not self._authorized(scope):
+            await _unauthorized(scope)(scope, receive, send)
+            return
+        if path not in _MODEL_PATHS or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        admission = self.service.admission
+        try:
+            admission.enter()
+        except ServeError as err:
+            response = error_response(err.status, err.message, err.code, headers=err.headers)
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.leave()
+
+    def _authorized(self, scope: dict) -> bool:
+        """``Authorization: Bearer KEY`` with one of the keys, compared in constant time (the
+        SHA-256 digests, so neither the keys' lengths nor the first differing byte show)."""
+        given = _header(scope, b"authorization")
+        scheme, _, key = given.partition(b" ")
+        digest = _digest(key.strip())
+        ok = False
+        for known in self._keys:  # every key, no early exit
+            ok |= hmac.compare_digest(digest, known)
+        return ok and scheme.lower() == b"bearer"
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def _header(scope: dict, name: bytes) -> bytes:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return b""
+
+
+def _unauthorized(scope: dict) -> Response:
+    given = bool(_header(scope, b"authorization"))
+    message = ("the API key is wrong (Authorization: Bearer KEY)" if given else
+               "this server needs an API key: send the header Authorization: Bearer KEY")
+    return error_response(401, message, "invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
 
 
 # ----------------------------------------------------------------------------------- logging

@@ -9,6 +9,11 @@ the budget) and runs them. When the model was busy, everything that queued meanw
 batched at once, without waiting. A batch that raises is run again one job at a time, so one
 bad input fails only its own request.
 
+The jobs of one request share a :class:`Ticket`: its queue deadline and whether it was
+cancelled (client gone, deadline passed). Work of a cancelled ticket is never computed: the
+worker checks every job when it collects it, when it plans batches and again before each
+batch, and answers the job with :class:`JobCancelled` instead.
+
 Workers never touch the event loop except through ``call_soon_threadsafe``.
 """
 
@@ -30,6 +35,69 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 
 
+class JobCancelled(Exception):
+    """A job that was not computed: its request's client left or its queue deadline passed
+    (``reason``: ``disconnected`` or ``expired``)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"not computed: {reason}")
+        self.reason = reason
+
+
+class Ticket:
+    """The jobs of one request: their queue ``deadline`` (``time.perf_counter`` seconds, None
+    for none), the tokens still queued, whether one has started and why it was cancelled.
+
+    Thread-safe: the event loop cancels, the workers start. Tokens leave the queue exactly once
+    (a job starts, or the ticket is cancelled); ``release`` gets each such count.
+    """
+
+    def __init__(self, deadline: float | None, tokens: int,
+                 release: Callable[[int], None] | None = None):
+        self.deadline, self.queued_tokens, self._release = deadline, tokens, release
+        self.started = False
+        self.reason: str | None = None
+        self.started_at: float | None = None
+        self._lock = threading.Lock()
+
+    def start(self, tokens: int, now: float) -> bool:
+        """A job of ``tokens`` tokens is about to be computed: False (and nothing changes but
+        the expiry) when the ticket is cancelled or its deadline passed before any job began."""
+        with self._lock:
+            if self.reason is None and not self.started and self.late(now):
+                self._cancel("expired")
+            if self.reason is not None:
+                return False
+            if not self.started:
+                self.started, self.started_at = True, now
+            self.queued_tokens -= tokens
+            freed = tokens
+        self._free(freed)
+        return True
+
+    def cancel(self, reason: str) -> bool:
+        """Cancel: ``disconnected`` always; ``expired`` only when no job has started (a started
+        request runs to its end). True when this call cancelled it."""
+        with self._lock:
+            if self.reason is not None or (reason == "expired" and self.started):
+                return False
+            freed = self._cancel(reason)
+        self._free(freed)
+        return True
+
+    def late(self, now: float) -> bool:
+        """True when the deadline has passed at ``now``."""
+        return self.deadline is not None and now > self.deadline
+
+    def _cancel(self, reason: str) -> int:
+        self.reason, freed, self.queued_tokens = reason, self.queued_tokens, 0
+        return freed
+
+    def _free(self, tokens: int) -> None:
+        if self._release is not None and tokens:
+            self._release(tokens)
+
+
 @dataclass
 class Job:
     """One text waiting for the model: its ``key`` (jobs with equal keys may share a batch:
@@ -41,6 +109,12 @@ class Job:
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     arrived: float = field(default_factory=time.perf_counter)
+    ticket: Ticket | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True when the job's request was cancelled (nothing is computed for it)."""
+        return self.ticket is not None and self.ticket.reason is not None
 
 
 @dataclass(frozen=True)
@@ -98,17 +172,23 @@ class Batcher:
     its own batches from one queue; more than one lets single-threaded model calls use several
     cores at once).
 
-    ``observer`` (optional) gets a :class:`BatchStats` after every model call.
+    ``observer`` (optional) gets a :class:`BatchStats` after every model call;
+    ``on_cancel`` (optional) gets (reason, jobs) for every job not computed because its ticket
+    was cancelled, and ``on_wasted`` (reason, jobs) for every job computed for a ticket
+    cancelled meanwhile (the client left during the model call).
     """
 
     def __init__(self, runner: Runner, *, max_batch_tokens: int, max_wait_s: float,
                  observer: Callable[[BatchStats], None] | None = None, workers: int = 1):
         self.runner, self.max_batch_tokens, self.max_wait_s = runner, max_batch_tokens, max_wait_s
         self.observer, self.workers = observer, workers
+        self.on_cancel: Callable[[str, int], None] | None = None
+        self.on_wasted: Callable[[str, int], None] | None = None
         self._queue: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._pending, self._lock = 0, threading.Lock()
+        self._queued_tokens = 0
 
     # ----------------------------------------------------------------------- event-loop side
     def start(self) -> None:
@@ -118,22 +198,40 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
+    def ticket(self, deadline: float | None, tokens: int) -> Ticket:
+        """A ticket for one request of ``tokens`` tokens, counted in :attr:`queued_tokens`
+        until its jobs start or it is cancelled."""
+        with self._lock:
+            self._queued_tokens += tokens
+        return Ticket(deadline, tokens, self._release_tokens)
+
     def submit(self, key: Hashable, rows: Sequence[Sequence[int]],
-               payloads: Sequence[Any] | None = None) -> list[asyncio.Future]:
-        """Queue one job per row (call on the event loop); the futures get the results."""
+               payloads: Sequence[Any] | None = None, ticket: Ticket | None = None
+               ) -> list[asyncio.Future]:
+        """Queue one job per row (call on the event loop); the futures get the results (or
+        :class:`JobCancelled` when the ``ticket`` is cancelled before the job runs)."""
         if self._closed or not self._threads:
             raise ResourceError("the server is shutting down (or was never started): retry "
                                 "on another instance")
         loop = asyncio.get_running_loop()
         payloads = [None] * len(rows) if payloads is None else payloads
         futures = [loop.create_future() for _ in rows]
-        jobs = [Job(key, row, payload, future, loop)
+        jobs = [Job(key, row, payload, future, loop, ticket=ticket)
                 for row, payload, future in zip(rows, payloads, futures, strict=True)]
         with self._lock:
             self._pending += len(jobs)
         for job in jobs:
             self._queue.put(job)
         return futures
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens of ticketed jobs that have neither started nor been cancelled."""
+        return self._queued_tokens
+
+    def _release_tokens(self, tokens: int) -> None:
+        with self._lock:
+            self._queued_tokens -= tokens
 
     @property
     def pending(self) -> int:
@@ -157,10 +255,43 @@ class Batcher:
     def _work(self) -> None:
         while True:
             jobs, stop = self._collect()
-            for batch in plan_batches(jobs, self.max_batch_tokens):
-                self._run(batch)
+            for batch in plan_batches(self._live(jobs), self.max_batch_tokens):
+                batch = self._started(batch)  # checked again: earlier batches took time
+                if batch:
+                    self._run(batch)
             if stop:
                 return
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still wanted; the others are answered with :class:`JobCancelled`."""
+        now = time.perf_counter()
+        live = []
+        for job in jobs:
+            ticket = job.ticket
+            if ticket is not None and not ticket.started and ticket.late(now):
+                ticket.cancel("expired")
+            if job.cancelled:
+                self._drop(job)
+            else:
+                live.append(job)
+        return live
+
+    def _started(self, batch: list[Job]) -> list[Job]:
+        """Start the jobs of ``batch`` whose ticket is live (takes them off the queued tokens);
+        the others are dropped."""
+        now, started = time.perf_counter(), []
+        for job in batch:
+            if job.ticket is None or job.ticket.start(len(job.ids), now):
+                started.append(job)
+            else:
+                self._drop(job)
+        return started
+
+    def _drop(self, job: Job) -> None:
+        reason = job.ticket.reason if job.ticket is not None and job.ticket.reason else "?"
+        if self.on_cancel is not None:
+            _quietly(self.on_cancel, reason, 1)
+        self._answer(job, error=JobCancelled(reason))
 
     def _collect(self) -> tuple[list[Job], bool]:
         """Block for one job, then gather more until the wait limit or the token budget."""
@@ -176,6 +307,9 @@ class Batcher:
                 break
             if job is _STOP:
                 return jobs, True
+            if job.cancelled:
+                self._drop(job)
+                continue
             jobs.append(job)
             tokens += len(job.ids)
         return jobs, False
@@ -198,6 +332,8 @@ class Batcher:
             return
         self._observe(batch, start, failed=False)
         for job, result in zip(batch, results, strict=True):
+            if job.cancelled and self.on_wasted is not None:
+                _quietly(self.on_wasted, str(job.ticket.reason if job.ticket else "?"), 1)
             self._answer(job, result=result)
 
     def _answer(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
@@ -212,10 +348,15 @@ class Batcher:
         stats = BatchStats(batch[0].key, len(batch), len(batch) * max(lengths), sum(lengths),
                            time.perf_counter() - start,
                            start - min(job.arrived for job in batch), failed)
-        try:
-            self.observer(stats)
-        except Exception:  # metrics must never break serving
-            logger.exception("the batch observer failed")
+        _quietly(self.observer, stats)
+
+
+def _quietly(callback: Callable[..., None], *args: Any) -> None:
+    """Call a metrics callback; metrics must never break serving."""
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("a batcher callback failed")
 
 
 def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:

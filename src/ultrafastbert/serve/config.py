@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 
@@ -26,6 +26,15 @@ class ServeConfig:
     - ``workers``: threads that run batches at once (with one torch thread each, they use as
       many cores; see docs/serving.md for threads against workers).
     - ``graceful_timeout_s``: on SIGTERM/SIGINT, how long requests in flight may take.
+    - ``max_queue_tokens``: tokens of admitted requests waiting for the model; a request that
+      would go over is refused at once (429). None: sized when the server starts, from the
+      model's measured tokens/s (what it computes in half of ``max_queue_ms``).
+    - ``max_concurrent_requests``: model requests in the server at once (queued, in the
+      model, being read); one more is refused at once (429). None: sized from
+      ``max_queue_tokens`` (that many tokens in 16-token requests, within 16 and 1024).
+    - ``max_queue_ms``: how long a request may wait for its first model call; then it is
+      answered 429 and not computed (a request that started runs to its end).
+    - ``api_keys``: the accepted ``Authorization: Bearer`` keys (empty: no authentication).
     """
 
     model_name: str
@@ -38,16 +47,33 @@ class ServeConfig:
     max_top_k: int = 100
     graceful_timeout_s: float = 30.0
     workers: int = 1
+    max_queue_tokens: int | None = None
+    max_concurrent_requests: int | None = None
+    max_queue_ms: float = 1000.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise ConfigError("model_name must not be empty: give --model-name")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.type in ("int", "float") and field.name != "max_wait_ms" and value <= 0:
-                raise ConfigError(f"{field.name} must be > 0, got {value}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and f.name != "max_wait_ms" and value <= 0:
+                raise ConfigError(f"{f.name} must be > 0, got {value}")
+        for name in ("max_queue_tokens", "max_concurrent_requests"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0 (or left out to size it from the "
+                                  f"model's speed), got {value}")
+        if self.max_queue_ms <= self.max_wait_ms:
+            raise ConfigError(f"max_queue_ms {self.max_queue_ms} must be above max_wait_ms "
+                              f"{self.max_wait_ms} (the wait for batch-mates is queue time "
+                              "too): raise --max-queue-ms")
+        for i, key in enumerate(self.api_keys):
+            if not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ConfigError(f"API key {i + 1} is empty or holds white space: one key "
+                                  "per line, nothing else on it")
 
     def check_model_length(self, max_length: int) -> None:
         """Refuse a token budget that cannot hold one text of the model's ``max_length``."""

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .batcher import BatchStats
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -49,6 +55,55 @@ class Metrics:
                             registry=r)
         if queue_depth is not None:
             self.pending.set_function(queue_depth)
+        self._overload_metrics()
+
+    def _overload_metrics(self) -> None:
+        r = self.registry
+        self.rejected = Counter("ultrafastbert_rejected_requests",
+                                "requests refused by admission control (429, 503 draining)",
+                                ["reason"], registry=r)
+        self.cancelled = Counter("ultrafastbert_cancelled_requests",
+                                 "admitted requests cancelled: client gone or queue deadline "
+                                 "passed", ["reason"], registry=r)
+        self.skipped_inputs = Counter("ultrafastbert_skipped_inputs",
+                                      "texts not computed because their request was cancelled",
+                                      ["reason"], registry=r)
+        self.wasted_inputs = Counter("ultrafastbert_wasted_inputs",
+                                     "texts computed for a request cancelled during their "
+                                     "model call", ["reason"], registry=r)
+        self.request_queue = Histogram("ultrafastbert_request_queue_seconds",
+                                       "a request's wait from admission to its first model "
+                                       "call", buckets=_SECONDS, registry=r)
+        self.in_flight = Gauge("ultrafastbert_requests_in_flight",
+                               "model requests in the server", registry=r)
+        self.queued_tokens = Gauge("ultrafastbert_queued_tokens",
+                                   "tokens of admitted requests not yet in the model",
+                                   registry=r)
+        self.limit = Gauge("ultrafastbert_admission_limit", "the admission bounds in force",
+                           ["bound"], registry=r)
+
+    def watch(self, admission: Admission) -> None:
+        """Read the in-flight requests, queued tokens and bounds from ``admission``."""
+        self.in_flight.set_function(lambda: admission.in_flight)
+        self.queued_tokens.set_function(admission.queued_tokens)
+        for bound in ("max_queue_tokens", "max_concurrent_requests", "max_queue_s"):
+            self.limit.labels(bound).set_function(_reader(admission, bound))
+
+    def observe_rejection(self, reason: str) -> None:
+        """A request refused (``concurrency``, ``queue_tokens``, ``draining``)."""
+        self.rejected.labels(reason).inc()
+
+    def observe_cancelled(self, reason: str) -> None:
+        """An admitted request cancelled (``disconnected``, ``expired``)."""
+        self.cancelled.labels(reason).inc()
+
+    def observe_skipped(self, reason: str, inputs: int) -> None:
+        """Texts the workers dropped without computing them."""
+        self.skipped_inputs.labels(reason).inc(inputs)
+
+    def observe_wasted(self, reason: str, inputs: int) -> None:
+        """Texts computed for a request that was cancelled meanwhile."""
+        self.wasted_inputs.labels(reason).inc(inputs)
 
     def observe_batch(self, stats: BatchStats) -> None:
         """Record one model call (the batcher's observer)."""
@@ -74,3 +129,8 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def _reader(admission: Admission, bound: str) -> Callable[[], float]:
+    """Reads one bound of ``admission`` (0 before the server starts)."""
+    return lambda: float(getattr(admission.limits, bound, 0) or 0)

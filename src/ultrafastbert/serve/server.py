@@ -1,7 +1,8 @@
 """Running the app: a socket on the given address, uvicorn, and a shutdown that exits 0.
 
-On SIGTERM or SIGINT the server stops accepting connections, answers every request in flight
-(up to ``graceful_timeout_s``), stops the batch worker and returns; a second SIGINT forces the
+On SIGTERM or SIGINT the server stops accepting connections, refuses model requests that
+reach it from then on (503), answers every request in flight (up to ``graceful_timeout_s``;
+queued ones are still bounded by the queue deadline), stops the batch worker and returns; a second SIGINT forces the
 exit. (uvicorn by itself re-raises the signal after a graceful shutdown, which makes the
 process end by the signal instead of with status 0.)
 """
@@ -51,7 +52,7 @@ def serve(predictor: Any, config: ServeConfig, sock: socket.socket,
     app = create_app(predictor, config)
     uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s))
-    server = Server(uv_config, on_ready)
+    server = Server(uv_config, on_ready, on_exit=app.state.service.drain)
     server.run(sockets=[sock])
     if not server.started:
         raise RunError("the server did not start (see the log above)")
@@ -60,9 +61,10 @@ def serve(predictor: Any, config: ServeConfig, sock: socket.socket,
 class Server(uvicorn.Server):
     """uvicorn's server, with an ``on_ready`` hook and signals that end with status 0."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None = None):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None = None,
+                 on_exit: Callable[[], None] | None = None):
         super().__init__(config)
-        self._on_ready = on_ready
+        self._on_ready, self._on_exit = on_ready, on_exit
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -86,4 +88,6 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
             logger.warning("signal %d: answering the requests in flight, then exiting", sig)
+            if self._on_exit is not None:
+                self._on_exit()
         super().handle_exit(sig, frame)

@@ -3,7 +3,9 @@
 The model is reached only through :class:`~ultrafastbert.infer.Predictor` (``tasks``,
 ``tokenize``, ``pad``, ``embed_ids``, ``classify_ids``, ``fill_mask_ids``), so every model
 directory ``Predictor`` loads can be served. Tokenizing happens on the event loop (one thread);
-the model runs on the batcher's worker thread.
+the model runs on the batcher's worker thread. Admission (:mod:`.admission`) bounds what waits
+for the model; a request whose client leaves, or whose queue deadline passes, is cancelled and
+its texts are not computed.
 """
 
 from __future__ import annotations
@@ -11,26 +13,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import InputError, ResourceError
-from .batcher import Batcher, Job
+from .admission import Admission, Limits, size_limits
+from .batcher import Batcher, BatchStats, Job, JobCancelled, Ticket
 from .config import ServeConfig
+from .errors import ClientGone, ServeError
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ClientGone", "ServeError", "Service"]
 
-class ServeError(Exception):
-    """A request the server refuses: HTTP ``status``, a message that says what to do, a short
-    machine-readable ``code`` and the request field at fault (``param``)."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+#: Rows and words of the batch timed at start to size the queue bounds.
+SPEED_ROWS, SPEED_WORDS = 16, 30
 
 
 class Service:
@@ -43,7 +43,12 @@ class Service:
                                max_wait_s=config.max_wait_ms / 1000.0,
                                workers=config.workers)
         self.metrics = metrics or Metrics(queue_depth=lambda: self.batcher.pending)
-        self.batcher.observer = self.metrics.observe_batch
+        self.admission = Admission(lambda: self.batcher.queued_tokens,
+                                   on_reject=self.metrics.observe_rejection)
+        self.metrics.watch(self.admission)
+        self.batcher.observer = self._observe_batch
+        self.batcher.on_cancel = self.metrics.observe_skipped
+        self.batcher.on_wasted = self.metrics.observe_wasted
         self.tasks: tuple[str, ...] = tuple(predictor.tasks)
         self.max_length: int = predictor.max_length
         self.dimensions: int | None = None
@@ -56,14 +61,51 @@ class Service:
         rows = self.predictor.tokenize(["warm up"])
         vectors = self.predictor.embed_ids(*self.predictor.pad(rows))
         self.dimensions = int(vectors.shape[-1])
+        limits = size_limits(self.config, self._measure_speed(), self.max_length)
+        self.admission.set_limits(limits)
         self.batcher.start()
         logger.info("serving %s: tasks %s, max length %d, embedding width %d",
                     self.config.model_name, ", ".join(self.tasks), self.max_length,
                     self.dimensions)
+        logger.info("admission: at most %d queued tokens, %d requests, %.0f ms in the queue "
+                    "(model speed at start %.0f tokens/s%s)", limits.max_queue_tokens,
+                    limits.max_concurrent_requests, limits.max_queue_s * 1000,
+                    limits.tokens_per_s,
+                    f"; sized from it: {', '.join(limits.sized)}" if limits.sized else "")
+
+    def _measure_speed(self) -> float:
+        """The model's tokens/s on a batch of 16 texts of about 30 words (best of 3 calls;
+        none when both queue bounds are given)."""
+        if self.config.max_queue_tokens is not None and \
+                self.config.max_concurrent_requests is not None:
+            return 0.0
+        rows = self.predictor.tokenize([" ".join(["word"] * SPEED_WORDS)] * SPEED_ROWS)
+        ids, mask = self.predictor.pad(rows)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            self.predictor.embed_ids(ids, mask)
+            best = min(best, time.perf_counter() - start)
+        return sum(len(r) for r in rows) / max(best, 1e-6)
+
+    @property
+    def limits(self) -> Limits | None:
+        """The admission bounds in force (None before :meth:`start`)."""
+        return self.admission.limits
+
+    def drain(self) -> None:
+        """Refuse new model requests (503) from now on; the admitted ones are still answered."""
+        self.admission.draining = True
 
     def close(self) -> None:
         """Answer every queued text, then stop the worker."""
+        self.drain()
         self.batcher.close(self.config.graceful_timeout_s)
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        self.metrics.observe_batch(stats)
+        if not stats.failed:
+            self.admission.observe(stats.real_tokens, stats.seconds)
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> None:
@@ -119,20 +161,70 @@ class Service:
 
     # --------------------------------------------------------------------------- running
     async def run(self, key: Hashable, rows: Sequence[Sequence[int]],
-                  payloads: Sequence[Any] | None = None) -> list[Any]:
-        """Queue the rows (jobs of one request), wait for all; a failed job fails the request
-        (422 for bad input, 503 when shutting down, anything else is a server error)."""
+                  payloads: Sequence[Any] | None = None,
+                  receive: Callable[[], Awaitable[Any]] | None = None) -> list[Any]:
+        """Admit the rows (jobs of one request), queue them, wait for all; a failed job fails
+        the request (422 for bad input, 503 when shutting down, anything else is a server
+        error). Refused beyond the queue bounds (429); given the request's ASGI ``receive``,
+        a client that disconnects cancels its jobs (:class:`ClientGone`)."""
+        tokens = sum(len(row) for row in rows)
+        self.admission.check_tokens(tokens)
+        limits = self.admission.limits
+        deadline = time.perf_counter() + limits.max_queue_s if limits is not None else None
+        admitted = time.perf_counter()
+        ticket = self.batcher.ticket(deadline, tokens)
         try:
-            futures = self.batcher.submit(key, rows, payloads)
+            futures = self.batcher.submit(key, rows, payloads, ticket)
         except ResourceError as err:
+            ticket.cancel("closed")
             raise ServeError(503, str(err), "shutting_down") from err
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self._wait(futures, ticket, receive)
         for result in results:
+            if isinstance(result, JobCancelled):
+                raise self._cancelled(result.reason) from result
             if isinstance(result, InputError):
                 raise ServeError(422, str(result), "invalid_input", "input") from result
             if isinstance(result, BaseException):
                 raise result
+        if ticket.started_at is not None:
+            self.metrics.request_queue.observe(ticket.started_at - admitted)
         return list(results)
+
+    async def _wait(self, futures: list[asyncio.Future], ticket: Ticket,
+                    receive: Callable[[], Awaitable[Any]] | None) -> list[Any]:
+        """The jobs' results, unless the client leaves (cancel, :class:`ClientGone`) or the
+        deadline passes before the first model call (cancel, 429)."""
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        watcher = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
+        waiting: set[asyncio.Future] = {gathered} if watcher is None else {gathered, watcher}
+        timeout = None if ticket.deadline is None else ticket.deadline - time.perf_counter()
+        try:
+            while True:
+                done, _ = await asyncio.wait(waiting, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if gathered in done:
+                    return list(gathered.result())
+                if watcher is not None and watcher in done:
+                    ticket.cancel("disconnected")
+                    raise self._cancelled("disconnected")
+                if ticket.cancel("expired"):
+                    raise self._cancelled("expired")
+                timeout = None  # started in time: wait for the end
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not gathered.done():
+                gathered.cancel()
+
+    def _cancelled(self, reason: str) -> Exception:
+        """The error for a request cancelled for ``reason`` (counted once, here)."""
+        self.metrics.observe_cancelled(reason)
+        if reason == "disconnected":
+            return ClientGone()
+        if reason == "expired":
+            return self.admission.expired()
+        return ServeError(503, "the server is shutting down: retry on another instance",
+                          "shutting_down")
 
     def _run_batch(self, key: Any, jobs: list[Job]) -> Sequence[Any]:
         """One model call for jobs of one key (on the worker thread)."""
@@ -147,3 +239,12 @@ class Service:
             return self.predictor.fill_mask_ids([job.payload for job in jobs], ids, mask,
                                                 top_k=key[1])
         raise ValueError(f"unknown task {task!r}")
+
+
+async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return when the client disconnects (the ASGI ``http.disconnect`` message; the body was
+    read already, so nothing else arrives)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return

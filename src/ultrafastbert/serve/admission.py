@@ -1,0 +1,164 @@
+"""Admission control: what the server takes in while the model is busy.
+
+Three bounds keep an overloaded server answering quickly instead of queueing without end
+(see ``docs/serving.md``, "Overload"):
+
+- ``max_concurrent_requests``: model requests in the server at once; checked when a request's
+  headers arrive, before its body is read or tokenized, so the refusal costs next to nothing;
+- ``max_queue_tokens``: tokens of admitted requests whose model call has not started; checked
+  once the request is tokenized (a request bigger than the bound is taken only when nothing is
+  queued, so it runs alone instead of never);
+- ``max_queue_s``: how long a request may wait for its first model call (see
+  :class:`~ultrafastbert.serve.batcher.Ticket`).
+
+Beyond them the answer is 429 (503 while the server drains) with ``Retry-After``: the seconds
+the queued tokens take at the model's measured speed. The bounds left unset are sized from the
+model's tokens/s, measured when the server starts (:func:`size_limits`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ServeConfig
+from .errors import ServeError
+
+logger = logging.getLogger(__name__)
+
+#: A short request, in tokens, for sizing the request bound from the token bound.
+SHORT_REQUEST_TOKENS = 16
+#: The queue holds what the model computes in this share of the queue deadline, so a request
+#: admitted at the bound starts within its deadline even when the model runs at half the speed
+#: measured at start (a machine shared with other work).
+QUEUE_SHARE_OF_DEADLINE = 0.5
+#: /health says "overloaded" for this long after a refusal.
+OVERLOAD_MEMORY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds in force, and the speed they were sized from (tokens/s, measured at start)."""
+
+    max_queue_tokens: int
+    max_concurrent_requests: int
+    max_queue_s: float
+    tokens_per_s: float
+    sized: tuple[str, ...]  # the bounds that were sized from the speed, not given
+
+
+def size_limits(config: ServeConfig, tokens_per_s: float, max_length: int) -> Limits:
+    """Fill the bounds ``config`` leaves unset: the queue holds the tokens the model computes in
+    half the queue deadline (at least one text of ``max_length``); the request bound is that
+    many tokens in 16-token requests, within 16 and 1024."""
+    sized = []
+    tokens = config.max_queue_tokens
+    if tokens is None:
+        budget = tokens_per_s * config.max_queue_ms / 1000.0 * QUEUE_SHARE_OF_DEADLINE
+        tokens, sized = max(max_length, int(budget)), ["max_queue_tokens"]
+    requests = config.max_concurrent_requests
+    if requests is None:
+        requests = min(1024, max(16, tokens // SHORT_REQUEST_TOKENS))
+        sized.append("max_concurrent_requests")
+    return Limits(tokens, requests, config.max_queue_ms / 1000.0, tokens_per_s, tuple(sized))
+
+
+class Admission:
+    """Counts model requests in the server and refuses the ones beyond the bounds.
+
+    Used from the event loop only (``queued_tokens`` may be read from anywhere); ``observe``
+    (from the workers) keeps a moving average of the model's tokens/s for ``Retry-After``.
+    """
+
+    def __init__(self, queued_tokens: Callable[[], int],
+                 on_reject: Callable[[str], None] | None = None):
+        self.limits: Limits | None = None
+        self.queued_tokens, self.on_reject = queued_tokens, on_reject
+        self.in_flight = 0
+        self.draining = False
+        self.tokens_per_s = 0.0
+        self._last_refusal = -math.inf
+
+    def set_limits(self, limits: Limits) -> None:
+        self.limits, self.tokens_per_s = limits, limits.tokens_per_s
+
+    # ------------------------------------------------------------------------------- checks
+    def enter(self) -> None:
+        """A model request arrives (before its body is read): count it, or refuse it (503
+        draining, 429 too many requests). Every successful call needs one :meth:`leave`."""
+        limits = self._limits()
+        if self.draining:
+            self._refuse(503, "the server is shutting down: retry on another instance",
+                         "shutting_down", "draining")
+        if self.in_flight >= limits.max_concurrent_requests:
+            self._refuse(429, f"the server is busy: {self.in_flight} requests in the works, the "
+                              f"limit is {limits.max_concurrent_requests}; retry after the "
+                              "Retry-After seconds", "too_many_requests", "concurrency")
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def check_tokens(self, tokens: int) -> None:
+        """A tokenized request of ``tokens`` tokens wants to queue: refuse it (503 draining,
+        429 queue full) or let it."""
+        limits = self._limits()
+        if self.draining:
+            self._refuse(503, "the server is shutting down: retry on another instance",
+                         "shutting_down", "draining")
+        queued = self.queued_tokens()
+        if queued and queued + tokens > limits.max_queue_tokens:
+            self._refuse(429, f"the server is busy: {queued} tokens wait for the model and this "
+                              f"request has {tokens}; the limit is {limits.max_queue_tokens}: "
+                              "retry after the Retry-After seconds", "queue_full", "queue_tokens")
+
+    def expired(self) -> ServeError:
+        """The error for a request whose queue deadline passed before its first model call."""
+        limits = self._limits()
+        self._last_refusal = time.monotonic()  # counted as cancelled, not as refused
+        return ServeError(429, f"the request waited {limits.max_queue_s * 1000:.0f} ms for the "
+                               "model (the server's --max-queue-ms) and was not computed: retry "
+                               "after the Retry-After seconds", "queue_timeout",
+                          headers={"Retry-After": str(self.retry_after())})
+
+    # ------------------------------------------------------------------------------ figures
+    def retry_after(self) -> int:
+        """Whole seconds the queued tokens take at the model's recent speed (at least 1)."""
+        rate = self.tokens_per_s
+        if rate <= 0:
+            return 1
+        return max(1, math.ceil(self.queued_tokens() / rate))
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One model call's real tokens and time (moving average of the speed)."""
+        if seconds > 0 and tokens > 0:
+            rate = tokens / seconds
+            self.tokens_per_s = rate if self.tokens_per_s <= 0 else \
+                0.8 * self.tokens_per_s + 0.2 * rate
+
+    @property
+    def overloaded(self) -> bool:
+        """At a bound now, or a request was refused in the last second."""
+        limits = self._limits()
+        return (self.in_flight >= limits.max_concurrent_requests
+                or self.queued_tokens() >= limits.max_queue_tokens
+                or time.monotonic() - self._last_refusal < OVERLOAD_MEMORY_S)
+
+    # ---------------------------------------------------------------------------- helpers
+    def _limits(self) -> Limits:
+        if self.limits is None:
+            raise ServeError(503, "the server is starting: retry in a moment", "starting",
+                             headers={"Retry-After": "1"})
+        return self.limits
+
+    def _refuse(self, status: int, message: str, code: str, reason: str) -> None:
+        self._note_refusal(reason)
+        raise ServeError(status, message, code, headers={"Retry-After": str(self.retry_after())})
+
+    def _note_refusal(self, reason: str) -> None:
+        self._last_refusal = time.monotonic()
+        if self.on_reject is not None:
+            self.on_reject(reason)
