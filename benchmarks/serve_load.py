@@ -19,6 +19,16 @@ Example (``--make-stand-ins`` writes random-init models; docs/serving.md has the
         --plain dense-plain=/tmp/m/minilm-size-dense --out results/serve_load
 
 Writes ``results.json`` (every figure, the environment, the command) and ``results.md``.
+
+``--overload`` measures one ``--serve`` server past its capacity instead: first its capacity
+(closed loop: ``--capacity-clients`` clients sending requests back to back), then open-loop
+arrivals (Poisson, each request on its own connection, never retried) at ``--multiples`` of that
+rate for ``--duration`` seconds each, every client giving up after ``--client-timeout`` s (it
+closes its connection: the server sees it leave). Per level: goodput (texts answered 200 within
+the client's timeout, per second), refusals and their latency, p50/p99 of the accepted requests,
+client timeouts, the texts the server computed that reached nobody in time, and the server's
+peak resident memory. ``--compare-unbounded`` runs the same levels again with the admission
+bounds lifted (the ablation). See docs/serving.md, "Overload".
 """
 
 from __future__ import annotations
@@ -28,13 +38,16 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import selectors
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -237,8 +250,15 @@ def load_texts(path: Path | None, count: int) -> list[str]:
     """``count`` texts: lines of ``path`` (first tab-separated column; a header line named
     ``sentence`` is skipped), or sentences of the bundled demo corpus."""
     if path is not None:
-        lines = [line.split("\t")[0].strip() for line in path.read_text().splitlines()]
-        texts = [t for t in lines if t and t != "sentence"]
+        lines = path.read_text().splitlines()
+        header = lines[0].split("\t") if lines else []
+        if "sentence1" in header:  # GLUE pairs (STS-B, MRPC...): both sentences of each row
+            cols = [header.index(c) for c in ("sentence1", "sentence2") if c in header]
+            rows = [line.split("\t") for line in lines[1:]]
+            texts = [r[c].strip() for r in rows for c in cols if len(r) > c and r[c].strip()]
+        else:
+            texts = [t for t in (line.split("\t")[0].strip() for line in lines)
+                     if t and t != "sentence"]
     else:
         import lzma
 
@@ -387,6 +407,291 @@ def measure(target: Target, args: argparse.Namespace, texts: list[str], out: Pat
             "server_command": shlex.join(cmd), "check": check, "levels": levels}
 
 
+# ------------------------------------------------------------------------------- overload
+#: Flags that lift the admission bounds (the ablation of --compare-unbounded).
+UNBOUNDED = ["--max-queue-tokens", "100000000", "--max-concurrent-requests", "100000",
+             "--max-queue-ms", "3600000"]
+
+
+@dataclass
+class Outcome:
+    """One open-loop request: HTTP status (0: no answer), seconds to the answer or to giving
+    up, and whether the client gave up (its timeout)."""
+
+    status: int
+    seconds: float
+    timed_out: bool
+    texts: int
+
+
+async def one_request(port: int, texts: list[str], timeout: float) -> Outcome:
+    """One request on its own connection; after ``timeout`` s the client closes it and
+    leaves."""
+    conn, start = Connection(port), time.perf_counter()
+    try:
+        status, body = await asyncio.wait_for(
+            conn.post("/v1/embeddings", {"input": texts}), timeout)
+        if status == 200 and len(json.loads(body)["data"]) != len(texts):
+            status = 0
+        return Outcome(status, time.perf_counter() - start, False, len(texts))
+    except asyncio.TimeoutError:
+        return Outcome(0, time.perf_counter() - start, True, len(texts))
+    except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
+        return Outcome(0, time.perf_counter() - start, False, len(texts))
+    finally:
+        conn.close()
+
+
+async def open_loop(port: int, rate: float, seconds: float, timeout: float,
+                    jobs: list[list[str]], seed: int) -> list[Outcome]:
+    """Poisson arrivals at ``rate`` requests/s for ``seconds`` s; waits for every answer (or
+    its timeout)."""
+    rng, tasks = random.Random(seed), []
+    start = time.perf_counter()
+    due = start
+    while True:
+        due += rng.expovariate(rate)
+        if due - start > seconds:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        job = jobs[len(tasks) % len(jobs)]
+        tasks.append(asyncio.ensure_future(one_request(port, job, timeout)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop(port: int, clients: int, seconds: float, jobs: list[list[str]]
+                      ) -> tuple[int, int, float]:
+    """``clients`` connections sending back to back for ``seconds``: (requests answered 200,
+    texts in them, seconds)."""
+    state = {"next": 0, "deadline": time.perf_counter() + seconds, "texts": 0, "errors": 0}
+    conns = [Connection(port) for _ in range(clients)]
+    latencies: list[float] = []
+    cycle = (jobs * (1 + int(seconds * 1000) // max(len(jobs), 1)))
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(_client(c, cycle, state, latencies) for c in conns))
+    finally:
+        for c in conns:
+            c.close()
+    return len(latencies), state["texts"], time.perf_counter() - start
+
+
+class MemorySampler:
+    """The resident memory of a process, sampled every 20 ms in a thread: the peak (bytes)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            self._stop.wait(0.02)
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process (Linux), 0 when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's counters that the overload figures need (summed over labels)."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    wanted = ("ultrafastbert_batch_rows_sum", "ultrafastbert_skipped_inputs_total",
+              "ultrafastbert_wasted_inputs_total", "ultrafastbert_rejected_requests_total",
+              "ultrafastbert_cancelled_requests_total")
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def wait_idle(port: int, timeout: float = 120.0) -> None:
+    """Until the server has nothing queued or in the model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=30) as answer:
+            health = json.loads(answer.read())
+        if health["pending_inputs"] == 0 and health["requests_in_flight"] == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the server stayed busy after the level")
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(values) * 1000, q)), 2) if values else None
+
+
+def overload_level(port: int, pid: int, multiple: float, rate: float, args: argparse.Namespace,
+                   jobs: list[list[str]]) -> dict[str, Any]:
+    """One offered load: open-loop arrivals at ``rate`` requests/s for ``args.duration`` s."""
+    wait_idle(port)
+    before = scrape(port)
+    with MemorySampler(pid) as memory:
+        outcomes = asyncio.run(open_loop(port, rate, args.duration, args.client_timeout, jobs,
+                                         seed=int(multiple * 1000)))
+        wait_idle(port)
+    after = scrape(port)
+    delta = {k.removeprefix("ultrafastbert_"): after[k] - before[k] for k in after}
+    ok = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status in (429, 503)]
+    good_texts = sum(o.texts for o in ok)
+    computed = int(delta["batch_rows_sum"])
+    return {
+        "multiple": multiple, "offered_requests_per_s": round(rate, 2),
+        "requests": len(outcomes), "answered_200": len(ok), "refused_429_503": len(refused),
+        "client_timeouts": sum(o.timed_out for o in outcomes),
+        "other_failures": len(outcomes) - len(ok) - len(refused) - sum(o.timed_out
+                                                                        for o in outcomes),
+        "goodput_texts_per_s": round(good_texts / args.duration, 1),
+        "accepted_p50_ms": _pct([o.seconds for o in ok], 50),
+        "accepted_p99_ms": _pct([o.seconds for o in ok], 99),
+        "refusal_p50_ms": _pct([o.seconds for o in refused], 50),
+        "refusal_p99_ms": _pct([o.seconds for o in refused], 99),
+        "texts_computed": computed,
+        "texts_computed_not_delivered": computed - good_texts,
+        "server_wasted_inputs": int(delta["wasted_inputs_total"]),
+        "server_skipped_inputs": int(delta["skipped_inputs_total"]),
+        "server_rejected_requests": int(delta["rejected_requests_total"]),
+        "server_cancelled_requests": int(delta["cancelled_requests_total"]),
+        "peak_rss_mib": round(memory.peak / 2**20, 1),
+    }
+
+
+def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]], out: Path,
+                 extra: list[str], label: str, rate: float | None) -> dict[str, Any]:
+    """Start the server with ``extra`` flags, measure (or take) its capacity, run the levels."""
+    cmd = server_command(target, args.threads, [*(args.server_arg or []), *extra])
+    proc, port = start_server(cmd, out / f"{label}.log")
+    try:
+        check = check_answers(target, port, [t for job in jobs[:2] for t in job])
+        print(f"{label}: {check}", flush=True)
+        capacity = None
+        if rate is None:
+            asyncio.run(closed_loop(port, args.capacity_clients, 2.0, jobs))  # warm-up
+            wait_idle(port)
+            answered, texts, seconds = asyncio.run(
+                closed_loop(port, args.capacity_clients, args.capacity_seconds, jobs))
+            rate = answered / seconds
+            capacity = {"requests_per_s": round(rate, 2), "texts_per_s": round(texts / seconds, 1),
+                        "clients": args.capacity_clients, "seconds": round(seconds, 2)}
+            print(f"  capacity: {rate:.1f} requests/s, {texts / seconds:.1f} texts/s", flush=True)
+        levels = []
+        for multiple in args.multiples:
+            level = overload_level(port, proc.pid, multiple, multiple * rate, args, jobs)
+            print(f"  {multiple:g}x: goodput {level['goodput_texts_per_s']:.1f} texts/s, "
+                  f"200 {level['answered_200']}, refused {level['refused_429_503']}, timeouts "
+                  f"{level['client_timeouts']}, p99 {level['accepted_p99_ms']} ms, refusal p99 "
+                  f"{level['refusal_p99_ms']} ms, computed not delivered "
+                  f"{level['texts_computed_not_delivered']}, peak {level['peak_rss_mib']} MiB",
+                  flush=True)
+            levels.append(level)
+    finally:
+        stop_server(proc)
+    return {"label": label, "server_command": shlex.join(cmd), "check": check,
+            "capacity": capacity, "base_requests_per_s": round(rate, 2), "levels": levels}
+
+
+def verdicts(run: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets against one run's levels (1x is the reference)."""
+    by = {lv["multiple"]: lv for lv in run["levels"]}
+    base = by.get(1) or by.get(1.0)
+    if base is None:
+        return {}
+    out: dict[str, Any] = {}
+    for m, lv in by.items():
+        if m < 4:
+            continue
+        p99 = (lv["accepted_p99_ms"] or float("inf")) / (base["accepted_p99_ms"] or float("nan"))
+        out[f"{m:g}x"] = {
+            "goodput_vs_1x": round(lv["goodput_texts_per_s"] / base["goodput_texts_per_s"], 3)
+            if base["goodput_texts_per_s"] else None,
+            "accepted_p99_vs_1x": round(p99, 2),
+            "texts_computed_not_delivered": lv["texts_computed_not_delivered"],
+            "peak_rss_vs_1x": round(lv["peak_rss_mib"] / base["peak_rss_mib"], 3)
+            if base["peak_rss_mib"] else None,
+            "refusal_p99_ms": lv["refusal_p99_ms"],
+        }
+    return out
+
+
+def overload_markdown(results: dict[str, Any]) -> str:
+    from ultrafastbert.bench.common import speed_summary
+
+    env = results["environment"]
+    lines = [f"# Serving under overload ({env['timestamp']})", "",
+             f"CPU: {speed_summary(env)}; server threads {env['server_threads']}, fastapi "
+             f"{env.get('fastapi')}, uvicorn {env.get('uvicorn')}; load average "
+             f"{env['loadavg_1m_at_start']} at start, {env.get('loadavg_1m_at_end')} at end. "
+             f"{env['note']}", "", f"Command: `{results['command']}`", "",
+             f"{results['texts_per_request']} texts per request, Poisson arrivals, each request "
+             f"on its own connection, client timeout {results['client_timeout_s']} s, "
+             f"{results['duration_s']} s per level.", ""]
+    for run in results["runs"]:
+        cap = run["capacity"]
+        lines += [f"## {run['label']}", "", f"Server: `{run['server_command']}`", "",
+                  f"1x = {run['base_requests_per_s']} requests/s" + (
+                      f" (capacity measured: {cap['texts_per_s']} texts/s with "
+                      f"{cap['clients']} closed-loop clients)" if cap else
+                      " (the capacity measured on the bounded server)"), "",
+                  "| load | offered req/s | goodput texts/s | 200 | 429/503 | client timeouts | "
+                  "p50 ms | p99 ms | refusal p99 ms | computed, not delivered | peak RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for lv in run["levels"]:
+            lines.append(
+                f"| {lv['multiple']:g}x | {lv['offered_requests_per_s']} | "
+                f"{lv['goodput_texts_per_s']} | {lv['answered_200']} | {lv['refused_429_503']} | "
+                f"{lv['client_timeouts']} | {_cell(lv['accepted_p50_ms'])} | "
+                f"{_cell(lv['accepted_p99_ms'])} | {_cell(lv['refusal_p99_ms'])} | "
+                f"{lv['texts_computed_not_delivered']} | {lv['peak_rss_mib']} |")
+        lines += ["", "Against 1x: " + json.dumps(run.get("verdicts", {})), ""]
+    return "\n".join(lines)
+
+
+def overload_main(args: argparse.Namespace, targets: list[Target], command: str) -> int:
+    if len(targets) != 1 or targets[0].kind != "serve":
+        raise SystemExit("--overload measures one --serve LABEL=DIR")
+    [target] = targets
+    texts = load_texts(args.texts, 4096)
+    per = args.texts_per_request
+    jobs = [texts[(i * per) % len(texts):(i * per) % len(texts) + per] for i in range(256)]
+    jobs = [j for j in jobs if len(j) == per]
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(args.threads, args.note)
+    runs = [overload_run(target, args, jobs, args.out, [], target.label, None)]
+    if args.compare_unbounded:
+        runs.append(overload_run(target, args, jobs, args.out, UNBOUNDED,
+                                 f"{target.label}-unbounded", runs[0]["base_requests_per_s"]))
+    for run in runs:
+        run["verdicts"] = verdicts(run)
+    env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    results = {"command": command, "environment": env, "mode": "overload",
+               "texts_per_request": per, "duration_s": args.duration,
+               "client_timeout_s": args.client_timeout, "runs": runs}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(overload_markdown(results))
+    print(f"wrote {args.out / 'results.json'} and results.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--serve", action="append", metavar="LABEL=DIR")
@@ -407,10 +712,27 @@ def main(argv: list[str] | None = None) -> int:
                         "tiny-dense, minilm-size-dense, minilm-size-fff-8x7)")
     p.add_argument("--note", default="", help="recorded with the figures (e.g. 'under load')")
     p.add_argument("--out", type=Path, default=Path("results/serve_load"))
+    o = p.add_argument_group("overload mode")
+    o.add_argument("--overload", action="store_true",
+                   help="offered load at multiples of capacity, with client timeouts")
+    o.add_argument("--multiples", type=lambda s: [float(m) for m in s.split(",")],
+                   default=[1.0, 2.0, 4.0, 8.0], help="of capacity (default 1,2,4,8)")
+    o.add_argument("--duration", type=float, default=15.0, help="seconds per level (15)")
+    o.add_argument("--client-timeout", type=float, default=2.0,
+                   help="a client gives up (closes its connection) after this (2 s)")
+    o.add_argument("--capacity-clients", type=int, default=8,
+                   help="closed-loop clients that measure capacity (8)")
+    o.add_argument("--capacity-seconds", type=float, default=10.0)
+    o.add_argument("--compare-unbounded", action="store_true",
+                   help="run the levels again with the admission bounds lifted (ablation)")
     args = p.parse_args(argv)
     if args.make_stand_ins:
         make_stand_ins(args.make_stand_ins)
     targets = parse_targets(args)
+    if args.overload:
+        return overload_main(args, targets, shlex.join(
+            [Path(sys.argv[0]).name if argv is None else "serve_load.py",
+             *(sys.argv[1:] if argv is None else argv)]))
     args.out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(args.texts, max(args.requests * args.texts_per_request, 64))
     results: dict[str, Any] = {

@@ -415,3 +415,30 @@ def test_serves_a_transformers_masked_lm_like_the_predictor(tmp_path):
     finally:
         status, _ = server.stop()
     assert status == 0
+
+
+def test_load_test_overload_mode_reports_every_level(models, tmp_path):
+    """The overload mode end to end on the tiny model (short levels: the figures mean
+    nothing here, their bookkeeping does)."""
+    script = _load_script()
+    out = tmp_path / "over"
+    assert script.main(["--serve", f"tiny={models / 'mlm'}", "--overload", "--multiples", "1,4",
+                        "--duration", "1.5", "--capacity-seconds", "1.5", "--capacity-clients",
+                        "2", "--texts-per-request", "2", "--threads", "1", "--out", str(out),
+                        "--compare-unbounded"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    bounded, unbounded = results["runs"]
+    assert bounded["capacity"]["requests_per_s"] > 0 and unbounded["capacity"] is None
+    assert unbounded["base_requests_per_s"] == bounded["base_requests_per_s"]
+    assert "--max-queue-tokens 100000000" in unbounded["server_command"]
+    for run in results["runs"]:
+        assert [lv["multiple"] for lv in run["levels"]] == [1.0, 4.0]
+        for lv in run["levels"]:
+            assert lv["requests"] == (lv["answered_200"] + lv["refused_429_503"]
+                                      + lv["client_timeouts"] + lv["other_failures"])
+            assert lv["other_failures"] == 0 and lv["answered_200"] > 0
+            assert lv["texts_computed"] >= 2 * lv["answered_200"]
+            assert lv["goodput_texts_per_s"] == round(2 * lv["answered_200"] / 1.5, 1)
+            assert lv["peak_rss_mib"] > 10
+        assert set(run["verdicts"]) == {"4x"}
+    assert "| 4x |" in (out / "results.md").read_text()
