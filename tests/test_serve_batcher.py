@@ -13,6 +13,8 @@ pytest.importorskip("fastapi")
 
 from ultrafastbert.errors import ConfigError, InputError, ResourceError  # noqa: E402
 from ultrafastbert.serve import Batcher, Job, ServeConfig, plan_batches  # noqa: E402
+from ultrafastbert.serve.admission import size_limits  # noqa: E402
+from ultrafastbert.serve.batcher import JobCancelled, Ticket  # noqa: E402
 
 
 def job(key, length: int, payload=None) -> Job:
@@ -156,3 +158,92 @@ def test_several_workers_run_batches_at_once_and_all_stop():
     assert results == ["e:0", "e:1", "e:2"] and len(runner.threads) == 3
     assert elapsed < 0.8, f"three 0.3 s batches on three workers took {elapsed:.2f} s"
     assert not any(t.is_alive() for t in batcher._threads)
+
+
+# ------------------------------------------------------------------- tickets: cancel, expire
+def test_cancelled_and_expired_tickets_are_never_computed():
+    runner, dropped = Recorder(delay=0.3), []
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.0)
+    batcher.on_cancel = lambda reason, n: dropped.append((reason, n))
+    batcher.start()
+
+    async def scenario():
+        held = batcher.submit("e", [[1]], ["held"])  # in the model for 0.3 s
+        await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, 30)
+        gone = batcher.ticket(None, 4)
+        late = batcher.ticket(time.perf_counter() + 0.05, 2)
+        stays = batcher.ticket(time.perf_counter() + 30, 2)
+        futures = [*batcher.submit("e", [[1, 2], [3, 4]], ["gone", "gone"], gone),
+                   *batcher.submit("e", [[1, 2]], ["late"], late),
+                   *batcher.submit("e", [[1, 2]], ["stays"], stays)]
+        assert batcher.queued_tokens == 8
+        assert gone.cancel("disconnected") and not gone.cancel("expired")
+        assert batcher.queued_tokens == 4
+        return await asyncio.gather(*held, *futures, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert results[0] == "e:held" and results[4] == "e:stays"
+    assert [r.reason for r in results[1:4]] == ["disconnected", "disconnected", "expired"]
+    assert all(isinstance(r, JobCancelled) for r in results[1:4])
+    assert runner.batches == [["held"], ["stays"]]  # control: the live job still ran
+    assert sorted(dropped) == [("disconnected", 1), ("disconnected", 1), ("expired", 1)]
+    assert batcher.queued_tokens == 0 and batcher.pending == 0
+
+
+def test_a_ticket_cancelled_between_batches_is_dropped():
+    """A request whose first jobs' batch is running leaves: its other batches never run."""
+    tickets: list[Ticket] = []
+
+    def runner(key, jobs):
+        if jobs[0].payload == "short":  # the first planned batch: the client leaves meanwhile
+            tickets[0].cancel("disconnected")
+        return [j.payload for j in jobs]
+
+    wasted: list[tuple[str, int]] = []
+    batcher = Batcher(runner, max_batch_tokens=9, max_wait_s=0.2)
+    batcher.on_wasted = lambda reason, n: wasted.append((reason, n))
+    batcher.start()
+
+    async def scenario():
+        tickets.append(batcher.ticket(None, 10))
+        # 2 + 8 tokens: two batches under a budget of 9 (length-sorted: "short" first).
+        return await asyncio.gather(*batcher.submit("e", [[1] * 8, [1] * 2], ["long", "short"],
+                                                    tickets[0]), return_exceptions=True)
+
+    long, short = asyncio.run(scenario())
+    batcher.close()
+    assert short == "short"  # computed: the client left during its model call ...
+    assert wasted == [("disconnected", 1)]  # ... which is counted as wasted
+    assert isinstance(long, JobCancelled)  # the next batch of the request was not computed
+
+
+def test_a_started_ticket_does_not_expire_and_a_late_one_does():
+    released: list[int] = []
+    ticket = Ticket(deadline=10.0, tokens=5, release=released.append)
+    assert ticket.start(2, now=9.0) and ticket.started
+    assert not ticket.cancel("expired") and ticket.start(3, now=11.0)  # started: runs on
+    assert released == [2, 3] and ticket.queued_tokens == 0
+    late = Ticket(deadline=10.0, tokens=5, release=released.append)
+    assert not late.start(2, now=10.5) and late.reason == "expired"
+    assert released == [2, 3, 5] and not late.start(2, now=10.6)
+
+
+def test_admission_limits_are_sized_from_the_measured_speed():
+    config = ServeConfig("m", max_queue_ms=1000)
+    limits = size_limits(config, tokens_per_s=8000.0, max_length=128)
+    assert limits.max_queue_tokens == 4000  # half a second of the model
+    assert limits.max_concurrent_requests == 250  # 4000 tokens / 16
+    assert limits.sized == ("max_queue_tokens", "max_concurrent_requests")
+    slow = size_limits(config, tokens_per_s=10.0, max_length=128)
+    assert slow.max_queue_tokens == 128 and slow.max_concurrent_requests == 16  # the floors
+    given = size_limits(ServeConfig("m", max_queue_tokens=50, max_concurrent_requests=3), 8000.0,
+                        128)
+    assert (given.max_queue_tokens, given.max_concurrent_requests, given.sized) == (50, 3, ())
+    with pytest.raises(ConfigError, match="max_queue_ms 2 must be above max_wait_ms 2.0"):
+        ServeConfig("m", max_queue_ms=2)
+    with pytest.raises(ConfigError, match="max_queue_tokens must be > 0"):
+        ServeConfig("m", max_queue_tokens=0)
+    with pytest.raises(ConfigError, match="API key 2 is empty or holds white space"):
+        ServeConfig("m", api_keys=("good", "two words"))
+    assert "good" not in repr(ServeConfig("m", api_keys=("good",)))  # keys stay out of logs

@@ -65,15 +65,16 @@ class Ticket:
         the expiry) when the ticket is cancelled or its deadline passed before any job began."""
         with self._lock:
             if self.reason is None and not self.started and self.late(now):
-                self._cancel("expired")
-            if self.reason is not None:
+                expired = self._cancel("expired")
+            elif self.reason is None:
+                expired = None
+                if not self.started:
+                    self.started, self.started_at = True, now
+                self.queued_tokens -= tokens
+            else:
                 return False
-            if not self.started:
-                self.started, self.started_at = True, now
-            self.queued_tokens -= tokens
-            freed = tokens
-        self._free(freed)
-        return True
+        self._free(tokens if expired is None else expired)
+        return expired is None
 
     def cancel(self, reason: str) -> bool:
         """Cancel: ``disconnected`` always; ``expired`` only when no job has started (a started
