@@ -584,6 +584,9 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
     try:
         check = check_answers(target, port, [t for job in jobs[:2] for t in job])
         print(f"{label}: {check}", flush=True)
+        with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=30) as answer:
+            limits = json.loads(answer.read()).get("limits")
+        print(f"  bounds: {limits}", flush=True)
         capacity = None
         if rate is None:
             asyncio.run(closed_loop(port, args.capacity_clients, 2.0, jobs))  # warm-up
@@ -607,7 +610,7 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
     finally:
         stop_server(proc)
     return {"label": label, "server_command": shlex.join(cmd), "check": check,
-            "capacity": capacity, "base_requests_per_s": round(rate, 2), "levels": levels}
+            "bounds": limits, "capacity": capacity, "base_requests_per_s": round(rate, 2), "levels": levels}
 
 
 def verdicts(run: dict[str, Any]) -> dict[str, Any]:
@@ -647,7 +650,8 @@ def overload_markdown(results: dict[str, Any]) -> str:
              f"{results['duration_s']} s per level.", ""]
     for run in results["runs"]:
         cap = run["capacity"]
-        lines += [f"## {run['label']}", "", f"Server: `{run['server_command']}`", "",
+        lines += [f"## {run['label']}", "", f"Server: `{run['server_command']}`; bounds "
+                  f"(`/health`): {json.dumps(run.get('bounds'))}", "",
                   f"1x = {run['base_requests_per_s']} requests/s" + (
                       f" (capacity measured: {cap['texts_per_s']} texts/s with "
                       f"{cap['clients']} closed-loop clients)" if cap else

@@ -101,7 +101,7 @@ def test_a_full_server_refuses_at_once_with_429_and_retry_after(stub):
         queued = pool.submit(stub.post, "/v1/embeddings", {"input": "queued one"})  # 4 tokens
         wait_for(lambda: stub.health()["requests_in_flight"] == 2, "never queued")
         assert stub.health()["queued_tokens"] == 4
-        # 4 queued + 42 > 40 tokens: refused while the model is still held.
+        # 4 queued + 44 > 40 tokens: refused while the model is still held.
         big = stub.post("/v1/embeddings", {"input": [twelve, twelve + " a", twelve + " b"]})
         _assert_overload_error(big, "queue_full")
         small = pool.submit(stub.post, "/v1/embeddings", {"input": "small"})
@@ -126,9 +126,20 @@ def test_a_full_server_refuses_at_once_with_429_and_retry_after(stub):
 
 def test_a_request_bigger_than_the_queue_bound_runs_when_nothing_waits(stub):
     text = " ".join(f"x{i}" for i in range(12))
-    answer = stub.post("/v1/embeddings", {"input": [text, text + " y", text + " z"]})
-    assert answer.status == 200, answer  # 42 tokens > 40, alone: run, not refused forever
-    assert text in stub.computed()
+    before = stub.metric("ultrafastbert_rejected_requests_total", reason="queue_tokens")
+    with ThreadPoolExecutor(2) as pool:
+        held = stub.hold(pool, "hold big")  # in the model: nothing queued
+        big = pool.submit(stub.post, "/v1/embeddings",
+                          {"input": [text, text + " y", text + " z"]})  # 44 tokens > 40
+        wait_for(lambda: stub.health()["queued_tokens"] == 44, "never admitted")
+        # The queue is over its bound: refused at the gate, whatever the request's size.
+        _assert_overload_error(stub.post("/v1/embeddings", {"input": "tiny"}), "queue_full")
+        stub.release()
+        assert held.result().status == 200
+        assert big.result().status == 200  # alone: run, not refused forever
+    assert text in stub.computed() and "tiny" not in stub.computed()
+    assert stub.metric("ultrafastbert_rejected_requests_total",
+                       reason="queue_tokens") == before + 1
 
 
 # ---------------------------------------------------------------------- a client that leaves

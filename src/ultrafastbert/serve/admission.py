@@ -6,8 +6,9 @@ Three bounds keep an overloaded server answering quickly instead of queueing wit
 - ``max_concurrent_requests``: model requests in the server at once; checked when a request's
   headers arrive, before its body is read or tokenized, so the refusal costs next to nothing;
 - ``max_queue_tokens``: tokens of admitted requests whose model call has not started; checked
-  once the request is tokenized (a request bigger than the bound is taken only when nothing is
-  queued, so it runs alone instead of never);
+  when the headers arrive (a full queue refuses at once) and again once the request is
+  tokenized (a request bigger than the bound is taken only when nothing is queued, so it runs
+  alone instead of never);
 - ``max_queue_s``: how long a request may wait for its first model call (see
   :class:`~ultrafastbert.serve.batcher.Ticket`).
 
@@ -97,6 +98,7 @@ class Admission:
             self._refuse(429, f"the server is busy: {self.in_flight} requests in the works, the "
                               f"limit is {limits.max_concurrent_requests}; retry after the "
                               "Retry-After seconds", "too_many_requests", "concurrency")
+        self._check_queue(0, limits)  # full already: no need to read and tokenize the body
         self.in_flight += 1
 
     def leave(self) -> None:
@@ -109,11 +111,16 @@ class Admission:
         if self.draining:
             self._refuse(503, "the server is shutting down: retry on another instance",
                          "shutting_down", "draining")
+        self._check_queue(tokens, limits)
+
+    def _check_queue(self, tokens: int, limits: Limits) -> None:
+        """429 when ``tokens`` more would take the queue over its bound (0: when it is full)."""
         queued = self.queued_tokens()
-        if queued and queued + tokens > limits.max_queue_tokens:
-            self._refuse(429, f"the server is busy: {queued} tokens wait for the model and this "
-                              f"request has {tokens}; the limit is {limits.max_queue_tokens}: "
-                              "retry after the Retry-After seconds", "queue_full", "queue_tokens")
+        if queued and queued + max(tokens, 1) > limits.max_queue_tokens:
+            size = f" and this request has {tokens}" if tokens else ""
+            self._refuse(429, f"the server is busy: {queued} tokens wait for the model{size}; "
+                              f"the limit is {limits.max_queue_tokens}: retry after the "
+                              "Retry-After seconds", "queue_full", "queue_tokens")
 
     def expired(self) -> ServeError:
         """The error for a request whose queue deadline passed before its first model call."""
