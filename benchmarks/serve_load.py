@@ -573,6 +573,7 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
         "server_rejected_requests": int(delta["rejected_requests_total"]),
         "server_cancelled_requests": int(delta["cancelled_requests_total"]),
         "peak_rss_mib": round(memory.peak / 2**20, 1),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
