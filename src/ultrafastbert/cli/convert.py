@@ -25,9 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "torchrun the same command trains data-parallel (--batch-size is global).")
     p.add_argument("source", type=Path, help="local model directory (config.json + weights + "
                                              "tokenizer.json)")
-    p.add_argument("--fff", default="8x7", metavar="KxD[,KxD...]",
+    p.add_argument("--fff", default="8x7", metavar="KxD[+sN][+rN][,...]",
                    help="trees x depth for every layer, one per layer, or 'none' (the ablation: "
-                        "feed-forward blocks removed) (default: 8x7)")
+                        "feed-forward blocks removed); +sN adds N always-on (shared) neurons, "
+                        "+rN a rank-N linear term beside the trees, each costing per token what "
+                        "N neurons do, e.g. 6x7+s16 (default: 8x7)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--budget", type=parse_duration, default=parse_duration("20m"),
                    metavar="DURATION", help="wall-clock time for init and distillation, e.g. "
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     held = report.heldout
     errors = ", ".join(f"{e:.3f}" for e in held["block_error"])
     print(f"converted {args.source} -> {args.out}: FFF {args.fff}, "
-          f"{report.active_fraction:.1%} of the dense FFN neurons active per token")
+          f"{report.active_fraction:.1%} of the dense FFN's multiply-adds per token")
     print(f"init {report.init_s:.0f} s; " + "; ".join(
         f"{name} {p.get('steps', 0)} steps" for name, p in report.phases.items()))
     print(f"held-out ({held['rows']} texts): block relative error [{errors}]")

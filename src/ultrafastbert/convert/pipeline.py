@@ -56,7 +56,7 @@ from .objectives import (
     LayerwiseObjective,
     frozen_norm,
 )
-from .source import SourceModel, active_fraction, load_source, make_student, parse_fff
+from .source import SourceModel, active_fraction, load_source, make_student, parse_structure
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ class ConvertSettings:
     Attributes:
         source: the source model directory (see :func:`~.source.load_source`).
         out: the output model directory.
-        fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation).
+        fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation);
+            each ``KxD`` may add ``+s<N>`` shared neurons and ``+r<N>`` a rank-N linear term
+            (:mod:`~ultrafastbert.model.ffn_structures`).
         budget_s: wall-clock seconds for init and both phases together.
         corpus: unlabeled text (a path the pretraining readers take, or ``demo`` for the
             built-in archaic-English corpus, asked for by name); required: the text decides the
@@ -185,6 +187,7 @@ class ConvertReport:
     settings: dict[str, Any]
     fff_layers: list
     active_fraction: float
+    ffn_extras: list = field(default_factory=list)
     init_s: float = 0.0
     init_error: list[float] = field(default_factory=list)
     init_heldout: dict[str, Any] = field(default_factory=dict)
@@ -219,14 +222,14 @@ def _run(settings: ConvertSettings, ctx: DistContext) -> ConvertReport:
                          f"of processes ({ctx.world_size}): it is the global batch")
     main_first(ctx, lambda: claim_output_dir(settings.out, settings.resume), others=False)
     source = load_source(settings.source)
-    fff_layers = parse_fff(settings.fff, source.n_layers)
-    student: Any = make_student(source, fff_layers)
+    fff_layers, extras = parse_structure(settings.fff, source.n_layers)
+    student: Any = make_student(source, fff_layers, extras)
     pad_id = int(source.model.config.pad_token_id or 0)
     rows = load_segments(settings.corpus, source.tokenizer_dir, max_len=min(
         settings.max_len, source.max_seq_len), max_documents=settings.max_documents, pad_id=pad_id)
     train_idx, heldout_idx = split_rows(len(rows), settings.seed)
     report = ConvertReport(settings.to_json(), fff_layers, active_fraction(
-        fff_layers, student.config.ffn_width))
+        fff_layers, student.config.ffn_width, extras), ffn_extras=extras)
     work = settings.out / WORK_DIR
     # Rank 0 fits and saves the init; the others then find it saved and load it.
     init = main_first(ctx, lambda: initialise(student, source, rows[train_idx], settings, pad_id,

@@ -227,19 +227,25 @@ def dense_ffns(model: Any, family: Family) -> list[DenseFFN]:
     return [family.read_ffn(layer) for layer in family.layers(base_model_of(model))]
 
 
-def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] | None]
-                 ) -> list[Any]:
-    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``) or a
-    :class:`RemovedFFN` (``None``); returns the new blocks (randomly initialised)."""
+def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] | None],
+                 extras: Sequence[Any] | None = None) -> list[Any]:
+    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``), with the
+    layer's ``extras`` a ``ffn_structures.StructuredFFFBlock``, or a :class:`RemovedFFN`
+    (``None``); returns the new blocks (randomly initialised)."""
+    from .ffn_structures import make_block
+
     layers = family.layers(base_model_of(model))
     if len(fff_layers) != len(layers):
         raise ConfigError(f"fff_layers has {len(fff_layers)} entries but the model has "
                           f"{len(layers)} layers; give one KxD or one per layer")
     d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
         model.config.dim
+    extras = list(extras or [None] * len(layers))
+    if len(extras) != len(layers):
+        raise ConfigError(f"ffn_extras has {len(extras)} entries for {len(layers)} layers")
     blocks: list[Any] = []
-    for layer, spec in zip(layers, fff_layers, strict=True):
-        block: nn.Module = RemovedFFN() if spec is None else FFFBlock(d_model, int(spec[0]), int(spec[1]))
+    for layer, spec, extra in zip(layers, fff_layers, extras, strict=True):
+        block: nn.Module = RemovedFFN() if spec is None else make_block(d_model, spec, extra)
         ref = next(layer.parameters())
         block.to(device=ref.device, dtype=ref.dtype)
         family.install(layer, block)
@@ -266,7 +272,8 @@ class ConvertedMixin:
 
     def _swap_ffns(self) -> None:
         config = self.config  # type: ignore[attr-defined]
-        build_blocks(self, family_of(config.model_type), config.fff_layers)  # type: ignore[arg-type]
+        build_blocks(self, family_of(config.model_type), config.fff_layers,  # type: ignore[arg-type]
+                     getattr(config, "ffn_extras", None))
 
     def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32",
                         training: str = "auto") -> None:
@@ -285,8 +292,10 @@ def _config_class(family: Family) -> type[PretrainedConfig]:
 
     def __init__(self: Any, fff_layers: list | None = None, ffn_width: int | None = None,
                  pooling: str = "mean", normalize_embeddings: bool = False,
-                 max_seq_len: int | None = None, **kwargs: Any) -> None:
+                 max_seq_len: int | None = None, ffn_extras: list | None = None,
+                 **kwargs: Any) -> None:
         base.__init__(self, **kwargs)
+        self.ffn_extras = ffn_extras  # per layer {"shared": s, "rank": r} or None (ffn_structures)
         self.fff_layers = [None if s is None else [int(s[0]), int(s[1])]
                            for s in (fff_layers or [])]
         self.ffn_width, self.pooling = ffn_width, pooling
