@@ -222,3 +222,20 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     assert set(report["phases"]) == {"layerwise", "end-to-end"}
     model = ultrafastbert.from_pretrained(out)
     assert all(isinstance(b, StructuredFFFBlock) for b in fff_blocks(model))
+    # the comparison script reads it back: the structure checked, scored, throughput reported
+    from test_convert import _script
+    from test_glue_cli import make_glue_dir
+
+    script = _script("convert_structures")
+    results = tmp_path / "results"
+    assert script.main(["--models", str(out), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
+                        "--out", str(results), "--threads", "1"]) == 0
+    row = json.loads((results / "results.json").read_text())["rows"][0]
+    assert row["fff"] == "1x3+s4+r2" and row["cost_pct"] == pytest.approx(100 * 10 / 64, abs=0.01)
+    assert set(row["tokens_per_s"]) == {"layerwise", "end-to-end"}
+    assert all(v > 0 for v in row["tokens_per_s"].values())
+    report["ffn_extras"] = None  # negative control: a report that does not match the blocks
+    (out / "conversion.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="does not match"):
+        script.main(["--models", str(out), "--glue-dir", str(tmp_path / "g"),
+                     "--out", str(results), "--threads", "1"])
