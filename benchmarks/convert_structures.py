@@ -57,12 +57,11 @@ def conversion_facts(directory: Path) -> dict[str, Any]:
 def check_structure(model: Any, facts: dict[str, Any]) -> None:
     """The loaded blocks are the structure the report names (a check, before any score)."""
     from ultrafastbert.model.converted import fff_blocks
-    from ultrafastbert.model.ffn_structures import StructuredFFFBlock
 
     blocks = fff_blocks(model)
     extras = facts["ffn_extras"] or [None] * len(blocks)
     for block, extra in zip(blocks, extras, strict=True):
-        if bool(extra) != isinstance(block, StructuredFFFBlock):
+        if bool(extra) != (getattr(block, "extras", None) is not None):
             raise SystemExit(f"{facts['fff']}: block {type(block).__name__} does not match the "
                              f"report's extras {extra}")
 

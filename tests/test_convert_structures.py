@@ -34,9 +34,7 @@ from ultrafastbert.model.converted import (  # noqa: E402
 )
 from ultrafastbert.model.ffn_structures import (  # noqa: E402
     Extras,
-    StructuredFFFBlock,
     block_cost,
-    make_block,
     structured_reference,
 )
 from ultrafastbert.model.pretrained import set_fff_runtime  # noqa: E402
@@ -78,6 +76,10 @@ def test_parse_structure_bad(spec, message):
 
 
 # ------------------------------------------------------------------------------ semantics
+def make_block(d, spec, extras=None) -> FFFBlock:
+    return FFFBlock(d, spec[0], spec[1], extras)
+
+
 def _random_block(d=16, spec=(2, 3), extras: Extras | None = None, seed=0) -> FFFBlock:
     torch.manual_seed(seed)
     block = make_block(d, spec, Extras(5, 3) if extras is None else extras)
@@ -99,7 +101,7 @@ def test_structured_block_against_its_float64_reference(extras):
     """Routes first (the trees' routes are the plain FFF's), then values on every CPU inference
     kernel and the training path; the extra parts matter (negative control)."""
     block = _random_block(extras=extras)
-    assert isinstance(block, StructuredFFFBlock)
+    assert block.extras is not None
     x = torch.randn(37, 16)
     nodes, want = structured_reference(block, x)
     fff = block.fff
@@ -117,7 +119,7 @@ def test_structured_block_against_its_float64_reference(extras):
     assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for part in block.extra_parts() for p in part.parameters())
+               for p in block.extras.parameters())
     plain = FFFBlock(16, 2, 3)
     plain.load_state_dict(block.state_dict(), strict=False)
     with torch.no_grad():
@@ -126,7 +128,8 @@ def test_structured_block_against_its_float64_reference(extras):
 
 def test_plain_specs_build_plain_blocks(source):
     student = make_student(source, parse_fff("2x3", source.n_layers))
-    assert all(type(b) is FFFBlock for b in fff_blocks(student))
+    assert all(type(b) is FFFBlock and b.extras is None for b in fff_blocks(student))
+    assert not any("extras" in k for k in student.state_dict())
     assert student.config.ffn_extras is None
 
 
@@ -158,8 +161,8 @@ def test_init_of_the_extra_parts(source, inputs):
     shared = make_block(d, [1, 1], Extras(shared=6))
     init_block(shared, dense, x, split="neuron")
     w1 = dense.w1
-    for row, bias in zip(shared.shared.linear_in.weight, shared.shared.linear_in.bias,
-                         strict=True):
+    for row, bias in zip(shared.extras.shared.linear_in.weight,
+                         shared.extras.shared.linear_in.bias, strict=True):
         j = int((w1 - row).abs().sum(1).argmin())
         assert torch.equal(row, w1[j]) and bias == dense.b1[j]
     full = make_block(d, [1, 1], Extras(rank=d))
@@ -198,7 +201,7 @@ def test_save_load_round_trip_and_inference_paths(source, inputs, tmp_path):
         want = student(input_ids=ids).last_hidden_state
         for model in (loaded, auto):
             blocks = fff_blocks(model)
-            assert [type(b).__name__ for b in blocks] == ["StructuredFFFBlock"] * 2
+            assert [b.extras.spec for b in blocks] == [Extras(4, 2), Extras(0, 3)]
             assert torch.equal(model(input_ids=ids).last_hidden_state, want)
     for name, p in student.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
@@ -221,7 +224,7 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     assert report["active_fraction"] == pytest.approx((4 + 4 + 2) / 64)
     assert set(report["phases"]) == {"layerwise", "end-to-end"}
     model = ultrafastbert.from_pretrained(out)
-    assert all(isinstance(b, StructuredFFFBlock) for b in fff_blocks(model))
+    assert all(b.extras.spec == Extras(4, 2) for b in fff_blocks(model))
     # the comparison script reads it back: the structure checked, scored, throughput reported
     from test_convert import _script
     from test_glue_cli import make_glue_dir

@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..fff.training import route
 from ..fff.tree import n_nodes
 from ..model.converted import DenseFFN, FFFBlock
-from ..model.ffn_structures import StructuredFFFBlock
+from ..model.ffn_structures import ExtraParts
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def init_block(block: FFFBlock, dense: DenseFFN, x: torch.Tensor, *, split: str 
     fff = block.fff
     # Parts beside the trees first (low rank, then shared neurons); the trees grow on what
     # they leave, and the final refit solves every output row jointly.
-    extra = init_extras(block, dense, x, y - dense.b2.float(), ridge) if isinstance(
-        block, StructuredFFFBlock) else torch.zeros_like(y)
+    extra = torch.zeros_like(y) if block.extras is None else init_extras(
+        block.extras, dense, x, y - dense.b2.float(), ridge)
     w_in, b_in, w_out = greedy_fff(x, y - dense.b2.float() - extra, dense, fff.n_trees,
                                    fff.depth, split)
     fff.linear_in.weight.copy_(w_in)
@@ -168,14 +168,14 @@ def refit_outputs(block: FFFBlock, x: torch.Tensor, y: torch.Tensor, ridge: floa
     """
     fff = block.fff
     act = _activations(fff, x)  # (N, M)
-    extra = block.extra_features(x) if isinstance(block, StructuredFFFBlock) else act[:, :0]
+    extra = act[:, :0] if block.extras is None else block.extras.features(x)
     design = torch.cat([act, extra, torch.ones(x.shape[0], 1)], 1)
     solution = _ridge(design, y, ridge)  # (M + E + 1, d)
     m = act.shape[1]
     fff.linear_out.weight.copy_(solution[:m].T)
-    if isinstance(block, StructuredFFFBlock):
+    if block.extras is not None:
         start = m
-        for weight in block.extra_output_columns():
+        for weight in block.extras.output_columns():
             weight.copy_(solution[start:start + weight.shape[1]].T)
             start += weight.shape[1]
     block.bias.copy_(solution[-1])
@@ -191,7 +191,7 @@ def _ridge(design: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_extras(block: StructuredFFFBlock, dense: DenseFFN, x: torch.Tensor,
+def init_extras(block: ExtraParts, dense: DenseFFN, x: torch.Tensor,
                 target: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """Fit the parts beside the trees to ``target`` ``(N, d)`` (the block output less the
     dense output bias) on ``x`` ``(N, d)``; returns the part of ``target`` they explain
@@ -213,13 +213,13 @@ def init_extras(block: StructuredFFFBlock, dense: DenseFFN, x: torch.Tensor,
         gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
         b = torch.linalg.solve(gram, (xc.T @ yc).double())  # (d, d)
         _, _, vh = torch.linalg.svd(xc.double() @ b, full_matrices=False)
-        v_r = vh[:block.extras.rank].T  # (d, r)
+        v_r = vh[:block.spec.rank].T  # (d, r)
         block.lowrank.down.weight.copy_((b @ v_r).T.float())
         block.lowrank.up.weight.copy_(v_r.float())
         low = block.lowrank(x)
         residual -= low - low.mean(0, keepdim=True)  # the mean stays for the bias
     if block.shared is not None:
-        s = block.extras.shared
+        s = block.spec.shared
         w1, b1 = dense.w1.float(), dense.b1.float()
         neurons = _Neurons(torch.nn.functional.linear(x, w1, b1), w1, b1,
                            dense.w2.float().pow(2).sum(0))

@@ -10,7 +10,8 @@ modelling code is copied. The swap happens in ``__init__``, so ``from_pretrained
 
 ``config.json`` carries the source's config plus ``fff_layers``: one ``[n_trees, depth]`` per
 layer (``null`` for a layer whose feed-forward block is removed: the ablation), ``ffn_width``
-(the dense block's width, for the active fraction) and the sentence-embedding settings
+(the dense block's width, for the active fraction), ``ffn_extras`` (parts beside the trees,
+see :mod:`.ffn_structures`; null for plain trees) and the sentence-embedding settings
 ``pooling`` / ``normalize_embeddings`` / ``max_seq_len``.
 """
 
@@ -43,6 +44,7 @@ from transformers import (
 
 from ..errors import ConfigError
 from ..fff import FFF
+from .ffn_structures import make_extras
 from .pretrained import set_fff_runtime, set_precision
 
 logger = logging.getLogger(__name__)
@@ -59,18 +61,22 @@ class FFFBlock(nn.Module):
 
     ``bias`` is the dense block's output bias (FFF nodes have none). Inputs in another dtype
     than the FFF (a bfloat16 model keeping its FFF blocks in float32) are cast on the way.
+    ``extras`` (``{"shared": s, "rank": r}``) adds always-on parts beside the trees
+    (:class:`~.ffn_structures.ExtraParts`); None: the plain block.
     """
 
-    def __init__(self, d_model: int, n_trees: int, depth: int):
+    def __init__(self, d_model: int, n_trees: int, depth: int, extras: Any = None):
         super().__init__()
         self.fff = FFF(d_model, n_trees=n_trees, depth=depth)
         self.bias = nn.Parameter(torch.zeros(d_model))
+        self.extras = make_extras(d_model, extras)  # beside the trees (ffn_structures) or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d)`` -> ``(..., d)``."""
         dtype = self.fff.linear_in.weight.dtype
         y = self.fff(x if x.dtype == dtype else x.to(dtype))
-        return (y + self.bias.to(dtype)).to(x.dtype)
+        y = (y + self.bias.to(dtype)).to(x.dtype)
+        return y if self.extras is None else y + self.extras(x)
 
 
 class RemovedFFN(nn.Module):
@@ -229,11 +235,9 @@ def dense_ffns(model: Any, family: Family) -> list[DenseFFN]:
 
 def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] | None],
                  extras: Sequence[Any] | None = None) -> list[Any]:
-    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``), with the
-    layer's ``extras`` a ``ffn_structures.StructuredFFFBlock``, or a :class:`RemovedFFN`
+    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``, with the
+    layer's ``extras`` beside its trees: :mod:`.ffn_structures`) or a :class:`RemovedFFN`
     (``None``); returns the new blocks (randomly initialised)."""
-    from .ffn_structures import make_block
-
     layers = family.layers(base_model_of(model))
     if len(fff_layers) != len(layers):
         raise ConfigError(f"fff_layers has {len(fff_layers)} entries but the model has "
@@ -245,7 +249,7 @@ def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] 
         raise ConfigError(f"ffn_extras has {len(extras)} entries for {len(layers)} layers")
     blocks: list[Any] = []
     for layer, spec, extra in zip(layers, fff_layers, extras, strict=True):
-        block: nn.Module = RemovedFFN() if spec is None else make_block(d_model, spec, extra)
+        block: nn.Module = RemovedFFN() if spec is None else FFFBlock(d_model, int(spec[0]), int(spec[1]), extra)
         ref = next(layer.parameters())
         block.to(device=ref.device, dtype=ref.dtype)
         family.install(layer, block)

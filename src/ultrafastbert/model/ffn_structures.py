@@ -14,7 +14,8 @@ so ``8x7+s16`` costs ``8 * 8 + 16 = 80`` neuron-equivalents against the dense FF
 
 Specs: ``KxD`` alone is a plain FFF block (its route semantics unchanged); ``KxD+s16``,
 ``KxD+r16``, ``KxD+s16+r8`` add the parts. The trees' routes never depend on the extra parts,
-which run in plain torch beside whatever kernel the FFF uses (:class:`StructuredFFFBlock`).
+which run in plain torch beside whatever kernel the FFF uses (:class:`ExtraParts`, a
+converted block's ``extras``; None for plain trees).
 The saved config carries them per layer as ``ffn_extras`` (``{"shared": s, "rank": r}`` or
 null), next to ``fff_layers``.
 """
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .converted import FFFBlock
 
 _PART = re.compile(r"^\s*([sr])\s*(\d+)\s*$")
 _NAMES = {"s": "shared", "r": "rank"}
@@ -128,60 +128,46 @@ class LowRank(nn.Module):
         return self.up(self.down(x))
 
 
-class StructuredFFFBlock(FFFBlock):
-    """An :class:`FFFBlock` plus the always-on parts of :class:`Extras`: ``(..., d)`` ->
-    ``(..., d)``, ``FFF(x) + bias + shared(x) + lowrank(x)``.
+class ExtraParts(nn.Module):
+    """The parts of :class:`Extras` beside a block's trees, ``(..., d)`` -> ``(..., d)``:
+    ``shared(x) + lowrank(x)``, in their own dtype (a model cast with ``set_precision`` casts
+    them with the rest of the model; inputs in another dtype are cast on the way)."""
 
-    The FFF (``self.fff``) is the same module as in a plain block, run by whichever kernel its
-    runtime picks; the extra parts are small dense linears in their own dtype (a model cast
-    with ``set_precision`` casts them with the rest of the model).
-    """
-
-    def __init__(self, d_model: int, n_trees: int, depth: int, extras: Extras):
-        super().__init__(d_model, n_trees, depth)
+    def __init__(self, d_model: int, extras: Extras):
+        super().__init__()
         if not extras:
-            raise InputError("a structured block needs shared neurons or a rank > 0")
-        self.extras = extras
+            raise InputError("extra parts need shared neurons or a rank > 0")
+        self.spec = extras
         self.shared = SharedNeurons(d_model, extras.shared) if extras.shared else None
         self.lowrank = LowRank(d_model, extras.rank) if extras.rank else None
 
-    def tree_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The trees and the bias alone (the plain block), ``(..., d)``."""
-        return super().forward(x)
-
-    def extra_parts(self) -> list[SharedNeurons | LowRank]:
-        """The parts beside the trees, in a fixed order (shared, then low rank)."""
+    def parts(self) -> list[SharedNeurons | LowRank]:
+        """The parts in a fixed order (shared, then low rank)."""
         return [p for p in (self.shared, self.lowrank) if p is not None]
 
-    def extra_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``shared(x) + lowrank(x)`` ``(..., d)`` in ``x``'s dtype."""
-        dtype = next(self.extra_parts()[0].parameters()).dtype
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., d)`` -> ``(..., d)`` in ``x``'s dtype."""
+        dtype = next(self.parameters()).dtype
         xe = x if x.dtype == dtype else x.to(dtype)
-        out = sum(p(xe) for p in self.extra_parts())
+        out = sum(p(xe) for p in self.parts())
         assert isinstance(out, torch.Tensor)
         return out.to(x.dtype)
 
-    def extra_features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, s + r)``: the shared neurons' activations, then the low-rank coordinates (the
         columns the output refit of :mod:`~ultrafastbert.convert.init` solves for)."""
-        return torch.cat([p.features(x) for p in self.extra_parts()], -1)
+        return torch.cat([p.features(x) for p in self.parts()], -1)
 
-    def extra_output_columns(self) -> list[torch.Tensor]:
-        """The output weights ``(d, s)``, ``(d, r)`` matching :meth:`extra_features`."""
+    def output_columns(self) -> list[torch.Tensor]:
+        """The output weights ``(d, s)``, ``(d, r)`` matching :meth:`features`."""
         return [p.linear_out.weight if isinstance(p, SharedNeurons) else p.up.weight
-                for p in self.extra_parts()]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(..., d)`` -> ``(..., d)``."""
-        return self.tree_forward(x) + self.extra_forward(x)
+                for p in self.parts()]
 
 
-def make_block(d_model: int, spec: Sequence[int], extras: Any = None) -> FFFBlock:
-    """A plain :class:`FFFBlock` (``extras`` None or empty) or a :class:`StructuredFFFBlock`."""
+def make_extras(d_model: int, extras: Any) -> ExtraParts | None:
+    """:class:`ExtraParts` for ``extras`` (an :class:`Extras` or its JSON), None for none."""
     parts = extras if isinstance(extras, Extras) else Extras.from_json(extras)
-    if not parts:
-        return FFFBlock(d_model, int(spec[0]), int(spec[1]))
-    return StructuredFFFBlock(d_model, int(spec[0]), int(spec[1]), parts)
+    return ExtraParts(d_model, parts) if parts else None
 
 
 def block_cost(spec: Sequence[int] | None, extras: Any = None) -> int:
@@ -193,9 +179,10 @@ def block_cost(spec: Sequence[int] | None, extras: Any = None) -> int:
 
 
 @torch.no_grad()
-def structured_reference(block: FFFBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's semantics in float64: its trees' nodes ``(T, K, D + 1)`` (the FFF
-    reference's routes) and ``y`` ``(T, d)`` float64 = FFF + bias + shared + low rank."""
+def structured_reference(block: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A converted block's semantics in float64 (``block.fff``, ``block.bias``,
+    ``block.extras``): its trees' nodes ``(T, K, D + 1)`` (the FFF reference's routes) and
+    ``y`` ``(T, d)`` float64 = FFF + bias + shared + low rank."""
     from ..fff import fff_reference
 
     fff = block.fff
@@ -203,13 +190,14 @@ def structured_reference(block: FFFBlock, x: torch.Tensor) -> tuple[torch.Tensor
     trace = fff_reference(xd, fff.linear_in.weight, fff.linear_in.bias, fff.linear_out.weight,
                           fff.n_trees, fff.depth)
     y = trace.y.double() + block.bias.double()
-    if isinstance(block, StructuredFFFBlock):
-        if block.shared is not None:
-            s = block.shared
+    extras = getattr(block, "extras", None)
+    if extras is not None:
+        if extras.shared is not None:
+            s = extras.shared
             act = nn.functional.gelu(xd @ s.linear_in.weight.double().T
                                      + s.linear_in.bias.double())
             y = y + act @ s.linear_out.weight.double().T
-        if block.lowrank is not None:
-            lr = block.lowrank
+        if extras.lowrank is not None:
+            lr = extras.lowrank
             y = y + (xd @ lr.down.weight.double().T) @ lr.up.weight.double().T
     return trace.nodes, y
