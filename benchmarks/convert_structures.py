@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import ultrafastbert
+    from ultrafastbert.bench.common import environment
     from ultrafastbert.convert.evaluate import sts_spearman
     from ultrafastbert.convert.source import load_source, make_student, parse_fff
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens/s {facts['tokens_per_s']}", flush=True)
     result = {"dense_stsb": round(dense, 2), "removed_stsb": round(removed, 2), "rows": rows,
               "eval_threads": args.threads, "eval_s": round(time.time() - started, 1),
-              "note": args.note, "command": " ".join(sys.argv)}
+              "note": args.note, "command": " ".join(sys.argv),
+              "environment": environment()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n",
                                            encoding="utf-8")
