@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=Path, nargs="*", default=[], help="converted model dirs")
     p.add_argument("--configs", default="", help="KxD list to convert here, e.g. 8x7,1x10")
     p.add_argument("--budget", default="1h", help="conversion budget per config")
-    p.add_argument("--corpus", default="demo",
+    p.add_argument("--corpus", default=None,
                    help="distillation text for --configs (see benchmarks/glue_text_corpus.py)")
     p.add_argument("--work", type=Path, default=Path("runs/convert_minilm"))
     p.add_argument("--glue-dir", type=Path, default=Path("../shared/glue"))

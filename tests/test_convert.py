@@ -184,7 +184,7 @@ def _init_settings(source, tmp_path, **kw):
     from ultrafastbert.convert.pipeline import ConvertSettings
 
     return ConvertSettings(source=source.path, out=tmp_path / "o", fff="2x3",
-                           init_tokens=600, batch_size=8, **kw)
+                           corpus="unused", init_tokens=600, batch_size=8, **kw)
 
 
 def _initialised(source, tmp_path, rows, inputs):

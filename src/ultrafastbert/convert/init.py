@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..fff.training import route
 from ..fff.tree import n_nodes
 from ..model.converted import DenseFFN, FFFBlock
+from ..model.ffn_structures import ExtraParts
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,12 @@ def init_block(block: FFFBlock, dense: DenseFFN, x: torch.Tensor, *, split: str 
     x = x.float()
     y = dense(x).float() if target is None else target.float()
     fff = block.fff
-    w_in, b_in, w_out = greedy_fff(x, y - dense.b2.float(), dense, fff.n_trees, fff.depth, split)
+    # Parts beside the trees first (low rank, then shared neurons); the trees grow on what
+    # they leave, and the final refit solves every output row jointly.
+    extra = torch.zeros_like(y) if block.extras is None else init_extras(
+        block.extras, dense, x, y - dense.b2.float(), ridge)
+    w_in, b_in, w_out = greedy_fff(x, y - dense.b2.float() - extra, dense, fff.n_trees,
+                                   fff.depth, split)
     fff.linear_in.weight.copy_(w_in)
     fff.linear_in.bias.copy_(b_in)
     fff.linear_out.weight.copy_(w_out.T)
@@ -156,17 +162,75 @@ def refit_outputs(block: FFFBlock, x: torch.Tensor, y: torch.Tensor, ridge: floa
     """Refit every output row and the output bias jointly, given the routes on ``x``.
 
     Solves ``min |A W + 1 b^T - y|^2 + ridge * tr(A^T A) / M * |W|^2`` with ``A`` ``(N, M)``
-    the visited nodes' activations (zero elsewhere).
+    the visited nodes' activations (zero elsewhere); a structured block's shared-neuron
+    activations and low-rank coordinates are further columns of ``A``, their output weights
+    rows of ``W``.
     """
     fff = block.fff
     act = _activations(fff, x)  # (N, M)
-    design = torch.cat([act, torch.ones(x.shape[0], 1)], 1)
+    extra = act[:, :0] if block.extras is None else block.extras.features(x)
+    design = torch.cat([act, extra, torch.ones(x.shape[0], 1)], 1)
+    solution = _ridge(design, y, ridge)  # (M + E + 1, d)
+    m = act.shape[1]
+    fff.linear_out.weight.copy_(solution[:m].T)
+    if block.extras is not None:
+        start = m
+        for weight in block.extras.output_columns():
+            weight.copy_(solution[start:start + weight.shape[1]].T)
+            start += weight.shape[1]
+    block.bias.copy_(solution[-1])
+
+
+def _ridge(design: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(C, d)`` least squares of ``y`` ``(N, d)`` on ``design`` ``(N, C)`` (last column:
+    ones, not penalised), ridge ``ridge * mean diagonal`` on the others."""
     gram = (design.T @ design).double()  # float32 products (fast), solved in float64
     reg = ridge * gram.diagonal()[:-1].mean()
     gram[:-1, :-1] += reg * torch.eye(gram.shape[0] - 1, dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, (design.T @ y).double()).float()  # (M + 1, d)
-    fff.linear_out.weight.copy_(solution[:-1].T)
-    block.bias.copy_(solution[-1])
+    return torch.linalg.solve(gram, (design.T @ y).double()).float()
+
+
+@torch.no_grad()
+def init_extras(block: ExtraParts, dense: DenseFFN, x: torch.Tensor,
+                target: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Fit the parts beside the trees to ``target`` ``(N, d)`` (the block output less the
+    dense output bias) on ``x`` ``(N, d)``; returns the part of ``target`` they explain
+    ``(N, d)`` (the low-rank term centred: the mean is left to the bias).
+
+    Low rank: the best rank-r linear map of the centred data (reduced-rank regression: the
+    least-squares map ``B``, then the top-r right singular vectors ``V_r`` of ``X B``: ``down =
+    (B V_r)^T``, ``up = V_r``). Shared neurons: on what is left, the dense neurons chosen
+    greedily over *all* tokens as a tree's root is (:func:`_grow_node`: the candidates with
+    the most contribution energy, the one whose least-squares output row explains the most
+    residual), so the always-on neurons are what every token needs (in all-MiniLM-L6-v2,
+    what [CLS] and the outlier dimensions carry).
+    """
+    residual = target.clone()
+    if block.lowrank is not None:
+        xc = x - x.mean(0, keepdim=True)
+        yc = residual - residual.mean(0, keepdim=True)
+        gram = (xc.T @ xc).double()
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        b = torch.linalg.solve(gram, (xc.T @ yc).double())  # (d, d)
+        _, _, vh = torch.linalg.svd(xc.double() @ b, full_matrices=False)
+        v_r = vh[:block.spec.rank].T  # (d, r)
+        block.lowrank.down.weight.copy_((b @ v_r).T.float())
+        block.lowrank.up.weight.copy_(v_r.float())
+        low = block.lowrank(x)
+        residual -= low - low.mean(0, keepdim=True)  # the mean stays for the bias
+    if block.shared is not None:
+        s = block.spec.shared
+        w1, b1 = dense.w1.float(), dense.b1.float()
+        neurons = _Neurons(torch.nn.functional.linear(x, w1, b1), w1, b1,
+                           dense.w2.float().pow(2).sum(0))
+        rows = (torch.zeros(s, x.shape[1]), torch.zeros(s), torch.zeros(s, x.shape[1]))
+        everyone = torch.arange(x.shape[0])
+        for g in range(s):
+            _grow_node(g, everyone, neurons, residual, "neuron", rows)
+        block.shared.linear_in.weight.copy_(rows[0])
+        block.shared.linear_in.bias.copy_(rows[1])
+        block.shared.linear_out.weight.copy_(rows[2].T)
+    return target - residual
 
 
 def _activations(fff: Any, x: torch.Tensor) -> torch.Tensor:

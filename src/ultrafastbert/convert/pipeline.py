@@ -26,7 +26,15 @@ from torch import nn
 
 from ..data.packing import LengthBucketedStream
 from ..errors import InputError
-from ..model.converted import FAMILIES, FFFBlock, dense_ffns, fff_blocks, post_norms
+from ..model.converted import (
+    FAMILIES,
+    FFFBlock,
+    base_model_of,
+    dense_ffns,
+    fff_blocks,
+    post_norms,
+)
+from ..train.distributed import DistContext, init_distributed, main_first, shutdown
 from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
@@ -48,7 +56,7 @@ from .objectives import (
     LayerwiseObjective,
     frozen_norm,
 )
-from .source import SourceModel, active_fraction, load_source, make_student, parse_fff
+from .source import SourceModel, active_fraction, load_source, make_student, parse_structure
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,20 @@ INIT_FILE = "init.safetensors"
 PHASES = ("layerwise", "end-to-end")
 INIT_INPUTS = ("teacher", "student")
 HELDOUT_ROWS = 256
+#: Below this share of the way from the FFN-removed model to the dense one (held-out pooled
+#: cosine, :func:`cosine_kept`), the end of the run warns. Measured on all-MiniLM-L6-v2 8x7
+#: (docs/convert.md, "How close to the dense model"; removed: 0.555 on GLUE-train text): the
+#: init alone 0.39 (12% of the FFNs' STS-B gain), the demo corpus 0.43 (41%, on STS-B text),
+#: 12 minutes on GLUE text 0.64-0.65 (61%), 60 minutes 0.74-0.76 (67-84%).
+POOR_COSINE_KEPT = 0.6
+NO_CORPUS = (
+    "convert needs --corpus: the distillation text decides the quality of the result more than "
+    "any other setting. Give unlabeled text like the text the model will embed (a text file "
+    "with one document per line, JSONL with a 'text' field, Parquet, or a folder of them; e.g. "
+    "`python benchmarks/glue_text_corpus.py --glue-dir GLUE --out text.jsonl` writes the GLUE "
+    "train sentences). `--corpus demo` uses the built-in demo corpus (the KJV Bible, "
+    "Shakespeare, WordNet glosses: archaic English) knowingly: all-MiniLM-L6-v2 8x7 distilled "
+    "on it for 10 minutes kept 41% of the FFNs' STS-B gain, against 61% from GLUE-train text in 12 minutes.")
 
 
 @dataclass(frozen=True)
@@ -67,9 +89,13 @@ class ConvertSettings:
     Attributes:
         source: the source model directory (see :func:`~.source.load_source`).
         out: the output model directory.
-        fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation).
+        fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation);
+            each ``KxD`` may add ``+s<N>`` shared neurons and ``+r<N>`` a rank-N linear term
+            (:mod:`~ultrafastbert.model.ffn_structures`).
         budget_s: wall-clock seconds for init and both phases together.
-        corpus: unlabeled text (``demo`` or a path the pretraining readers take).
+        corpus: unlabeled text (a path the pretraining readers take, or ``demo`` for the
+            built-in archaic-English corpus, asked for by name); required: the text decides the
+            quality (see :data:`NO_CORPUS`).
         layerwise_share: share of the time after init given to the layer-by-layer phase.
         layerwise_space: where that phase compares a block with its dense block: ``output``
             (the block's output) or ``post-norm`` (the layer's output after the residual sum and
@@ -89,13 +115,15 @@ class ConvertSettings:
         teacher_cache_gb: memory for the teacher's end-to-end targets, kept so later epochs
             skip its forward pass (``e2e_layers="last"`` only; 0: off).
         seed: data order; save_every_s: checkpoint period; resume: continue ``out``.
+        max_steps: optimizer steps per phase instead of the time left after init (reproducible
+            runs; None: the budget decides).
     """
 
     source: Path
     out: Path
     fff: str = "8x7"
     budget_s: float = 1800.0
-    corpus: str | None = "demo"
+    corpus: str | None = None
     layerwise_share: float = 0.4
     layerwise_space: str = "output"
     batch_size: int = 32
@@ -115,10 +143,13 @@ class ConvertSettings:
     save_every_s: float = 300.0
     resume: bool = False
     progress: bool = True
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
         object.__setattr__(self, "out", Path(self.out))
+        if not self.corpus:
+            raise InputError(NO_CORPUS)
         if not self.budget_s > 0:
             raise InputError(f"--budget must be > 0 seconds, got {self.budget_s}")
         if self.layerwise_space not in LAYERWISE_SPACES:
@@ -132,6 +163,8 @@ class ConvertSettings:
                              f"{self.e2e_layers!r}")
         if not 0.0 <= self.layerwise_share <= 1.0:
             raise InputError(f"layerwise share must be in [0, 1], got {self.layerwise_share}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.max_steps}")
         for name in ("batch_size", "max_len", "init_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -154,42 +187,71 @@ class ConvertReport:
     settings: dict[str, Any]
     fff_layers: list
     active_fraction: float
+    ffn_extras: list = field(default_factory=list)
     init_s: float = 0.0
     init_error: list[float] = field(default_factory=list)
     init_heldout: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
+    quality_warning: str | None = None
+    world_size: int = 1
     environment: dict[str, Any] = field(default_factory=run_facts)
 
 
 # ------------------------------------------------------------------------------ the run
 def run(settings: ConvertSettings) -> ConvertReport:
-    """Convert ``settings.source`` into ``settings.out`` (see the module docstring)."""
+    """Convert ``settings.source`` into ``settings.out`` (see the module docstring).
+
+    Under ``torchrun`` every process trains its share of each global batch (DDP, gloo on the
+    CPU); rank 0 claims ``out``, fits the init (the others load it), writes the checkpoints and
+    the model. Every rank returns the same report."""
+    ctx = init_distributed("cpu")
+    try:
+        report = _run(settings, ctx)
+    except BaseException:
+        shutdown(ctx, wait=False)  # no barrier: the other ranks may never reach it
+        raise
+    shutdown(ctx)
+    return report
+
+
+def _run(settings: ConvertSettings, ctx: DistContext) -> ConvertReport:
     started = time.monotonic()
-    claim_output_dir(settings.out, settings.resume)
+    if settings.batch_size % ctx.world_size:
+        raise InputError(f"--batch-size {settings.batch_size} must be a multiple of the number "
+                         f"of processes ({ctx.world_size}): it is the global batch")
+    main_first(ctx, lambda: claim_output_dir(settings.out, settings.resume), others=False)
     source = load_source(settings.source)
-    fff_layers = parse_fff(settings.fff, source.n_layers)
-    student: Any = make_student(source, fff_layers)
+    fff_layers, extras = parse_structure(settings.fff, source.n_layers)
+    student: Any = make_student(source, fff_layers, extras)
     pad_id = int(source.model.config.pad_token_id or 0)
     rows = load_segments(settings.corpus, source.tokenizer_dir, max_len=min(
         settings.max_len, source.max_seq_len), max_documents=settings.max_documents, pad_id=pad_id)
     train_idx, heldout_idx = split_rows(len(rows), settings.seed)
     report = ConvertReport(settings.to_json(), fff_layers, active_fraction(
-        fff_layers, student.config.ffn_width))
+        fff_layers, student.config.ffn_width, extras), ffn_extras=extras)
     work = settings.out / WORK_DIR
-    init = initialise(student, source, rows[train_idx], settings, pad_id, work,
-                      setup_s=time.monotonic() - started)
+    # Rank 0 fits and saves the init; the others then find it saved and load it.
+    init = main_first(ctx, lambda: initialise(student, source, rows[train_idx], settings, pad_id,
+                                              work, setup_s=time.monotonic() - started))
+    assert init is not None  # main_first runs it on every rank
     report.init_s, report.init_error = init["seconds"], init["error"]
     held = heldout_set(source, rows[heldout_idx], pad_id)
-    report.init_heldout = heldout_fit(student, held)
+    removed = removed_pooled_cosine(student, held)
+    report.init_heldout = heldout_fit(student, held, removed)
     for phase, budget_s in init["phase_budgets"].items():
         if budget_s > 0 and trains_anything(phase, student, settings):
             report.phases[phase] = distil(phase, student, source, rows, train_idx, settings,
-                                          pad_id, work, budget_s)
-    report.heldout = heldout_fit(student, held)
-    save_model(student, source, settings.out, report)
-    shutil.rmtree(work)
-    log.info("converted model written to %s", settings.out)
+                                          pad_id, work, budget_s, ctx)
+    report.heldout = heldout_fit(student, held, removed)
+    report.quality_warning = quality_warning(report.heldout)
+    report.world_size = ctx.world_size
+    if ctx.is_main:
+        if report.quality_warning:
+            log.warning("%s", report.quality_warning)
+        save_model(student, source, settings.out, report)
+        shutil.rmtree(work)
+        log.info("converted model written to %s", settings.out)
     return report
 
 
@@ -299,8 +361,9 @@ def write_state(module: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------ phases
 def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
            train_idx: np.ndarray, settings: ConvertSettings, pad_id: int, work: Path,
-           budget_s: float) -> dict[str, Any]:
-    """One phase through the training loop; resumes from its checkpoints; returns its log."""
+           budget_s: float, ctx: DistContext | None = None) -> dict[str, Any]:
+    """One phase through the training loop (data-parallel over ``ctx``'s processes); resumes
+    from its checkpoints; returns its log."""
     objective, params = phase_objective(phase, student, source, rows[train_idx], settings,
                                         pad_id)
     stream = LengthBucketedStream(rows, seed=settings.seed, indices=train_idx,
@@ -311,9 +374,12 @@ def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
                           pad_id=pad_id, pooling=source.pooling, layers=settings.e2e_layers,
                           cache_bytes=int(settings.teacher_cache_gb * 2**30))
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
-    config = LoopConfig(budget_s=budget_s, grad_clip=1.0, save_every_s=settings.save_every_s,
-                        progress_bar=settings.progress, out_dir=work / phase, description=phase)
-    trainer = Trainer(objective, optimizer, WarmupCosineSchedule(warmup=0.05), data, config)
+    steps = settings.max_steps
+    config = LoopConfig(budget_s=None if steps else budget_s, max_steps=steps, grad_clip=1.0,
+                        save_every_s=settings.save_every_s, progress_bar=settings.progress,
+                        out_dir=work / phase, description=phase)
+    trainer = Trainer(objective, optimizer, WarmupCosineSchedule(warmup=0.05), data, config,
+                      ctx)
     info = trainer.restore() if settings.resume else None
     if info is not None and info.final:
         log.info("%s: finished before (step %d), not rerun", phase, info.step)
@@ -347,7 +413,14 @@ def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndar
     real = hidden[:, sample.attention_mask.bool()]
     scales = 1.0 / (real - real.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).clamp_min(1e-12)
     ids = {id(p) for p in fff_params}
-    rest = [p for p in student.parameters() if id(p) not in ids]
+    # What the loss reads: the encoder without its pooler (heads and pooler get no gradient,
+    # and DDP needs every trained parameter to get one).
+    encoder = {id(p) for name, p in base_model_of(student).named_parameters()
+               if not name.startswith("pooler.")}
+    for p in student.parameters():
+        if id(p) not in ids:
+            p.requires_grad_(False)
+    rest = [p for p in student.parameters() if id(p) in encoder and id(p) not in ids]
     for p in rest:
         p.requires_grad_(settings.lr_rest > 0)
     groups = [{"params": fff_params, "lr": settings.lr_fff}]
@@ -406,9 +479,47 @@ def heldout_set(source: SourceModel, rows: np.ndarray, pad_id: int) -> HeldoutSe
 
 
 @torch.no_grad()
-def heldout_fit(student: Any, held: HeldoutSet) -> dict[str, Any]:
+def removed_pooled_cosine(student: Any, held: HeldoutSet) -> float:
+    """The ablation's mean pooled cosine to the dense model on the held-out text: ``student``
+    with every feed-forward block's output set to zero (the rest as it is now: the source's
+    tensors before any ``lr_rest`` tuning), for the scale of :func:`heldout_fit`'s cosine."""
+    hooks = [block.register_forward_hook(lambda _m, _args, out: torch.zeros_like(out))
+             for block in fff_blocks(student)]
+    try:
+        _, pooled = teacher_outputs(student, held.text, held.pooling)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return float(torch.nn.functional.cosine_similarity(pooled, held.pooled, dim=-1).mean())
+
+
+def cosine_kept(cosine: float, removed: float) -> float:
+    """How far ``cosine`` (the converted model's mean pooled cosine to the dense one) has come
+    from the FFN-removed model's ``removed`` towards 1: ``(cosine - removed) / (1 - removed)``
+    (1: as the dense model, 0: no better than removing the blocks; < 0: worse)."""
+    return (cosine - removed) / max(1.0 - removed, 1e-9)
+
+
+def quality_warning(heldout: dict[str, Any], threshold: float = POOR_COSINE_KEPT) -> str | None:
+    """The end-of-run warning when the held-out pooled cosine kept (:func:`cosine_kept`) is
+    under ``threshold``, naming what to change; None otherwise."""
+    kept = heldout.get("pooled_cosine_kept")
+    if kept is None or kept >= threshold:
+        return None
+    return (f"the converted model is far from the dense one on held-out text: pooled-embedding "
+            f"cosine {heldout['pooled_cosine']:.3f} (FFN blocks removed: "
+            f"{heldout['removed_pooled_cosine']:.3f}), {kept:.0%} of the way from removed to "
+            f"dense (warned below {threshold:.0%}). Distil on more text like the text the "
+            "model will embed (--corpus), for longer (--budget), or with more trees (--fff).")
+
+
+@torch.no_grad()
+def heldout_fit(student: Any, held: HeldoutSet, removed: float | None = None
+                ) -> dict[str, Any]:
     """On held-out text: each block's relative error (all tokens), its post-norm error on the
-    ordinary tokens (:func:`post_norm_error`) and the pooled embeddings' cosine."""
+    ordinary tokens (:func:`post_norm_error`) and the pooled embeddings' cosine; with the
+    ablation's cosine ``removed`` (:func:`removed_pooled_cosine`), also that and
+    :func:`cosine_kept`."""
     outs = [b(x) for b, x in zip(fff_blocks(student), held.xs, strict=True)]
     errors = [relative_error(out, y) for out, y in zip(outs, held.ys, strict=True)]
     ordinary = held.ordinary
@@ -416,8 +527,13 @@ def heldout_fit(student: Any, held: HeldoutSet) -> dict[str, Any]:
             for out, x, y, norm in zip(outs, held.xs, held.ys, held.norms, strict=True)]
     _, pooled_s = teacher_outputs(student, held.text, held.pooling)
     cos = torch.nn.functional.cosine_similarity(pooled_s, held.pooled, dim=-1)
-    return {"rows": int(held.text.input_ids.shape[0]), "block_error": errors,
-            "post_norm_error": post, "pooled_cosine": float(cos.mean())}
+    fit: dict[str, Any] = {"rows": int(held.text.input_ids.shape[0]),
+                           "block_error": errors, "post_norm_error": post,
+                           "pooled_cosine": float(cos.mean())}
+    if removed is not None:
+        fit["removed_pooled_cosine"] = removed
+        fit["pooled_cosine_kept"] = cosine_kept(fit["pooled_cosine"], removed)
+    return fit
 
 
 def post_norm_error(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: Any) -> float:

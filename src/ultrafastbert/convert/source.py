@@ -64,27 +64,42 @@ class SourceModel:
 
 def parse_fff(spec: str | Sequence[str], n_layers: int) -> list[list[int] | None]:
     """``"8x7"`` (every layer), ``"8x7,8x7,4x8,..."`` (one per layer) or ``"none"`` (the
-    ablation: no feed-forward block) -> one ``[K, D]`` or ``None`` per layer."""
+    ablation: no feed-forward block) -> one ``[K, D]`` or ``None`` per layer (the trees of
+    :func:`parse_structure`, whose extra parts this leaves out)."""
+    return parse_structure(spec, n_layers)[0]
+
+
+def parse_structure(spec: str | Sequence[str], n_layers: int
+                    ) -> tuple[list[list[int] | None], list[dict[str, int] | None]]:
+    """Like :func:`parse_fff`, each entry optionally with parts beside its trees
+    (``8x7+s16``: 16 shared neurons, ``8x7+r16``: a rank-16 linear term; see
+    :mod:`~ultrafastbert.model.ffn_structures`) -> the trees and the extras (``{"shared": s,
+    "rank": r}`` or None) per layer."""
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
     if len(parts) == 1:
         parts = parts * n_layers
     if len(parts) != n_layers:
         raise InputError(f"--fff lists {len(parts)} configurations but the model has {n_layers} "
                          "layers: give one KxD for all layers or exactly one per layer")
-    return [_parse_one(p) for p in parts]
+    parsed = [_parse_one(p) for p in parts]
+    return [t for t, _ in parsed], [e for _, e in parsed]
 
 
-def _parse_one(part: str) -> list[int] | None:
+def _parse_one(part: str) -> tuple[list[int] | None, dict[str, int] | None]:
+    from ..model.ffn_structures import parse_extras
+
     if part.lower() in ("none", "removed", "0"):
-        return None
-    match = _KXD.match(part)
+        return None, None
+    trees, *rest = part.split("+")
+    match = _KXD.match(trees)
     if match is None:
-        raise InputError(f"--fff entry {part!r} is not KxD (e.g. 8x7: 8 trees of depth 7) or "
-                         "'none'")
+        raise InputError(f"--fff entry {part!r} is not KxD (e.g. 8x7: 8 trees of depth 7), "
+                         "KxD+s<N> / KxD+r<N> (N shared neurons / a rank-N linear term beside "
+                         "the trees) or 'none'")
     k, d = int(match.group(1)), int(match.group(2))
     if k < 1 or d < 0 or d > 20:
         raise InputError(f"--fff entry {part!r}: need K >= 1 trees and a depth 0 <= D <= 20")
-    return [k, d]
+    return [k, d], parse_extras(rest, part).to_json() if rest else None
 
 
 def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int) -> None:
@@ -100,9 +115,16 @@ def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int) -> 
                              "trees or a smaller depth")
 
 
-def active_fraction(fff_layers: Sequence[Sequence[int] | None], ffn_width: int) -> float:
-    """Neurons used per token over the dense width, averaged over layers (removed: 0)."""
-    used = [0 if s is None else s[0] * (s[1] + 1) for s in fff_layers]
+def active_fraction(fff_layers: Sequence[Sequence[int] | None], ffn_width: int,
+                    extras: Sequence[Any] | None = None) -> float:
+    """Multiply-adds per token over the dense FFN's, averaged over layers (removed: 0): for
+    plain trees the neurons a token uses over the dense width; shared neurons and low-rank
+    terms count as many neurons as their size (see
+    :func:`~ultrafastbert.model.ffn_structures.block_cost`)."""
+    from ..model.ffn_structures import block_cost
+
+    used = [block_cost(s, e) for s, e in zip(fff_layers, extras or [None] * len(fff_layers),
+                                              strict=True)]
     return sum(used) / (len(used) * ffn_width)
 
 
@@ -159,8 +181,11 @@ def _load_weights(cls: Any, model_dir: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------ the student
-def make_student(source: SourceModel, fff_layers: Sequence[Sequence[int] | None]) -> nn.Module:
-    """The converted model: the source's class with FFF blocks, every other tensor copied.
+def make_student(source: SourceModel, fff_layers: Sequence[Sequence[int] | None],
+                 extras: Sequence[Any] | None = None) -> nn.Module:
+    """The converted model: the source's class with FFF blocks (with ``extras``, one
+    ``{"shared": s, "rank": r}`` or None per layer, beside the trees), every other tensor
+    copied.
 
     The FFF blocks are randomly initialised here (see :mod:`.init` for the real start); each
     block's output bias is the dense block's.
@@ -181,7 +206,8 @@ def make_student(source: SourceModel, fff_layers: Sequence[Sequence[int] | None]
     fields = {**config.to_dict(), "model_type": family.model_type,
               "fff_layers": [None if s is None else list(s) for s in fff_layers],
               "ffn_width": int(dense[0].w1.shape[0]), "pooling": source.pooling,
-              "normalize_embeddings": source.normalize, "max_seq_len": source.max_seq_len}
+              "normalize_embeddings": source.normalize, "max_seq_len": source.max_seq_len,
+              "ffn_extras": list(extras) if extras and any(extras) else None}
     student_config = CONFIG_CLASSES[family.name](**{k: v for k, v in fields.items()
                                                     if k not in ("transformers_version",)})
     cls = converted_class(family, source.task)

@@ -10,7 +10,8 @@ modelling code is copied. The swap happens in ``__init__``, so ``from_pretrained
 
 ``config.json`` carries the source's config plus ``fff_layers``: one ``[n_trees, depth]`` per
 layer (``null`` for a layer whose feed-forward block is removed: the ablation), ``ffn_width``
-(the dense block's width, for the active fraction) and the sentence-embedding settings
+(the dense block's width, for the active fraction), ``ffn_extras`` (parts beside the trees,
+see :mod:`.ffn_structures`; null for plain trees) and the sentence-embedding settings
 ``pooling`` / ``normalize_embeddings`` / ``max_seq_len``.
 """
 
@@ -43,6 +44,7 @@ from transformers import (
 
 from ..errors import ConfigError
 from ..fff import FFF
+from .ffn_structures import make_extras
 from .pretrained import set_fff_runtime, set_precision
 
 logger = logging.getLogger(__name__)
@@ -59,18 +61,22 @@ class FFFBlock(nn.Module):
 
     ``bias`` is the dense block's output bias (FFF nodes have none). Inputs in another dtype
     than the FFF (a bfloat16 model keeping its FFF blocks in float32) are cast on the way.
+    ``extras`` (``{"shared": s, "rank": r}``) adds always-on parts beside the trees
+    (:class:`~.ffn_structures.ExtraParts`); None: the plain block.
     """
 
-    def __init__(self, d_model: int, n_trees: int, depth: int):
+    def __init__(self, d_model: int, n_trees: int, depth: int, extras: Any = None):
         super().__init__()
         self.fff = FFF(d_model, n_trees=n_trees, depth=depth)
         self.bias = nn.Parameter(torch.zeros(d_model))
+        self.extras = make_extras(d_model, extras)  # beside the trees (ffn_structures) or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d)`` -> ``(..., d)``."""
         dtype = self.fff.linear_in.weight.dtype
         y = self.fff(x if x.dtype == dtype else x.to(dtype))
-        return (y + self.bias.to(dtype)).to(x.dtype)
+        y = (y + self.bias.to(dtype)).to(x.dtype)
+        return y if self.extras is None else y + self.extras(x)
 
 
 class RemovedFFN(nn.Module):
@@ -227,19 +233,23 @@ def dense_ffns(model: Any, family: Family) -> list[DenseFFN]:
     return [family.read_ffn(layer) for layer in family.layers(base_model_of(model))]
 
 
-def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] | None]
-                 ) -> list[Any]:
-    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``) or a
-    :class:`RemovedFFN` (``None``); returns the new blocks (randomly initialised)."""
+def build_blocks(model: Any, family: Family, fff_layers: Sequence[Sequence[int] | None],
+                 extras: Sequence[Any] | None = None) -> list[Any]:
+    """Swap each layer's feed-forward block for an :class:`FFFBlock` (``[K, D]``, with the
+    layer's ``extras`` beside its trees: :mod:`.ffn_structures`) or a :class:`RemovedFFN`
+    (``None``); returns the new blocks (randomly initialised)."""
     layers = family.layers(base_model_of(model))
     if len(fff_layers) != len(layers):
         raise ConfigError(f"fff_layers has {len(fff_layers)} entries but the model has "
                           f"{len(layers)} layers; give one KxD or one per layer")
     d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
         model.config.dim
+    extras = list(extras or [None] * len(layers))
+    if len(extras) != len(layers):
+        raise ConfigError(f"ffn_extras has {len(extras)} entries for {len(layers)} layers")
     blocks: list[Any] = []
-    for layer, spec in zip(layers, fff_layers, strict=True):
-        block: nn.Module = RemovedFFN() if spec is None else FFFBlock(d_model, int(spec[0]), int(spec[1]))
+    for layer, spec, extra in zip(layers, fff_layers, extras, strict=True):
+        block: nn.Module = RemovedFFN() if spec is None else FFFBlock(d_model, int(spec[0]), int(spec[1]), extra)
         ref = next(layer.parameters())
         block.to(device=ref.device, dtype=ref.dtype)
         family.install(layer, block)
@@ -266,7 +276,8 @@ class ConvertedMixin:
 
     def _swap_ffns(self) -> None:
         config = self.config  # type: ignore[attr-defined]
-        build_blocks(self, family_of(config.model_type), config.fff_layers)  # type: ignore[arg-type]
+        build_blocks(self, family_of(config.model_type), config.fff_layers,  # type: ignore[arg-type]
+                     getattr(config, "ffn_extras", None))
 
     def set_fff_runtime(self, implementation: str = "auto", weight_format: str = "fp32",
                         training: str = "auto") -> None:
@@ -285,8 +296,10 @@ def _config_class(family: Family) -> type[PretrainedConfig]:
 
     def __init__(self: Any, fff_layers: list | None = None, ffn_width: int | None = None,
                  pooling: str = "mean", normalize_embeddings: bool = False,
-                 max_seq_len: int | None = None, **kwargs: Any) -> None:
+                 max_seq_len: int | None = None, ffn_extras: list | None = None,
+                 **kwargs: Any) -> None:
         base.__init__(self, **kwargs)
+        self.ffn_extras = ffn_extras  # per layer {"shared": s, "rank": r} or None (ffn_structures)
         self.fff_layers = [None if s is None else [int(s[0]), int(s[1])]
                            for s in (fff_layers or [])]
         self.ffn_width, self.pooling = ffn_width, pooling
