@@ -257,19 +257,30 @@ class Predictor:
         if pairs is not None and len(pairs) != len(texts):
             raise InputError(f"{len(texts)} texts but {len(pairs)} pairs")
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        encodings = self._unpadded_tokenizer(truncate).encode_batch(inputs)
-        _warn_empty(texts, pairs, encodings)
-        return [e.ids for e in encodings]
+        tokenizer = self._unpadded_tokenizer(truncate)
+        # One Rust call for the batch (without character offsets, which nothing here reads);
+        # the per-text emptiness check runs only when a row is short enough to be empty.
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encodings = encode(inputs)
+        rows = [e.ids for e in encodings]
+        if pairs is not None or min(map(len, rows), default=1 << 30) <= self._n_special:
+            _warn_empty(texts, pairs, encodings)
+        return rows
 
     def _unpadded_tokenizer(self, truncate: bool) -> Any:
         # A copy of the tokenizer, so changing its truncation never races with self.tokenizer.
         if getattr(self, "_unpadded", None) is None:
             self._unpadded = copy.deepcopy(self.tokenizer)
             self._unpadded.no_padding()
-        if truncate:
-            self._unpadded.enable_truncation(self.max_length)
-        else:
-            self._unpadded.no_truncation()
+            self._n_special = int(self._unpadded.num_special_tokens_to_add(False))
+            self._truncating: int | None = -1
+        length = self.max_length if truncate else None
+        if self._truncating != length:  # (re)configure only when it changes
+            if length is None:
+                self._unpadded.no_truncation()
+            else:
+                self._unpadded.enable_truncation(length)
+            self._truncating = length
         return self._unpadded
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
