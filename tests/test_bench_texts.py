@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_infer_fast import TEXTS, dirs  # noqa: F401  (the module fixture)
 
+from test_infer_fast import TEXTS, dirs  # noqa: F401  (the module fixture)
 from ultrafastbert.bench import texts as bt
 from ultrafastbert.infer import Predictor
 
