@@ -63,3 +63,17 @@ def test_the_opaque_op_follows_weight_changes(converted):
                                                   fff.depth, "auto", "fp32")
         fff.linear_out.weight.div_(2.0)
     torch.testing.assert_close(after, 2 * before, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_encoder_traces_in_one_graph(converted):
+    from ultrafastbert.infer.fast import fast_encoder
+    from ultrafastbert.infer.packing import Packing
+
+    torch._dynamo.reset()
+    encoder = fast_encoder(converted, "float32")
+    ids, mask = _batch(60, [7, 3, 5])
+    packing = Packing.from_mask(mask)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda i: encoder.hidden(i, packing))(
+            packing.pack(ids))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
