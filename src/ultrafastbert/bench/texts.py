@@ -223,7 +223,7 @@ def time_rounds(embedders: dict[str, Embedder], batches: list[list[str]], rounds
                 ) -> dict[str, list[float]]:
     """Seconds per pass over ``batches`` of each embedder, ``rounds`` interleaved rounds."""
     samples: dict[str, list[float]] = {name: [] for name in embedders}
-    for name, embed in embedders.items():  # warm-up
+    for embed in embedders.values():  # warm-up
         embed(batches[0])
     for _ in range(rounds):
         for name, embed in embedders.items():
@@ -309,12 +309,17 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
     texts, gold = stsb_dev(glue_dir)
     embedders, predictors, skipped = build_embedders(converted, dense, precisions, 256)
     keep = embedders.pop("_keep", None)
+    logger.info("built %d embedders (skipped: %s); checking quality on %d texts",
+                len(embedders), skipped, len(texts))
     reference = embed_all(embedders["dense torch fp32"], texts)
-    checks = {name: quality(embed_all(e, texts), reference, gold)
-              for name, e in embedders.items()}
+    checks = {}
+    for name, embed in embedders.items():
+        checks[name] = quality(embed_all(embed, texts), reference, gold)
+        logger.info("%s: %s", name, checks[name])
     fp32_ours = next(p for n, p in predictors.items() if n.startswith("ours FFF float32"))
-    routes = {n: route_change_rate(p, fp32_ours, texts[:512]) for n, p in predictors.items()
+    routes = {n: route_change_rate(p, fp32_ours, texts[:256]) for n, p in predictors.items()
               if n.startswith("ours FFF")}
+    logger.info("route change rates %s", routes)
     tok = padded_tokenizer(dense, LONG_TOKENS)
     timed = texts[:n_texts] if n_texts else texts
     short = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
@@ -322,6 +327,7 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
     rows = []
     for work, batches in (("stsb-dev-batches-of-32", short), ("32x128", long)):
         samples = time_rounds(embedders, batches, rounds)
+        logger.info("timed %s", work)
         n = sum(len(b) for b in batches)
         for name, s in samples.items():
             rows.append({"workload": work, "embedder": name, "texts": n,
@@ -332,7 +338,8 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
     _ratios(rows)
     del keep
     short_texts = texts[:BATCH]
-    outside = {n: outside_model_share(p, short_texts) for n, p in predictors.items()
+    outside = {n: outside_model_share(p, short_texts, repeats=10)
+               for n, p in predictors.items()
                if n.startswith("ours FFF")}
     best = max((r for r in rows if r["workload"] == "stsb-dev-batches-of-32"
                 and r["embedder"].startswith("ours FFF")), key=lambda r: r["texts_per_s"])
