@@ -283,3 +283,21 @@ def test_auto_with_tuning_off_is_float32(dirs):
     predictor = Predictor.from_pretrained(dirs["bert"])  # the suite runs with autotuning off
     assert predictor.precision_choice.chosen == {"short": "float32", "long": "float32"}
     assert "nothing measured" in predictor.precision_choice.reasons["short"]
+
+
+def test_kernels_cli_shows_the_precision_choice(dirs, capsys):
+    from ultrafastbert.cli import main
+
+    assert main(["kernels", "--model", str(dirs["bert"])]) == 0
+    out = capsys.readouterr().out
+    assert "encoder precisions" in out and "int8" in out
+    assert "short: float32 -- autotuning is off" in out
+
+
+def test_predict_cli_takes_a_precision(dirs, capsys):
+    from ultrafastbert.cli import main
+
+    assert main(["predict", "embed", str(dirs["bert"]), "a dog", "--precision", "float32",
+                 "--json"]) == 0
+    with pytest.raises(SystemExit):
+        main(["predict", "embed", str(dirs["bert"]), "a dog", "--precision", "int4"])

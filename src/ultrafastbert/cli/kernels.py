@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         shape = Workload(n_trees, depth, args.d_model, args.tokens)
     print(describe(args.device, getattr(torch, args.dtype), args.weight_format, shape=shape))
-    print(_precisions(args.device, args.model))
+    if torch.device(args.device).type == "cpu" or args.model:
+        print(_precisions(args.device, args.model))
     return 0
 
 
@@ -58,7 +59,7 @@ def _precisions(device: str, model: str | None) -> str:
 
     ok, refused = candidates(device)
     lines = ["\nencoder precisions (Predictor / serve / predict --precision):"]
-    lines += [f"  {p}: available" for p in ok]
+    lines += [f"  {p}: runs here" for p in ok]
     lines += [f"  {p}: falls back to float32 -- {why}" for p, why in refused.items()]
     if model is None:
         return "\n".join(lines + ["  (--model DIR shows what 'auto' picks for a model)"])

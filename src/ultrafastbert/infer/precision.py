@@ -15,7 +15,7 @@ int8       int8 weights, one scale per output   float32             float32 kern
 
 No GEMM is written here: the int8 path is ``torch.ops.quantized.linear_dynamic`` (FBGEMM /
 oneDNN, VNNI dot products where the CPU has them) on a weight quantized per output channel,
-which keeps the pooled cosine that per-tensor scales lose (../shared/DESIGN.md §1.6).
+which keeps the pooled cosine that per-tensor scales lose (docs/precision.md).
 
 :func:`unavailable` says why a precision cannot run on this CPU. A CPU is treated as lacking
 VNNI / AVX512-BF16 when ``ULTRAFASTBERT_CPU_FLAGS_OFF`` names the flag (comma-separated, e.g.
