@@ -123,6 +123,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-batch", type=int, default=8,
                    help="batch of the per-part profile (0: no profile)")
     p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
+    p.add_argument("--texts", default=None, metavar="GLUE_DIR",
+                   help="instead: sentence embeddings from text (tokenization included) of the "
+                        "converted model in --models against its dense source on PyTorch, ONNX "
+                        "Runtime and OpenVINO, on STS-B dev in batches of 32 and 32x128, with "
+                        "STS-B Spearman and cosine columns (bench/texts.py)")
+    p.add_argument("--precision", type=_csv(str), default=("float32", "bfloat16", "int8",
+                                                           "auto"),
+                   help="with --texts: our Predictor's precisions to run (default all)")
+    p.add_argument("--text-limit", type=int, default=None,
+                   help="with --texts: time only the first N STS-B sentences")
 
 
 def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
@@ -584,6 +594,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``ultrafastbert bench model``: prints tables, writes files."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "texts", None):
+        return _run_texts(args)
     result = run_bench(settings_from_args(args))
     env = result["environment"]
     print(f"{common.speed_summary(env)}; load {env['loadavg_before']} -> "
@@ -604,6 +616,30 @@ def run(args: argparse.Namespace) -> int:
         print("\nper-part profile:\n" + common.format_table(result["profile"], PROFILE_COLUMNS))
     if args.out:
         for path in write(args.out, result):
+            print(f"wrote {path}")
+    return 0
+
+
+def _run_texts(args: argparse.Namespace) -> int:
+    """``bench model --texts``: see :mod:`.texts`."""
+    from ..infer.precision import CHOICES
+    from . import texts
+
+    bad = [p for p in args.precision if p not in CHOICES]
+    if bad:
+        raise InputError(f"--precision must be among {CHOICES}, got {bad}")
+    dirs = [m for m in args.models if _is_model_dir(m)]
+    if len(dirs) != 1:
+        raise InputError("--texts needs exactly one converted model directory in --models")
+    converted = Path(dirs[0])
+    dense = Path(args.dense_source) if args.dense_source else baselines.source_of(converted)
+    if dense is None:
+        raise InputError(f"{converted} names no dense source; pass --dense-source DIR")
+    result = texts.run_texts(converted, dense, Path(args.texts), tuple(args.precision),
+                             rounds=max(args.repeats, 1), n_texts=args.text_limit)
+    print(texts.report(result))
+    if args.out:
+        for path in texts.write(args.out, result):
             print(f"wrote {path}")
     return 0
 

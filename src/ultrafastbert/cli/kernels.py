@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also show what 'auto' chooses for this tree shape, with reasons")
     p.add_argument("--d-model", type=int, default=768, help="width for --config (default 768)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per call for --config")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="also show the encoder precision 'auto' picks for this model here "
+                        "(measured once per CPU and cached), with the measurements")
     p.add_argument("--clear-tuning", action="store_true",
                    help="delete this CPU's cached native-kernel knobs and kernel timings "
                         "(remeasured on next use)")
@@ -45,4 +48,27 @@ def run(args: argparse.Namespace) -> int:
             return 2
         shape = Workload(n_trees, depth, args.d_model, args.tokens)
     print(describe(args.device, getattr(torch, args.dtype), args.weight_format, shape=shape))
+    if torch.device(args.device).type == "cpu" or args.model:
+        print(_precisions(args.device, args.model))
     return 0
+
+
+def _precisions(device: str, model: str | None) -> str:
+    """Which encoder precisions can run here, and ``auto``'s choice for ``model``."""
+    from ..infer.autoprecision import candidates
+
+    ok, refused = candidates(device)
+    lines = ["\nencoder precisions (Predictor / serve / predict --precision):"]
+    lines += [f"  {p}: runs here" for p in ok]
+    lines += [f"  {p}: falls back to float32 -- {why}" for p, why in refused.items()]
+    if model is None:
+        return "\n".join(lines + ["  (--model DIR shows what 'auto' picks for a model)"])
+    from ..infer import Predictor
+
+    choice = Predictor.from_pretrained(model, device=device).precision_choice
+    lines.append(f"auto for {model} ({torch.get_num_threads()} threads):")
+    lines.append(choice.describe())
+    for p in choice.cosine:
+        lines.append(f"  {p}: cosine to float32 {choice.cosine[p]:.4f}; ms short "
+                     f"{choice.ms['short'][p]:.1f}, long {choice.ms['long'][p]:.1f}")
+    return "\n".join(lines)

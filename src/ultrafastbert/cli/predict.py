@@ -42,6 +42,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "int8", "auto"), default=None,
+                   help="dense linears of embed/classify: auto (default; the fastest that "
+                        "passes the accuracy rule here, see `ultrafastbert kernels --model`), "
+                        "float32, bfloat16, int8 (bfloat16 when --dtype bfloat16)")
     p.add_argument("--kernel", default="auto",
                    help="FFF implementation: auto, torch, native, triton (default: auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     predictor = Predictor.from_pretrained(args.model, tokenizer_file=args.tokenizer,
                                           dtype=args.dtype, device=args.device,
-                                          kernel=args.kernel, batch_size=args.batch_size)
+                                          kernel=args.kernel, batch_size=args.batch_size,
+                                          precision=args.precision)
     texts = _texts(args)
     if args.task == "fill-mask":
         return _fill_mask(predictor, texts, args)

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batches run at once, each on its own thread (default 1; on a CPU "
                         "try --workers N --threads 1 with N cores)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "int8", "auto"), default=None,
+                   help="dense linears: auto (default: fastest passing the accuracy rule "
+                        "here), float32, bfloat16, int8")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--kernel", default="auto",
                    help="FFF implementation: auto, torch, native, triton (default: auto)")
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                          max_concurrent_requests=args.max_concurrent_requests,
                          api_keys=api_keys(args))
     predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                          kernel=args.kernel)
+                                          kernel=args.kernel, precision=args.precision)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

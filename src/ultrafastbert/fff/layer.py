@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, InputTypeError
-from ..utils.cache import PackedCache
+from ..utils.cache import PackedCache, fingerprint
 from . import dispatch
 from .kernel import FFFKernel, validate_weight_format
 from .tree import n_nodes, validate_tree_shape
@@ -45,6 +45,51 @@ class FFFRuntime:
         if self.training not in trainers:
             raise InputError(f"FFF training kernel {self.training!r} is unknown or has no "
                              f"training path; choose one of {trainers}")
+
+
+@torch.library.custom_op("ultrafastbert::fff_infer", mutates_args=())
+def fff_infer(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+              w_out: torch.Tensor, n_trees: int, depth: int, implementation: str,
+              weight_format: str) -> torch.Tensor:
+    """The inference forward as one operator, ``x`` ``(T, d)`` -> ``(T, d)``, for code compiled
+    by ``torch.compile`` (the layer's packed-weight cache reads ``data_ptr``, which Dynamo
+    cannot trace). Packed weights are cached here per parameter identity/version/storage."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    params = (w_in, b_in, w_out)
+    key = fingerprint(params, (x.dtype, n_trees, depth, implementation, weight_format))
+    cache = _COMPILED_CACHE.get(key[1][0])
+    hit = None if cache is None else cache.lookup(key)
+    if hit is None:
+        kernel = dispatch.select(implementation, w_in.device, x.dtype, weight_format,
+                                 shape=dispatch.Workload(n_trees, depth, w_in.shape[1]))
+        with torch.no_grad():
+            packed = kernel.pack(w_in, b_in, w_out, n_trees, depth, weight_format)
+        cache = _COMPILED_CACHE.setdefault(key[1][0], PackedCache())
+        hit = cache.store(params, key, (kernel, packed))
+    with torch.no_grad():
+        return hit[0].forward(x.contiguous(), hit[1], n_trees, depth, False)[0]
+
+
+@fff_infer.register_fake
+def _(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+      n_trees: int, depth: int, implementation: str, weight_format: str) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+#: fff_infer's packed weights, one cache per ``linear_in.weight`` (by id).
+_COMPILED_CACHE: dict[int, PackedCache] = {}
+
+
+def _compiled_inference(layer: FFF, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` under ``torch.compile`` without autograd: :func:`fff_infer` on ``(T, d)``."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(layer.linear_in.weight.dtype)
+    flat = x.reshape(-1, layer.d_model)
+    y = fff_infer(flat, layer.linear_in.weight, layer.linear_in.bias, layer.linear_out.weight,
+                  layer.n_trees, layer.depth, layer.runtime.implementation,
+                  layer.runtime.weight_format)
+    return y.reshape(x.shape)
 
 
 def _autocast_on(x: object) -> bool:
@@ -118,6 +163,9 @@ class FFF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d_model)`` -> ``(..., d_model)``."""
+        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (
+                x.requires_grad or self._needs_param_grad())):
+            return _compiled_inference(self, x)  # one opaque op: no graph break
         y = self._repeat_inference(x)
         if y is not None:
             return y

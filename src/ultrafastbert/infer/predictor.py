@@ -5,15 +5,20 @@ models, converted ``transformers`` BERT-family models (``ultrafastbert convert``
 dense sources, through one interface (:mod:`ultrafastbert.infer.views`).
 
 The model runs in eval mode under ``torch.inference_mode``, so every FFF block uses the fastest
-kernel the dispatcher allows; padded positions are skipped by the feed-forward blocks. ``dtype``
-``bfloat16`` casts the model (less memory traffic; routes may differ from fp32 near logit 0);
-on a CPU the FFF blocks then stay in float32, where the native kernel runs (faster and more exact
-than the generic kernel in bfloat16).
+kernel the dispatcher allows. Embeddings and classification run as packed tokens
+(:mod:`.fast`: no padded rows through the linears, norms and feed-forward blocks; attention
+per text) with the dense linears at ``precision`` (:mod:`.precision`: ``float32``,
+``bfloat16``, ``int8`` or ``auto``, the fastest that passes the accuracy rule on this CPU,
+measured once and cached: :mod:`.autoprecision`). Fill-mask runs the model's own padded forward
+in ``dtype``: ``bfloat16`` casts the model (less memory traffic; routes may differ from fp32
+near logit 0); on a CPU the FFF blocks then stay in float32, where the native kernel runs
+(faster and more exact than the generic kernel in bfloat16).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -29,6 +34,12 @@ from ..model.checkpoint import TOKENIZER_NAME
 from ..model.layouts import transformers_model_type
 from ..model.pretrained import fff_compute_dtype, set_fff_runtime, set_precision
 from ..utils.device import require_device
+from . import autoprecision
+from .autoprecision import Choice
+from .fast import FastEncoder, fast_encoder
+from .packing import Packing
+from .precision import unavailable
+from .precision import validate as validate_precision
 from .views import ModelView, view_of
 
 logger = logging.getLogger(__name__)
@@ -131,10 +142,14 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, kernel: str = "auto",
-                 weight_format: str = "fp32", batch_size: int = 32):
+                 weight_format: str = "fp32", batch_size: int = 32,
+                 precision: str | None = None):
         if dtype not in DTYPES.values():
             raise InputError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
         _check_positive("batch_size (--batch-size)", batch_size)
+        if precision is None:  # an explicit bfloat16 model keeps bfloat16 linears
+            precision = "bfloat16" if dtype == torch.bfloat16 else "auto"
+        validate_precision(precision)
         device = str(require_device(device))
         model.to(device=device)
         set_precision(model, dtype, fff_compute_dtype(device, dtype, kernel))
@@ -145,6 +160,53 @@ class Predictor:
         self.max_length = self.view.max_length
         pad_id = self._token_id(self.view.pad_token, required=False)
         self.pad_id = self.view.pad_token_id if pad_id is None else pad_id
+        self._fast: dict[str, FastEncoder | None] = {}
+        self.precision = precision
+        self.precision_choice = self._choose_precision(precision)
+
+    # ------------------------------------------------------------------------------ precision
+    def _choose_precision(self, precision: str) -> Choice:
+        """The precision per workload: the one asked for, or ``auto``'s measured choice."""
+        if precision != "auto":
+            why = unavailable(precision, self.device)
+            if why is not None:
+                raise InputError(f"precision {precision} cannot run here: {why}; use "
+                                 "--precision float32 or auto")
+            return autoprecision.fixed(precision, "asked for")
+        if self._encoder("float32") is None:
+            return autoprecision.fixed("float32", "no packed encoder for this model layout")
+        return autoprecision.choose(self._signature(), self.device, self._encode_packed,
+                                    self._pooled_at, max_length=self.max_length)
+
+    def _signature(self) -> str:
+        """The model's shape and a checksum of its weights (the auto choice's cache key)."""
+        config = self.model.config
+        shape = {k: getattr(config, k, None) for k in (
+            "model_type", "hidden_size", "num_hidden_layers", "fff_layers", "d_model",
+            "n_layers", "ff")}
+        with torch.no_grad():
+            total = sum(float(p.float().sum()) for p in self.model.parameters())
+        digest = hashlib.sha256(f"{shape}{total:.6e}".encode()).hexdigest()[:12]
+        return f"{type(self.model).__name__}-{digest}"
+
+    def _encoder(self, precision: str) -> FastEncoder | None:
+        """The packed encoder at ``precision`` (built on first use)."""
+        if precision not in self._fast:
+            sep_id = getattr(self.view, "sep_id", None) if getattr(
+                self.view, "with_types", False) else None
+            self._fast[precision] = fast_encoder(self.model, precision, sep_id)
+        return self._fast[precision]
+
+    def fast_encoder_for(self, n_texts: int, n_tokens: int) -> FastEncoder | None:
+        """The packed encoder that runs a batch of ``n_texts`` holding ``n_tokens`` tokens
+        (None: this model's layout has none, the padded path runs)."""
+        return self._encoder(self.precision_choice.for_tokens(n_texts, n_tokens))
+
+    def _pooled_at(self, precision: str, ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        encoder = self._encoder(precision)
+        assert encoder is not None
+        with torch.inference_mode():
+            return packing.pooled(encoder.hidden(ids, packing), self.view.default_pooling)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *,
@@ -195,19 +257,30 @@ class Predictor:
         if pairs is not None and len(pairs) != len(texts):
             raise InputError(f"{len(texts)} texts but {len(pairs)} pairs")
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        encodings = self._unpadded_tokenizer(truncate).encode_batch(inputs)
-        _warn_empty(texts, pairs, encodings)
-        return [e.ids for e in encodings]
+        tokenizer = self._unpadded_tokenizer(truncate)
+        # One Rust call for the batch (without character offsets, which nothing here reads);
+        # the per-text emptiness check runs only when a row is short enough to be empty.
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encodings = encode(inputs)
+        rows = [e.ids for e in encodings]
+        if pairs is not None or min(map(len, rows), default=1 << 30) <= self._n_special:
+            _warn_empty(texts, pairs, encodings)
+        return rows
 
     def _unpadded_tokenizer(self, truncate: bool) -> Any:
         # A copy of the tokenizer, so changing its truncation never races with self.tokenizer.
         if getattr(self, "_unpadded", None) is None:
             self._unpadded = copy.deepcopy(self.tokenizer)
             self._unpadded.no_padding()
-        if truncate:
-            self._unpadded.enable_truncation(self.max_length)
-        else:
-            self._unpadded.no_truncation()
+            self._n_special = int(self._unpadded.num_special_tokens_to_add(False))
+            self._truncating: int | None = -1
+        length = self.max_length if truncate else None
+        if self._truncating != length:  # (re)configure only when it changes
+            if length is None:
+                self._unpadded.no_truncation()
+            else:
+                self._unpadded.enable_truncation(length)
+            self._truncating = length
         return self._unpadded
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +298,14 @@ class Predictor:
         """Token ids and attention mask, both ``(N, S)`` (padded to the longest, truncated to
         the model's ``max_seq_len``)."""
         return self.pad(self.tokenize(texts, pairs))
+
+    def _encode_packed(self, texts: Sequence[str], pairs: Sequence[str] | None = None
+                       ) -> tuple[torch.Tensor, Packing]:
+        """Token ids of ``texts`` concatenated ``(T,)`` and where each text is (no padding)."""
+        rows = self.tokenize(texts, pairs)
+        lengths = [len(row) for row in rows]
+        flat = torch.tensor([i for row in rows for i in row], dtype=torch.long)
+        return flat.to(self.device), Packing.from_lengths(lengths, self.device)
 
     def _batches(self, texts: Sequence[str], pairs: Sequence[str] | None):
         for start in range(0, len(texts), self.batch_size):
@@ -288,8 +369,13 @@ class Predictor:
         """
         pooling = _resolve_pooling(pooling, self.view)
         rows = _as_list(texts, "texts")
-        parts = [self.embed_ids(ids, mask, pooling, normalize)
-                 for ids, mask in self._batches(rows, None)]
+        if self.fast_encoder_for(1, 1) is None:
+            parts = [self.embed_ids(ids, mask, pooling, normalize)
+                     for ids, mask in self._batches(rows, None)]
+        else:
+            parts = [self._embed_packed(*self._encode_packed(rows[i:i + self.batch_size]),
+                                        pooling, normalize)
+                     for i in range(0, len(rows), self.batch_size)]
         out = torch.cat(parts) if parts else torch.empty(0, self.view.width)
         return out[0] if isinstance(texts, str) else out
 
@@ -298,8 +384,31 @@ class Predictor:
         """Embeddings ``(N, d)`` float32 on the CPU of one padded batch ``ids``/``mask``
         ``(N, S)`` (see :meth:`embed`)."""
         pooling = _resolve_pooling(pooling, self.view)
+        if ids.numel() and self.fast_encoder_for(1, 1) is not None:
+            packing = self._packing(ids, mask)
+            return self._embed_packed(packing.pack(ids), packing, pooling, normalize)
         with torch.inference_mode():
             vectors = self.view.pooled(ids, mask, pooling).float().cpu()
+        return self._normalized(vectors, normalize)
+
+    def _packing(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Packing:
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask shape {tuple(mask.shape)} must equal input_ids "
+                             f"shape {tuple(ids.shape)}")
+        return Packing.from_mask(mask)
+
+    def _embed_packed(self, ids: torch.Tensor, packing: Packing, pooling: str,
+                      normalize: bool | None) -> torch.Tensor:
+        """Embeddings ``(N, d)`` float32 on the CPU of packed ``ids`` ``(T,)``."""
+        encoder = self.fast_encoder_for(packing.n_texts, packing.n_tokens)
+        assert encoder is not None
+        with torch.inference_mode():
+            vectors = packing.pooled(encoder.hidden(ids, packing), pooling).float().cpu()
+        return self._normalized(vectors, normalize)
+
+    def _normalized(self, vectors: torch.Tensor, normalize: bool | None) -> torch.Tensor:
         if self.view.normalize if normalize is None else normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors
@@ -320,8 +429,15 @@ class Predictor:
                      ) -> list[Classification]:
         """Predictions for one padded batch ``ids``/``mask`` ``(N, S)`` (see :meth:`classify`)."""
         self._require("classify")
+        encoder = self.fast_encoder_for(1, 1)
         with torch.inference_mode():
-            logits = self.view.class_logits(ids, mask).float().cpu()
+            if encoder is None or not ids.numel():
+                logits = self.view.class_logits(ids, mask).float().cpu()
+            else:
+                packing = self._packing(ids, mask)
+                encoder = self.fast_encoder_for(packing.n_texts, packing.n_tokens)
+                assert encoder is not None
+                logits = encoder.class_logits(packing.pack(ids), packing).float().cpu()
         return [self._classification(row) for row in logits]
 
     def _classification(self, logits: torch.Tensor) -> Classification:

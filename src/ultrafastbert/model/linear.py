@@ -79,6 +79,8 @@ class InferenceLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
+        if torch.compiler.is_compiling():  # Inductor packs weights itself; the cache's
+            return F.linear(x, self.weight, self.bias)  # data_ptr reads would break the graph
         packed = self._packed_weight(x)
         if packed is None:
             return F.linear(x, self.weight, self.bias)
