@@ -33,8 +33,9 @@ def converted(tmp_path_factory):
 
 
 def _encode(directory) -> torch.Tensor:
-    import ultrafastbert  # noqa: F401  (registers the converted classes with transformers)
     from sentence_transformers import SentenceTransformer
+
+    import ultrafastbert  # noqa: F401  (registers the converted classes with transformers)
 
     model = SentenceTransformer(str(directory), device="cpu")
     return model.encode(TEXTS, convert_to_tensor=True).float()
