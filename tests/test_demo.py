@@ -102,3 +102,30 @@ def test_pretraining_demo_stays_reachable():
     assert args.handler.__name__ == "run" and args.preset == "tiny-fff" and args.budget == 10
     args = build_parser().parse_args(["demo", "--budget", "2m"])
     assert args.handler.__name__ == "run_convert" and args.budget == 120 and args.fff == "8x7"
+
+
+def test_stsb_column_with_a_glue_dir(demo_run):
+    """With GLUE data the torch rows get STS-B dev (the int8 row: none), from the same code that
+    scores conversions (convert.evaluate.sts_spearman)."""
+    from pathlib import Path
+
+    from ultrafastbert.convert.evaluate import sts_spearman
+    from ultrafastbert.convert.source import load_source
+
+    out, _ = demo_run
+    glue = Path(__file__).parent / "fixtures" / "glue_mini"
+    result = json.loads((out / "results.json").read_text())
+    source = Path(result["source"])
+    settings = convert_demo.DemoSettings(out=out / "again", fff="2x3", glue_dir=glue,
+                                         heldout_texts=24, repeats=1, progress=False)
+    texts = (out / "heldout.txt").read_text().splitlines()[:24]
+    rows = {r["model"]: r for r in convert_demo.compare(source, out / "fff-2x3", texts,
+                                                         settings)}
+    assert rows[convert_demo.INT8]["stsb"] is None
+    src = load_source(source)
+    want = sts_spearman(src.model, src.tokenizer_dir, glue, pooling=src.pooling)["spearman"]
+    assert rows[convert_demo.DENSE]["stsb"] == pytest.approx(want)
+    for name in (convert_demo.REMOVED, "FFF 2x3 (converted)"):
+        assert -100.0 <= rows[name]["stsb"] <= 100.0
+    with pytest.raises(ValueError, match="not a directory"):
+        convert_demo.DemoSettings(out=out / "x", glue_dir=out / "no-such-glue")
