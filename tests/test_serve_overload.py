@@ -171,6 +171,7 @@ def test_the_text_of_a_client_that_left_is_not_computed(stub):
     assert stub.metric("ultrafastbert_skipped_inputs_total", reason="disconnected") >= 1
     assert stub.metric("ultrafastbert_requests_total", endpoint="/v1/embeddings",
                        status="499") >= 1
+    assert "ERROR" not in stub.log()  # a cancelled request is routine, not an error
 
 
 # --------------------------------------------------------------------------- the deadline
@@ -194,6 +195,7 @@ def test_a_request_past_its_queue_deadline_is_answered_and_not_computed(tmp_path
         wait_for(lambda: server.metric("ultrafastbert_skipped_inputs_total",
                                        reason="expired") == 1, "never dropped")
         assert server.metric("ultrafastbert_request_queue_seconds_count") >= 2
+        assert "ERROR" not in server.log()
     finally:
         server.release()
         server.stop()

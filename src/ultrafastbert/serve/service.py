@@ -215,6 +215,7 @@ class Service:
                 watcher.cancel()
             if not gathered.done():
                 gathered.cancel()
+                gathered.add_done_callback(_retrieve)  # its CancelledError is expected
 
     def _cancelled(self, reason: str) -> Exception:
         """The error for a request cancelled for ``reason`` (counted once, here)."""
@@ -248,3 +249,9 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         message = await receive()
         if message.get("type") == "http.disconnect":
             return
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Read a cancelled gather's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
