@@ -133,6 +133,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --texts: our Predictor's precisions to run (default all)")
     p.add_argument("--text-limit", type=int, default=None,
                    help="with --texts: time only the first N STS-B sentences")
+    p.add_argument("--quality-only", action="store_true",
+                   help="with --texts: only the quality columns and FFF route-change rates "
+                        "(no timing; may run outside the benchmark lock)")
+    p.add_argument("--quality-from", default=None, metavar="JSON",
+                   help="with --texts: read the quality columns from a --quality-only run")
 
 
 def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
@@ -636,7 +641,16 @@ def _run_texts(args: argparse.Namespace) -> int:
     if dense is None:
         raise InputError(f"{converted} names no dense source; pass --dense-source DIR")
     result = texts.run_texts(converted, dense, Path(args.texts), tuple(args.precision),
-                             rounds=max(args.repeats, 1), n_texts=args.text_limit)
+                             rounds=max(args.repeats, 1), n_texts=args.text_limit,
+                             quality_only=args.quality_only, quality_from=args.quality_from)
+    if args.quality_only:
+        if args.out:
+            from ..utils.io import atomic_write_json
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.out) / "quality.json", result)
+            print(f"wrote {Path(args.out) / 'quality.json'}")
+        return 0
     print(texts.report(result))
     if args.out:
         for path in texts.write(args.out, result):

@@ -303,14 +303,39 @@ def outside_model_share(predictor: Any, texts: Sequence[str], repeats: int = 20
 
 
 def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence[str],
-              rounds: int = 3, n_texts: int | None = None) -> dict[str, Any]:
-    """The whole comparison; returns rows, quality, routes, profiles and the environment."""
+              rounds: int = 3, n_texts: int | None = None, quality_only: bool = False,
+              quality_from: Path | None = None) -> dict[str, Any]:
+    """The whole comparison; returns rows, quality, routes, profiles and the environment.
+
+    ``quality_only``: only the quality columns and route-change rates (no timing: this part
+    may run outside the benchmark lock); ``quality_from``: read them from such a run's JSON
+    (the same embedders) instead of computing them again."""
     env = common.environment("cpu", dtypes=["float32", "bfloat16", "int8"])
     texts, gold = stsb_dev(glue_dir)
     embedders, predictors, skipped = build_embedders(converted, dense, precisions, 256)
     keep = embedders.pop("_keep", None)
-    logger.info("built %d embedders (skipped: %s); checking quality on %d texts",
-                len(embedders), skipped, len(texts))
+    if quality_from is not None:
+        import json
+
+        saved = json.loads(Path(quality_from).read_text(encoding="utf-8"))
+        checks, routes = saved["quality"], saved["routes"]
+        for name, predictor in predictors.items():  # auto: the rows of what it chose
+            fixed = name.split(" (")[0].replace(" auto", " " + predictor.precision_choice
+                                                .chosen["short"])
+            if name not in checks and fixed in checks:
+                checks[name], routes[name] = checks[fixed], routes.get(fixed)
+    else:
+        checks, routes = _quality(embedders, predictors, texts, gold)
+    if quality_only:
+        return {"environment": env, "quality": checks, "routes": routes, "rows": []}
+    return _timed(env, embedders, predictors, skipped, checks, routes, texts, dense, rounds,
+                  n_texts, keep)
+
+
+def _quality(embedders: dict[str, Embedder], predictors: dict[str, Any], texts: list[str],
+             gold: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quality columns of every embedder and route-change rates of ours."""
+    logger.info("checking quality of %d embedders on %d texts", len(embedders), len(texts))
     reference = embed_all(embedders["dense torch fp32"], texts)
     checks = {}
     for name, embed in embedders.items():
@@ -320,6 +345,15 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
     routes = {n: route_change_rate(p, fp32_ours, texts[:256]) for n, p in predictors.items()
               if n.startswith("ours FFF")}
     logger.info("route change rates %s", routes)
+    return checks, routes
+
+
+def _timed(env: dict[str, Any], embedders: dict[str, Embedder], predictors: dict[str, Any],
+           skipped: dict[str, str], checks: dict[str, Any], routes: dict[str, Any],
+           texts: list[str], dense: Path, rounds: int, n_texts: int | None, keep: Any
+           ) -> dict[str, Any]:
+    """Timing rounds, time outside the model and the profiles."""
+    fp32_ours = next(p for n, p in predictors.items() if n.startswith("ours FFF float32"))
     tok = padded_tokenizer(dense, LONG_TOKENS)
     timed = texts[:n_texts] if n_texts else texts
     short = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
@@ -333,8 +367,8 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
             rows.append({"workload": work, "embedder": name, "texts": n,
                          "seconds": round(statistics.median(s), 4),
                          "texts_per_s": round(n / statistics.median(s), 1),
-                         "min_s": round(min(s), 4), "rounds": len(s), **checks[name],
-                         "fff_route_change_rate": routes.get(name)})
+                         "min_s": round(min(s), 4), "rounds": len(s),
+                         **checks.get(name, {}), "fff_route_change_rate": routes.get(name)})
     _ratios(rows)
     del keep
     short_texts = texts[:BATCH]

@@ -43,7 +43,7 @@ WORKLOADS = ("short", "long")
 LONG_TOKENS = 128
 #: Mean tokens per text from which a batch counts as ``long``.
 LONG_FROM = 64
-CACHE_KEY = "encoder-precision-v1"
+CACHE_KEY = "encoder-precision-v2"
 
 #: ``encode(texts) -> (ids (T,), packing)``.
 Encode = Callable[[list[str]], tuple[torch.Tensor, Packing]]
