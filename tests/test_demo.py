@@ -48,6 +48,7 @@ def test_demo_prints_one_table_with_every_model_and_column(demo_run):
                  "FFF 2x3 (converted)"):
         assert f"| {name} |" in text
     assert f"ultrafastbert serve {out / 'fff-2x3'}" in text
+    assert "conversion: init " in text and " distillation steps" in text
     assert text.count(" -> ") == len(convert_demo.SEARCH_QUERIES) + 1  # the search, one title
 
 
@@ -129,3 +130,13 @@ def test_stsb_column_with_a_glue_dir(demo_run):
         assert -100.0 <= rows[name]["stsb"] <= 100.0
     with pytest.raises(ValueError, match="not a directory"):
         convert_demo.DemoSettings(out=out / "x", glue_dir=out / "no-such-glue")
+
+
+def test_the_output_says_when_the_init_used_the_budget():
+    from ultrafastbert.cli.demo import conversion_line
+
+    conv = {"budget_s": 180.0, "init_s": 578.0, "heldout": {"pooled_cosine": 0.71},
+            "phases": {"layerwise": {"steps": 1}, "end-to-end": {"steps": 1}}}
+    assert "init 578 s, then 2 distillation steps" in conversion_line(conv)
+    assert "a longer --budget" in conversion_line(conv)
+    assert "note:" not in conversion_line({**conv, "init_s": 20.0})
