@@ -140,3 +140,20 @@ def test_the_output_says_when_the_init_used_the_budget():
     assert "init 578 s, then 2 distillation steps" in conversion_line(conv)
     assert "a longer --budget" in conversion_line(conv)
     assert "note:" not in conversion_line({**conv, "init_s": 20.0})
+
+
+def test_a_given_corpus_replaces_the_distillation_text(tmp_path):
+    """make convert-demo passes GLUE-train text: the demo then writes only the held-out texts."""
+    from ultrafastbert.errors import InputError
+
+    corpus = tmp_path / "glue-train.jsonl"
+    corpus.write_text('{"text": "a sentence"}\n')
+    settings = convert_demo.DemoSettings(out=tmp_path / "d", corpus=corpus, heldout_texts=20)
+    settings.out.mkdir()
+    heldout, used = convert_demo.write_texts(settings)
+    assert used == corpus and len(heldout) == 20
+    assert not (settings.out / "corpus.txt").exists()
+    missing = convert_demo.DemoSettings(out=tmp_path / "d", corpus=tmp_path / "none.txt",
+                                        heldout_texts=20)
+    with pytest.raises(InputError, match="does not exist"):
+        convert_demo.write_texts(missing)
