@@ -48,6 +48,7 @@ def test_demo_prints_one_table_with_every_model_and_column(demo_run):
                  "FFF 2x3 (converted)"):
         assert f"| {name} |" in text
     assert f"ultrafastbert serve {out / 'fff-2x3'}" in text
+    assert "conversion: init " in text and " distillation steps" in text
     assert text.count(" -> ") == len(convert_demo.SEARCH_QUERIES) + 1  # the search, one title
 
 
@@ -129,3 +130,30 @@ def test_stsb_column_with_a_glue_dir(demo_run):
         assert -100.0 <= rows[name]["stsb"] <= 100.0
     with pytest.raises(ValueError, match="not a directory"):
         convert_demo.DemoSettings(out=out / "x", glue_dir=out / "no-such-glue")
+
+
+def test_the_output_says_when_the_init_used_the_budget():
+    from ultrafastbert.cli.demo import conversion_line
+
+    conv = {"budget_s": 180.0, "init_s": 578.0, "heldout": {"pooled_cosine": 0.71},
+            "phases": {"layerwise": {"steps": 1}, "end-to-end": {"steps": 1}}}
+    assert "init 578 s, then 2 distillation steps" in conversion_line(conv)
+    assert "a longer --budget" in conversion_line(conv)
+    assert "note:" not in conversion_line({**conv, "init_s": 20.0})
+
+
+def test_a_given_corpus_replaces_the_distillation_text(tmp_path):
+    """make convert-demo passes GLUE-train text: the demo then writes only the held-out texts."""
+    from ultrafastbert.errors import InputError
+
+    corpus = tmp_path / "glue-train.jsonl"
+    corpus.write_text('{"text": "a sentence"}\n')
+    settings = convert_demo.DemoSettings(out=tmp_path / "d", corpus=corpus, heldout_texts=20)
+    settings.out.mkdir()
+    heldout, used = convert_demo.write_texts(settings)
+    assert used == corpus and len(heldout) == 20
+    assert not (settings.out / "corpus.txt").exists()
+    missing = convert_demo.DemoSettings(out=tmp_path / "d", corpus=tmp_path / "none.txt",
+                                        heldout_texts=20)
+    with pytest.raises(InputError, match="does not exist"):
+        convert_demo.write_texts(missing)

@@ -108,7 +108,7 @@ def format_result(result: Any) -> str:
              "process",
              f"measured on: {speed_summary(result.environment)}, onnxruntime "
              f"{result.environment.get('onnxruntime')}",
-             "", format_table(rows, columns), "",
+             conversion_line(conv), "", format_table(rows, columns), "",
              "semantic search with the converted model (best of "
              f"{len(_search_texts())} sentences):"]
     for hit in result.search:
@@ -118,6 +118,19 @@ def format_result(result: Any) -> str:
                   "also SentenceTransformer(dir) after import ultrafastbert)",
               f"results: {result.model_dir.parent / 'results.json'}"]
     return "\n".join(lines)
+
+
+def conversion_line(conv: dict[str, Any]) -> str:
+    """What the conversion's budget bought: init seconds and distillation steps, with a hint
+    when the init used it all (a busy machine or a short budget)."""
+    steps = sum(int(p.get("steps", 0)) for p in conv["phases"].values())
+    line = (f"conversion: init {conv['init_s']:.0f} s, then {steps} distillation steps; held-out "
+            f"pooled cosine to dense {conv['heldout'].get('pooled_cosine', float('nan')):.3f}")
+    if conv["init_s"] >= 0.8 * conv["budget_s"]:
+        line += (f"\nnote: the init took {conv['init_s']:.0f} of the {conv['budget_s']:.0f} s "
+                 "budget, so little or no distillation ran (a busy machine or a short budget): "
+                 "a longer --budget gives a better model")
+    return line
 
 
 def _drop_ort_preprocessing_hint(record: logging.LogRecord) -> bool:
