@@ -90,8 +90,7 @@ def default_row(min_tokens: int, n_trees: int) -> dict[str, int]:
     many = n_trees > 1 and min_tokens > 1
     return {"min_tokens": min_tokens, "group": 8 if many else 4, "trees_together": 1,
             "prefetch": int(min_tokens >= 1024), "bucket": 8, "grain": 1 << 18,
-            "block": 64 if many else 0, "sort": 0,
-            "split": 0}
+            "block": 256 if many else 0, "sort": int(many), "split": 0}
 
 
 def default_table(n_trees: int) -> torch.Tensor:
