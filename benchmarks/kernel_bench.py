@@ -7,19 +7,22 @@ Run (clean figures need a quiet machine; under load use --threads 1 and read the
     .venv/bin/python benchmarks/kernel_bench.py --d-model 768 --configs 1x11,8x8,32x6 ...
 
 Per (config, tokens): median µs/token of the dense FFN (d=384: 384->1536->384 with GELU and
-biases, as all-MiniLM-L6-v2; d=768: crammedBERT-4095, 768->4095->768, no biases), the native
-kernel with its autotuned knobs (``native``) and with the fixed defaults (``native-fixed``), the
-torch path, the depth-0 GEMM route, what ``auto`` picks, and with ``--old-rev`` the native kernel
-built from that git revision (ops renamed, same process). Each kernel's output is checked against
-the float64 reference before timing (routes, then values); the old build must give the same bits
-as the new one. Each round times every variant back to back; the table gives medians over rounds
-and the speedup over dense is the median of per-round ratios. CPU model and flags, threads and
+biases, as all-MiniLM-L6-v2; d=768: crammedBERT-4095, 768->4095->768, no biases) as nn.Linear
+(``dense``) and on prepacked oneDNN GEMMs (``dense-packed``), the native kernel with its
+autotuned knobs (``native``) and with the fixed defaults (``native-fixed``), for several trees
+each walk with fixed knobs (:data:`WALKS`: ``native-sort``, ``native-split``...), the torch path,
+the depth-0 GEMM route, what ``auto`` picks, and with ``--old-rev`` the native kernel built from
+that git revision (ops renamed, same process). Each kernel's output is checked against the
+float64 reference before timing (routes, then values); the old build must give the same bits as
+the new one. Each round times every variant back to back; the table gives medians over rounds
+and the speedup is the median of per-round ratios against the round's fastest dense variant. CPU model and flags, threads and
 the load average are recorded in the JSON (bench.common.environment).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -35,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ultrafastbert.bench.common import environment
+from ultrafastbert.bench.ff import DenseFF, _packed_variant
 from ultrafastbert.fff import dispatch
 from ultrafastbert.fff.gemm_kernel import GemmKernel
-from ultrafastbert.fff.native import NativeCPUKernel, build
+from ultrafastbert.fff.native import NativeCPUKernel, build, tuning
 from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
@@ -72,13 +76,21 @@ def build_old(rev: str) -> Callable[..., torch.Tensor]:
     return torch.ops.ufb_old.fff_old_forward.default
 
 
-def dense_ffn(d: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The dense FFN a user would compare with at this width."""
-    if d == 384:
-        lin1, lin2 = torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384)
-    else:
-        lin1, lin2 = torch.nn.Linear(d, 4095, bias=False), torch.nn.Linear(4095, d, bias=False)
-    return lambda x: lin2(F.gelu(lin1(x)))
+def dense_ffns(d: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The dense FFN a user would compare with at this width (d=384: 384->1536->384 with
+    biases; else d->4095->d without), as nn.Linear (``dense``) and on prepacked oneDNN GEMMs
+    as the encoder runs it in inference (``dense-packed``, bench.ff's ``onednn-packed``)."""
+    module = DenseFF(d, 1536, bias=True) if d == 384 else DenseFF(d, 4095, bias=False)
+    return {"dense": module, "dense-packed": _packed_variant(module)}
+
+
+#: Fixed knob tables timed beside the tuned kernel, one per walk for several trees (the knob
+#: values over the defaults; see fff/native/tuning.py).
+WALKS: dict[str, dict[str, int]] = {
+    "native-sort": {"sort": 1, "block": 256},
+    "native-split": {"split": 1, "block": 0},
+    "native-split256": {"split": 1, "block": 256},
+}
 
 
 def variants(n_trees: int, depth: int, d: int, old: Callable | None
@@ -88,7 +100,7 @@ def variants(n_trees: int, depth: int, d: int, old: Callable | None
     rows = n_trees * n_nodes(depth)
     weights = (torch.randn(rows, d, generator=gen) * 0.02, torch.randn(rows, generator=gen) * 0.05,
                torch.randn(d, rows, generator=gen) * 0.02)
-    fns: dict[str, Callable] = {"dense": dense_ffn(d)}
+    fns: dict[str, Callable] = dict(dense_ffns(d))
     tuned, fixed = NativeCPUKernel(), NativeCPUKernel(tune=False)
     assert tuned.unavailable_reason(torch.device("cpu"), torch.float32) is None
     for name, kernel in (("native", tuned), ("native-fixed", fixed), ("torch", TorchKernel()),
@@ -99,6 +111,13 @@ def variants(n_trees: int, depth: int, d: int, old: Callable | None
             continue
         packed = kernel.pack(*weights, n_trees, depth, "fp32")
         fns[name] = lambda x, k=kernel, p=packed: k.forward(x, p, n_trees, depth)[0]
+    if n_trees > 1:
+        base = fixed.pack(*weights, n_trees, depth, "fp32")
+        for name, knobs in WALKS.items():
+            rows = [{**tuning.default_row(lo, n_trees), **(knobs if lo > 1 else {})}
+                    for lo, _ in tuning.TOKEN_CLASSES]
+            p = dataclasses.replace(base, knobs=tuning.to_table(rows))
+            fns[name] = lambda x, p=p: fixed.forward(x, p, n_trees, depth)[0]
     if old is not None:
         p = fixed.pack(*weights, n_trees, depth, "fp32")
         fns["native-old"] = lambda x: old(x, p.w_in, p.b_in, p.w_out, n_trees, depth,
@@ -112,7 +131,7 @@ def check(fns: dict, weights: tuple, n_trees: int, depth: int, d: int) -> None:
     x = F.layer_norm(torch.randn(64, d, generator=torch.Generator().manual_seed(7)), (d,))
     ref = fff_reference(x, *weights, n_trees, depth)
     for name, fn in fns.items():
-        if name != "dense":
+        if not name.startswith("dense"):
             torch.testing.assert_close(fn(x), ref.y, rtol=1e-4, atol=1e-5, msg=name)
     if "native-old" in fns:
         assert torch.equal(fns["native-old"](x), fns["native"](x)), "old and new native differ"
@@ -144,11 +163,14 @@ def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,
             for name, fn in fns.items():
                 samples[name].append(time_round(fn, x, budget_s) / t * 1e6)
         row: dict[str, object] = {"config": config, "d_model": d, "tokens": t}
+        # Speedups against the fastest dense variant of each round.
+        fastest = [min(v) for v in zip(*(s for n, s in samples.items() if n.startswith("dense")),
+                                       strict=True)]
         for name, s in samples.items():
             row[f"{name}_us_per_token"] = round(statistics.median(s), 4)
-            if name != "dense":
+            if not name.startswith("dense"):
                 row[f"{name}_speedup"] = round(statistics.median(
-                    a / b for a, b in zip(samples["dense"], s, strict=True)), 2)
+                    a / b for a, b in zip(fastest, s, strict=True)), 2)
         if "native-old" in samples:
             row["native_vs_old"] = round(statistics.median(
                 a / b for a, b in zip(samples["native-old"], samples["native"], strict=True)), 3)
@@ -181,6 +203,7 @@ def main() -> None:
         for config in args.configs.split(","):
             rows += bench(config, args.d_model, tokens, args.rounds, args.budget_s, old)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"env": {**env, "load_avg_end": os.getloadavg()},
                                                "rows": rows}, indent=1) + "\n")
 

@@ -40,9 +40,12 @@ def knob_rows(count: int, seed: int = 0) -> list[dict[str, int]]:
     """Extreme knob settings plus ``count`` random ones (every knob over its valid range)."""
     rnd = random.Random(seed)
     space = {"group": (1, 2, 4, 8), "trees_together": (0, 1), "prefetch": (0, 1),
-             "bucket": (0, 1, 8, 1000), "grain": (1, 1 << 18, 1 << 40), "block": (0, 1, 3, 64)}
+             "bucket": (0, 1, 8, 1000), "grain": (1, 1 << 18, 1 << 40), "block": (0, 1, 3, 64),
+             "sort": (0, 1), "split": (0, 1)}
     rows = [dict(zip(space, values, strict=True)) for values in
             itertools.product(*[(v[0], v[-1]) for v in space.values()])][:8]
+    rows += [{**r, "sort": 1, "block": b} for r in rows[:2] for b in (3, 64, 1000)]
+    rows += [{**r, "split": 1, "block": b} for r in rows[:2] for b in (1, 5, 64)]
     rows += [{k: rnd.choice(v) for k, v in space.items()} for _ in range(count)]
     return [{"min_tokens": 0, **r} for r in rows]
 
@@ -98,11 +101,11 @@ def test_multi_row_table_switches_by_token_count():
     x = make_inputs(300, 37)
     table = tuning.to_table([
         {"min_tokens": 0, "group": 1, "trees_together": 0, "prefetch": 1, "bucket": 0,
-         "grain": 1, "block": 0},
+         "grain": 1, "block": 0, "sort": 0, "split": 0},
         {"min_tokens": 5, "group": 2, "trees_together": 1, "prefetch": 0, "bucket": 8,
-         "grain": 1 << 18, "block": 3},
+         "grain": 1 << 18, "block": 3, "sort": 1, "split": 0},
         {"min_tokens": 100, "group": 8, "trees_together": 0, "prefetch": 1, "bucket": 1,
-         "grain": 7, "block": 64}])
+         "grain": 7, "block": 64, "sort": 0, "split": 1}])
     reference = run_with(kernel, packed, x, 8, 3, tuning.default_table(8))
     for tokens in (1, 5, 99, 300):
         y, nodes = run_with(kernel, packed, x[:tokens].contiguous(), 8, 3, table)
@@ -111,7 +114,8 @@ def test_multi_row_table_switches_by_token_count():
 
 @pytest.mark.parametrize("bad", [
     {"group": 3}, {"group": 0}, {"trees_together": 2}, {"prefetch": -1}, {"bucket": -1},
-    {"grain": 0}, {"block": -5}, {"min_tokens": 7}])
+    {"grain": 0}, {"block": -5}, {"min_tokens": 7}, {"sort": 2}, {"sort": -1},
+    {"split": 3}])
 def test_bad_knobs_are_rejected(bad):
     kernel = _native()
     weights = make_weights(2, 2, 37)
@@ -263,6 +267,23 @@ def test_tuner_finds_a_clearly_faster_knob_and_ignores_load_spikes(monkeypatch, 
     assert tuning._tune_class(start, shape, x, None)[0] == start
 
 
+@pytest.mark.parametrize("spiky", [False, True])
+def test_tuner_takes_the_split_walk_when_clearly_faster(monkeypatch, spiky):
+    """The split and sorted walks are candidates like any knob: chosen only when >= MIN_GAIN
+    faster, whatever load spikes do to every other sample."""
+    shape = tuning.Shape(8, 7, 384, "fp32", 2)
+    x = torch.zeros(256, 384)
+    start = tuning.default_row(64, 8)
+    fake_timing(monkeypatch, lambda row: 0.5 if row["split"] else 1.0, spiky)
+    chosen, _, best_s = tuning._tune_class(start, shape, x, None)
+    assert chosen["split"] == 1 and best_s == pytest.approx(0.5)
+    fake_timing(monkeypatch, lambda row: 0.8 if row["sort"] and not row["split"] else 1.0, spiky)
+    chosen, _, best_s = tuning._tune_class(start, shape, x, None)
+    assert chosen == {**start, "sort": 1} and best_s == pytest.approx(0.8)
+    fake_timing(monkeypatch, lambda row: 0.97 if row["split"] else 1.0, spiky)  # noise
+    assert tuning._tune_class(start, shape, x, None)[0] == start
+
+
 def test_tuner_times_only_the_knobs_that_matter():
     one = tuning.Shape(1, 11, 768, "fp32", 1)
     many = tuning.Shape(32, 5, 384, "fp32", 2)
@@ -274,6 +295,12 @@ def test_tuner_times_only_the_knobs_that_matter():
     assert tuning.relevant("trees_together", many, 1, row)
     assert not tuning.relevant("bucket", many, 4096, row)
     assert tuning.relevant("bucket", one, 4096, row) and not tuning.relevant("group", one, 1, row)
+    assert tuning.relevant("split", many, 256, row) and not tuning.relevant("split", many, 1, row)
+    assert not tuning.relevant("split", one, 256, row)
+    split = {**row, "split": 1}
+    assert not tuning.relevant("sort", many, 256, split)  # the split walk always sorts
+    assert not tuning.relevant("group", many, 256, split)
+    assert tuning.relevant("block", many, 256, split)
 
 
 def test_default_tables_take_the_untuned_op_with_the_same_bits():
@@ -286,3 +313,30 @@ def test_default_tables_take_the_untuned_op_with_the_same_bits():
     assert not other.untuned  # replacing the knobs re-derives it
     x = make_inputs(13, 37)
     assert torch.equal(kernel.forward(x, packed, 8, 3)[0], kernel.forward(x, other, 8, 3)[0])
+
+
+@pytest.mark.parametrize("knobs", [{"sort": 1, "block": 64}, {"sort": 1, "block": 3},
+                                   {"split": 1, "block": 64}, {"split": 1, "block": 1}])
+def test_sorted_and_split_walks_send_exact_zero_logits_left(knobs):
+    """Ties at zero logits with several trees on the sorted and split walks: every tree's root
+    logit is exactly 0 for a third of the tokens (left), a tiny positive for another (right)."""
+    kernel = _native()
+    n_trees, d, tokens = 5, 384, 40
+    w_in = torch.zeros(n_trees * 3, d)
+    for tree in range(n_trees):
+        w_in[3 * tree, 2 * tree:2 * tree + 2] = torch.tensor([1.0, -1.0])  # x_a - x_b
+        w_in[3 * tree + 1, 0], w_in[3 * tree + 2, 0] = 0.5, -0.25
+    w_out = torch.randn(d, n_trees * 3, generator=torch.Generator().manual_seed(1))
+    weights = (w_in, torch.zeros(n_trees * 3), w_out)
+    x = torch.zeros(tokens, d)
+    x[:, : 2 * n_trees] = 0.75
+    x[1::3, 1 : 2 * n_trees : 2] = 0.75 - 2.0**-20  # x_a - x_b > 0: right
+    x[2::3, 0 : 2 * n_trees : 2] = 0.75 - 2.0**-20  # < 0: left
+    ref = fff_reference(x, *weights, n_trees, 1)
+    assert (ref.logits[0::3, :, 0] == 0).all()  # the ties are real
+    packed = kernel.pack(*weights, n_trees, 1, "fp32")
+    row = {**tuning.default_row(2, n_trees), **knobs, "min_tokens": 0}
+    y, nodes = run_with(kernel, packed, x, n_trees, 1, tuning.to_table([row]))
+    assert nodes[0::3, :, 1].eq(torch.arange(n_trees) * 3 + 1).all()  # ties went left
+    assert torch.equal(nodes, ref.nodes)
+    check_values(y, ref.y, torch.ones(tokens, dtype=torch.bool), rtol=1e-5, atol=1e-6)

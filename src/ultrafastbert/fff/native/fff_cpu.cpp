@@ -55,12 +55,18 @@ struct Knobs {
   int64_t grain = 1 << 18;     // multiply-adds per parallel task, at least
   int64_t block = 0;           // several trees: tokens per tree-major block (run_tree_blocked);
                                // 0: token by token through all trees (run_groups)
+  int64_t sort = 0;            // 1: a tree-major block walks each level with its tokens sorted
+                               // by node (run_tree_sorted), so a row serves a run of tokens
+  int64_t split = 0;           // 1: several trees, two passes split between threads by trees,
+                               // then by output columns (walk_trees, output_cols); `block` is
+                               // then the tokens per sorted block (0: the whole call)
 };
 
 // Columns of one row of the knobs table the ops take: the row applies from min_tokens tokens
 // per call (rows in increasing min_tokens; the first row's must be 0 or 1).
 enum KnobColumn : int64_t {
-  kMinTokens = 0, kColGroup, kColTreesTogether, kColPrefetch, kColBucket, kColGrain, kColBlock, kColumns
+  kMinTokens = 0, kColGroup, kColTreesTogether, kColPrefetch, kColBucket, kColGrain, kColBlock,
+  kColSort, kColSplit, kColumns
 };
 
 // One call's data, as raw pointers (at::parallel_for bodies must not touch Tensors).
@@ -73,6 +79,9 @@ struct Problem {
   int64_t* nodes;      // (T, K, D+1) or null
   int64_t d, n_trees, depth;
   Knobs knobs;
+  int64_t tokens = 0;           // T (the split walk)
+  float* act = nullptr;         // (T, K*(D+1)) activations (the split walk)
+  int64_t* path_nodes = nullptr;  // (T, K*(D+1)) node ids (the split walk)
 };
 
 // (token, row) dot products computed together in one dot_group: their chains are independent,
@@ -113,6 +122,13 @@ std::vector<int64_t> bucket_order(const std::vector<int64_t>& local, int64_t spl
 }
 
 using RunFn = void (*)(const Problem&, int64_t, int64_t);
+
+// An instruction set's entry points: run(pb, t0, t1) for tokens [t0, t1); the split walk's
+// walk(pb, tree0, tree1) and cols(pb, v0, v1) for vectors of `width` columns.
+struct Runs {
+  RunFn run, walk, cols;
+  int64_t width;
+};
 
 // Exact (erf) GELU on a scalar: only K*(D+1) of these per token, so no vector erf is needed.
 inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752440f)); }
@@ -239,18 +255,21 @@ Knobs knobs_for(const at::Tensor& table, int64_t tokens) {
   while (r + 1 < rows && t[(r + 1) * kColumns + kMinTokens] <= tokens) ++r;
   const int64_t* row = t + r * kColumns;
   return Knobs{row[kColGroup], row[kColTreesTogether], row[kColPrefetch], row[kColBucket],
-               row[kColGrain], row[kColBlock]};
+               row[kColGrain], row[kColBlock], row[kColSort], row[kColSplit]};
 }
 
-// The fixed defaults (what the untuned ops use; tuning.py's DEFAULTS say the same): prefetch from
-// kPrefetchTokens tokens; several trees: one token's trees together, and from 2 tokens
-// tree-major blocks of 64 tokens walked 8 at a time (measured best on AMD Zen 4 for 8x7-32x5).
+// The fixed defaults (what the untuned ops use; tuning.py's default_row says the same): prefetch
+// from kPrefetchTokens tokens; several trees: one token's trees together, and from 2 tokens
+// tree-major blocks of 256 tokens walked level by level sorted by node (run_tree_sorted: 5-22%
+// less CPU per token than unsorted blocks of 64 walked 8 at a time for 8x7-32x5 at d=384, AMD
+// Zen 4, 1 thread, docs/native.md).
 Knobs default_knobs(int64_t tokens, int64_t n_trees) {
   Knobs k;
   k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
   if (n_trees > 1 && tokens > 1) {
     k.group = 8;
-    k.block = 64;
+    k.block = 256;
+    k.sort = 1;
   }
   return k;
 }
@@ -270,9 +289,10 @@ void check_knobs(const at::Tensor& table) {
     const int64_t g = row[kColGroup];
     TORCH_CHECK(g == 1 || g == 2 || g == 4 || g == 8,
                 "fff_cpu_forward_tuned: group must be 1, 2, 4 or 8, got ", g);
-    TORCH_CHECK((row[kColTreesTogether] | row[kColPrefetch]) >> 1 == 0 &&
-                    row[kColTreesTogether] >= 0 && row[kColPrefetch] >= 0,
-                "fff_cpu_forward_tuned: trees_together and prefetch must be 0 or 1");
+    for (const int64_t c : {kColTreesTogether, kColPrefetch, kColSort, kColSplit}) {
+      TORCH_CHECK(row[c] == 0 || row[c] == 1, "fff_cpu_forward_tuned: trees_together, prefetch, "
+                  "sort and split must be 0 or 1");
+    }
     TORCH_CHECK(row[kColBucket] >= 0 && row[kColGrain] >= 1 && row[kColBlock] >= 0,
                 "fff_cpu_forward_tuned: bucket and block must be >= 0 and grain >= 1");
   }
@@ -332,18 +352,39 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor&
               "fff_cpu_forward: b_in must be a contiguous (", rows, ",) float32 CPU tensor");
 }
 
+// The split walk (Knobs::split): pass 1 over the trees, pass 2 over y's columns, each an
+// at::parallel_for of at least knobs.grain multiply-adds per task.
+void run_split(const Runs& runs, Problem& pb, int64_t T) {
+  const int64_t path = pb.depth + 1, P = pb.n_trees * path;
+  std::vector<float> act(T * P);
+  std::vector<int64_t> scratch(pb.nodes == nullptr ? T * P : 0);
+  pb.tokens = T;
+  pb.act = act.data();
+  pb.path_nodes = pb.nodes != nullptr ? pb.nodes : scratch.data();
+  const int64_t tree_grain = grain_blocks(T * path * pb.d, pb.knobs.grain);
+  at::parallel_for(0, pb.n_trees, tree_grain, [&](int64_t a, int64_t b) { runs.walk(pb, a, b); });
+  const int64_t vectors = (pb.d + runs.width - 1) / runs.width;
+  const int64_t col_grain = grain_blocks(T * P * runs.width, pb.knobs.grain);
+  at::parallel_for(0, vectors, col_grain, [&](int64_t a, int64_t b) { runs.cols(pb, a, b); });
+}
+
 // Fills y (and nodes when not null) for x with `knobs`; the shared body of the ops (inputs
 // checked).
 void run_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                  const at::Tensor& w_out, int64_t n_trees, int64_t depth, int64_t isa,
                  const Knobs& knobs, at::Tensor& y, int64_t* nodes) {
   const int64_t T = x.size(0), d = x.size(1);
-  const Problem pb{x.data_ptr<float>(), w_in.data_ptr(), b_in.data_ptr<float>(),
-                   w_out.data_ptr(), y.data_ptr<float>(), nodes, d, n_trees, depth, knobs};
+  Problem pb{x.data_ptr<float>(), w_in.data_ptr(), b_in.data_ptr<float>(),
+             w_out.data_ptr(), y.data_ptr<float>(), nodes, d, n_trees, depth, knobs};
   const bool in_bf16 = w_in.scalar_type() == at::kBFloat16;
   const bool out_bf16 = w_out.scalar_type() == at::kBFloat16;
-  const RunFn run = isa == kAvx512 ? avx512::pick_run(in_bf16, out_bf16)
+  const Runs runs = isa == kAvx512 ? avx512::pick_run(in_bf16, out_bf16)
                                    : avx2::pick_run(in_bf16, out_bf16);
+  if (knobs.split && n_trees > 1 && T > 1) {
+    run_split(runs, pb, T);
+    return;
+  }
+  const RunFn run = runs.run;
   // Tasks are whole blocks of kTask tokens so that only the call's last group can be short.
   constexpr int64_t kTask = 8;
   const int64_t blocks = (T + kTask - 1) / kTask;

@@ -70,11 +70,47 @@ FFF_TARGET static void dot_shared(const float* x, const Tw* const* w, int64_t d,
   }
 }
 
+// logits[i] = x[i] . w for G tokens and one row: dot_group's operations in dot_group's order for
+// every (token, row) pair (so bit-identical to it), but each vector of the row is loaded once for
+// the G tokens (tokens sorted by node share their rows: run_tree_sorted).
+template <class Tw, int G>
+FFF_TARGET static void dot_row_shared(const float* const* x, const Tw* w, int64_t d,
+                                      float* logits) {
+  constexpr int A = V::kAcc;
+  typename V::R acc[G][A];
+  for (int i = 0; i < G; ++i)
+    for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+  int64_t k = 0;
+  for (; k + A * V::W <= d; k += A * V::W) {
+    for (int a = 0; a < A; ++a) {
+      const typename V::R wv = V::load(w + k + a * V::W);
+      for (int i = 0; i < G; ++i) acc[i][a] = V::fma(V::load(x[i] + k + a * V::W), wv, acc[i][a]);
+    }
+  }
+  for (int a = 0; k < d; k += V::W, ++a) {
+    const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
+    const typename V::R wv = V::load_n(w + k, n);
+    for (int i = 0; i < G; ++i) acc[i][a] = V::fma(V::load_n(x[i] + k, n), wv, acc[i][a]);
+  }
+  for (int i = 0; i < G; ++i) {
+    for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
+    logits[i] = V::sum(acc[i][0]);
+  }
+}
+
 // logits of n <= kChunk (token, row) pairs: dot_shared when they all have the same token (one
-// token's trees), else dot_group, with the count as a template argument.
+// token's trees), dot_row_shared when they all have the same row (tokens sorted by node), else
+// dot_group, with the count as a template argument.
 template <class Tw>
 FFF_TARGET static void dot_pairs(const float* const* x, const Tw* const* w, int n, int64_t d,
-                                 bool shared, float* logits) {
+                                 bool shared, bool same_row, float* logits) {
+  if (same_row && n > 1) {
+    switch (n) {
+      case 4: dot_row_shared<Tw, 4>(x, w[0], d, logits); return;
+      case 3: dot_row_shared<Tw, 3>(x, w[0], d, logits); return;
+      default: dot_row_shared<Tw, 2>(x, w[0], d, logits); return;
+    }
+  }
   if (shared) {
     switch (n) {
       case 4: dot_shared<Tw, 4>(x[0], w, d, logits); return;
@@ -101,6 +137,7 @@ struct Chunk {
   int64_t* node[kChunk];  // where the node ids go
   int n = 0;
   bool shared = true;   // all pairs have the same token (x)
+  bool same_row = true;  // all pairs have the same row (node)
 };
 
 // Computes a full or final chunk's logits, stores them with their node ids, takes each pair one
@@ -108,7 +145,8 @@ struct Chunk {
 template <class Tin>
 FFF_TARGET static void flush_chunk(const Problem& pb, Chunk& c) {
   float logits[kChunk];
-  dot_pairs<Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d, c.shared, logits);
+  dot_pairs<Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d, c.shared,
+                 c.same_row, logits);
   for (int j = 0; j < c.n; ++j) {
     const float v = logits[j] + pb.b_in[c.ids[j]];
     *c.z[j] = v;
@@ -117,24 +155,35 @@ FFF_TARGET static void flush_chunk(const Problem& pb, Chunk& c) {
   }
   c.n = 0;
   c.shared = true;
+  c.same_row = true;
 }
 
-// Adds token i's pair with `tree` at `level` to the chunk, flushing it when full.
+// Adds the pair (token x, global node id) to the chunk, its logit and node id to go to *z and
+// *node and its tree-local node *local to be taken one level down; flushes a full chunk.
 template <class Tin, class Tout>
-FFF_TARGET static void add_pair(const Problem& pb, Chunk& c, const float* x, int64_t tree,
-                                int64_t level, int64_t* local, float* z, int64_t* node) {
-  const int64_t n_nodes = (int64_t{2} << pb.depth) - 1;
-  const int64_t id = tree * n_nodes + *local, pos = tree * (pb.depth + 1) + level;
+FFF_TARGET static void add_pair_at(const Problem& pb, Chunk& c, const float* x, int64_t id,
+                                   int64_t* local, float* z, int64_t* node) {
   const int j = c.n++;
   c.shared = c.shared && (j == 0 || c.x[0] == x);
+  c.same_row = c.same_row && (j == 0 || c.ids[0] == id);
   c.x[j] = x;
   c.rows[j] = static_cast<const Tin*>(pb.w_in) + id * pb.d;
   if (pb.knobs.prefetch) prefetch_row(static_cast<const Tout*>(pb.w_out) + id * pb.d, pb.d);
   c.ids[j] = id;
   c.local[j] = local;
-  c.z[j] = z + pos;
-  c.node[j] = node + pos;
+  c.z[j] = z;
+  c.node[j] = node;
   if (c.n == kChunk) flush_chunk<Tin>(pb, c);
+}
+
+// Adds token i's pair with `tree` at `level` to the chunk (z and node: the token's path arrays,
+// position tree*(D+1) + level), flushing it when full.
+template <class Tin, class Tout>
+FFF_TARGET static void add_pair(const Problem& pb, Chunk& c, const float* x, int64_t tree,
+                                int64_t level, int64_t* local, float* z, int64_t* node) {
+  const int64_t n_nodes = (int64_t{2} << pb.depth) - 1;
+  const int64_t id = tree * n_nodes + *local, pos = tree * (pb.depth + 1) + level;
+  add_pair_at<Tin, Tout>(pb, c, x, id, local, z + pos, node + pos);
 }
 
 // One level for the pairs (token i < G, tree in [tree0, tree1)), kChunk pairs at a time:
@@ -290,6 +339,163 @@ FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t
   }
 }
 
+// Work arrays of a sorted walk over blocks of up to B tokens.
+struct SortScratch {
+  std::vector<int64_t> order, next, local, start;
+  SortScratch(int64_t B, int64_t depth)
+      : order(B), next(B), local(B), start((int64_t{1} << depth) + 1) {}
+};
+
+// All levels of `tree` for the n tokens b0, b0+1, ... of a block, each level with the tokens in
+// the order of the node they are at (a stable counting sort after each level): the tokens at one
+// node are consecutive, so a chunk of them shares its row (dot_row_shared: one row load per
+// kChunk tokens instead of one per token) and the row is read while in L1. Token i's logit at
+// `level` goes to z[i * stride + level] and its node id to nd[i * stride + level]; on return
+// s.order[0:n] lists the tokens by leaf. Every pair sees dot_group's operations: the same logits
+// as every other walk.
+template <class Tin, class Tout>
+FFF_TARGET static void walk_tree_sorted(const Problem& pb, int64_t tree, int64_t b0, int64_t n,
+                                        float* z, int64_t* nd, int64_t stride, SortScratch& s) {
+  const int64_t path = pb.depth + 1, n_nodes = (int64_t{2} << pb.depth) - 1;
+  for (int64_t i = 0; i < n; ++i) s.order[i] = i;
+  std::fill(s.local.begin(), s.local.begin() + n, int64_t{0});
+  for (int64_t level = 0; level < path; ++level) {
+    Chunk c;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = s.order[j];
+      add_pair_at<Tin, Tout>(pb, c, pb.x + (b0 + i) * pb.d, tree * n_nodes + s.local[i],
+                             &s.local[i], z + i * stride + level, nd + i * stride + level);
+    }
+    if (c.n > 0) flush_chunk<Tin>(pb, c);
+    if (level + 1 == path) break;
+    const int64_t first = (int64_t{2} << level) - 1, width = int64_t{2} << level;
+    std::fill(s.start.begin(), s.start.begin() + width + 1, int64_t{0});
+    for (int64_t j = 0; j < n; ++j) ++s.start[s.local[s.order[j]] - first + 1];
+    for (int64_t b = 1; b <= width; ++b) s.start[b] += s.start[b - 1];
+    for (int64_t j = 0; j < n; ++j) s.next[s.start[s.local[s.order[j]] - first]++] = s.order[j];
+    s.order.swap(s.next);
+  }
+}
+
+// Several trees over many tokens, tree-major within blocks of knobs.block tokens as in
+// run_tree_blocked, but each tree walks the whole block level by level in node order
+// (walk_tree_sorted); its output rows are then applied token by token in leaf order, so
+// neighbouring tokens share most of their path's rows. Bit-identical to run_tree_blocked (same
+// logits, y accumulated tree by tree in path order).
+template <class Tin, class Tout>
+FFF_TARGET static void run_tree_sorted(const Problem& pb, int64_t t0, int64_t t1) {
+  const int64_t path = pb.depth + 1, P = pb.n_trees * path;
+  const int64_t B = std::min(pb.knobs.block, t1 - t0);
+  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  std::vector<float> act(B * path);
+  std::vector<int64_t> node(B * path);
+  SortScratch s(B, pb.depth);
+  for (int64_t b0 = t0; b0 < t1; b0 += B) {
+    const int64_t n = std::min(t1, b0 + B) - b0;
+    for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
+      walk_tree_sorted<Tin, Tout>(pb, tree, b0, n, act.data(), node.data(), path, s);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = s.order[j], t = b0 + i;
+        float* a = act.data() + i * path;
+        const int64_t* nd = node.data() + i * path;
+        gelu_all(a, path);
+        apply_output<Tout>(a, nd, path, w_out, pb.d, pb.y + t * pb.d, tree > 0);
+        if (pb.nodes != nullptr)
+          std::memcpy(pb.nodes + t * P + tree * path, nd, path * sizeof(int64_t));
+      }
+    }
+  }
+}
+
+// ---- The split walk (knobs.split): two passes over a whole call, each split between threads so
+// that no thread reads all the weights. Pass 1 (walk_trees): each thread walks its share of the
+// trees for every token (sorted walk, blocks of knobs.block tokens, 0: all), writing activations and node
+// ids to the call's (T, K*(D+1)) arrays pb.act / pb.path_nodes. Pass 2 (output_cols): each
+// thread applies every token's visited output rows to its share of y's columns. Per output
+// element the multiply-adds are those of apply_output, in path order: bit-identical results.
+
+// Pass 1 for trees [tree0, tree1).
+template <class Tin, class Tout>
+FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree1) {
+  const int64_t path = pb.depth + 1, P = pb.n_trees * path, T = pb.tokens;
+  const int64_t B = pb.knobs.block > 0 ? std::min(pb.knobs.block, T) : T;  // 0: the whole call
+  SortScratch s(B, pb.depth);
+  for (int64_t tree = tree0; tree < tree1; ++tree) {
+    for (int64_t b0 = 0; b0 < T; b0 += B) {
+      const int64_t n = std::min(T, b0 + B) - b0;
+      float* z = pb.act + b0 * P + tree * path;
+      walk_tree_sorted<Tin, Tout>(pb, tree, b0, n, z, pb.path_nodes + b0 * P + tree * path, P,
+                                  s);
+      for (int64_t i = 0; i < n; ++i) gelu_all(z + i * P, path);
+    }
+  }
+}
+
+// y[0:NV vectors] = sum_p act[p] * w[node[p] * ld + (0:NV vectors)]: apply_output's
+// multiply-adds for one tile of columns; kPartial: the last vector has only n_last columns.
+template <class Tw, int NV, bool kPartial>
+FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_t P,
+                                   const Tw* w, int64_t ld, float* y, int n_last) {
+  typename V::R acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = V::zero();
+  for (int64_t p = 0; p < P; ++p) {
+    const typename V::R a = V::set1(act[p]);
+    const Tw* row = w + node[p] * ld;
+    for (int j = 0; j < NV; ++j) {
+      const typename V::R v =
+          (kPartial && j == NV - 1) ? V::load_n(row + j * V::W, n_last) : V::load(row + j * V::W);
+      acc[j] = V::fma(a, v, acc[j]);
+    }
+  }
+  for (int j = 0; j < NV; ++j) {
+    if (kPartial && j == NV - 1) {
+      V::store_n(y + j * V::W, acc[j], n_last);
+    } else {
+      V::store(y + j * V::W, acc[j]);
+    }
+  }
+}
+
+template <class Tw, int NV>
+FFF_TARGET static void output_tile_any(const float* act, const int64_t* node, int64_t P,
+                                       const Tw* w, int64_t ld, float* y, int n_last) {
+  if (n_last == V::W) {
+    output_tile<Tw, NV, false>(act, node, P, w, ld, y, n_last);
+  } else {
+    output_tile<Tw, NV, true>(act, node, P, w, ld, y, n_last);
+  }
+}
+
+// Pass 2 for the columns of vectors [v0, v1) (vector v: columns v*V::W .. +V::W, cut at d), in
+// tiles of up to 8 vectors, token by token.
+template <class Tin, class Tout>
+FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
+  const int64_t P = pb.n_trees * (pb.depth + 1), d = pb.d;
+  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const int64_t c1 = std::min(v1 * V::W, d);
+  for (int64_t t = 0; t < pb.tokens; ++t) {
+    const float* a = pb.act + t * P;
+    const int64_t* nd = pb.path_nodes + t * P;
+    for (int64_t k = v0 * V::W; k < c1; k += 8 * V::W) {
+      const int64_t len = std::min<int64_t>(8 * V::W, c1 - k);
+      const int nv = static_cast<int>((len + V::W - 1) / V::W);
+      const int n_last = static_cast<int>(len - (nv - 1) * V::W);
+      float* y = pb.y + t * d + k;
+      const Tout* w = w_out + k;
+      switch (nv) {
+        case 8: output_tile_any<Tout, 8>(a, nd, P, w, d, y, n_last); break;
+        case 7: output_tile_any<Tout, 7>(a, nd, P, w, d, y, n_last); break;
+        case 6: output_tile_any<Tout, 6>(a, nd, P, w, d, y, n_last); break;
+        case 5: output_tile_any<Tout, 5>(a, nd, P, w, d, y, n_last); break;
+        case 4: output_tile_any<Tout, 4>(a, nd, P, w, d, y, n_last); break;
+        case 3: output_tile_any<Tout, 3>(a, nd, P, w, d, y, n_last); break;
+        case 2: output_tile_any<Tout, 2>(a, nd, P, w, d, y, n_last); break;
+        default: output_tile_any<Tout, 1>(a, nd, P, w, d, y, n_last); break;
+      }
+    }
+  }
+}
+
 // ---- One tree (K = 1, e.g. 1x11): a group of G tokens as a template argument, with fixed-size
 // arrays and the GELU inside the walk (the generic walk's bookkeeping measured ~3-6% slower
 // here). The same operations per token as the generic walk, so the same results.
@@ -422,6 +628,10 @@ FFF_TARGET static void run_tokens(const Problem& pb, int64_t t0, int64_t t1) {
     }
   }
   if (pb.knobs.block > 0 && pb.n_trees > 1 && t1 - t0 > 1) {
+    if (pb.knobs.sort) {
+      run_tree_sorted<Tin, Tout>(pb, t0, t1);
+      return;
+    }
     run_tree_blocked<Tin, Tout>(pb, t0, t1);
     return;
   }
@@ -432,8 +642,13 @@ FFF_TARGET static void run_tokens(const Problem& pb, int64_t t0, int64_t t1) {
   run_groups<Tin, Tout>(pb, t0, t1, G, act.data(), node.data(), local.data());
 }
 
-// The entry point of this instruction set: picks the weight types once per call.
-static RunFn pick_run(bool in_bf16, bool out_bf16) {
-  if (in_bf16) return out_bf16 ? &run_tokens<uint16_t, uint16_t> : &run_tokens<uint16_t, float>;
-  return out_bf16 ? &run_tokens<float, uint16_t> : &run_tokens<float, float>;
+template <class Tin, class Tout>
+static Runs runs_for() {
+  return Runs{&run_tokens<Tin, Tout>, &walk_trees<Tin, Tout>, &output_cols<Tin, Tout>, V::W};
+}
+
+// The entry points of this instruction set: picks the weight types once per call.
+static Runs pick_run(bool in_bf16, bool out_bf16) {
+  if (in_bf16) return out_bf16 ? runs_for<uint16_t, uint16_t>() : runs_for<uint16_t, float>();
+  return out_bf16 ? runs_for<float, uint16_t>() : runs_for<float, float>();
 }

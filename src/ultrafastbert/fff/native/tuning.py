@@ -41,12 +41,15 @@ from . import build
 logger = logging.getLogger(__name__)
 
 #: Columns of a knobs table row, in the C++ kernel's order (fff_cpu.cpp, KnobColumn).
-COLUMNS = ("min_tokens", "group", "trees_together", "prefetch", "bucket", "grain", "block")
+COLUMNS = ("min_tokens", "group", "trees_together", "prefetch", "bucket", "grain", "block",
+           "sort", "split")
 #: Token classes: a row's ``min_tokens`` and the token count it is measured at.
 TOKEN_CLASSES = ((0, 1), (2, 16), (64, 256), (1024, 1024))
 #: Values tried per knob (coordinate descent, in this order).
 CANDIDATES: dict[str, tuple[int, ...]] = {
+    "split": (0, 1),
     "block": (0, 32, 64, 256),
+    "sort": (0, 1),
     "group": (4, 8),
     "trees_together": (0, 1),
     "prefetch": (0, 1),
@@ -87,7 +90,7 @@ def default_row(min_tokens: int, n_trees: int) -> dict[str, int]:
     many = n_trees > 1 and min_tokens > 1
     return {"min_tokens": min_tokens, "group": 8 if many else 4, "trees_together": 1,
             "prefetch": int(min_tokens >= 1024), "bucket": 8, "grain": 1 << 18,
-            "block": 64 if many else 0}
+            "block": 256 if many else 0, "sort": int(many), "split": 0}
 
 
 def default_table(n_trees: int) -> torch.Tensor:
@@ -261,10 +264,14 @@ def relevant(knob: str, shape: Shape, tokens: int, row: dict[str, int]) -> bool:
         return not many_trees and shape.depth >= 5 and tokens >= 64
     if knob == "block":
         return many_trees and tokens > 1
+    if knob == "sort":
+        return many_trees and tokens > 1 and row["block"] > 0 and not row["split"]
+    if knob == "split":
+        return many_trees and tokens > 1
     if knob == "trees_together":
-        return many_trees and (tokens == 1 or row["block"] == 0)
+        return many_trees and (tokens == 1 or (row["block"] == 0 and not row["split"]))
     if knob == "group":
-        return tokens > 1
+        return tokens > 1 and not (many_trees and (row["split"] or row["sort"]))
     return True  # prefetch
 
 
