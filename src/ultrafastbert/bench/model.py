@@ -136,6 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-only", action="store_true",
                    help="with --texts: only the quality columns and FFF route-change rates "
                         "(no timing; may run outside the benchmark lock)")
+    p.add_argument("--quality-pairs", type=int, default=None,
+                   help="with --texts: quality columns on the first N STS-B pairs only")
     p.add_argument("--quality-from", default=None, metavar="JSON",
                    help="with --texts: read the quality columns from a --quality-only run")
 
@@ -642,7 +644,8 @@ def _run_texts(args: argparse.Namespace) -> int:
         raise InputError(f"{converted} names no dense source; pass --dense-source DIR")
     result = texts.run_texts(converted, dense, Path(args.texts), tuple(args.precision),
                              rounds=max(args.repeats, 1), n_texts=args.text_limit,
-                             quality_only=args.quality_only, quality_from=args.quality_from)
+                             quality_only=args.quality_only, quality_from=args.quality_from,
+                             quality_pairs=args.quality_pairs)
     if args.quality_only:
         if args.out:
             from ..utils.io import atomic_write_json

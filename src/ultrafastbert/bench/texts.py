@@ -304,12 +304,14 @@ def outside_model_share(predictor: Any, texts: Sequence[str], repeats: int = 20
 
 def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence[str],
               rounds: int = 3, n_texts: int | None = None, quality_only: bool = False,
-              quality_from: Path | None = None) -> dict[str, Any]:
+              quality_from: Path | None = None, quality_pairs: int | None = None
+              ) -> dict[str, Any]:
     """The whole comparison; returns rows, quality, routes, profiles and the environment.
 
     ``quality_only``: only the quality columns and route-change rates (no timing: this part
     may run outside the benchmark lock); ``quality_from``: read them from such a run's JSON
-    (the same embedders) instead of computing them again."""
+    (the same embedders) instead of computing them again; ``quality_pairs``: only the first so
+    many STS-B pairs for the quality columns."""
     env = common.environment("cpu", dtypes=["float32", "bfloat16", "int8"])
     texts, gold = stsb_dev(glue_dir)
     embedders, predictors, skipped = build_embedders(converted, dense, precisions, 256)
@@ -325,7 +327,8 @@ def run_texts(converted: Path, dense: Path, glue_dir: Path, precisions: Sequence
             if name not in checks and fixed in checks:
                 checks[name], routes[name] = checks[fixed], routes.get(fixed)
     else:
-        checks, routes = _quality(embedders, predictors, texts, gold)
+        pairs = quality_pairs or len(gold)
+        checks, routes = _quality(embedders, predictors, texts[:2 * pairs], gold[:pairs])
     if quality_only:
         return {"environment": env, "quality": checks, "routes": routes, "rows": []}
     return _timed(env, embedders, predictors, skipped, checks, routes, texts, dense, rounds,
