@@ -75,15 +75,16 @@ def _ff_fp32_vs_any(folder: Path) -> tuple[dict, list[str]]:
     return env, same + anyd
 
 
-def _minilm_vs_onnx_int8(folder: Path) -> tuple[dict, list[str]]:
-    """Converted MiniLM 8x7 at 32x128, fp32 and bf16, against dense MiniLM on ONNX Runtime int8
-    (``bench model --models DIR`` with its dense source's baselines)."""
-    data = _json(folder, "bench_model.json")
-    rows = [r for r in data["rows"] if r["batch"] == 32]
-    int8 = next(r for r in rows if r["runtime"] == "onnxruntime dynamic int8")
-    ours = {r["dtype"]: r for r in rows if r["model"].endswith("minilm-8x7")}
-    return data["environment"], [speedup(int8["latency_ms"] / ours[d]["latency_ms"])
-                                 for d in ("float32", "bfloat16")]
+def _texts(workload: str, embedders: tuple[str, ...], keys: tuple[str, ...]
+           ) -> Callable[[Path], tuple[dict, list[str]]]:
+    """Ratios of ``bench model --texts`` rows (``bench_texts.json``): each embedder's figure
+    under each key, embedder-major."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "bench_texts.json")
+        rows = [_row(data["rows"], workload=workload, embedder=e) for e in embedders]
+        env = data["environment"].get("environment", data["environment"])  # nested in this file
+        return env, [speedup(r[k]) for r in rows for k in keys]
+    return check
 
 
 def _table1(folder: Path) -> tuple[dict, list[str]]:
@@ -156,8 +157,14 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
         _convert("minilm-8x7-60m", ("encoder_speedup",)),
     "same conversion with STS-B's train sentences in the unlabeled text: STS-B dev; FFN gain kept":
         _convert("minilm-8x7-60m-stsbtext", ("stsb", "gain_kept_pct")),
-    "converted MiniLM 8x7, whole encoder 32x128 vs dense MiniLM on ONNX Runtime int8 "
-    "(per-channel dynamic); ours in fp32, in bf16": _minilm_vs_onnx_int8,
+    "converted MiniLM 8x7 embedding STS-B dev sentences (batches of 32, tokenization included, "
+    "packed tokens, int8 projections) vs dense MiniLM on ONNX Runtime int8 (per-channel dynamic); "
+    "vs dense PyTorch fp32":
+        _texts("stsb-dev-batches-of-32", ("ours FFF int8",), ("vs_ort_int8", "vs_dense_torch_fp32")),
+    "same model, 32 texts of 128 tokens, vs dense MiniLM on ONNX Runtime int8; ours in fp32, "
+    "bf16, int8":
+        _texts("32x128", ("ours FFF float32", "ours FFF bfloat16", "ours FFF int8"),
+               ("vs_ort_int8",)),
     "serving the converted 8x7 vs dense MiniLM in the same server, texts/s at 64 clients":
         _serve_once,
     "FFF 1x11 layer vs the fastest fp32 dense-4095 (oneDNN, prepacked weights), 1 / 128 / 4,096 "
