@@ -439,6 +439,7 @@ class Outcome:
     seconds: float
     timed_out: bool
     texts: int
+    code: str = ""  # the error's code for a refusal (e.g. "queue_timeout"), else ""
 
 
 async def one_request(port: int, texts: list[str], timeout: float) -> Outcome:
@@ -450,7 +451,8 @@ async def one_request(port: int, texts: list[str], timeout: float) -> Outcome:
             conn.post("/v1/embeddings", {"input": texts}), timeout)
         if status == 200 and len(json.loads(body)["data"]) != len(texts):
             status = 0
-        return Outcome(status, time.perf_counter() - start, False, len(texts))
+        code = str(json.loads(body)["error"].get("code") or "") if status in (429, 503) else ""
+        return Outcome(status, time.perf_counter() - start, False, len(texts), code)
     except asyncio.TimeoutError:
         return Outcome(0, time.perf_counter() - start, True, len(texts))
     except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
@@ -583,6 +585,9 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
         "accepted_p99_ms": _pct([o.seconds for o in ok], 99),
         "refusal_p50_ms": _pct([o.seconds for o in refused], 50),
         "refusal_p99_ms": _pct([o.seconds for o in refused], 99),
+        # refused at the gate (queue full), apart from requests that waited out their deadline
+        "admission_refusals": len(gate := [o for o in refused if o.code != "queue_timeout"]),
+        "admission_refusal_p99_ms": _pct([o.seconds for o in gate], 99),
         "texts_computed": computed,
         "texts_computed_not_delivered": computed - good_texts,
         "server_wasted_inputs": int(delta["wasted_inputs_total"]),
@@ -621,7 +626,8 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
             print(f"  {multiple:g}x: goodput {level['goodput_texts_per_s']:.1f} texts/s, "
                   f"200 {level['answered_200']}, refused {level['refused_429_503']}, timeouts "
                   f"{level['client_timeouts']}, p99 {level['accepted_p99_ms']} ms, refusal p99 "
-                  f"{level['refusal_p99_ms']} ms, computed not delivered "
+                  f"{level['refusal_p99_ms']} ms (at the gate {level['admission_refusal_p99_ms']} ms), "
+                  f"computed not delivered "
                   f"{level['texts_computed_not_delivered']}, peak {level['peak_rss_mib']} MiB",
                   flush=True)
             levels.append(level)

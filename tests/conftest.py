@@ -26,3 +26,19 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny random sentence-transformers BERT directory (tests/convertcheck.py), per module."""
+    from convertcheck import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("src") / "bert", sentence_transformers=True)
+
+
+@pytest.fixture(scope="module")
+def source(bert_dir):
+    """``bert_dir`` loaded as a conversion source."""
+    from ultrafastbert.convert.source import load_source
+
+    return load_source(bert_dir)

@@ -30,16 +30,6 @@ from ultrafastbert.model.converted import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("src") / "bert", sentence_transformers=True)
-
-
-@pytest.fixture(scope="module")
-def source(bert_dir):
-    return load_source(bert_dir)
-
-
 def _ids(n: int = 3, s: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 60, (n, s), generator=g)

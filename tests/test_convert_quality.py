@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convertcheck import tiny_bert, tiny_corpus  # noqa: E402
+from convertcheck import tiny_corpus  # noqa: E402
 from ultrafastbert.convert.data import load_segments  # noqa: E402
 from ultrafastbert.convert.pipeline import (  # noqa: E402
     NO_CORPUS,
@@ -23,19 +23,9 @@ from ultrafastbert.convert.pipeline import (  # noqa: E402
     quality_warning,
     removed_pooled_cosine,
 )
-from ultrafastbert.convert.source import load_source, make_student, parse_fff  # noqa: E402
+from ultrafastbert.convert.source import make_student, parse_fff  # noqa: E402
 from ultrafastbert.errors import InputError  # noqa: E402
 from ultrafastbert.model.converted import FAMILIES, base_model_of, dense_ffns  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("src") / "bert", sentence_transformers=True)
-
-
-@pytest.fixture(scope="module")
-def source(bert_dir):
-    return load_source(bert_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convertcheck import tiny_bert, tiny_corpus  # noqa: E402
+from convertcheck import tiny_corpus  # noqa: E402
 from ultrafastbert.convert.data import load_segments  # noqa: E402
 from ultrafastbert.convert.init import init_block, relative_error  # noqa: E402
 from ultrafastbert.convert.pipeline import collect_inputs  # noqa: E402
 from ultrafastbert.convert.source import (  # noqa: E402
     active_fraction,
-    load_source,
     make_student,
     parse_fff,
     parse_structure,
@@ -38,16 +37,6 @@ from ultrafastbert.model.ffn_structures import (  # noqa: E402
     structured_reference,
 )
 from ultrafastbert.model.pretrained import set_fff_runtime  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("src") / "bert", sentence_transformers=True)
-
-
-@pytest.fixture(scope="module")
-def source(bert_dir):
-    return load_source(bert_dir)
 
 
 # ------------------------------------------------------------------------------ specs
