@@ -345,14 +345,18 @@ def parse_targets(args: argparse.Namespace) -> list[Target]:
     return targets
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _server_conditions(env: dict[str, Any]) -> str:
+    """``CPU: ...; server threads N, fastapi V, uvicorn V``: the start of both reports' header."""
     from ultrafastbert.bench.common import speed_summary
 
+    return (f"CPU: {speed_summary(env)}; server threads {env['server_threads']}, fastapi "
+            f"{env.get('fastapi')}, uvicorn {env.get('uvicorn')}")
+
+
+def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [f"# Serving load test ({env['timestamp']})", "",
-             f"CPU: {speed_summary(env)}; server threads "
-             f"{env['server_threads']}, fastapi {env.get('fastapi')}, "
-             f"uvicorn {env.get('uvicorn')}, load average at start "
+             f"{_server_conditions(env)}, load average at start "
              f"{env['loadavg_1m_at_start']}. {env['note']}", "",
              f"Command: `{results['command']}`", "",
              f"{results['texts_per_request']} text(s) per request; "
@@ -661,12 +665,9 @@ def verdicts(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def overload_markdown(results: dict[str, Any]) -> str:
-    from ultrafastbert.bench.common import speed_summary
-
     env = results["environment"]
     lines = [f"# Serving under overload ({env['timestamp']})", "",
-             f"CPU: {speed_summary(env)}; server threads {env['server_threads']}, fastapi "
-             f"{env.get('fastapi')}, uvicorn {env.get('uvicorn')}; load average "
+             f"{_server_conditions(env)}; load average "
              f"{env['loadavg_1m_at_start']} at start, {env.get('loadavg_1m_at_end')} at end. "
              f"{env['note']}", "", f"Command: `{results['command']}`", "",
              f"{results['texts_per_request']} texts per request, Poisson arrivals, each request "
