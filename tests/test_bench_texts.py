@@ -3,6 +3,8 @@ timed comparison itself runs as `bench model --texts`, never in a test)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,14 @@ def test_ratios_and_outside_share(dirs):  # noqa: F811
     share = bt.outside_model_share(Predictor.from_pretrained(dirs["bert"], precision="float32"),
                                    TEXTS, repeats=3)
     assert 0.0 <= share["outside_share"] < 1.0 and share["model_ms"] > 0
+
+
+def test_written_json_keeps_the_environment_at_the_top(tmp_path):
+    """``bench_texts.json`` has the environment, rows and the report's parts side by side (the
+    README-figure check reads ``environment`` there), not the parts nested in the environment."""
+    result = {"environment": {"cpu": "some CPU", "torch_threads": 2}, "rows": [],
+              "outside_model": {}, "profiles": {}}
+    bt.write(tmp_path, result)
+    data = json.loads((tmp_path / "bench_texts.json").read_text())
+    assert data["environment"] == result["environment"]
+    assert set(data) == {"environment", "rows", "outside_model", "profiles"}

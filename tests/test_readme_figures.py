@@ -82,8 +82,7 @@ def _texts(workload: str, embedders: tuple[str, ...], keys: tuple[str, ...]
     def check(folder: Path) -> tuple[dict, list[str]]:
         data = _json(folder, "bench_texts.json")
         rows = [_row(data["rows"], workload=workload, embedder=e) for e in embedders]
-        env = data["environment"].get("environment", data["environment"])  # nested in this file
-        return env, [speedup(r[k]) for r in rows for k in keys]
+        return data["environment"], [speedup(r[k]) for r in rows for k in keys]
     return check
 
 

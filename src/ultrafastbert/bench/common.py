@@ -136,12 +136,13 @@ def median(values: Sequence[float]) -> float:
 
 
 def write_results(out_dir: str | os.PathLike, stem: str, rows: list[dict[str, Any]],
-                  env: dict[str, Any]) -> list[Path]:
-    """Write ``stem.json`` (environment + rows) and ``stem.csv`` atomically; return the paths."""
+                  env: dict[str, Any], extra: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``stem.json`` (environment + rows, and ``extra``'s keys beside them) and
+    ``stem.csv`` (the rows) atomically; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    atomic_write_json(json_path, {"environment": env, "rows": rows})
+    atomic_write_json(json_path, {"environment": env, "rows": rows, **(extra or {})})
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for row in rows for k in row))
     writer = csv.DictWriter(buf, fieldnames=fields)

@@ -445,8 +445,9 @@ def write(out_dir: str | Path, result: dict[str, Any]) -> list[Path]:
     """JSON, CSV and the text report."""
     from ..utils.io import atomic_write_text
 
-    paths = common.write_results(out_dir, "bench_texts", result["rows"],
-                                 {k: v for k, v in result.items() if k != "rows"})
+    paths = common.write_results(out_dir, "bench_texts", result["rows"], result["environment"],
+                                 {k: v for k, v in result.items()
+                                  if k not in ("rows", "environment")})
     path = Path(out_dir) / "report.txt"
     atomic_write_text(path, report(result) + "\n")
     return [*paths, path]
