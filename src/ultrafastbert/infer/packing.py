@@ -15,11 +15,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+
+#: Widest padded batch (tokens) whose attention runs as explicit matmuls + softmax; measured
+#: on AMD EPYC Zen 4 (2 threads, 12 heads of 32): 4x faster than the flash kernel at
+#: sentence widths (~30), equal near 128 (docs/precision.md).
+MATH_ATTENTION_MAX_WIDTH = 96
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(hd) + bias) v``: each ``(N, H, S, hd)``, ``bias`` ``(N, 1, 1, S)``;
+    computed in float32 whatever the stream dtype (as the flash kernel accumulates)."""
+    dtype = v.dtype
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    scores.mul_(q.shape[-1] ** -0.5)
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(scores.softmax(-1), v.float()).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -97,19 +115,45 @@ class Packing:
         """Self-attention of each text over its own tokens: ``qkv`` ``(T, 3d)`` -> ``(T, d)``.
 
         ``layout`` ``"blocks"``: ``[q | k | v]`` (Hugging Face BERT); ``"heads"``:
-        ``[head][q, k, v][head_dim]`` (the project's encoder).
+        ``[head][q, k, v][head_dim]`` (the project's encoder). Padded slots are filled by a
+        gather from real rows (masked as keys, their queries dropped), not zeroed; batches no
+        wider than :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a softmax
+        (at sentence lengths PyTorch's CPU flash kernel spends most of its time on its fixed
+        block sizes), wider ones as one ``scaled_dot_product_attention``.
         """
         d = qkv.shape[1] // 3
-        padded = self.unpack(qkv)  # (N, S, 3d)
+        padded = qkv.index_select(0, self._slots)  # (N * S, 3d): every slot a real row
         if layout == "blocks":
             parts = padded.view(self.n_texts, self.width, 3, n_heads, d // n_heads)
             q, k, v = parts.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             parts = padded.view(self.n_texts, self.width, n_heads, 3, d // n_heads)
             q, k, v = parts.permute(3, 0, 2, 1, 4).unbind(0)  # each (N, H, S, hd)
-        mask = None if self.keep is None else self.keep[:, None, None, :]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.pack(context.transpose(1, 2).reshape(self.n_texts, self.width, d))
+        if self.width <= MATH_ATTENTION_MAX_WIDTH:
+            context = _math_attention(q, k, v, self._key_bias(q.dtype))
+        else:
+            mask = None if self.keep is None else self.keep[:, None, None, :]
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # (N, H, S, hd) -> the real tokens' rows (T, H, hd) in one gather -> (T, d)
+        return context.transpose(1, 2)[self.text, self.position].reshape(-1, d)
+
+    @cached_property
+    def _slots(self) -> torch.Tensor:
+        """For each padded slot ``n * S + s`` ``(N * S,)``, the packed row it takes: its own
+        token's, or (padding) the text's first row, or row 0 for an empty text."""
+        if self.keep is None:
+            return torch.arange(self.n_texts * self.width, device=self.index.device)
+        slots = self.starts.clamp(max=max(self.n_tokens - 1, 0))[:, None].expand(
+            self.n_texts, self.width).reshape(-1).clone()
+        slots[self.index] = torch.arange(self.n_tokens, device=self.index.device)
+        return slots
+
+    def _key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive key mask ``(N, 1, 1, S)``: 0 at tokens, -inf at padding (None: no padding)."""
+        if self.keep is None:
+            return None
+        bias = torch.zeros(self.keep.shape, dtype=torch.float32, device=self.keep.device)
+        return bias.masked_fill_(~self.keep, float("-inf"))[:, None, None, :]
 
     def mean(self, rows: torch.Tensor) -> torch.Tensor:
         """Mean of each text's rows: ``(T, d)`` -> ``(N, d)`` (zeros for an empty text)."""
