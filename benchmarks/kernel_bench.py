@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from ultrafastbert.bench.common import environment
 from ultrafastbert.bench.ff import DenseFF, _packed_variant
 from ultrafastbert.fff import dispatch
-from ultrafastbert.fff.gemm_kernel import GemmKernel
-from ultrafastbert.fff.native import NativeCPUKernel, build, tuning
+from ultrafastbert.fff.gemm.kernel import GemmKernel
+from ultrafastbert.fff.native import build, tuning
+from ultrafastbert.fff.native.kernel import NativeCPUKernel
+from ultrafastbert.fff.pytorch.kernel import TorchKernel
 from ultrafastbert.fff.reference import fff_reference
-from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
 
 ROOT = Path(__file__).resolve().parents[1]

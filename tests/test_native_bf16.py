@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ultrafastbert.fff import FFF, dispatch
-from ultrafastbert.fff.native import NativeBF16Kernel, build
-from ultrafastbert.fff.native import bf16 as bf16_module
+from ultrafastbert.fff.native import build
+from ultrafastbert.fff.native import kernel as native_kernel
+from ultrafastbert.fff.native.kernel import NativeBF16Kernel
 from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.tree import n_nodes
 
@@ -119,9 +120,9 @@ def test_declares_its_scope_and_reasons(monkeypatch):
     assert "cpu" in kernel.unavailable_reason(torch.device("meta"), torch.bfloat16)
     with pytest.raises(ValueError, match="isa"):
         NativeBF16Kernel("amx")
-    monkeypatch.setenv(bf16_module.ISA_ENV, "sse2")
-    assert bf16_module.ISA_ENV in NativeBF16Kernel().unavailable_reason(CPU, torch.bfloat16)
-    monkeypatch.delenv(bf16_module.ISA_ENV)
+    monkeypatch.setenv(native_kernel.BF16_ISA_ENV, "sse2")
+    assert native_kernel.BF16_ISA_ENV in NativeBF16Kernel().unavailable_reason(CPU, torch.bfloat16)
+    monkeypatch.delenv(native_kernel.BF16_ISA_ENV)
     monkeypatch.setenv("ULTRAFASTBERT_NATIVE", "0")
     monkeypatch.setattr(dispatch, "_REGISTRY", {})  # fresh kernels (loaded ones remember)
     build.reset()
@@ -139,7 +140,7 @@ def test_declares_its_scope_and_reasons(monkeypatch):
 def test_forced_path_beyond_the_cpu_is_refused(monkeypatch):
     """A path the CPU lacks is a reason, not a crash (simulated by lowering the CPU's best)."""
     _kernel(None)  # loads the library
-    monkeypatch.setattr(bf16_module, "cpu_path", lambda: "avx2")
+    monkeypatch.setattr(native_kernel, "bf16_cpu_path", lambda: "avx2")
     reason = NativeBF16Kernel("avx512").unavailable_reason(CPU, torch.bfloat16)
     assert reason is not None and "avx512" in reason and "best: avx2" in reason
     assert NativeBF16Kernel("avx2").unavailable_reason(CPU, torch.bfloat16) is None
