@@ -211,9 +211,17 @@ def check_bf16(fns: dict, weights: tuple, n_trees: int, depth: int, d: int) -> N
     torch.testing.assert_close(want.float()[same], ref.y.float()[same], rtol=2e-2, atol=2e-3)
 
 
-def time_round(fn: Callable, x: torch.Tensor, budget_s: float) -> float:
-    """Median seconds per call over ~``budget_s`` of calls (at least 3)."""
+def time_round(fn: Callable, x: torch.Tensor, budget_s: float, clock: str = "wall") -> float:
+    """Seconds per call over ~``budget_s`` of calls: the median call by the wall clock
+    (at least 3 calls), or with ``clock="thread"`` this thread's CPU time over all of them (one
+    torch thread: what the call itself costs, whatever else the machine runs)."""
     fn(x)
+    if clock == "thread":
+        calls, start = 0, time.thread_time()
+        while calls < 3 or time.thread_time() - start < budget_s:
+            fn(x)
+            calls += 1
+        return (time.thread_time() - start) / calls
     times = []
     start = time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < budget_s:
@@ -224,8 +232,12 @@ def time_round(fn: Callable, x: torch.Tensor, budget_s: float) -> float:
 
 
 def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,
-          old: OldOps | None, dtype: torch.dtype = torch.float32) -> list[dict]:
-    """Rows for one configuration in ``dtype`` (float32 or bfloat16)."""
+          old: OldOps | None, dtype: torch.dtype = torch.float32, clock: str = "wall"
+          ) -> list[dict]:
+    """Rows for one configuration in ``dtype`` (float32 or bfloat16); per variant the median
+    over rounds (wall clock) or the fewest (``clock="thread"``: CPU time, where interference
+    only adds)."""
+    summary = min if clock == "thread" else statistics.median
     n_trees, depth = map(int, config.split("x"))
     if dtype == torch.bfloat16:
         fns, weights = bf16_variants(n_trees, depth, d, old)
@@ -239,14 +251,14 @@ def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
-                samples[name].append(time_round(fn, x, budget_s) / t * 1e6)
+                samples[name].append(time_round(fn, x, budget_s, clock) / t * 1e6)
         row: dict[str, object] = {"config": config, "d_model": d, "tokens": t,
                                   "dtype": str(dtype).replace("torch.", "")}
         # Speedups against the fastest dense variant of each round.
         fastest = [min(v) for v in zip(*(s for n, s in samples.items() if n.startswith("dense")),
                                        strict=True)]
         for name, s in samples.items():
-            row[f"{name}_us_per_token"] = round(statistics.median(s), 4)
+            row[f"{name}_us_per_token"] = round(summary(s), 4)
             if not name.startswith("dense"):
                 row[f"{name}_speedup"] = round(statistics.median(
                     a / b for a, b in zip(fastest, s, strict=True)), 2)
@@ -272,14 +284,20 @@ def main() -> None:
                         help="seconds of calls per variant and round")
     parser.add_argument("--old-rev", default=None,
                         help="git revision whose native kernel is timed beside this one")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: this thread's CPU time per call, fewest over rounds "
+                             "(needs --threads 1; robust to other load on the machine)")
     parser.add_argument("--dtypes", default="float32",
                         help="float32 and/or bfloat16 (the bf16 kernel against bf16 dense)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     old = build_old(args.old_rev) if args.old_rev else None
-    env = {**run_record(), "threads": args.threads, "command": " ".join(sys.argv)}
+    env = {**run_record(), "threads": args.threads, "clock": args.clock,
+           "command": " ".join(sys.argv)}
     print(json.dumps(env), flush=True)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
@@ -287,7 +305,7 @@ def main() -> None:
         for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
             for config in args.configs.split(","):
                 rows += bench(config, args.d_model, tokens, args.rounds, args.budget_s, old,
-                              dtype)
+                              dtype, args.clock)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"env": {**env, "load_avg_end": os.getloadavg()},

@@ -1,5 +1,6 @@
 """The native CPU FFF kernels: fp32 (:class:`NativeCPUKernel`) and bfloat16 end to end
-(:class:`NativeBF16Kernel`), C++ built into one library on first use (``build``).
+(:class:`NativeBF16Kernel`), both running one C++ walk (``fff_cpu_walk.h``) built into one
+library on first use (``build``).
 
 The tree walk computes only the visited nodes' dot products, bias and GELU, a group of tokens at
 a time level by level (several trees: tree-major blocks of tokens, or one token's trees side by
