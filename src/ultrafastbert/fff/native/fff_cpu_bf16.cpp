@@ -35,12 +35,13 @@ std::string bf16_isa_name() {
   }
 }
 
-// The untuned ops' knobs: the walk this kernel has always had (several trees: a tree at a time
-// for groups of 4 tokens, token by token; one deep tree: bucketed from 8 tokens per bucket) with
-// the output rows prefetched from kPrefetchTokens tokens.
+// The untuned ops' knobs: several trees: a lone token's trees side by side (as the fp32 kernel),
+// more tokens a tree at a time for groups of 4 tokens (walk_tree_group; the fp32 kernel's sorted
+// blocks measured no faster here); one deep tree: bucketed from 8 tokens per bucket; the output
+// rows prefetched from kPrefetchTokens tokens.
 Knobs bf16_default_knobs(int64_t tokens) {
   Knobs k;
-  k.trees_together = 0;
+  k.trees_together = tokens == 1 ? 1 : 0;
   k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
   return k;
 }

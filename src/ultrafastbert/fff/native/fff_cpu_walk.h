@@ -243,6 +243,38 @@ FFF_TARGET static void walk_level(const Problem& pb, const typename E::X* const*
   if (c.n > 0) flush_chunk<E>(pb, c);
 }
 
+// Levels [first, last) of `tree` for G (<= kChunk) tokens, their dot products as one dot_group
+// per level with G a template argument: walk_level's pairs without the chunk's bookkeeping
+// (which measured 5-20% slower here for several trees in bf16), the same operations per pair.
+// local[i] is token i's tree-local node (updated); writes z[i][p] and node[i][p] at path
+// position p = tree*(D+1) + level.
+template <class E, int G>
+FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* const* x,
+                                       int64_t tree, int64_t first, int64_t last,
+                                       int64_t* local, float* const* z, int64_t* const* node) {
+  using Tin = typename E::In;
+  const int64_t n_nodes = (int64_t{2} << pb.depth) - 1, path = pb.depth + 1;
+  const Tin* w_in = static_cast<const Tin*>(pb.w_in);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
+  for (int64_t level = first; level < last; ++level) {
+    const Tin* rows[G];
+    int64_t ids[G];
+    for (int i = 0; i < G; ++i) {
+      ids[i] = tree * n_nodes + local[i];
+      rows[i] = w_in + ids[i] * pb.d;
+      if (pb.knobs.prefetch) prefetch_row(w_out + ids[i] * pb.d, pb.d);
+    }
+    float logits[G];
+    dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
+    for (int i = 0; i < G; ++i) {
+      const float v = logits[i] + pb.b_in[ids[i]];
+      z[i][tree * path + level] = v;
+      node[i][tree * path + level] = ids[i];
+      local[i] = 2 * local[i] + 1 + (v > 0.0f ? 1 : 0);  // exact 0 and NaN go left
+    }
+  }
+}
+
 // Levels [first, last) of every tree for a group of G tokens. With trees_together every tree
 // takes level l before any takes l+1, one token's trees side by side (K independent chains per
 // token, sharing the token's x loads); otherwise the trees are walked one after another, a
@@ -256,9 +288,18 @@ FFF_TARGET static void walk_levels(const Problem& pb, const typename E::X* const
       walk_level<E>(pb, x, G, 0, pb.n_trees, level, true, local, z, node);
     return;
   }
-  for (int64_t tree = 0; tree < pb.n_trees; ++tree)
+  for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
+    int64_t* loc = local + tree * G;
+    switch (G) {  // a group of at most one chunk: one dot_group per level
+      case 1: walk_tree_group<E, 1>(pb, x, tree, first, last, loc, z, node); continue;
+      case 2: walk_tree_group<E, 2>(pb, x, tree, first, last, loc, z, node); continue;
+      case 3: walk_tree_group<E, 3>(pb, x, tree, first, last, loc, z, node); continue;
+      case 4: walk_tree_group<E, 4>(pb, x, tree, first, last, loc, z, node); continue;
+      default: break;
+    }
     for (int64_t level = first; level < last; ++level)
       walk_level<E>(pb, x, G, tree, tree + 1, level, false, local, z, node);
+  }
 }
 
 // act[p] = GELU(act[p]) for p < P: the logits become activations once the walk is done (the
