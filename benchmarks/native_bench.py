@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ultrafastbert import FFF
 from ultrafastbert.bench.common import environment, speed_summary
-from ultrafastbert.fff.native import NativeCPUKernel
+from ultrafastbert.fff.native.kernel import NativeCPUKernel
 from ultrafastbert.fff.reference import fff_reference
 
 TOKENS = (1, 8, 128, 512, 4096, 16384)

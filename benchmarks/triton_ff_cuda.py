@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from ultrafastbert.fff import fff_masked, fff_reference
-from ultrafastbert.fff import triton_impl as ti
-from ultrafastbert.fff.torch_kernel import TorchKernel
+from ultrafastbert.fff.pytorch.kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
+from ultrafastbert.fff.triton import kernel as ti
+from ultrafastbert.fff.triton import routing as tr
+from ultrafastbert.fff.triton import training as tt
 
 logger = logging.getLogger("triton_ff_cuda")
 
@@ -164,28 +166,28 @@ def time_fff_forward(x: torch.Tensor, w: tuple, n_trees: int, depth: int, dtype_
         tpacked = torch_kernel.pack(*w, n_trees, depth, "fp32")
         out["torch_fff_ms"] = bench_ms(lambda: torch_kernel.forward(x, tpacked, n_trees, depth),
                                        rep_ms)
-    out["default_config"] = ti.launch_config(D_MODEL, x.device).__dict__
+    out["default_config"] = tr.launch_config(D_MODEL, x.device).__dict__
     return out
 
 
 def sweep_forward(x: torch.Tensor, w: tuple, n_trees: int, depth: int, rep_ms: float) -> dict:
     """Fastest forward tiles among a few ``(block_t, num_warps)`` (output checked for each)."""
     w_rows = w[2].t().contiguous()
-    want, _, _ = ti.fff_forward(x, w[0], w[1], w_rows, n_trees, depth)
-    block_d = ti.launch_config(D_MODEL, x.device).block_d
+    want, _, _ = tr.fff_forward(x, w[0], w[1], w_rows, n_trees, depth)
+    block_d = tr.launch_config(D_MODEL, x.device).block_d
     times = {}
     for block_t in (1, 2, 4, 8, 16):
         for warps in (2, 4, 8):
             if block_t * block_d > 64 * 32 * warps:  # over ~200 live fp32 registers per thread
                 continue
-            cfg = ti.LaunchConfig(block_t, block_d, warps)
+            cfg = tr.LaunchConfig(block_t, block_d, warps)
             name = f"block_t={block_t},num_warps={warps}"
             try:
-                y, _, _ = ti.fff_forward(x, w[0], w[1], w_rows, n_trees, depth, config=cfg)
+                y, _, _ = tr.fff_forward(x, w[0], w[1], w_rows, n_trees, depth, config=cfg)
                 err = float((y.double() - want.double()).norm() / want.double().norm())
                 if err > 1e-3:  # only the order of the fp32 sums may change with the tile
                     raise RuntimeError(f"output changed (relative difference {err:.1e})")
-                times[name] = bench_ms(lambda cfg=cfg: ti.fff_forward(
+                times[name] = bench_ms(lambda cfg=cfg: tr.fff_forward(
                     x, w[0], w[1], w_rows, n_trees, depth, config=cfg), rep_ms / 2)
             except Exception as err:  # one failed tile is a missing point, not a failed run
                 logger.warning("tile %s failed: %s", name, err)
@@ -196,16 +198,16 @@ def sweep_forward(x: torch.Tensor, w: tuple, n_trees: int, depth: int, rep_ms: f
 def sweep_backward(x: torch.Tensor, w: tuple, n_trees: int, depth: int, rep_ms: float) -> dict:
     """Backward-only ms for a few weight-gradient tiles ``(chunk, block_dw, warps)``."""
     w_rows = w[2].t().contiguous()
-    _, nodes, logits = ti.fff_forward(x, w[0], w[1], w_rows, n_trees, depth, write_nodes=True,
+    _, nodes, logits = tr.fff_forward(x, w[0], w[1], w_rows, n_trees, depth, write_nodes=True,
                                       write_logits=True)
     grad_y = torch.randn_like(x)
-    base = ti.launch_config(D_MODEL, x.device)
+    base = tr.launch_config(D_MODEL, x.device)
     times = {}
     for chunk, block_dw, warps in ((16, 128, 4), (16, 64, 2), (32, 128, 8), (64, 64, 8)):
-        cfg = ti.LaunchConfig(base.block_t, base.block_d, base.num_warps, chunk, block_dw, warps)
+        cfg = tr.LaunchConfig(base.block_t, base.block_d, base.num_warps, chunk, block_dw, warps)
         name = f"chunk={chunk},block_dw={block_dw},warps={warps}"
         try:
-            times[name] = bench_ms(lambda cfg=cfg: ti.fff_backward(
+            times[name] = bench_ms(lambda cfg=cfg: tt.fff_backward(
                 grad_y, x, w[0], w_rows, nodes, logits, True, config=cfg), rep_ms / 2)
         except Exception as err:  # one failed tile is a missing point, not a failed run
             logger.warning("backward tile %s failed: %s", name, err)

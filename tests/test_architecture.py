@@ -28,13 +28,11 @@ LEVELS: dict[str, int] = {
     "ultrafastbert.fff.tree": 1,
     "ultrafastbert.fff.reference": 2,
     "ultrafastbert.fff.kernel": 3,
-    "ultrafastbert.fff.training": 3,
-    "ultrafastbert.fff.torch_impl": 3,
-    "ultrafastbert.fff.torch_kernel": 3,
-    "ultrafastbert.fff.gemm_kernel": 3,
+    "ultrafastbert.fff.pytorch": 3,
+    "ultrafastbert.fff.triton": 3,
     "ultrafastbert.fff.native": 3,
-    "ultrafastbert.fff.triton_impl": 3,
-    "ultrafastbert.fff.triton_kernels": 3,
+    "ultrafastbert.fff.gemm": 3,
+    "ultrafastbert.fff.token_split": 4,
     "ultrafastbert.fff.dispatch": 4,
     "ultrafastbert.fff.layer": 5,
     "ultrafastbert.fff": 5,
@@ -165,8 +163,8 @@ def test_the_walk_sees_module_and_function_level_imports() -> None:
     graph = import_graph()
     assert "ultrafastbert.fff.dispatch" in graph["ultrafastbert.fff.layer"]  # `from . import`
     # dispatch.registry() imports the kernel modules inside the function
-    assert {"ultrafastbert.fff.native", "ultrafastbert.fff.torch_kernel",
-            "ultrafastbert.fff.triton_impl"} <= graph["ultrafastbert.fff.dispatch"]
+    assert {"ultrafastbert.fff.native.kernel", "ultrafastbert.fff.pytorch.kernel",
+            "ultrafastbert.fff.triton.kernel"} <= graph["ultrafastbert.fff.dispatch"]
     assert graph["ultrafastbert.model.checkpoint"] <= {
         "ultrafastbert.model.config", "ultrafastbert.errors", "ultrafastbert.utils",
         "ultrafastbert.utils.io", "ultrafastbert.utils.jsonfile", "ultrafastbert.utils.oserrors"}

@@ -23,7 +23,7 @@ from ultrafastbert.convert.source import (  # noqa: E402
 )
 from ultrafastbert.errors import InputError  # noqa: E402
 from ultrafastbert.fff import dispatch  # noqa: E402
-from ultrafastbert.fff.training import route  # noqa: E402
+from ultrafastbert.fff.pytorch.routing import route  # noqa: E402
 from ultrafastbert.model.converted import (  # noqa: E402
     FAMILIES,
     FFFBlock,

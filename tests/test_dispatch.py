@@ -61,6 +61,7 @@ def test_describe_is_a_table_with_every_kernel():
 from ultrafastbert.fff.dispatch import Workload  # noqa: E402
 from ultrafastbert.fff.native import build  # noqa: E402
 from ultrafastbert.fff.reference import fff_reference  # noqa: E402
+from ultrafastbert.fff.token_split import TokenSplit  # noqa: E402
 
 
 def native_runs() -> bool:
@@ -105,7 +106,7 @@ def test_depth_zero_takes_the_gemm_route_from_the_threshold():
 @needs_native
 def test_token_split_routes_each_call_and_matches_the_reference():
     kernel = dispatch.select("auto", "cpu", torch.float32, shape=Workload(64, 0, 37))
-    assert isinstance(kernel, dispatch.TokenSplit) and kernel.name.startswith("auto(native")
+    assert isinstance(kernel, TokenSplit) and kernel.name.startswith("auto(native")
     assert kernel.kernel_for(1).name == "native" and kernel.kernel_for(16).name == "gemm"
     gen = torch.Generator().manual_seed(0)
     w_in, b_in, w_out = (torch.randn(64, 37, generator=gen) * 0.2,
@@ -125,7 +126,7 @@ def test_the_layer_asks_with_its_shape():
 
     assert FFF(37, n_trees=2, depth=3).kernel().name == "native"
     deep0 = FFF(37, n_trees=64, depth=0)
-    assert isinstance(deep0.kernel(), dispatch.TokenSplit)
+    assert isinstance(deep0.kernel(), TokenSplit)
     x = torch.randn(3, 20, 37)
     with torch.no_grad():
         y = deep0(x)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fffcheck import assert_matches, compare, inputs, make_layer, perturb_visited_row, reference_of
-from ultrafastbert.fff import torch_impl
+from ultrafastbert.fff.pytorch import sparse
 
 SHAPES = [  # (tokens, d_model, n_trees, depth)
     (1, 37, 1, 0), (13, 37, 1, 1), (13, 37, 3, 3), (1000, 37, 2, 11), (1, 768, 1, 11),
@@ -76,7 +76,7 @@ def test_other_dtypes_follow_the_low_precision_rule(dtype):
 
 
 def test_gather_fallback_chunks_cover_every_token(monkeypatch):
-    monkeypatch.setattr(torch_impl, "GATHER_ELEMENTS", 37 * 12 * 3)
+    monkeypatch.setattr(sparse, "GATHER_ELEMENTS", 37 * 12 * 3)
     layer = make_layer(37, 1, 11, weight_std=0.2, bias_std=0.5, dtype=torch.bfloat16)
     x = inputs(20, 37, dtype=torch.bfloat16)
     y, nodes = run_torch(layer, x)

@@ -73,7 +73,7 @@ def test_gradcheck_all_inputs():
 
 
 def test_layer_uses_sparse_path_when_training(monkeypatch):
-    from ultrafastbert.fff import torch_kernel as layer_module  # the kernel owns the path now
+    from ultrafastbert.fff.pytorch import kernel as layer_module  # the kernel owns the path now
 
     calls = []
     real = layer_module.fff_sparse

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ultrafastbert.fff.native import NativeCPUKernel, build
+from ultrafastbert.fff.native import build
+from ultrafastbert.fff.native.kernel import NativeCPUKernel
+from ultrafastbert.fff.pytorch.kernel import TorchKernel
 from ultrafastbert.fff.reference import fff_reference
-from ultrafastbert.fff.torch_kernel import TorchKernel
 from ultrafastbert.fff.tree import n_nodes
 
 CPU = torch.device("cpu")

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ultrafastbert.fff import FFF, dispatch
-from ultrafastbert.fff.native import NativeBF16Kernel, build
-from ultrafastbert.fff.native import bf16 as bf16_module
+from ultrafastbert.fff.native import build
+from ultrafastbert.fff.native import kernel as native_kernel
+from ultrafastbert.fff.native.kernel import NativeBF16Kernel
 from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.tree import n_nodes
 
@@ -119,9 +120,9 @@ def test_declares_its_scope_and_reasons(monkeypatch):
     assert "cpu" in kernel.unavailable_reason(torch.device("meta"), torch.bfloat16)
     with pytest.raises(ValueError, match="isa"):
         NativeBF16Kernel("amx")
-    monkeypatch.setenv(bf16_module.ISA_ENV, "sse2")
-    assert bf16_module.ISA_ENV in NativeBF16Kernel().unavailable_reason(CPU, torch.bfloat16)
-    monkeypatch.delenv(bf16_module.ISA_ENV)
+    monkeypatch.setenv(native_kernel.BF16_ISA_ENV, "sse2")
+    assert native_kernel.BF16_ISA_ENV in NativeBF16Kernel().unavailable_reason(CPU, torch.bfloat16)
+    monkeypatch.delenv(native_kernel.BF16_ISA_ENV)
     monkeypatch.setenv("ULTRAFASTBERT_NATIVE", "0")
     monkeypatch.setattr(dispatch, "_REGISTRY", {})  # fresh kernels (loaded ones remember)
     build.reset()
@@ -139,7 +140,7 @@ def test_declares_its_scope_and_reasons(monkeypatch):
 def test_forced_path_beyond_the_cpu_is_refused(monkeypatch):
     """A path the CPU lacks is a reason, not a crash (simulated by lowering the CPU's best)."""
     _kernel(None)  # loads the library
-    monkeypatch.setattr(bf16_module, "cpu_path", lambda: "avx2")
+    monkeypatch.setattr(native_kernel, "bf16_cpu_path", lambda: "avx2")
     reason = NativeBF16Kernel("avx512").unavailable_reason(CPU, torch.bfloat16)
     assert reason is not None and "avx512" in reason and "best: avx2" in reason
     assert NativeBF16Kernel("avx2").unavailable_reason(CPU, torch.bfloat16) is None
@@ -286,3 +287,47 @@ def test_bf16_layer_runs_the_bf16_kernel_and_returns_bf16():
     layer.set_runtime("native")  # the fp32 kernel, asked for explicitly: an error with reason
     with torch.no_grad(), pytest.raises(ValueError, match="native.*float32, not bfloat16"):
         layer(x)
+
+
+# ------------------------------------------------------- the shared walk's knobs, in bf16
+
+KNOB_SHAPES = [  # (n_trees, depth, d, tokens): odd widths, several trees, deep, one token
+    (3, 4, 37, 13), (8, 7, 384, 130), (32, 5, 384, 1), (1, 8, 384, 700), (16, 6, 768, 70),
+    (5, 0, 37, 13)]
+
+
+def run_knobs(kernel, x, weights, n_trees, depth, table):
+    packed = kernel.pack(*weights, n_trees, depth, "fp32")
+    return torch.ops.ultrafastbert.fff_bf16_forward_tuned_nodes(
+        x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth, kernel._isa_code, table)
+
+
+@pytest.mark.parametrize(("n_trees", "depth", "d", "tokens"), KNOB_SHAPES)
+def test_every_walk_gives_the_same_bits(kernel, n_trees, depth, d, tokens):
+    """The bf16 ops run the fp32 kernel's walk: every knob setting (sorted, blocked, split,
+    bucketed walks; 1 or 2 threads) gives the untuned op's bits, which match the reference."""
+    from test_native_tuning import knob_rows
+    from ultrafastbert.fff.native import tuning
+
+    x, weights, ref = reference_case(n_trees, depth, d, tokens)
+    y0, nodes0 = run(kernel, x, weights, n_trees, depth)
+    check_values(y0, ref, check_routes(nodes0, ref))
+    threads = torch.get_num_threads()
+    for i, row in enumerate([tuning.default_row(0, n_trees), *knob_rows(6, seed=tokens)]):
+        torch.set_num_threads(1 + i % 2)
+        try:
+            y, nodes = run_knobs(kernel, x, weights, n_trees, depth, tuning.to_table([row]))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(nodes, nodes0), f"routes changed with knobs {row}"
+        assert torch.equal(y, y0), f"values changed with knobs {row}"
+
+
+def test_bad_bf16_knobs_are_rejected():
+    from ultrafastbert.fff.native import tuning
+
+    kernel = _kernel(None)
+    x, weights = make_case(2, 2, 37, 3)
+    row = {**tuning.default_row(0, 2), "group": 3}
+    with pytest.raises(RuntimeError, match="fff_bf16_forward_tuned: group"):
+        run_knobs(kernel, x, weights, 2, 2, tuning.to_table([row]))

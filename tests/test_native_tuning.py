@@ -158,7 +158,7 @@ def pack(kernel, n_trees=4, depth=3, d=37, seed=0):
 
 
 def test_tuned_knobs_are_measured_once_cached_and_change_nothing(tuning_on, monkeypatch):
-    from ultrafastbert.fff.native import NativeCPUKernel
+    from ultrafastbert.fff.native.kernel import NativeCPUKernel
 
     calls = count_measurements(monkeypatch)
     kernel = NativeCPUKernel()
@@ -207,7 +207,7 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_remeasured(tuning_on, monke
 
 
 def test_malformed_entry_is_remeasured(tuning_on, monkeypatch, caplog):
-    from ultrafastbert.fff.native import NativeCPUKernel
+    from ultrafastbert.fff.native.kernel import NativeCPUKernel
 
     kernel = NativeCPUKernel()
     pack(kernel)

@@ -10,7 +10,7 @@ import torch
 
 from test_model_encoder import build, ids_and_mask
 from ultrafastbert.fff import FFF
-from ultrafastbert.fff.native import NativeBF16Kernel
+from ultrafastbert.fff.native.kernel import NativeBF16Kernel
 from ultrafastbert.model import ModelConfig
 from ultrafastbert.model.linear import InferenceLinear
 from ultrafastbert.model.reference import compare_layerwise

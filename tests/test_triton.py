@@ -27,8 +27,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from ultrafastbert.fff import FFF, dispatch, fff_masked, fff_reference  # noqa: E402
-from ultrafastbert.fff import triton_impl as ti  # noqa: E402
 from ultrafastbert.fff.tree import n_nodes, visited_mask  # noqa: E402
+from ultrafastbert.fff.triton import kernel as ti  # noqa: E402
+from ultrafastbert.fff.triton import routing as tr  # noqa: E402
+from ultrafastbert.fff.triton import training as tt  # noqa: E402
 
 INTERPRETED = (not torch.cuda.is_available()) and ti.triton_interpreting()
 #: Interpreter tests in a child process: no CUDA, but Triton was imported without the interpreter.
@@ -91,7 +93,7 @@ def run_kernel(p: dict, device: str, weight_format: str = "fp32", config=None):
                          weight_format)
     if config is None:
         return kernel.forward(p["x"], packed, p["n_trees"], p["depth"], return_nodes=True)
-    y, nodes, _ = ti.fff_forward(p["x"], packed.w_in, packed.b_in, packed.w_out, p["n_trees"],
+    y, nodes, _ = tr.fff_forward(p["x"], packed.w_in, packed.b_in, packed.w_out, p["n_trees"],
                                  p["depth"], write_nodes=True, config=config)
     return y, nodes
 
@@ -202,7 +204,7 @@ def test_forward_weight_formats(weight_format):
 @interp
 def test_forward_several_programs_and_exact_tile():
     """Token tiles of 4 (several programs, a partial last one) and d equal to the tile width."""
-    config = ti.LaunchConfig(block_t=4, block_d=32, num_warps=4)
+    config = tr.LaunchConfig(block_t=4, block_d=32, num_warps=4)
     check_forward(make_problem(13, 32, 2, 3, torch.float32, "cpu", seed=5), "cpu", config=config)
 
 
@@ -273,13 +275,13 @@ def test_weight_gradient_scan_path_matches_dot_path():
     """The GPU's segmented scan, run once at a tiny size (the interpreter runs it per element)."""
     p = make_problem(6, 16, 2, 2, torch.float32, "cpu", seed=24)
     w_out_rows = p["w_out"].t().contiguous()
-    _, nodes, logits = ti.fff_forward(p["x"], p["w_in"], p["b_in"], w_out_rows, 2, 2,
+    _, nodes, logits = tr.fff_forward(p["x"], p["w_in"], p["b_in"], w_out_rows, 2, 2,
                                       write_nodes=True, write_logits=True)
     grad_y = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     results = []
     for by_dot in (True, False):
-        config = ti.LaunchConfig(16, 16, 4, chunk=16, block_dw=16, segments_by_dot=by_dot)
-        results.append(ti.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits,
+        config = tr.LaunchConfig(16, 16, 4, chunk=16, block_dw=16, segments_by_dot=by_dot)
+        results.append(tt.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits,
                                        True, config=config))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -361,8 +363,8 @@ def test_controls_gradient_comparison_can_fail():
 @interp
 def test_scan_failure_falls_back_to_the_product_variant(monkeypatch, caplog):
     """A Triton that cannot compile the segmented scan gets the 0/1-product variant, logged."""
-    monkeypatch.setattr(ti, "_SCAN_FAILED", {})
-    module = ti.kernel_module()
+    monkeypatch.setattr(tt, "_SCAN_FAILED", {})
+    module = tr.kernel_module()
     real = module.fff_backward_weight_kernel
 
     class ScanFails:
@@ -375,15 +377,15 @@ def test_scan_failure_falls_back_to_the_product_variant(monkeypatch, caplog):
 
     p = make_problem(6, 16, 2, 2, torch.float32, "cpu", seed=26)
     w_out_rows = p["w_out"].t().contiguous()
-    _, nodes, logits = ti.fff_forward(p["x"], p["w_in"], p["b_in"], w_out_rows, 2, 2,
+    _, nodes, logits = tr.fff_forward(p["x"], p["w_in"], p["b_in"], w_out_rows, 2, 2,
                                       write_nodes=True, write_logits=True)
     grad_y = torch.ones(6, 16)
-    want = ti.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits, True)
+    want = tt.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits, True)
     monkeypatch.setattr(module, "fff_backward_weight_kernel", ScanFails())
-    config = ti.LaunchConfig(16, 16, 4, chunk=16, block_dw=16, segments_by_dot=False)
-    got = ti.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits, True,
+    config = tr.LaunchConfig(16, 16, 4, chunk=16, block_dw=16, segments_by_dot=False)
+    got = tt.fff_backward(grad_y, p["x"], p["w_in"], w_out_rows, nodes, logits, True,
                           config=config)
-    assert "cpu" in ti._SCAN_FAILED and "0/1-product" in caplog.text
+    assert "cpu" in tt._SCAN_FAILED and "0/1-product" in caplog.text
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -408,8 +410,8 @@ _COMPILE_SCRIPT = """
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ultrafastbert.fff import triton_kernels as k
-from ultrafastbert.fff.triton_impl import launch_config
+from ultrafastbert.fff.triton import jit as k
+from ultrafastbert.fff.triton.routing import launch_config
 
 cfg = launch_config(768, torch.device("cuda"))
 arch, dt = int(sys.argv[1]), sys.argv[2]
@@ -574,7 +576,7 @@ def test_gpu_layer_auto_picks_triton():
 def test_forcing_torch_training_skips_triton(monkeypatch):
     # Where Triton can train (CUDA; here its interpreter), training="torch" takes the sparse
     # PyTorch path instead.
-    from ultrafastbert.fff.torch_kernel import TorchKernel
+    from ultrafastbert.fff.pytorch.kernel import TorchKernel
 
     monkeypatch.setenv(ti.INTERPRET_ENV, "1")
     calls = {"triton": 0, "torch": 0}
@@ -605,7 +607,7 @@ def test_custom_ops_match_the_launches_and_have_fakes(monkeypatch):
     args = (p["x"], p["w_in"], p["b_in"], rows, 2, 2, True, True)
     torch.library.opcheck(forward_op, args, test_utils=("test_schema", "test_faketensor"))
     y, nodes, logits = forward_op(*args)
-    want_y, want_nodes, _ = ti.fff_forward(p["x"], p["w_in"], p["b_in"], rows, 2, 2,
+    want_y, want_nodes, _ = tr.fff_forward(p["x"], p["w_in"], p["b_in"], rows, 2, 2,
                                            write_nodes=True, write_logits=True)
     assert torch.equal(y, want_y) and torch.equal(nodes, want_nodes)
     grad_y = torch.randn_like(y)

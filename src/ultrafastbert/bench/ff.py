@@ -25,7 +25,8 @@ from torch import nn
 
 from ..errors import InputError, RunError
 from ..fff import FFF, dispatch, fff_reference
-from ..fff.training import fff_masked, fff_sparse, route
+from ..fff.pytorch.routing import route
+from ..fff.pytorch.training import fff_masked, fff_sparse
 from ..model.linear import InferenceLinear, packed_linear_unavailable
 from . import common
 

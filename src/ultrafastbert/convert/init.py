@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..fff.training import route
+from ..fff.pytorch.routing import route
 from ..fff.tree import n_nodes
 from ..model.converted import DenseFFN, FFFBlock
 from ..model.ffn_structures import ExtraParts

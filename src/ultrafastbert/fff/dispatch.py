@@ -38,6 +38,7 @@ import torch
 from ..errors import InputError
 from ..utils.device import device_unavailable_reason
 from .kernel import FFFKernel, validate_weight_format
+from .token_split import TokenSplit
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,10 @@ def registry() -> dict[str, FFFKernel]:
     ignores such caches and would re-run (and re-create the kernels) inside every trace.
     """
     if not _REGISTRY:
-        from .gemm_kernel import GemmKernel
-        from .native import NativeBF16Kernel, NativeCPUKernel
-        from .torch_kernel import TorchKernel
-        from .triton_impl import TritonKernel
+        from .gemm.kernel import GemmKernel
+        from .native.kernel import NativeBF16Kernel, NativeCPUKernel
+        from .pytorch.kernel import TorchKernel
+        from .triton.kernel import TritonKernel
 
         kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), NativeBF16Kernel(),
                                     TorchKernel(), GemmKernel()]
@@ -340,40 +341,6 @@ def _named(name: str, device: torch.device, dtype: torch.dtype, weight_format: s
         raise InputError(f"FFF implementation {name!r} cannot {mode}{what} on {device} / "
                          f"{dtype} / weights {weight_format}: {reason}")
     return kernels[name]
-
-
-class TokenSplit(FFFKernel):
-    """``"auto"`` for a layer whose best kernel depends on the tokens per call: each call runs
-    on the kernel of the :class:`Choice` covering its token count (packed for each)."""
-
-    trains = False
-
-    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
-        self.choices = choices
-        self._kernels = [(c.min_tokens, kernels[c.kernel]) for c in choices]
-        first = kernels[choices[0].kernel]
-        self.name = "auto(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
-        self.description = "; ".join(c.reason for c in choices)
-        self.devices, self.dtypes = first.devices, first.dtypes
-        self.weight_formats = first.weight_formats
-
-    def kernel_for(self, tokens: int) -> FFFKernel:
-        """The kernel a call of ``tokens`` tokens runs on."""
-        chosen = self._kernels[0][1]
-        for min_tokens, kernel in self._kernels:
-            if tokens >= min_tokens:
-                chosen = kernel
-        return chosen
-
-    def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
-        return {k.name: k.pack(w_in, b_in, w_out, n_trees, depth, weight_format)
-                for _, k in self._kernels}
-
-    def forward(self, x: torch.Tensor, packed: Any, n_trees: int, depth: int,
-                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x`` ``(T, d)`` on the kernel chosen for ``T`` tokens."""
-        kernel = self.kernel_for(x.shape[0])
-        return kernel.forward(x, packed[kernel.name], n_trees, depth, return_nodes)
 
 
 def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,

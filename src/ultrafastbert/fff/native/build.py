@@ -1,7 +1,8 @@
 """Build, cache and load the native CPU kernel on first use (never at import).
 
-The C++ sources (``fff_cpu.cpp`` + ``fff_cpu_walk.h``; the bf16 kernel's ``fff_cpu_bf16.cpp`` +
-``fff_cpu_bf16_walk.h``) are compiled into one library with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
+The C++ sources (the fp32 ops ``fff_cpu.cpp`` and the bf16 ops ``fff_cpu_bf16.cpp``, both over
+``fff_cpu_kernel.h`` and its one templated walk ``fff_cpu_walk.h``) are compiled into one library
+with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
 ``<cache>/native-<key>/``, where ``<cache>`` is ``$ULTRAFASTBERT_CACHE`` or
 ``~/.cache/ultrafastbert`` (``$XDG_CACHE_HOME/ultrafastbert`` when that is set) and ``<key>``
 hashes the source, the torch build, the Python ABI, the compiler and the CPU's instruction set.
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "ultrafastbert_fff_cpu"
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fff_cpu.cpp", "fff_cpu_walk.h", "fff_cpu_bf16.cpp", "fff_cpu_bf16_walk.h")
+SOURCES = ("fff_cpu.cpp", "fff_cpu_bf16.cpp", "fff_cpu_kernel.h", "fff_cpu_walk.h")
 #: Instruction sets the kernel is compiled for, best first, with the op's numeric code.
 ISA_CODES = {"avx512": 2, "avx2": 1}
 #: CPU flags (``/proc/cpuinfo`` spelling) each instruction set needs.

@@ -1,33 +1,57 @@
-// The FFF tree walk and output pass, written once and compiled once per instruction set.
+// The FFF tree walk and output pass, written once for every element type and compiled once per
+// instruction set: the fp32 ops (fff_cpu.cpp) and the bf16 ops (fff_cpu_bf16.cpp) both run it.
 //
-// fff_cpu.cpp includes this file inside `namespace avx512 { ... }` and `namespace avx2 { ... }`
-// after defining, in that namespace, `struct V` (the vector operations of that instruction set)
-// and the macro FFF_TARGET (the matching `__attribute__((target(...)))`). Every function here
-// carries FFF_TARGET so the compiler may use that instruction set in it and inline V into it;
-// nothing outside these functions is compiled for it, so an AVX2-only CPU never meets an
-// AVX-512 instruction. No includes here: fff_cpu.cpp includes everything first.
+// fff_cpu_kernel.h includes this file inside `namespace avx512`, `namespace avx2` and (with a
+// compiler that knows AVX512-BF16) `namespace avx512bf16`, after defining there `struct V` (that
+// instruction set's fp32 vector operations: loads that widen bf16 to fp32 exactly, stores that
+// round fp32 to bf16) and the macro FFF_TARGET (the matching `__attribute__((target(...)))`).
+// Every function here carries FFF_TARGET so the compiler may use that instruction set in it and
+// inline V into it; nothing outside these functions is compiled for it, so an AVX2-only CPU
+// never meets an AVX-512 instruction. No includes here: fff_cpu_kernel.h includes everything.
+//
+// The walks are templates on E, an Elems: E::X the type of x and y (float, or bf16 bits as
+// uint16_t), E::In that of the routing rows, E::Out that of the output rows. Logits, activations
+// and output sums are fp32 whatever the types; a bf16 output is rounded once, at the end. An
+// op's .cpp instantiates the walks it needs (runs_for<E>()).
+
+// The routing dot product for inputs Tx and rows Tw: each step multiplies kStep elements of x by
+// kStep of the row and adds them into an fp32 accumulator. This one widens both to fp32 (exact
+// for bf16) and uses an FMA; the avx512bf16 namespace specialises it for bf16 x bf16
+// (_mm512_dpbf16_ps, two products per lane and step), before any walk is instantiated.
+template <class Tx, class Tw>
+struct Dot {
+  using RX = V::R;
+  using RW = V::R;
+  static constexpr int kStep = V::W;
+  FFF_TARGET FFF_INLINE static RX load_x(const Tx* p) { return V::load(p); }
+  FFF_TARGET FFF_INLINE static RX load_x_n(const Tx* p, int n) { return V::load_n(p, n); }
+  FFF_TARGET FFF_INLINE static RW load_w(const Tw* p) { return V::load(p); }
+  FFF_TARGET FFF_INLINE static RW load_w_n(const Tw* p, int n) { return V::load_n(p, n); }
+  FFF_TARGET FFF_INLINE static V::R madd(V::R acc, RX x, RW w) { return V::fma(x, w, acc); }
+};
 
 // logits[i] = x[i] . w[i] for G (token, row) pairs, rows of length d, with V::kAcc accumulators
-// per pair: enough independent FMA chains for a lone token (the 1-token latency) and, with four
+// per pair: enough independent chains for a lone token (the 1-token latency) and, with four
 // tokens, for the FMA latency. The order of operations does not depend on G, so a token's
 // result does not depend on the batch around it.
-template <class Tw, int G>
-FFF_TARGET static void dot_group(const float* const* x, const Tw* const* w, int64_t d,
+template <class Tx, class Tw, int G>
+FFF_TARGET static void dot_group(const Tx* const* x, const Tw* const* w, int64_t d,
                                  float* logits) {
-  constexpr int A = V::kAcc;
-  typename V::R acc[G][A];
+  using D = Dot<Tx, Tw>;
+  constexpr int A = V::kAcc, S = D::kStep;
+  V::R acc[G][A];
   for (int i = 0; i < G; ++i)
     for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
   int64_t k = 0;
-  for (; k + A * V::W <= d; k += A * V::W) {
+  for (; k + A * S <= d; k += A * S) {
     for (int i = 0; i < G; ++i)
       for (int a = 0; a < A; ++a)
-        acc[i][a] = V::fma(V::load(x[i] + k + a * V::W), V::load(w[i] + k + a * V::W), acc[i][a]);
+        acc[i][a] = D::madd(acc[i][a], D::load_x(x[i] + k + a * S), D::load_w(w[i] + k + a * S));
   }
-  for (int a = 0; k < d; k += V::W, ++a) {  // the last < A vectors, the final one partial
-    const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
+  for (int a = 0; k < d; k += S, ++a) {  // the last < A steps, the final one partial
+    const int n = d - k < S ? static_cast<int>(d - k) : S;
     for (int i = 0; i < G; ++i)
-      acc[i][a] = V::fma(V::load_n(x[i] + k, n), V::load_n(w[i] + k, n), acc[i][a]);
+      acc[i][a] = D::madd(acc[i][a], D::load_x_n(x[i] + k, n), D::load_w_n(w[i] + k, n));
   }
   for (int i = 0; i < G; ++i) {
     for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
@@ -44,25 +68,26 @@ FFF_TARGET static void prefetch_row(const T* p, int64_t n) {
 }
 
 // logits[i] = x . w[i] for G rows and one token: dot_group's operations, in dot_group's order
-// for every (token, row) pair (so bit-identical to it), but each vector of x is loaded once for
+// for every (token, row) pair (so bit-identical to it), but each step of x is loaded once for
 // the G rows instead of once per row (the walk is load-bound: 1.25 loads per FMA instead of 2).
-template <class Tw, int G>
-FFF_TARGET static void dot_shared(const float* x, const Tw* const* w, int64_t d, float* logits) {
-  constexpr int A = V::kAcc;
-  typename V::R acc[G][A];
+template <class Tx, class Tw, int G>
+FFF_TARGET static void dot_shared(const Tx* x, const Tw* const* w, int64_t d, float* logits) {
+  using D = Dot<Tx, Tw>;
+  constexpr int A = V::kAcc, S = D::kStep;
+  V::R acc[G][A];
   for (int i = 0; i < G; ++i)
     for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
   int64_t k = 0;
-  for (; k + A * V::W <= d; k += A * V::W) {
+  for (; k + A * S <= d; k += A * S) {
     for (int a = 0; a < A; ++a) {
-      const typename V::R xv = V::load(x + k + a * V::W);
-      for (int i = 0; i < G; ++i) acc[i][a] = V::fma(xv, V::load(w[i] + k + a * V::W), acc[i][a]);
+      const typename D::RX xv = D::load_x(x + k + a * S);
+      for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], xv, D::load_w(w[i] + k + a * S));
     }
   }
-  for (int a = 0; k < d; k += V::W, ++a) {
-    const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
-    const typename V::R xv = V::load_n(x + k, n);
-    for (int i = 0; i < G; ++i) acc[i][a] = V::fma(xv, V::load_n(w[i] + k, n), acc[i][a]);
+  for (int a = 0; k < d; k += S, ++a) {
+    const int n = d - k < S ? static_cast<int>(d - k) : S;
+    const typename D::RX xv = D::load_x_n(x + k, n);
+    for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], xv, D::load_w_n(w[i] + k, n));
   }
   for (int i = 0; i < G; ++i) {
     for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
@@ -71,26 +96,27 @@ FFF_TARGET static void dot_shared(const float* x, const Tw* const* w, int64_t d,
 }
 
 // logits[i] = x[i] . w for G tokens and one row: dot_group's operations in dot_group's order for
-// every (token, row) pair (so bit-identical to it), but each vector of the row is loaded once for
+// every (token, row) pair (so bit-identical to it), but each step of the row is loaded once for
 // the G tokens (tokens sorted by node share their rows: run_tree_sorted).
-template <class Tw, int G>
-FFF_TARGET static void dot_row_shared(const float* const* x, const Tw* w, int64_t d,
+template <class Tx, class Tw, int G>
+FFF_TARGET static void dot_row_shared(const Tx* const* x, const Tw* w, int64_t d,
                                       float* logits) {
-  constexpr int A = V::kAcc;
-  typename V::R acc[G][A];
+  using D = Dot<Tx, Tw>;
+  constexpr int A = V::kAcc, S = D::kStep;
+  V::R acc[G][A];
   for (int i = 0; i < G; ++i)
     for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
   int64_t k = 0;
-  for (; k + A * V::W <= d; k += A * V::W) {
+  for (; k + A * S <= d; k += A * S) {
     for (int a = 0; a < A; ++a) {
-      const typename V::R wv = V::load(w + k + a * V::W);
-      for (int i = 0; i < G; ++i) acc[i][a] = V::fma(V::load(x[i] + k + a * V::W), wv, acc[i][a]);
+      const typename D::RW wv = D::load_w(w + k + a * S);
+      for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], D::load_x(x[i] + k + a * S), wv);
     }
   }
-  for (int a = 0; k < d; k += V::W, ++a) {
-    const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
-    const typename V::R wv = V::load_n(w + k, n);
-    for (int i = 0; i < G; ++i) acc[i][a] = V::fma(V::load_n(x[i] + k, n), wv, acc[i][a]);
+  for (int a = 0; k < d; k += S, ++a) {
+    const int n = d - k < S ? static_cast<int>(d - k) : S;
+    const typename D::RW wv = D::load_w_n(w + k, n);
+    for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], D::load_x_n(x[i] + k, n), wv);
   }
   for (int i = 0; i < G; ++i) {
     for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
@@ -101,35 +127,36 @@ FFF_TARGET static void dot_row_shared(const float* const* x, const Tw* w, int64_
 // logits of n <= kChunk (token, row) pairs: dot_shared when they all have the same token (one
 // token's trees), dot_row_shared when they all have the same row (tokens sorted by node), else
 // dot_group, with the count as a template argument.
-template <class Tw>
-FFF_TARGET static void dot_pairs(const float* const* x, const Tw* const* w, int n, int64_t d,
+template <class Tx, class Tw>
+FFF_TARGET static void dot_pairs(const Tx* const* x, const Tw* const* w, int n, int64_t d,
                                  bool shared, bool same_row, float* logits) {
   if (same_row && n > 1) {
     switch (n) {
-      case 4: dot_row_shared<Tw, 4>(x, w[0], d, logits); return;
-      case 3: dot_row_shared<Tw, 3>(x, w[0], d, logits); return;
-      default: dot_row_shared<Tw, 2>(x, w[0], d, logits); return;
+      case 4: dot_row_shared<Tx, Tw, 4>(x, w[0], d, logits); return;
+      case 3: dot_row_shared<Tx, Tw, 3>(x, w[0], d, logits); return;
+      default: dot_row_shared<Tx, Tw, 2>(x, w[0], d, logits); return;
     }
   }
   if (shared) {
     switch (n) {
-      case 4: dot_shared<Tw, 4>(x[0], w, d, logits); return;
-      case 3: dot_shared<Tw, 3>(x[0], w, d, logits); return;
-      case 2: dot_shared<Tw, 2>(x[0], w, d, logits); return;
-      default: dot_shared<Tw, 1>(x[0], w, d, logits); return;
+      case 4: dot_shared<Tx, Tw, 4>(x[0], w, d, logits); return;
+      case 3: dot_shared<Tx, Tw, 3>(x[0], w, d, logits); return;
+      case 2: dot_shared<Tx, Tw, 2>(x[0], w, d, logits); return;
+      default: dot_shared<Tx, Tw, 1>(x[0], w, d, logits); return;
     }
   }
   switch (n) {
-    case 4: dot_group<Tw, 4>(x, w, d, logits); break;
-    case 3: dot_group<Tw, 3>(x, w, d, logits); break;
-    case 2: dot_group<Tw, 2>(x, w, d, logits); break;
-    default: dot_group<Tw, 1>(x, w, d, logits); break;
+    case 4: dot_group<Tx, Tw, 4>(x, w, d, logits); break;
+    case 3: dot_group<Tx, Tw, 3>(x, w, d, logits); break;
+    case 2: dot_group<Tx, Tw, 2>(x, w, d, logits); break;
+    default: dot_group<Tx, Tw, 1>(x, w, d, logits); break;
   }
 }
 
 // Up to kChunk (token, tree) pairs of one level whose dot products are computed together.
+template <class Tx>
 struct Chunk {
-  const float* x[kChunk];
+  const Tx* x[kChunk];
   const void* rows[kChunk];
   int64_t ids[kChunk];  // global node ids
   int64_t* local[kChunk];  // the pairs' tree-local nodes (updated)
@@ -142,11 +169,12 @@ struct Chunk {
 
 // Computes a full or final chunk's logits, stores them with their node ids, takes each pair one
 // level down (right iff logit > 0: an exact 0 and NaN go left) and empties the chunk.
-template <class Tin>
-FFF_TARGET static void flush_chunk(const Problem& pb, Chunk& c) {
+template <class E>
+FFF_TARGET static void flush_chunk(const Problem& pb, Chunk<typename E::X>& c) {
+  using Tin = typename E::In;
   float logits[kChunk];
-  dot_pairs<Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d, c.shared,
-                 c.same_row, logits);
+  dot_pairs<typename E::X, Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d,
+                                c.shared, c.same_row, logits);
   for (int j = 0; j < c.n; ++j) {
     const float v = logits[j] + pb.b_in[c.ids[j]];
     *c.z[j] = v;
@@ -160,30 +188,34 @@ FFF_TARGET static void flush_chunk(const Problem& pb, Chunk& c) {
 
 // Adds the pair (token x, global node id) to the chunk, its logit and node id to go to *z and
 // *node and its tree-local node *local to be taken one level down; flushes a full chunk.
-template <class Tin, class Tout>
-FFF_TARGET static void add_pair_at(const Problem& pb, Chunk& c, const float* x, int64_t id,
-                                   int64_t* local, float* z, int64_t* node) {
+template <class E>
+FFF_TARGET static void add_pair_at(const Problem& pb, Chunk<typename E::X>& c,
+                                   const typename E::X* x, int64_t id, int64_t* local, float* z,
+                                   int64_t* node) {
   const int j = c.n++;
   c.shared = c.shared && (j == 0 || c.x[0] == x);
   c.same_row = c.same_row && (j == 0 || c.ids[0] == id);
   c.x[j] = x;
-  c.rows[j] = static_cast<const Tin*>(pb.w_in) + id * pb.d;
-  if (pb.knobs.prefetch) prefetch_row(static_cast<const Tout*>(pb.w_out) + id * pb.d, pb.d);
+  c.rows[j] = static_cast<const typename E::In*>(pb.w_in) + id * pb.d;
+  if (pb.knobs.prefetch) {
+    prefetch_row(static_cast<const typename E::Out*>(pb.w_out) + id * pb.d, pb.d);
+  }
   c.ids[j] = id;
   c.local[j] = local;
   c.z[j] = z;
   c.node[j] = node;
-  if (c.n == kChunk) flush_chunk<Tin>(pb, c);
+  if (c.n == kChunk) flush_chunk<E>(pb, c);
 }
 
 // Adds token i's pair with `tree` at `level` to the chunk (z and node: the token's path arrays,
 // position tree*(D+1) + level), flushing it when full.
-template <class Tin, class Tout>
-FFF_TARGET static void add_pair(const Problem& pb, Chunk& c, const float* x, int64_t tree,
-                                int64_t level, int64_t* local, float* z, int64_t* node) {
+template <class E>
+FFF_TARGET static void add_pair(const Problem& pb, Chunk<typename E::X>& c,
+                                const typename E::X* x, int64_t tree, int64_t level,
+                                int64_t* local, float* z, int64_t* node) {
   const int64_t n_nodes = (int64_t{2} << pb.depth) - 1;
   const int64_t id = tree * n_nodes + *local, pos = tree * (pb.depth + 1) + level;
-  add_pair_at<Tin, Tout>(pb, c, x, id, local, z + pos, node + pos);
+  add_pair_at<E>(pb, c, x, id, local, z + pos, node + pos);
 }
 
 // One level for the pairs (token i < G, tree in [tree0, tree1)), kChunk pairs at a time:
@@ -194,39 +226,80 @@ FFF_TARGET static void add_pair(const Problem& pb, Chunk& c, const float* x, int
 // z[i][p] = logit and node[i][p] = global node id at path position p = tree*(D+1) + level. A
 // pair's logit does not depend on the chunk it is in, so the order and grouping of pairs never
 // change a result.
-template <class Tin, class Tout>
-FFF_TARGET static void walk_level(const Problem& pb, const float* const* x, int G, int64_t tree0,
-                                  int64_t tree1, int64_t level, bool token_major,
+template <class E>
+FFF_TARGET static void walk_level(const Problem& pb, const typename E::X* const* x, int G,
+                                  int64_t tree0, int64_t tree1, int64_t level, bool token_major,
                                   int64_t* local, float* const* z, int64_t* const* node) {
-  Chunk c;
+  Chunk<typename E::X> c;
   if (token_major) {
     for (int i = 0; i < G; ++i)
       for (int64_t tree = tree0; tree < tree1; ++tree)
-        add_pair<Tin, Tout>(pb, c, x[i], tree, level, local + tree * G + i, z[i], node[i]);
+        add_pair<E>(pb, c, x[i], tree, level, local + tree * G + i, z[i], node[i]);
   } else {
     for (int64_t tree = tree0; tree < tree1; ++tree)
       for (int i = 0; i < G; ++i)
-        add_pair<Tin, Tout>(pb, c, x[i], tree, level, local + tree * G + i, z[i], node[i]);
+        add_pair<E>(pb, c, x[i], tree, level, local + tree * G + i, z[i], node[i]);
   }
-  if (c.n > 0) flush_chunk<Tin>(pb, c);
+  if (c.n > 0) flush_chunk<E>(pb, c);
+}
+
+// Levels [first, last) of `tree` for G (<= kChunk) tokens, their dot products as one dot_group
+// per level with G a template argument: walk_level's pairs without the chunk's bookkeeping
+// (which measured 5-20% slower here for several trees in bf16), the same operations per pair.
+// local[i] is token i's tree-local node (updated); writes z[i][p] and node[i][p] at path
+// position p = tree*(D+1) + level.
+template <class E, int G>
+FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* const* x,
+                                       int64_t tree, int64_t first, int64_t last,
+                                       int64_t* local, float* const* z, int64_t* const* node) {
+  using Tin = typename E::In;
+  const int64_t n_nodes = (int64_t{2} << pb.depth) - 1, path = pb.depth + 1;
+  const Tin* w_in = static_cast<const Tin*>(pb.w_in);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
+  for (int64_t level = first; level < last; ++level) {
+    const Tin* rows[G];
+    int64_t ids[G];
+    for (int i = 0; i < G; ++i) {
+      ids[i] = tree * n_nodes + local[i];
+      rows[i] = w_in + ids[i] * pb.d;
+      if (pb.knobs.prefetch) prefetch_row(w_out + ids[i] * pb.d, pb.d);
+    }
+    float logits[G];
+    dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
+    for (int i = 0; i < G; ++i) {
+      const float v = logits[i] + pb.b_in[ids[i]];
+      z[i][tree * path + level] = v;
+      node[i][tree * path + level] = ids[i];
+      local[i] = 2 * local[i] + 1 + (v > 0.0f ? 1 : 0);  // exact 0 and NaN go left
+    }
+  }
 }
 
 // Levels [first, last) of every tree for a group of G tokens. With trees_together every tree
 // takes level l before any takes l+1, one token's trees side by side (K independent chains per
 // token, sharing the token's x loads); otherwise the trees are walked one after another, a
 // tree's G tokens side by side. Same results either way.
-template <class Tin, class Tout>
-FFF_TARGET static void walk_levels(const Problem& pb, const float* const* x, int G,
+template <class E>
+FFF_TARGET static void walk_levels(const Problem& pb, const typename E::X* const* x, int G,
                                    int64_t first, int64_t last, int64_t* local,
                                    float* const* z, int64_t* const* node) {
   if (pb.knobs.trees_together && pb.n_trees > 1) {
     for (int64_t level = first; level < last; ++level)
-      walk_level<Tin, Tout>(pb, x, G, 0, pb.n_trees, level, true, local, z, node);
+      walk_level<E>(pb, x, G, 0, pb.n_trees, level, true, local, z, node);
     return;
   }
-  for (int64_t tree = 0; tree < pb.n_trees; ++tree)
+  for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
+    int64_t* loc = local + tree * G;
+    switch (G) {  // a group of at most one chunk: one dot_group per level
+      case 1: walk_tree_group<E, 1>(pb, x, tree, first, last, loc, z, node); continue;
+      case 2: walk_tree_group<E, 2>(pb, x, tree, first, last, loc, z, node); continue;
+      case 3: walk_tree_group<E, 3>(pb, x, tree, first, last, loc, z, node); continue;
+      case 4: walk_tree_group<E, 4>(pb, x, tree, first, last, loc, z, node); continue;
+      default: break;
+    }
     for (int64_t level = first; level < last; ++level)
-      walk_level<Tin, Tout>(pb, x, G, tree, tree + 1, level, false, local, z, node);
+      walk_level<E>(pb, x, G, tree, tree + 1, level, false, local, z, node);
+  }
 }
 
 // act[p] = GELU(act[p]) for p < P: the logits become activations once the walk is done (the
@@ -235,23 +308,23 @@ static inline void gelu_all(float* act, int64_t P) {
   for (int64_t p = 0; p < P; ++p) act[p] = gelu(act[p]);
 }
 
-// y[0:d] = sum_p act[p] * w_out[node[p], 0:d] for one token: each output tile is held in
-// registers across all P rows and stored once.
+// y[0:d] = sum_p act[p] * w_out[node[p], 0:d] for one token: each output tile is held in fp32
+// registers across all P rows and stored once (a bf16 y: rounded once, there).
 //
-// With `accumulate` each tile starts from the y already there instead of from zero: a token's
-// rows applied in several calls, in path order, then see exactly the multiply-adds of one call
-// (an fp32 value stored and reloaded is unchanged), so the result is bit-identical.
-template <class Tw>
+// With `accumulate` (fp32 y only) each tile starts from the y already there instead of from
+// zero: a token's rows applied in several calls, in path order, then see exactly the
+// multiply-adds of one call (an fp32 value stored and reloaded is unchanged), so the result is
+// bit-identical.
+template <class Tw, class Ty>
 FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64_t P,
-                                    const Tw* w_out, int64_t d, float* y,
-                                    bool accumulate = false) {
+                                    const Tw* w_out, int64_t d, Ty* y, bool accumulate = false) {
   constexpr int kTile = 8;  // vectors per tile: 8 independent FMA chains
   int64_t k = 0;
   for (; k + kTile * V::W <= d; k += kTile * V::W) {
-    typename V::R acc[kTile];
+    V::R acc[kTile];
     for (int j = 0; j < kTile; ++j) acc[j] = accumulate ? V::load(y + k + j * V::W) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
-      const typename V::R a = V::set1(act[p]);
+      const V::R a = V::set1(act[p]);
       const Tw* row = w_out + node[p] * d + k;
       for (int j = 0; j < kTile; ++j) acc[j] = V::fma(a, V::load(row + j * V::W), acc[j]);
     }
@@ -259,7 +332,7 @@ FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64
   }
   for (; k < d; k += V::W) {
     const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
-    typename V::R acc = accumulate ? V::load_n(y + k, n) : V::zero();
+    V::R acc = accumulate ? V::load_n(y + k, n) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
       acc = V::fma(V::set1(act[p]), V::load_n(w_out + node[p] * d + k, n), acc);
     }
@@ -267,30 +340,63 @@ FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64
   }
 }
 
+// y[0:count] = src[0:count] in y's type (a bf16 y: each value rounded once).
+template <class Ty>
+FFF_TARGET static void store_sums(const float* src, Ty* y, int64_t count) {
+  int64_t k = 0;
+  for (; k + V::W <= count; k += V::W) V::store(y + k, V::load(src + k));
+  if (k < count) {
+    const int n = static_cast<int>(count - k);
+    V::store_n(y + k, V::load_n(src + k, n), n);
+  }
+}
+
+// The rows a tree-major walk accumulates a block's outputs in, tree by tree: y itself when it is
+// fp32 (apply_output's `accumulate`), else fp32 rows of the block that `finish` rounds into y
+// once every tree is in, so a bf16 y is rounded once, as in every other walk.
+template <class Ty>
+struct BlockSums {
+  static constexpr bool kDirect = std::is_same<Ty, float>::value;
+  Ty* y;
+  int64_t d, b0 = 0;
+  std::vector<float> sums;
+  BlockSums(Ty* y_, int64_t d_, int64_t block) : y(y_), d(d_), sums(kDirect ? 0 : block * d_) {}
+  float* row(int64_t t) {
+    if constexpr (kDirect) return y + t * d;
+    return sums.data() + (t - b0) * d;
+  }
+  FFF_TARGET void finish(int64_t n) {
+    if constexpr (!kDirect) store_sums(sums.data(), y + b0 * d, n * d);
+  }
+};
+
 // Groups of G tokens from [t0, t1) (the last group shorter): walk a group through every tree,
 // then apply each token's output while its activations are still in L1. act/node hold G*P
 // entries, local G*K.
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void run_groups(const Problem& pb, int64_t t0, int64_t t1, int64_t G0,
                                   float* act, int64_t* node, int64_t* local) {
+  using Tx = typename E::X;
   const int64_t path = pb.depth + 1;
   const int64_t P = pb.n_trees * path;
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
+  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  Tx* const ys = static_cast<Tx*>(pb.y);
   float* acts[kMaxGroup];
   int64_t* nodes[kMaxGroup];
-  const float* x[kMaxGroup];
+  const Tx* x[kMaxGroup];
   for (int i = 0; i < G0; ++i) {
     acts[i] = act + i * P;
     nodes[i] = node + i * P;
   }
   for (int64_t t = t0; t < t1; t += G0) {
     const int G = static_cast<int>(t1 - t < G0 ? t1 - t : G0);
-    for (int i = 0; i < G; ++i) x[i] = pb.x + (t + i) * pb.d;
+    for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.d;
     std::fill(local, local + G * pb.n_trees, int64_t{0});
-    walk_levels<Tin, Tout>(pb, x, G, 0, path, local, acts, nodes);
+    walk_levels<E>(pb, x, G, 0, path, local, acts, nodes);
     for (int i = 0; i < G; ++i) {
       gelu_all(acts[i], P);
-      apply_output<Tout>(acts[i], nodes[i], P, w_out, pb.d, pb.y + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -300,42 +406,45 @@ FFF_TARGET static void run_groups(const Problem& pb, int64_t t0, int64_t t1, int
 // tree, every group of the block walks that tree and applies its output rows, so a tree's rows
 // (189 KB for 32x5 at d=384) are fetched once per block and then reused from L2 by the block's
 // tokens, instead of all trees' rows (6 MB) competing for the caches token by token. y
-// accumulates tree by tree in path order (apply_output's `accumulate`): bit-identical to
-// run_groups.
-template <class Tin, class Tout>
+// accumulates tree by tree in path order (BlockSums): bit-identical to run_groups.
+template <class E>
 FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t1) {
+  using Tx = typename E::X;
   const int64_t path = pb.depth + 1, P = pb.n_trees * path;
   const int64_t G0 = pb.knobs.group;
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
+  const Tx* const xs = static_cast<const Tx*>(pb.x);
   std::vector<float> act(G0 * P);
   std::vector<int64_t> node(G0 * P), local(G0 * pb.n_trees);
+  BlockSums<Tx> out(static_cast<Tx*>(pb.y), pb.d, pb.knobs.block);
   float* acts[kMaxGroup];
   int64_t* nodes[kMaxGroup];
-  const float* x[kMaxGroup];
+  const Tx* x[kMaxGroup];
   for (int i = 0; i < G0; ++i) {
     acts[i] = act.data() + i * P;
     nodes[i] = node.data() + i * P;
   }
   for (int64_t b0 = t0; b0 < t1; b0 += pb.knobs.block) {
     const int64_t b1 = std::min(t1, b0 + pb.knobs.block);
+    out.b0 = b0;
     for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
       for (int64_t t = b0; t < b1; t += G0) {
         const int G = static_cast<int>(b1 - t < G0 ? b1 - t : G0);
-        for (int i = 0; i < G; ++i) x[i] = pb.x + (t + i) * pb.d;
+        for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.d;
         std::fill(local.begin() + tree * G, local.begin() + (tree + 1) * G, int64_t{0});
         for (int64_t level = 0; level < path; ++level)
-          walk_level<Tin, Tout>(pb, x, G, tree, tree + 1, level, false, local.data(), acts,
-                                nodes);
+          walk_level<E>(pb, x, G, tree, tree + 1, level, false, local.data(), acts, nodes);
         for (int i = 0; i < G; ++i) {
           float* a = acts[i] + tree * path;
           const int64_t* nd = nodes[i] + tree * path;
           gelu_all(a, path);
-          apply_output<Tout>(a, nd, path, w_out, pb.d, pb.y + (t + i) * pb.d, tree > 0);
+          apply_output(a, nd, path, w_out, pb.d, out.row(t + i), tree > 0);
           if (pb.nodes != nullptr)
             std::memcpy(pb.nodes + (t + i) * P + tree * path, nd, path * sizeof(int64_t));
         }
       }
     }
+    out.finish(b1 - b0);
   }
 }
 
@@ -353,20 +462,22 @@ struct SortScratch {
 // `level` goes to z[i * stride + level] and its node id to nd[i * stride + level]; on return
 // s.order[0:n] lists the tokens by leaf. Every pair sees dot_group's operations: the same logits
 // as every other walk.
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void walk_tree_sorted(const Problem& pb, int64_t tree, int64_t b0, int64_t n,
                                         float* z, int64_t* nd, int64_t stride, SortScratch& s) {
+  using Tx = typename E::X;
   const int64_t path = pb.depth + 1, n_nodes = (int64_t{2} << pb.depth) - 1;
+  const Tx* const xs = static_cast<const Tx*>(pb.x);
   for (int64_t i = 0; i < n; ++i) s.order[i] = i;
   std::fill(s.local.begin(), s.local.begin() + n, int64_t{0});
   for (int64_t level = 0; level < path; ++level) {
-    Chunk c;
+    Chunk<Tx> c;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = s.order[j];
-      add_pair_at<Tin, Tout>(pb, c, pb.x + (b0 + i) * pb.d, tree * n_nodes + s.local[i],
-                             &s.local[i], z + i * stride + level, nd + i * stride + level);
+      add_pair_at<E>(pb, c, xs + (b0 + i) * pb.d, tree * n_nodes + s.local[i], &s.local[i],
+                     z + i * stride + level, nd + i * stride + level);
     }
-    if (c.n > 0) flush_chunk<Tin>(pb, c);
+    if (c.n > 0) flush_chunk<E>(pb, c);
     if (level + 1 == path) break;
     const int64_t first = (int64_t{2} << level) - 1, width = int64_t{2} << level;
     std::fill(s.start.begin(), s.start.begin() + width + 1, int64_t{0});
@@ -382,40 +493,44 @@ FFF_TARGET static void walk_tree_sorted(const Problem& pb, int64_t tree, int64_t
 // (walk_tree_sorted); its output rows are then applied token by token in leaf order, so
 // neighbouring tokens share most of their path's rows. Bit-identical to run_tree_blocked (same
 // logits, y accumulated tree by tree in path order).
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void run_tree_sorted(const Problem& pb, int64_t t0, int64_t t1) {
+  using Tx = typename E::X;
   const int64_t path = pb.depth + 1, P = pb.n_trees * path;
   const int64_t B = std::min(pb.knobs.block, t1 - t0);
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
   std::vector<float> act(B * path);
   std::vector<int64_t> node(B * path);
   SortScratch s(B, pb.depth);
+  BlockSums<Tx> out(static_cast<Tx*>(pb.y), pb.d, B);
   for (int64_t b0 = t0; b0 < t1; b0 += B) {
     const int64_t n = std::min(t1, b0 + B) - b0;
+    out.b0 = b0;
     for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
-      walk_tree_sorted<Tin, Tout>(pb, tree, b0, n, act.data(), node.data(), path, s);
+      walk_tree_sorted<E>(pb, tree, b0, n, act.data(), node.data(), path, s);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = s.order[j], t = b0 + i;
         float* a = act.data() + i * path;
         const int64_t* nd = node.data() + i * path;
         gelu_all(a, path);
-        apply_output<Tout>(a, nd, path, w_out, pb.d, pb.y + t * pb.d, tree > 0);
+        apply_output(a, nd, path, w_out, pb.d, out.row(t), tree > 0);
         if (pb.nodes != nullptr)
           std::memcpy(pb.nodes + t * P + tree * path, nd, path * sizeof(int64_t));
       }
     }
+    out.finish(n);
   }
 }
 
 // ---- The split walk (knobs.split): two passes over a whole call, each split between threads so
 // that no thread reads all the weights. Pass 1 (walk_trees): each thread walks its share of the
-// trees for every token (sorted walk, blocks of knobs.block tokens, 0: all), writing activations and node
-// ids to the call's (T, K*(D+1)) arrays pb.act / pb.path_nodes. Pass 2 (output_cols): each
-// thread applies every token's visited output rows to its share of y's columns. Per output
+// trees for every token (sorted walk, blocks of knobs.block tokens, 0: all), writing activations
+// and node ids to the call's (T, K*(D+1)) arrays pb.act / pb.path_nodes. Pass 2 (output_cols):
+// each thread applies every token's visited output rows to its share of y's columns. Per output
 // element the multiply-adds are those of apply_output, in path order: bit-identical results.
 
 // Pass 1 for trees [tree0, tree1).
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree1) {
   const int64_t path = pb.depth + 1, P = pb.n_trees * path, T = pb.tokens;
   const int64_t B = pb.knobs.block > 0 ? std::min(pb.knobs.block, T) : T;  // 0: the whole call
@@ -424,8 +539,7 @@ FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree
     for (int64_t b0 = 0; b0 < T; b0 += B) {
       const int64_t n = std::min(T, b0 + B) - b0;
       float* z = pb.act + b0 * P + tree * path;
-      walk_tree_sorted<Tin, Tout>(pb, tree, b0, n, z, pb.path_nodes + b0 * P + tree * path, P,
-                                  s);
+      walk_tree_sorted<E>(pb, tree, b0, n, z, pb.path_nodes + b0 * P + tree * path, P, s);
       for (int64_t i = 0; i < n; ++i) gelu_all(z + i * P, path);
     }
   }
@@ -433,16 +547,16 @@ FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree
 
 // y[0:NV vectors] = sum_p act[p] * w[node[p] * ld + (0:NV vectors)]: apply_output's
 // multiply-adds for one tile of columns; kPartial: the last vector has only n_last columns.
-template <class Tw, int NV, bool kPartial>
+template <class Tw, class Ty, int NV, bool kPartial>
 FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_t P,
-                                   const Tw* w, int64_t ld, float* y, int n_last) {
-  typename V::R acc[NV];
+                                   const Tw* w, int64_t ld, Ty* y, int n_last) {
+  V::R acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = V::zero();
   for (int64_t p = 0; p < P; ++p) {
-    const typename V::R a = V::set1(act[p]);
+    const V::R a = V::set1(act[p]);
     const Tw* row = w + node[p] * ld;
     for (int j = 0; j < NV; ++j) {
-      const typename V::R v =
+      const V::R v =
           (kPartial && j == NV - 1) ? V::load_n(row + j * V::W, n_last) : V::load(row + j * V::W);
       acc[j] = V::fma(a, v, acc[j]);
     }
@@ -456,22 +570,24 @@ FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_
   }
 }
 
-template <class Tw, int NV>
+template <class Tw, class Ty, int NV>
 FFF_TARGET static void output_tile_any(const float* act, const int64_t* node, int64_t P,
-                                       const Tw* w, int64_t ld, float* y, int n_last) {
+                                       const Tw* w, int64_t ld, Ty* y, int n_last) {
   if (n_last == V::W) {
-    output_tile<Tw, NV, false>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, false>(act, node, P, w, ld, y, n_last);
   } else {
-    output_tile<Tw, NV, true>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, true>(act, node, P, w, ld, y, n_last);
   }
 }
 
 // Pass 2 for the columns of vectors [v0, v1) (vector v: columns v*V::W .. +V::W, cut at d), in
 // tiles of up to 8 vectors, token by token.
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
+  using Tw = typename E::Out;
+  using Ty = typename E::X;
   const int64_t P = pb.n_trees * (pb.depth + 1), d = pb.d;
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const Tw* w_out = static_cast<const Tw*>(pb.w_out);
   const int64_t c1 = std::min(v1 * V::W, d);
   for (int64_t t = 0; t < pb.tokens; ++t) {
     const float* a = pb.act + t * P;
@@ -480,17 +596,17 @@ FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
       const int64_t len = std::min<int64_t>(8 * V::W, c1 - k);
       const int nv = static_cast<int>((len + V::W - 1) / V::W);
       const int n_last = static_cast<int>(len - (nv - 1) * V::W);
-      float* y = pb.y + t * d + k;
-      const Tout* w = w_out + k;
+      Ty* y = static_cast<Ty*>(pb.y) + t * d + k;
+      const Tw* w = w_out + k;
       switch (nv) {
-        case 8: output_tile_any<Tout, 8>(a, nd, P, w, d, y, n_last); break;
-        case 7: output_tile_any<Tout, 7>(a, nd, P, w, d, y, n_last); break;
-        case 6: output_tile_any<Tout, 6>(a, nd, P, w, d, y, n_last); break;
-        case 5: output_tile_any<Tout, 5>(a, nd, P, w, d, y, n_last); break;
-        case 4: output_tile_any<Tout, 4>(a, nd, P, w, d, y, n_last); break;
-        case 3: output_tile_any<Tout, 3>(a, nd, P, w, d, y, n_last); break;
-        case 2: output_tile_any<Tout, 2>(a, nd, P, w, d, y, n_last); break;
-        default: output_tile_any<Tout, 1>(a, nd, P, w, d, y, n_last); break;
+        case 8: output_tile_any<Tw, Ty, 8>(a, nd, P, w, d, y, n_last); break;
+        case 7: output_tile_any<Tw, Ty, 7>(a, nd, P, w, d, y, n_last); break;
+        case 6: output_tile_any<Tw, Ty, 6>(a, nd, P, w, d, y, n_last); break;
+        case 5: output_tile_any<Tw, Ty, 5>(a, nd, P, w, d, y, n_last); break;
+        case 4: output_tile_any<Tw, Ty, 4>(a, nd, P, w, d, y, n_last); break;
+        case 3: output_tile_any<Tw, Ty, 3>(a, nd, P, w, d, y, n_last); break;
+        case 2: output_tile_any<Tw, Ty, 2>(a, nd, P, w, d, y, n_last); break;
+        default: output_tile_any<Tw, Ty, 1>(a, nd, P, w, d, y, n_last); break;
       }
     }
   }
@@ -502,12 +618,13 @@ FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
 
 // Levels [first, last) of the one tree for G tokens, level-synchronously. local[i] is token
 // i's node on entry and on exit. Writes act[i][level] = GELU(logit), node[i][level] = node id.
-template <class Tin, class Tout, int G>
-FFF_TARGET static void walk_one(const Problem& pb, const float* const* x, int64_t first,
+template <class E, int G>
+FFF_TARGET static void walk_one(const Problem& pb, const typename E::X* const* x, int64_t first,
                                 int64_t last, int64_t* local, float* const* act,
                                 int64_t* const* node) {
+  using Tin = typename E::In;
   const Tin* w_in = static_cast<const Tin*>(pb.w_in);
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
   for (int64_t level = first; level < last; ++level) {
     const Tin* rows[G];
     for (int i = 0; i < G; ++i) {
@@ -515,7 +632,7 @@ FFF_TARGET static void walk_one(const Problem& pb, const float* const* x, int64_
       if (pb.knobs.prefetch) prefetch_row(w_out + local[i] * pb.d, pb.d);
     }
     float logits[G];
-    dot_group<Tin, G>(x, rows, pb.d, logits);
+    dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
     for (int i = 0; i < G; ++i) {
       const float z = logits[i] + pb.b_in[local[i]];
       act[i][level] = gelu(z);
@@ -528,11 +645,14 @@ FFF_TARGET static void walk_one(const Problem& pb, const float* const* x, int64_
 
 // Groups of G tokens from [t0, t1), the last one topped up by repeating a valid token (only
 // valid tokens are written); act/node hold G*(D+1) entries.
-template <class Tin, class Tout, int G>
+template <class E, int G>
 FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1, float* act,
                                       int64_t* node) {
+  using Tx = typename E::X;
   const int64_t P = pb.depth + 1;
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
+  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  Tx* const ys = static_cast<Tx*>(pb.y);
   float* acts[G];
   int64_t* nodes[G];
   for (int i = 0; i < G; ++i) {
@@ -541,12 +661,12 @@ FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1,
   }
   for (int64_t t = t0; t < t1; t += G) {
     const int valid = static_cast<int>(t1 - t < G ? t1 - t : G);
-    const float* x[G];
-    for (int i = 0; i < G; ++i) x[i] = pb.x + (t + (i < valid ? i : 0)) * pb.d;
+    const Tx* x[G];
+    for (int i = 0; i < G; ++i) x[i] = xs + (t + (i < valid ? i : 0)) * pb.d;
     int64_t local[G] = {};
-    walk_one<Tin, Tout, G>(pb, x, 0, P, local, acts, nodes);
+    walk_one<E, G>(pb, x, 0, P, local, acts, nodes);
     for (int i = 0; i < valid; ++i) {
-      apply_output<Tout>(acts[i], nodes[i], P, w_out, pb.d, pb.y + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -558,40 +678,43 @@ FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1,
 // done bucket by bucket: a bucket's tokens share a small subtree (kDeepLevels levels, ~30 nodes
 // for 1x11), whose rows are fetched once per bucket instead of once per token. Each token still
 // sees exactly the same operations, so results are bit-identical to run_groups_one.
-template <class Tin, class Tout, int G>
+template <class E, int G>
 FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
+  using Tx = typename E::X;
   const int64_t n = t1 - t0, P = pb.depth + 1, split = P - kDeepLevels;
+  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  Tx* const ys = static_cast<Tx*>(pb.y);
   std::vector<float> act(n * P);
   std::vector<int64_t> node(n * P), local(n);
   float* acts[G];
   int64_t* nodes[G];
-  const float* x[G];
+  const Tx* x[G];
   for (int64_t t = 0; t < n; t += G) {  // phase 1: top levels, token order
     int64_t loc[G] = {};
     for (int i = 0; i < G; ++i) {
       const int64_t j = t + i < n ? t + i : t;  // a short last group repeats token t
-      x[i] = pb.x + (t0 + j) * pb.d;
+      x[i] = xs + (t0 + j) * pb.d;
       acts[i] = act.data() + j * P;
       nodes[i] = node.data() + j * P;
     }
-    walk_one<Tin, Tout, G>(pb, x, 0, split, loc, acts, nodes);
+    walk_one<E, G>(pb, x, 0, split, loc, acts, nodes);
     for (int i = 0; i < G && t + i < n; ++i) local[t + i] = loc[i];
   }
   const std::vector<int64_t> order = bucket_order(local, split);
-  const Tout* w_out = static_cast<const Tout*>(pb.w_out);
+  const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
   for (int64_t b = 0; b < n; b += G) {  // phase 2: deep levels and output, bucket order
     int64_t loc[G];
     for (int i = 0; i < G; ++i) {
       const int64_t j = order[b + i < n ? b + i : b];
-      x[i] = pb.x + (t0 + j) * pb.d;
+      x[i] = xs + (t0 + j) * pb.d;
       acts[i] = act.data() + j * P;
       nodes[i] = node.data() + j * P;
       loc[i] = local[j];
     }
-    walk_one<Tin, Tout, G>(pb, x, split, P, loc, acts, nodes);
+    walk_one<E, G>(pb, x, split, P, loc, acts, nodes);
     for (int i = 0; i < G && b + i < n; ++i) {
       const int64_t j = order[b + i];
-      apply_output<Tout>(acts[i], nodes[i], P, w_out, pb.d, pb.y + (t0 + j) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t0 + j) * pb.d);
     }
   }
   if (pb.nodes != nullptr) std::memcpy(pb.nodes + t0 * P, node.data(), n * P * sizeof(int64_t));
@@ -599,56 +722,51 @@ FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
 
 // Tokens [t0, t1) of a one-tree problem with G tokens walked together: bucketed when the tree
 // is deep and the tokens many, else in groups; a lone token walks alone.
-template <class Tin, class Tout, int G>
+template <class E, int G>
 FFF_TARGET static void run_one_tree(const Problem& pb, int64_t t0, int64_t t1) {
   if (use_buckets(pb, t1 - t0)) {
-    run_bucketed<Tin, Tout, G>(pb, t0, t1);
+    run_bucketed<E, G>(pb, t0, t1);
     return;
   }
   const int64_t P = pb.depth + 1;
   std::vector<float> act(G * P);
   std::vector<int64_t> node(G * P);
   if (t1 - t0 == 1) {
-    run_groups_one<Tin, Tout, 1>(pb, t0, t1, act.data(), node.data());
+    run_groups_one<E, 1>(pb, t0, t1, act.data(), node.data());
   } else {
-    run_groups_one<Tin, Tout, G>(pb, t0, t1, act.data(), node.data());
+    run_groups_one<E, G>(pb, t0, t1, act.data(), node.data());
   }
 }
 
 // Tokens [t0, t1) of the problem: one tree (run_one_tree); several trees tree-major in blocks
 // (knobs.block) or token by token through all trees (run_groups), knobs.group tokens at a time.
-template <class Tin, class Tout>
+template <class E>
 FFF_TARGET static void run_tokens(const Problem& pb, int64_t t0, int64_t t1) {
   if (pb.n_trees == 1) {
     switch (pb.knobs.group) {
-      case 1: run_one_tree<Tin, Tout, 1>(pb, t0, t1); return;
-      case 2: run_one_tree<Tin, Tout, 2>(pb, t0, t1); return;
-      case 8: run_one_tree<Tin, Tout, 8>(pb, t0, t1); return;
-      default: run_one_tree<Tin, Tout, 4>(pb, t0, t1); return;
+      case 1: run_one_tree<E, 1>(pb, t0, t1); return;
+      case 2: run_one_tree<E, 2>(pb, t0, t1); return;
+      case 8: run_one_tree<E, 8>(pb, t0, t1); return;
+      default: run_one_tree<E, 4>(pb, t0, t1); return;
     }
   }
   if (pb.knobs.block > 0 && pb.n_trees > 1 && t1 - t0 > 1) {
     if (pb.knobs.sort) {
-      run_tree_sorted<Tin, Tout>(pb, t0, t1);
+      run_tree_sorted<E>(pb, t0, t1);
       return;
     }
-    run_tree_blocked<Tin, Tout>(pb, t0, t1);
+    run_tree_blocked<E>(pb, t0, t1);
     return;
   }
   const int64_t P = pb.n_trees * (pb.depth + 1);
   const int64_t G = std::min<int64_t>(pb.knobs.group, t1 - t0);
   std::vector<float> act(G * P);
   std::vector<int64_t> node(G * P), local(G * pb.n_trees);
-  run_groups<Tin, Tout>(pb, t0, t1, G, act.data(), node.data(), local.data());
+  run_groups<E>(pb, t0, t1, G, act.data(), node.data(), local.data());
 }
 
-template <class Tin, class Tout>
+// This instruction set's entry points for element types E (see Runs).
+template <class E>
 static Runs runs_for() {
-  return Runs{&run_tokens<Tin, Tout>, &walk_trees<Tin, Tout>, &output_cols<Tin, Tout>, V::W};
-}
-
-// The entry points of this instruction set: picks the weight types once per call.
-static Runs pick_run(bool in_bf16, bool out_bf16) {
-  if (in_bf16) return out_bf16 ? runs_for<uint16_t, uint16_t>() : runs_for<uint16_t, float>();
-  return out_bf16 ? runs_for<float, uint16_t>() : runs_for<float, float>();
+  return Runs{&run_tokens<E>, &walk_trees<E>, &output_cols<E>, V::W};
 }

@@ -6,8 +6,8 @@ kernel: a tile of tokens walks every tree level by level, gathering only the vis
 ``torch.autograd.Function`` whose forward stores the path logits and nodes and whose backward runs
 two kernels over the visited nodes only: one per token tile (``grad_x`` and the path's logit
 gradients, deterministic) and one over the (token, node) entries sorted by node (weight and bias
-gradients, fp32 atomics, see :func:`.triton_kernels.fff_backward_weight_kernel`). Gradients equal
-:func:`.training.fff_masked`'s. fp32, bf16 and fp16 inputs; fp32 arithmetic inside.
+gradients, fp32 atomics, see :func:`.jit.fff_backward_weight_kernel`). Gradients equal
+:func:`..pytorch.training.fff_masked`'s. fp32, bf16 and fp16 inputs; fp32 arithmetic inside.
 
 Triton is an optional extra (``ultrafastbert[triton]``): nothing here imports it until a kernel
 runs, and its absence is an ``unavailable_reason``, not an import error.
@@ -21,26 +21,21 @@ why ``TRITON_INTERPRET`` alone never makes the dispatcher offer this kernel for 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from ..errors import InputError
-from .kernel import FFFKernel, validate_weight_format
-from .tree import n_nodes, path_length
-
-logger = logging.getLogger(__name__)
+from ...errors import InputError
+from ..kernel import FFFKernel, validate_weight_format
+from ..tree import n_nodes, path_length
+from .routing import fff_forward
+from .training import TritonFFFFunction, fff_backward
 
 #: Set to ``1`` to let the registered Triton kernel run CPU tensors through Triton's interpreter.
 INTERPRET_ENV = "ULTRAFASTBERT_TRITON_INTERPRET"
-#: Widest model dimension the forward kernels keep in registers as one tile.
-MAX_BLOCK_D = 8192
 
 
 def triton_missing_reason() -> str | None:
@@ -65,212 +60,6 @@ def triton_interpreting() -> bool:
     except ImportError:  # pragma: no cover - layout of another Triton version
         return os.environ.get("TRITON_INTERPRET", "") == "1"
     return isinstance(tl.zeros, InterpretedFunction)
-
-
-def kernel_module() -> ModuleType:
-    """The module of Triton kernels (imported on first use: Triton is optional)."""
-    from . import triton_kernels
-
-    return triton_kernels
-
-
-def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make the tensors' GPU current: Triton launches on the current CUDA device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes. Forward and input-gradient kernels: ``block_t`` tokens per program by
-    ``block_d`` (a power of two >= d) columns, ``num_warps``. Weight-gradient kernel: ``chunk``
-    sorted (token, node) entries by ``block_dw`` columns, ``warps_w``; it sums runs of equal
-    nodes with a segmented scan (GPU) or, ``segments_by_dot``, a 0/1 matrix product (fast
-    under the interpreter)."""
-
-    block_t: int
-    block_d: int
-    num_warps: int
-    chunk: int = 16
-    block_dw: int = 128
-    warps_w: int = 4
-    segments_by_dot: bool = False
-
-
-def launch_config(d_model: int, device: torch.device) -> LaunchConfig:
-    """Default tiles. On a GPU about 4,096 fp32 elements per forward tile (d 768: 4 tokens x
-    1,024 columns, 4 warps; x, the accumulator and the two gathered rows stay in registers:
-    160 registers, no spills on sm_90 per ptxas), and 16 entries x 128 columns in the
-    weight-gradient kernel (156 registers, no spills). Under the interpreter bigger tiles:
-    its cost is per operation, not per element."""
-    block_d = max(16, 1 << (d_model - 1).bit_length())
-    if block_d > MAX_BLOCK_D:
-        raise InputError(f"the Triton FFF kernel supports d_model <= {MAX_BLOCK_D}, got {d_model}")
-    if device.type == "cpu":
-        return LaunchConfig(block_t=16, block_d=block_d, num_warps=4, chunk=32,
-                            block_dw=block_d, segments_by_dot=True)
-    block_t = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_t * block_d <= 4096 else 8
-    return LaunchConfig(block_t, block_d, num_warps, block_dw=min(block_d, 128))
-
-
-def fff_forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-                w_out_rows: torch.Tensor, n_trees: int, depth: int, *,
-                write_nodes: bool = False, write_logits: bool = False,
-                config: LaunchConfig | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Run the forward kernel.
-
-    Args:
-        x: ``(T, d)`` contiguous. w_in: ``(K*N, d)``. b_in: ``(K*N,)`` or None.
-        w_out_rows: ``(K*N, d)`` output rows (``linear_out.weight`` transposed), contiguous.
-        config: tile sizes (default :func:`launch_config`).
-    Returns:
-        ``y`` ``(T, d)`` in ``x.dtype``; ``nodes`` ``(T, K, D+1)`` int64 and ``logits``
-        ``(T, K, D+1)`` fp32 when asked, else None.
-    """
-    config = config or launch_config(x.shape[1], x.device)
-    tokens = x.shape[0]
-    y = torch.empty_like(x)
-    shape = (tokens, n_trees, path_length(depth))
-    nodes = torch.empty(shape, dtype=torch.long, device=x.device) if write_nodes else None
-    logits = torch.empty(shape, dtype=torch.float32, device=x.device) if write_logits else None
-    if tokens == 0:
-        return y, nodes, logits
-    with _device_guard(x.device):
-        _launch_forward(x, w_in, b_in, w_out_rows, y, nodes, logits, n_trees, depth, config)
-    return y, nodes, logits
-
-
-def _launch_forward(x: torch.Tensor, w_in: torch.Tensor,
-                    b_in: torch.Tensor | None, w_out_rows: torch.Tensor, y: torch.Tensor,
-                    nodes: torch.Tensor | None, logits: torch.Tensor | None, n_trees: int,
-                    depth: int, config: LaunchConfig) -> None:
-    """Launch :func:`.triton_kernels.fff_forward_kernel` (outputs preallocated; see
-    :func:`fff_forward`)."""
-    tokens, d_model = x.shape
-    kernel_module().fff_forward_kernel[(triton_cdiv(tokens, config.block_t),)](
-        x, w_in, b_in if b_in is not None else w_in, w_out_rows, y,
-        nodes if nodes is not None else y, logits if logits is not None else y,
-        tokens, d_model, n_trees, n_nodes(depth), DEPTH=depth, HAS_BIAS=b_in is not None,
-        WRITE_NODES=nodes is not None, WRITE_LOGITS=logits is not None,
-        BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    """Ceiling division (host side)."""
-    return -(-a // b)
-
-
-def fff_backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
-                 w_out_rows: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor,
-                 has_bias: bool, weight_grads: bool = True,
-                 config: LaunchConfig | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                            torch.Tensor | None]:
-    """Gradients of the hard-routed FFF over the visited nodes.
-
-    Args:
-        grad_y, x: ``(T, d)``. w_in, w_out_rows: ``(K*N, d)``. nodes: ``(T, K, D+1)`` int64,
-        logits: ``(T, K, D+1)`` fp32 (from :func:`fff_forward`).
-        weight_grads: False skips the weight-gradient kernel (frozen weights).
-    Returns:
-        ``grad_x`` ``(T, d)`` in ``x.dtype``; ``grad_w_in`` ``(K*N, d)``, ``grad_b_in``
-        ``(K*N,)`` (None without bias) and ``grad_w_out_rows`` ``(K*N, d)``, all fp32 (None when
-        ``weight_grads`` is False).
-    """
-    config = config or launch_config(x.shape[1], x.device)
-    with _device_guard(x.device):
-        grad_x, grad_logits = _input_grads(grad_y, w_in, w_out_rows, nodes, logits, config)
-        if not weight_grads:
-            return grad_x, None, None, None
-        grads = _weight_grads(grad_y, x, w_in.shape, nodes, logits, grad_logits, has_bias,
-                              config)
-    return grad_x, *grads
-
-
-def _input_grads(grad_y: torch.Tensor, w_in: torch.Tensor, w_out_rows: torch.Tensor,
-                 nodes: torch.Tensor, logits: torch.Tensor, config: LaunchConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_x`` ``(T, d)`` and the path's logit gradients ``(T, K*(D+1))`` fp32."""
-    tokens, d_model = grad_y.shape
-    n_path = nodes.shape[1] * nodes.shape[2]
-    grad_x = torch.zeros_like(grad_y)
-    grad_logits = torch.zeros(tokens, n_path, dtype=torch.float32, device=grad_y.device)
-    if tokens > 0:
-        kernel_module().fff_backward_input_kernel[(triton_cdiv(tokens, config.block_t),)](
-            grad_y, w_in, w_out_rows, nodes, logits, grad_x, grad_logits, tokens, d_model,
-            n_path, BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps)
-    return grad_x, grad_logits
-
-
-def _weight_grads(grad_y: torch.Tensor, x: torch.Tensor, shape: torch.Size, nodes: torch.Tensor,
-                  logits: torch.Tensor, grad_logits: torch.Tensor, has_bias: bool,
-                  config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """fp32 ``grad_w_in`` ``(K*N, d)``, ``grad_b_in`` ``(K*N,)`` or None and
-    ``grad_w_out_rows`` ``(K*N, d)``, from the (token, node) entries sorted by node."""
-    sorted_nodes, order = torch.sort(nodes.reshape(-1), stable=True)
-    grad_w_in = torch.zeros(shape, dtype=torch.float32, device=x.device)
-    grad_w_out = torch.zeros(shape, dtype=torch.float32, device=x.device)
-    grad_b = torch.zeros(shape[0], dtype=torch.float32, device=x.device) if has_bias else None
-    if order.numel() == 0:
-        return grad_w_in, grad_b, grad_w_out
-    by_dot = config.segments_by_dot or x.device.type in _SCAN_FAILED
-    grid = (triton_cdiv(order.numel(), config.chunk), triton_cdiv(x.shape[1], config.block_dw))
-    args = (order, sorted_nodes, x, grad_y, logits, grad_logits, grad_w_in,
-            grad_b if grad_b is not None else grad_w_in, grad_w_out, order.numel(), x.shape[1],
-            grad_logits.shape[1])
-    kernel = kernel_module().fff_backward_weight_kernel
-    options = {"HAS_BIAS": has_bias, "CHUNK": config.chunk, "BLOCK_D": config.block_dw,
-               "num_warps": config.warps_w}
-    try:
-        kernel[grid](*args, SEGMENTS_BY_DOT=by_dot, **options)
-    except Exception as err:  # noqa: BLE001 - only a failed scan compile is retried
-        if by_dot:
-            raise
-        _SCAN_FAILED[x.device.type] = repr(err)
-        logger.warning("the segmented scan of the weight-gradient kernel failed to run (%s); "
-                       "using the (slower) 0/1-product variant from now on", err)
-        for grad in (grad_w_in, grad_w_out, grad_b):
-            if grad is not None:
-                grad.zero_()
-        kernel[grid](*args, SEGMENTS_BY_DOT=True, **options)
-    return grad_w_in, grad_b, grad_w_out
-
-
-#: Devices on which the weight-gradient kernel's segmented scan failed (and why): a fallback
-#: for a Triton version that cannot compile the tuple scan, logged when it happens.
-_SCAN_FAILED: dict[str, str] = {}
-
-
-class _TritonFFFFunction(torch.autograd.Function):
-    """``(y, nodes) = FFF(x)`` with hard routing; gradients through the visited nodes only."""
-
-    @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, n_trees, depth):  # noqa: D102
-        w_out_rows = w_out.detach().t().contiguous()
-        w_in = w_in.detach().contiguous()
-        bias = b_in.detach().contiguous() if b_in is not None else None
-        # through the custom operators, which torch.compile can call (see custom_ops)
-        y, nodes, logits = torch.ops.ultrafastbert.triton_fff_forward(
-            x.detach(), w_in, bias, w_out_rows, n_trees, depth, True, True)
-        ctx.save_for_backward(x, w_in, w_out_rows, nodes, logits)
-        ctx.has_bias = b_in is not None
-        ctx.mark_non_differentiable(nodes)
-        return y, nodes
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_nodes):  # noqa: D102
-        x, w_in, w_out_rows, nodes, logits = ctx.saved_tensors
-        need_x, need_w_in, need_b, need_w_out = ctx.needs_input_grad[:4]
-        weights = need_w_in or need_b or need_w_out
-        grad_x, g_in, g_b, g_out = torch.ops.ultrafastbert.triton_fff_backward(
-            grad_y.contiguous(), x, w_in, w_out_rows, nodes, logits, ctx.has_bias, weights)
-        dtype = w_in.dtype
-        return (grad_x if need_x else None,
-                g_in.to(dtype) if need_w_in else None,
-                g_b.to(dtype) if need_b else None,
-                g_out.t().to(dtype) if need_w_out else None,
-                None, None)
 
 
 @dataclass(frozen=True)
@@ -395,11 +184,11 @@ class TritonKernel(FFFKernel):
         Args:
             x: ``(T, d)``; w_in: ``(K*N, d)``; b_in: ``(K*N,)`` or None; w_out: ``(d, K*N)``.
         Returns:
-            ``y`` ``(T, d)`` (gradients equal :func:`.training.fff_masked`'s) and the visited
+            ``y`` ``(T, d)`` (gradients equal :func:`..pytorch.training.fff_masked`'s) and the visited
             ``nodes`` ``(T, K, D+1)`` int64.
         """
         self._check_device(x)
-        return _TritonFFFFunction.apply(x.contiguous(), w_in, b_in, w_out, n_trees, depth)
+        return TritonFFFFunction.apply(x.contiguous(), w_in, b_in, w_out, n_trees, depth)
 
     def _check_device(self, x: torch.Tensor) -> None:
         """Refuse CPU tensors unless the interpreter was asked for and is on."""

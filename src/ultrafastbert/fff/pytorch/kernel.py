@@ -1,17 +1,56 @@
-"""The vectorised PyTorch kernel: inference (``torch_impl``) and the sparse training path
-(``training``), on every device and floating dtype."""
+"""The vectorised PyTorch kernel (every device and floating dtype): inference on a packed copy
+of the weights (:func:`pack`, :func:`forward_packed`: ``routing`` then one sparse output product)
+and the sparse training path (``training``), with ``torch.compile`` custom operators."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from .kernel import FFFKernel
-from .torch_impl import forward_packed, pack
-from .training import fff_sparse, route, sparse_backward, sparse_forward
-from .tree import path_length
+from ..kernel import FFFKernel
+from ..tree import path_length
+from .routing import route, shallow_blocks, walk
+from .sparse import combine
+from .training import fff_sparse, sparse_backward, sparse_forward
+
+
+@dataclass(frozen=True)
+class TorchPacked:
+    """Inference copy: ``w_in`` ``(K*N, d)``, ``b_in`` ``(K*N,)``, ``w_out_rows`` ``(K*N, d)``
+    and the shallow levels' dense blocks."""
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out_rows: torch.Tensor
+    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def pack(w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, n_trees: int,
+         depth: int, weight_format: str = "fp32") -> TorchPacked:
+    """Build :class:`TorchPacked`. ``bf16``/``bf16-out`` round weights through bfloat16 (kept in
+    the input dtype), reproducing what a bf16-weight kernel computes."""
+    bias = b_in if b_in is not None else w_in.new_zeros(w_in.shape[0])
+    w_out_rows = w_out.t()
+    if weight_format in ("bf16", "bf16-out"):
+        w_out_rows = w_out_rows.to(torch.bfloat16).to(w_out.dtype)
+    if weight_format == "bf16":
+        w_in = w_in.to(torch.bfloat16).to(w_in.dtype)
+    w_in, bias = w_in.contiguous(), bias.contiguous()
+    return TorchPacked(w_in, bias, w_out_rows.contiguous(),
+                       shallow_blocks(w_in, bias, n_trees, depth))
+
+
+def forward_packed(x: torch.Tensor, packed: TorchPacked, n_trees: int, depth: int,
+                   return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FFF forward for ``x`` ``(T, d)``; see :meth:`FFFKernel.forward`."""
+    nodes, logits = walk(x, packed.w_in, packed.b_in, n_trees, depth, packed.blocks)
+    flat = nodes.reshape(x.shape[0], -1)
+    y = combine(F.gelu(logits.reshape(x.shape[0], -1)), flat, packed.w_out_rows)
+    return y, (nodes if return_nodes else None)
 
 
 class TorchKernel(FFFKernel):

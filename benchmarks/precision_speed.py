@@ -1,6 +1,6 @@
 """bf16 speed in one process (docs/precision.md): the FFF layer and the whole encoder.
 
-Run: .venv/bin/python scripts/precision_speed.py [--threads 1] [--tokens 1,128,4096]
+Run: .venv/bin/python benchmarks/precision_speed.py [--threads 1] [--tokens 1,128,4096]
      [--batch 8] [--seq-len 128] [--rounds 5] [--skip-model]
 
 Layer: FFF 1x11 (d=768) in bf16 through the public API (``FFF(...).to(torch.bfloat16)``, which

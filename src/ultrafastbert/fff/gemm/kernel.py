@@ -2,7 +2,7 @@
 
 At depth 0 the FFF is a dense feed-forward block of width K, so two GEMMs compute it with no
 wasted work: ``y = GELU(x @ w_in.T + b_in) @ w_out.T``. The dispatcher chooses it for such
-layers from :data:`..dispatch.GEMM_MIN_TOKENS` tokens, where a GEMM's reuse of each weight across
+layers from :data:`...dispatch.GEMM_MIN_TOKENS` tokens, where a GEMM's reuse of each weight across
 tokens beats the tree walk (see docs/native.md). Deeper trees are refused: a GEMM over all
 nodes would do ``2**D`` times the work, and an off-path node's non-finite weights would leak into
 the output.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernel import FFFKernel
+from ..kernel import FFFKernel
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class GemmKernel(FFFKernel):
     def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
         reason = self.shape_reason(n_trees, depth)
         if reason is not None:
-            from ..errors import InputError
+            from ...errors import InputError
 
             raise InputError(f"the gemm FFF kernel cannot run: {reason}")
         bias = b_in if b_in is not None else w_in.new_zeros(w_in.shape[0])

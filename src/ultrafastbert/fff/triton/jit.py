@@ -1,6 +1,6 @@
 """Triton kernels for the FFF layer (docs/design.md §1.1): inference/training forward and the backward.
 
-Kept in a file of their own, imported only by :mod:`.triton_impl` (never at package import), so
+Kept in a file of their own, imported only through :func:`.routing.kernel_module` (never at package import), so
 that Triton stays optional and its interpreter (which needs the kernels' source) can load them.
 Every kernel loads its inputs in their own dtype (fp32, bf16 or fp16) and computes in fp32.
 

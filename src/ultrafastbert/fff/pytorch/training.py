@@ -1,4 +1,4 @@
-"""FFF training: hard routing, gradients through the visited nodes only.
+"""FFF training in PyTorch: hard routing, gradients through the visited nodes only.
 
 :func:`fff_sparse` is mathematically identical to the original "masked" form
 (:func:`fff_masked`: every neuron computed, then multiplied by a 0/1 mask of the visited nodes)
@@ -17,19 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import torch_impl
-from .tree import go_right, path_length, tree_offsets, visited_mask
+from ..tree import visited_mask
+from .routing import route, routes_from_logits
+from .sparse import combine, sparse_csr, uses_csr, visited_logits
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def route(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, n_trees: int,
-          depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visited nodes ``(T, K, D+1)`` int64 and their logits ``(T, K, D+1)`` (no autograd)."""
-    with torch.no_grad():
-        bias = b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0])
-        return torch_impl.route(x.detach(), w_in.detach(), bias, n_trees, depth)
 
 
 def gelu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -39,7 +32,7 @@ def gelu_grad(z: torch.Tensor) -> torch.Tensor:
 
 def _sampled_dot(a: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """``out[t, p] = a[t] . rows[nodes[t, p]]`` for ``a`` ``(T, d)``, ``rows`` ``(M, d)``."""
-    return torch_impl.visited_logits(a, rows, rows.new_zeros(rows.shape[0]), nodes)
+    return visited_logits(a, rows, rows.new_zeros(rows.shape[0]), nodes)
 
 
 class _Transposed:
@@ -61,12 +54,12 @@ class _Transposed:
 
     def scatter(self, coeff: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """``(M, d)`` from ``coeff`` ``(T, P)`` and ``src`` ``(T, d)``."""
-        if not torch_impl.uses_csr(src):
+        if not uses_csr(src):
             flat = (coeff.unsqueeze(2) * src.unsqueeze(1)).reshape(-1, src.shape[1])
             return src.new_zeros(self.n_rows, src.shape[1]).index_add_(
                 0, self.nodes.reshape(-1), flat)
         values = coeff.reshape(-1)[self.order]
-        matrix = torch_impl.sparse_csr(self.crow, self.cols, values, (self.n_rows, src.shape[0]))
+        matrix = sparse_csr(self.crow, self.cols, values, (self.n_rows, src.shape[0]))
         return matrix @ src
 
 
@@ -93,7 +86,7 @@ def sparse_forward(w_out_rows: torch.Tensor, nodes: torch.Tensor, logits: torch.
                    ) -> torch.Tensor:
     """``y`` ``(T, d)`` from the visited ``nodes`` and ``logits`` ``(T, K*(D+1))`` and the
     output rows ``(K*N, d)``."""
-    return torch_impl.combine(F.gelu(logits), nodes, w_out_rows)
+    return combine(F.gelu(logits), nodes, w_out_rows)
 
 
 def sparse_backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
@@ -104,7 +97,7 @@ def sparse_backward(grad_y: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor,
     ``grad_b_in`` ``(K*N,)`` (None without bias), ``grad_w_out_rows`` ``(K*N, d)``."""
     n_rows = w_in.shape[0]
     grad_logit = _sampled_dot(grad_y, w_out_rows, nodes) * gelu_grad(logits)
-    grad_x = torch_impl.combine(grad_logit, nodes, w_in.contiguous())
+    grad_x = combine(grad_logit, nodes, w_in.contiguous())
     transposed = _Transposed(nodes, n_rows)
     grad_w_in = transposed.scatter(grad_logit, x)
     grad_b = (grad_logit.new_zeros(n_rows).index_add_(0, nodes.reshape(-1),
@@ -129,24 +122,6 @@ def fff_sparse(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
     tokens = x.shape[0]
     return _SparseFFF.apply(x, w_in, b_in, w_out, nodes.reshape(tokens, -1),
                             logits.reshape(tokens, -1))
-
-
-def routes_from_logits(logits: torch.Tensor, n_trees: int, depth: int) -> torch.Tensor:
-    """Walk the trees using precomputed logits of every node.
-
-    Args:
-        logits: ``(T, K*N)`` logits of all nodes.
-    Returns:
-        ``(T, K, D+1)`` int64 global ids of the visited nodes.
-    """
-    base = tree_offsets(n_trees, depth, logits.device)
-    local = torch.zeros(logits.shape[0], n_trees, dtype=torch.long, device=logits.device)
-    nodes = []
-    for _ in range(path_length(depth)):
-        node = base + local
-        nodes.append(node)
-        local = 2 * local + 1 + go_right(logits.gather(1, node)).long()
-    return torch.stack(nodes, dim=2)
 
 
 def fff_masked(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,

@@ -1,0 +1,286 @@
+"""The native CPU FFF kernels: fp32 (:class:`NativeCPUKernel`) and bfloat16 end to end
+(:class:`NativeBF16Kernel`), both running one C++ walk (``fff_cpu_walk.h``) built into one
+library on first use (``build``).
+
+The tree walk computes only the visited nodes' dot products, bias and GELU, a group of tokens at
+a time level by level (several trees: tree-major blocks of tokens, or one token's trees side by
+side); the visited output rows are then applied in one fused pass. How an fp32 call is walked is
+chosen per shape by a short measurement on first use (``tuning``; never changes a result).
+Threads come from torch's own pool.
+
+fp32 weight formats: ``fp32``; ``bf16`` (both matrices stored as bfloat16, may change routes);
+``bf16-out`` (routing rows fp32, output rows bfloat16: routes as ``fp32``).
+
+bfloat16 (docs/precision.md): inputs, weights and outputs are bfloat16; logits, activations and
+output sums are fp32. The routing dot products use AVX512-BF16 (``_mm512_dpbf16_ps``) where the
+CPU has it, else widen bf16 to fp32 exactly and use fp32 FMAs (AVX-512, then AVX2).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...errors import InputError, ResourceError
+from ..kernel import WEIGHT_FORMATS, FFFKernel
+from ..tree import path_length
+from . import build, tuning
+
+
+@dataclass(frozen=True)
+class NativePacked:
+    """The kernel's copy of the weights (checkpoint order of nodes, tree-major heap order).
+
+    w_in: ``(K*N, d)`` routing rows, float32 or bfloat16. b_in: ``(K*N,)`` float32 (zeros when the
+    layer has no bias). w_out: ``(K*N, d)`` output rows (``linear_out.weight`` transposed),
+    float32 or bfloat16. All contiguous. knobs: the walk's knobs table ``(R, 7)`` int64 (see
+    ``tuning``; it decides how calls are walked, never their results). n_trees: K. untuned
+    (derived): the table is the fixed defaults, so calls can take the untuned op, which has
+    those defaults built in (one argument fewer: ~0.05-0.1 µs of a 2.5 µs 1-token call).
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out: torch.Tensor
+    knobs: torch.Tensor
+    n_trees: int = 0
+    untuned: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "untuned", self.n_trees > 0 and torch.equal(
+            self.knobs, tuning.default_table(self.n_trees)))
+
+
+class NativeCPUKernel(FFFKernel):
+    """AVX-512/AVX2 C++ kernel built on first use.
+
+    Args:
+        isa: ``None`` for the best instruction set of this CPU, or ``"avx2"``/``"avx512"`` to
+            force one (the AVX2 path can then be tested on an AVX-512 machine).
+        tune: choose the walk's knobs per shape by measurement on first pack (``tuning``;
+            ``ULTRAFASTBERT_AUTOTUNE=0`` also turns it off); False: the fixed defaults.
+    """
+
+    name = "native"
+    description = "native C++ CPU kernel (AVX-512/AVX2, built on first use)"
+    devices = ("cpu",)
+    dtypes = (torch.float32,)
+    weight_formats = ("fp32", "bf16", "bf16-out")
+
+    def __init__(self, isa: str | None = None, tune: bool = True):
+        if isa is not None and isa not in build.ISA_CODES:
+            raise InputError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
+        self._isa = isa
+        self._tune = tune
+        self._library: build.NativeLibrary | None = None
+        self._isa_code = 0
+        self._forward: Callable[..., Any] | None = None
+        self._forward_nodes: Callable[..., Any] | None = None
+        self._forward_untuned: Callable[..., Any] | None = None
+
+    def extra_reason(self, device: torch.device) -> str | None:
+        """Why the kernel cannot run: disabled, CPU, toolchain or build failure (builds once)."""
+        if self._library is not None:  # the per-call path: one attribute test
+            return None
+        library = build.status()
+        if isinstance(library, str):
+            return library
+        isa = self._isa or library.isa
+        if build.ISA_CODES[isa] > build.ISA_CODES.get(library.isa, 0):
+            return f"this CPU does not support {isa} (best: {library.isa or 'neither'})"
+        self._isa_code = build.ISA_CODES[isa]
+        # The overloads' C++ callables (``_op``) skip one Python frame per call.
+        self._forward = getattr(library.forward, "_op", library.forward)
+        self._forward_nodes = getattr(library.forward_nodes, "_op", library.forward_nodes)
+        untuned = torch.ops.ultrafastbert.fff_cpu_forward.default
+        self._forward_untuned = getattr(untuned, "_op", untuned)
+        self._library = library
+        native_fakes()  # so torch.compile can trace calls of the operators
+        return None
+
+    @property
+    def isa(self) -> str | None:
+        """The instruction set in use (None until the kernel is loaded)."""
+        codes = {code: isa for isa, code in build.ISA_CODES.items()}
+        return codes.get(self._isa_code)
+
+    def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+             n_trees: int, depth: int, weight_format: str) -> NativePacked:
+        """The kernel's layout; see :class:`NativePacked`.
+
+        fp32 routing rows and bias that are already contiguous fp32 are used as they are (no
+        12 MB copy for 1x11); the output rows are always a transposed copy.
+        """
+        w_in = w_in.detach()
+        out_rows = w_out.detach().t()
+        bias = (b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0]))
+        in_dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
+        out_dtype = torch.bfloat16 if weight_format in ("bf16", "bf16-out") else torch.float32
+        packed = NativePacked(w_in.to(in_dtype).contiguous(), bias.float().contiguous(),
+                              out_rows.to(out_dtype).contiguous(), tuning.default_table(n_trees),
+                              n_trees)
+        knobs = self.knobs_for(packed, n_trees, depth, weight_format)
+        return NativePacked(packed.w_in, packed.b_in, packed.w_out, knobs, n_trees)
+
+    def knobs_for(self, packed: NativePacked, n_trees: int, depth: int,
+                  weight_format: str) -> torch.Tensor:
+        """The knobs table for these packed weights: tuned (cached per CPU model) or defaults."""
+        if not self._tune or self.unavailable_reason(torch.device("cpu"), torch.float32,
+                                                     weight_format) is not None:
+            return tuning.default_table(n_trees)
+        assert self._library is not None and self._forward is not None
+        forward = self._forward
+
+        def run(x: torch.Tensor, knobs: torch.Tensor) -> object:
+            return forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                           self._isa_code, knobs)
+
+        shape = tuning.Shape(n_trees, depth, packed.w_in.shape[1], weight_format,
+                             torch.get_num_threads())
+        return tuning.table_for(shape, run, f"{self._library.path.name}/{self.isa}")
+
+    def forward(self, x: torch.Tensor, packed: NativePacked, n_trees: int, depth: int,
+                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(T, d)`` float32 contiguous -> ``y`` ``(T, d)``, nodes ``(T, K, D+1)``|None."""
+        if self._library is None:
+            reason = self.unavailable_reason(x.device, x.dtype)
+            if reason is not None:
+                raise ResourceError(f"the native FFF kernel cannot run: {reason}")
+        assert self._forward is not None and self._forward_nodes is not None  # set by loading
+        # One op call and little else: at 1 token the Python around it is most of the cost.
+        if return_nodes:
+            return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                                       self._isa_code, packed.knobs)
+        if packed.untuned:
+            assert self._forward_untuned is not None  # set by loading
+            return self._forward_untuned(x, packed.w_in, packed.b_in, packed.w_out, n_trees,
+                                         depth, self._isa_code), None
+        return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                             self._isa_code, packed.knobs), None
+
+
+@functools.cache
+def native_fakes() -> None:
+    """``ultrafastbert::native_fff_forward``: the native kernel as a ``torch.library`` custom
+    operator with a fake implementation (shapes only), so code under ``torch.compile`` can call
+    it (``torch.ops.ultrafastbert.native_fff_forward(x, w_in, b_in, w_out_rows, K, D, isa)``).
+    The C++ operators themselves are composite, so they cannot take a fake. Defined once the
+    library is loaded; the eager layer keeps calling the C++ operator directly (fewer steps)."""
+
+    @torch.library.custom_op("ultrafastbert::native_fff_forward", mutates_args=())
+    def forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
+                n_trees: int, depth: int, isa: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y`` ``(T, d)`` and the visited nodes ``(T, K, D+1)``."""
+        return torch.ops.ultrafastbert.fff_cpu_forward_nodes(x, w_in, b_in, w_out, n_trees,
+                                                             depth, isa)
+
+    @forward.register_fake
+    def _(x, w_in, b_in, w_out, n_trees, depth, isa):  # noqa: ANN001, ANN202
+        nodes = x.new_empty((x.shape[0], n_trees, path_length(depth)), dtype=torch.long)
+        return torch.empty_like(x), nodes
+
+
+# ------------------------------------------------------------------- bfloat16 end to end
+#: The kernel's paths, best first, with the op's numeric code.
+BF16_ISA_CODES = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
+#: Environment switch forcing a path (e.g. ``avx512`` to time the widening fallback on a CPU
+#: that has AVX512-BF16); read when a kernel without an explicit ``isa`` is first loaded.
+BF16_ISA_ENV = "ULTRAFASTBERT_BF16_ISA"
+
+
+def bf16_cpu_path() -> str:
+    """The best path the loaded library runs on this CPU: ``avx512bf16``, ``avx512``, ``avx2``
+    or ``""`` (the library must be loaded)."""
+    return torch.ops.ultrafastbert.fff_bf16_isa()
+
+
+@dataclass(frozen=True)
+class NativeBF16Packed:
+    """The kernel's copy of the weights (checkpoint node order, tree-major heap order).
+
+    w_in: ``(K*N, d)`` bfloat16 routing rows. b_in: ``(K*N,)`` float32 (zeros without a bias).
+    w_out: ``(K*N, d)`` bfloat16 output rows (``linear_out.weight`` transposed). All contiguous.
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out: torch.Tensor
+
+
+class NativeBF16Kernel(FFFKernel):
+    """bfloat16 inputs and weights -> bfloat16 outputs, fp32 accumulation.
+
+    Args:
+        isa: ``None`` for the best path of this CPU (or the one ``ULTRAFASTBERT_BF16_ISA``
+            names), or ``"avx512bf16"``/``"avx512"``/``"avx2"`` to force one (so the widening
+            fallback can be tested on a CPU with AVX512-BF16).
+    """
+
+    name = "native-bf16"
+    description = "native C++ CPU kernel in bfloat16 (AVX512-BF16 dot products, else widening)"
+    devices = ("cpu",)
+    dtypes = (torch.bfloat16,)
+    #: For bfloat16 inputs every format means bfloat16 weights: the weights are the layer's own.
+    weight_formats = WEIGHT_FORMATS
+
+    def __init__(self, isa: str | None = None):
+        if isa is not None and isa not in BF16_ISA_CODES:
+            raise InputError(f"isa must be None or one of {tuple(BF16_ISA_CODES)}, got {isa!r}")
+        self._isa = isa
+        self._isa_code = 0
+        self._forward: Callable[..., Any] | None = None
+        self._forward_nodes: Callable[..., Any] | None = None
+
+    def extra_reason(self, device: torch.device) -> str | None:
+        """Why the kernel cannot run: disabled, CPU, toolchain, build failure or a forced path
+        this CPU lacks (builds once)."""
+        if self._forward is not None:
+            return None
+        library = build.status()
+        if isinstance(library, str):
+            return library
+        ops = torch.ops.ultrafastbert
+        best = bf16_cpu_path()
+        isa = self._isa or os.environ.get(BF16_ISA_ENV) or best
+        if isa not in BF16_ISA_CODES:
+            return f"{BF16_ISA_ENV}={isa!r} is not one of {tuple(BF16_ISA_CODES)}; fix or unset it"
+        if BF16_ISA_CODES[isa] > BF16_ISA_CODES.get(best, 0):
+            return f"this CPU does not support the {isa} path (best: {best or 'none'})"
+        self._isa_code = BF16_ISA_CODES[isa]
+        forward, forward_nodes = ops.fff_bf16_forward.default, ops.fff_bf16_forward_nodes.default
+        self._forward = getattr(forward, "_op", forward)  # the C++ callable: one frame less
+        self._forward_nodes = getattr(forward_nodes, "_op", forward_nodes)
+        return None
+
+    @property
+    def isa(self) -> str | None:
+        """The path in use (None until the kernel is loaded)."""
+        return {code: isa for isa, code in BF16_ISA_CODES.items()}.get(self._isa_code)
+
+    def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+             n_trees: int, depth: int, weight_format: str) -> NativeBF16Packed:
+        """bfloat16 rows (no copy when ``w_in`` already is contiguous bf16); see the class doc."""
+        w_in = w_in.detach()
+        bias = b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0])
+        return NativeBF16Packed(w_in.to(torch.bfloat16).contiguous(), bias.float().contiguous(),
+                                w_out.detach().t().to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor, packed: NativeBF16Packed, n_trees: int, depth: int,
+                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(T, d)`` bfloat16 contiguous -> ``y`` ``(T, d)`` bfloat16, nodes
+        ``(T, K, D+1)`` | None."""
+        if self._forward is None:
+            reason = self.unavailable_reason(x.device, x.dtype)
+            if reason is not None:
+                raise ResourceError(f"the native bf16 FFF kernel cannot run: {reason}")
+        assert self._forward is not None and self._forward_nodes is not None
+        if return_nodes:
+            return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                                       self._isa_code)
+        return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
+                             self._isa_code), None
