@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import resource
 import selectors
 import shlex
 import signal
@@ -466,10 +467,11 @@ async def one_request(port: int, texts: list[str], timeout: float) -> Outcome:
 
 
 async def open_loop(port: int, rate: float, seconds: float, timeout: float,
-                    jobs: list[list[str]], seed: int) -> list[Outcome]:
+                    jobs: list[list[str]], seed: int) -> tuple[list[Outcome], list[float]]:
     """Poisson arrivals at ``rate`` requests/s for ``seconds`` s; waits for every answer (or
-    its timeout)."""
-    rng, tasks = random.Random(seed), []
+    its timeout). Also returns how late (s) the load generator sent each request: its own
+    event loop's delay, which is not the server's."""
+    rng, tasks, late = random.Random(seed), [], []
     start = time.perf_counter()
     due = start
     while True:
@@ -477,9 +479,10 @@ async def open_loop(port: int, rate: float, seconds: float, timeout: float,
         if due - start > seconds:
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        late.append(max(0.0, time.perf_counter() - due))
         job = jobs[len(tasks) % len(jobs)]
         tasks.append(asyncio.ensure_future(one_request(port, job, timeout)))
-    return list(await asyncio.gather(*tasks))
+    return list(await asyncio.gather(*tasks)), late
 
 
 async def closed_loop(port: int, clients: int, seconds: float, jobs: list[list[str]]
@@ -532,8 +535,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+#: The server's event-loop lag histogram (``ultrafastbert_event_loop_lag_seconds``).
+LAG_BUCKET = "ultrafastbert_event_loop_lag_seconds_bucket"
+
+
 def scrape(port: int) -> dict[str, float]:
-    """The server's counters that the overload figures need (summed over labels)."""
+    """The server's counters that the overload figures need (summed over labels; the
+    event-loop lag histogram's buckets as ``LAG_BUCKET:LE``)."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=30) as answer:
         text = answer.read().decode()
     wanted = ("ultrafastbert_batch_rows_sum", "ultrafastbert_skipped_inputs_total",
@@ -544,7 +552,48 @@ def scrape(port: int) -> dict[str, float]:
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
+        elif name == LAG_BUCKET:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            totals[f"{LAG_BUCKET}:{le}"] = float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def histogram_quantile(delta: dict[str, float], q: float) -> float | None:
+    """The upper bound (ms) of the bucket holding quantile ``q`` of the lag histogram's
+    observations in ``delta`` (None without observations; inf: beyond the last bucket)."""
+    buckets = sorted((float(k.split(":", 1)[1]), v) for k, v in delta.items()
+                     if k.startswith(LAG_BUCKET + ":"))
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return round(le * 1000, 1)
+    return None
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads so far, in three groups: ``event_loop`` (the main
+    thread: HTTP, admission, tokenizing, JSON), ``model`` (threads named ``ufb-batcher*`` and
+    the threads they started, which inherit the name: torch's OpenMP workers) and ``other``."""
+    groups = {"event_loop": 0.0, "model": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return groups
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = stat.split("(", 1)[1].rsplit(")", 1)[0]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        group = "event_loop" if int(tid) == pid else \
+            "model" if name.startswith("ufb-batcher") else "other"
+        groups[group] += seconds
+    return groups
 
 
 def wait_idle(port: int, timeout: float = 120.0) -> None:
@@ -567,13 +616,17 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
                    jobs: list[list[str]]) -> dict[str, Any]:
     """One offered load: open-loop arrivals at ``rate`` requests/s for ``args.duration`` s."""
     wait_idle(port)
-    before = scrape(port)
+    before, cpu_before = scrape(port), thread_cpu(pid)
+    client_before = resource.getrusage(resource.RUSAGE_SELF)
     with MemorySampler(pid) as memory:
-        outcomes = asyncio.run(open_loop(port, rate, args.duration, args.client_timeout, jobs,
-                                         seed=int(multiple * 1000)))
+        outcomes, late = asyncio.run(open_loop(port, rate, args.duration, args.client_timeout,
+                                               jobs, seed=int(multiple * 1000)))
         wait_idle(port)
-    after = scrape(port)
-    delta = {k.removeprefix("ultrafastbert_"): after[k] - before[k] for k in after}
+    after, cpu_after = scrape(port), thread_cpu(pid)
+    client_after = resource.getrusage(resource.RUSAGE_SELF)
+    delta = {k.removeprefix("ultrafastbert_"): after[k] - before.get(k, 0.0) for k in after}
+    lag = {k: v for k, v in delta.items() if k.startswith("event_loop_lag_seconds_bucket")}
+    lag = {k.replace("event_loop_lag_seconds_bucket", LAG_BUCKET): v for k, v in lag.items()}
     ok = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status in (429, 503)]
     good_texts = sum(o.texts for o in ok)
@@ -600,6 +653,15 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
         "server_cancelled_requests": int(delta["cancelled_requests_total"]),
         "peak_rss_mib": round(memory.peak / 2**20, 1),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        # where the time went: the server's event loop (its lag: a timer due every 10 ms ran
+        # this late, p99 as the upper bound of its histogram bucket), the load generator's own
+        # delay in sending, and CPU seconds of the server's threads and of the load generator
+        "server_loop_lag_p50_ms": histogram_quantile(lag, 0.5),
+        "server_loop_lag_p99_ms": histogram_quantile(lag, 0.99),
+        "client_send_late_p99_ms": _pct(late, 99),
+        "server_cpu_s": {k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after},
+        "client_cpu_s": round(client_after.ru_utime + client_after.ru_stime
+                              - client_before.ru_utime - client_before.ru_stime, 2),
     }
 
 

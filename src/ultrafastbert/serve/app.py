@@ -10,6 +10,7 @@ shape), ``POST /v1/classify``, ``POST /v1/fill-mask``, ``GET /v1/models``, ``GET
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -17,7 +18,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ServeConfig
 from .errors import ClientGone, ServeError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import LOOP_PROBE_S
 from .schemas import ClassifyRequest, EmbeddingRequest, FillMaskRequest
 from .service import Service
 
@@ -53,9 +55,12 @@ def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
+        probe = asyncio.ensure_future(watch_loop_lag(service.metrics.loop_lag.observe,
+                                                     tick=service.sample_drain))
         try:
             yield
         finally:
+            probe.cancel()
             service.close()
 
     app = FastAPI(title="ultrafastbert", version="1", lifespan=lifespan)
@@ -65,6 +70,21 @@ def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
     _add_error_handlers(app)
     _add_routes(app, service)
     return app
+
+
+async def watch_loop_lag(observe: Callable[[float], None], period: float = LOOP_PROBE_S,
+                         tick: Callable[[], None] | None = None) -> None:
+    """Forever: sleep ``period`` s and ``observe`` how late the event loop woke up (seconds),
+    then call ``tick`` (periodic work: the drain-rate sample). Everything the loop does
+    (accepting, refusing, answering) waits that long too, so this is the server's own share
+    of a refusal's latency under load."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period
+        await asyncio.sleep(period)
+        observe(max(0.0, loop.time() - due))
+        if tick is not None:
+            tick()
 
 
 # ------------------------------------------------------------------------------------ routes
@@ -148,10 +168,13 @@ def _health(service: Service) -> Response:
         "pending_inputs": service.batcher.pending, "requests_in_flight": admission.in_flight,
         "queued_tokens": service.batcher.queued_tokens}
     if limits is not None:
-        body["limits"] = {"max_queue_tokens": limits.max_queue_tokens,
+        drain = admission.drain.trusted
+        body["limits"] = {"max_queue_tokens": admission.max_queue_tokens,  # in force now
+                          "max_queue_tokens_at_start": limits.max_queue_tokens,
                           "max_concurrent_requests": limits.max_concurrent_requests,
                           "max_queue_ms": round(limits.max_queue_s * 1000, 3),
-                          "measured_tokens_per_s": round(limits.tokens_per_s, 1)}
+                          "measured_tokens_per_s": round(limits.tokens_per_s, 1),
+                          "served_tokens_per_s": None if drain is None else round(drain, 1)}
     return _json(body, 503 if status == "draining" else 200)
 
 

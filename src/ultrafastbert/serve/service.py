@@ -93,6 +93,11 @@ class Service:
         """The admission bounds in force (None before :meth:`start`)."""
         return self.admission.limits
 
+    def sample_drain(self) -> None:
+        """Feed the admission's drain rate (call often, from the event loop)."""
+        self.admission.drain.sample(time.perf_counter(), self.batcher.started_tokens,
+                                    self.batcher.queued_tokens > 0)
+
     def drain(self) -> None:
         """Refuse new model requests (503) from now on; the admitted ones are still answered."""
         self.admission.draining = True
