@@ -96,11 +96,13 @@ def server_command(target: Target, threads: int, extra: list[str]) -> list[str]:
             "--port", "0", "--threads", str(threads)]
 
 
-def start_server(cmd: list[str], log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen,
-                                                                                int]:
-    """Start ``cmd`` and wait for its ready line; (process, port)."""
+def start_server(cmd: list[str], log: Path, timeout: float = 300.0,
+                 cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
+    """Start ``cmd`` (on the CPUs ``cpus`` only, when given) and wait for its ready line;
+    (process, port)."""
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, preexec_fn=pin)
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
@@ -380,6 +382,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
+
+
+def _le(value: float | None) -> str:
+    """A histogram bucket's upper bound as an upper bound (``<= 20``)."""
+    return "" if value is None else f"<= {value:g}"
 
 
 def batch_rows(port: int) -> tuple[float, float]:
@@ -669,7 +676,7 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
                  extra: list[str], label: str, rate: float | None) -> dict[str, Any]:
     """Start the server with ``extra`` flags, measure (or take) its capacity, run the levels."""
     cmd = server_command(target, args.threads, [*(args.server_arg or []), *extra])
-    proc, port = start_server(cmd, out / f"{label}.log")
+    proc, port = start_server(cmd, out / f"{label}.log", cpus=args.server_cpus)
     try:
         check = check_answers(target, port, [t for job in jobs[:2] for t in job])
         print(f"{label}: {check}", flush=True)
@@ -734,7 +741,8 @@ def overload_markdown(results: dict[str, Any]) -> str:
              f"{env['note']}", "", f"Command: `{results['command']}`", "",
              f"{results['texts_per_request']} texts per request, Poisson arrivals, each request "
              f"on its own connection, client timeout {results['client_timeout_s']} s, "
-             f"{results['duration_s']} s per level.", ""]
+             f"{results['duration_s']} s per level. Load generator on CPUs "
+             f"{env.get('client_cpus')}, server on CPUs {env.get('server_cpus') or 'all'}.", ""]
     for run in results["runs"]:
         cap = run["capacity"]
         lines += [f"## {run['label']}", "", f"Server: `{run['server_command']}`; bounds "
@@ -744,15 +752,23 @@ def overload_markdown(results: dict[str, Any]) -> str:
                       f"{cap['clients']} closed-loop clients)" if cap else
                       " (the capacity measured on the bounded server)"), "",
                   "| load | offered req/s | goodput texts/s | 200 | 429/503 | client timeouts | "
-                  "p50 ms | p99 ms | refusal p99 ms | computed, not delivered | peak RSS MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "p50 ms | p99 ms | refusal p99 ms | gate refusal p99 ms | computed, not "
+                  "delivered | peak RSS MiB | server loop lag p99 ms | client late p99 ms | "
+                  "CPU s: loop / model / other / client |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for lv in run["levels"]:
+            cpu = lv.get("server_cpu_s") or {}
             lines.append(
                 f"| {lv['multiple']:g}x | {lv['offered_requests_per_s']} | "
                 f"{lv['goodput_texts_per_s']} | {lv['answered_200']} | {lv['refused_429_503']} | "
                 f"{lv['client_timeouts']} | {_cell(lv['accepted_p50_ms'])} | "
                 f"{_cell(lv['accepted_p99_ms'])} | {_cell(lv['refusal_p99_ms'])} | "
-                f"{lv['texts_computed_not_delivered']} | {lv['peak_rss_mib']} |")
+                f"{_cell(lv.get('admission_refusal_p99_ms'))} | "
+                f"{lv['texts_computed_not_delivered']} | {lv['peak_rss_mib']} | "
+                f"{_le(lv.get('server_loop_lag_p99_ms'))} | "
+                f"{_cell(lv.get('client_send_late_p99_ms'))} | "
+                f"{cpu.get('event_loop', '')} / {cpu.get('model', '')} / {cpu.get('other', '')} "
+                f"/ {lv.get('client_cpu_s', '')} |")
         lines += ["", "Against 1x: " + json.dumps(run.get("verdicts", {})), ""]
     return "\n".join(lines)
 
@@ -766,7 +782,11 @@ def overload_main(args: argparse.Namespace, targets: list[Target], command: str)
     jobs = [texts[(i * per) % len(texts):(i * per) % len(texts) + per] for i in range(256)]
     jobs = [j for j in jobs if len(j) == per]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.client_cpus is not None:
+        os.sched_setaffinity(0, args.client_cpus)  # before any thread starts: all inherit it
     env = environment(args.threads, args.note)
+    env["client_cpus"] = sorted(os.sched_getaffinity(0))
+    env["server_cpus"] = None if args.server_cpus is None else sorted(args.server_cpus)
     runs = [overload_run(target, args, jobs, args.out, [], target.label, None)]
     if args.compare_unbounded:
         runs.append(overload_run(target, args, jobs, args.out, UNBOUNDED,
@@ -781,6 +801,15 @@ def overload_main(args: argparse.Namespace, targets: list[Target], command: str)
     (args.out / "results.md").write_text(overload_markdown(results))
     print(f"wrote {args.out / 'results.json'} and results.md")
     return 0
+
+
+def _cpus(text: str) -> set[int]:
+    """``0,1`` or ``0-3`` -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -816,6 +845,10 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--capacity-seconds", type=float, default=10.0)
     o.add_argument("--compare-unbounded", action="store_true",
                    help="run the levels again with the admission bounds lifted (ablation)")
+    o.add_argument("--client-cpus", type=_cpus, default=None, metavar="LIST",
+                   help="run the load generator on these CPUs only (e.g. 1; like taskset -c)")
+    o.add_argument("--server-cpus", type=_cpus, default=None, metavar="LIST",
+                   help="run the server on these CPUs only (e.g. 0,1)")
     args = p.parse_args(argv)
     if args.make_stand_ins:
         make_stand_ins(args.make_stand_ins)

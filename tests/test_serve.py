@@ -432,8 +432,11 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
     assert script.main(["--serve", f"tiny={models / 'mlm'}", "--overload", "--multiples", "1,4",
                         "--duration", "1", "--capacity-seconds", "1", "--capacity-clients",
                         "2", "--texts-per-request", "2", "--threads", "1", "--out", str(out),
-                        *(["--compare-unbounded"] if unbounded else [])]) == 0
+                        "--server-cpus", "0", *(["--compare-unbounded"] if unbounded else [])]
+                       ) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["server_cpus"] == [0]
+    assert results["environment"]["client_cpus"] == sorted(os.sched_getaffinity(0))
     bounded = results["runs"][0]
     assert bounded["capacity"]["requests_per_s"] > 0
     assert len(results["runs"]) == 1 + unbounded
@@ -451,5 +454,11 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
             assert lv["texts_computed"] >= 2 * lv["answered_200"]
             assert lv["goodput_texts_per_s"] == round(2 * lv["answered_200"] / 1, 1)
             assert lv["peak_rss_mib"] > 10
+            # where the time went: the probe ran (every 10 ms), both processes used CPU
+            assert lv["server_loop_lag_p99_ms"] is not None
+            assert lv["server_loop_lag_p50_ms"] <= lv["server_loop_lag_p99_ms"]
+            assert set(lv["server_cpu_s"]) == {"event_loop", "model", "other"}
+            assert lv["server_cpu_s"]["event_loop"] > 0 and lv["client_cpu_s"] > 0
+            assert lv["client_send_late_p99_ms"] >= 0
         assert set(run["verdicts"]) == {"4x"}
     assert "| 4x |" in (out / "results.md").read_text()
