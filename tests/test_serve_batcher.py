@@ -80,6 +80,30 @@ def test_concurrent_jobs_share_a_batch_and_get_their_own_result():
     assert batcher.pending == 0
 
 
+def test_a_batch_wakes_the_event_loop_once():
+    runner = Recorder()
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.2)
+    batcher.start()
+    wakeups = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            wakeups.append(callback)
+            return plain(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+        futures = batcher.submit("e", [[1, 2]] * 8, list(range(8)))
+        return await asyncio.gather(*futures)
+
+    assert asyncio.run(main()) == [f"e:{i}" for i in range(8)]
+    batcher.close()
+    assert runner.batches == [list(range(8))]
+    assert len(wakeups) == 1  # eight results, one hand-over
+
+
 def test_without_waiting_an_idle_model_takes_the_first_job_alone():
     runner = Recorder(delay=0.3)
     batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.0)

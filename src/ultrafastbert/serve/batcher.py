@@ -346,15 +346,31 @@ class Batcher:
                 self._run([job])
             return
         self._observe(batch, start, failed=False)
-        for job, result in zip(batch, results, strict=True):
+        for job in batch:
             if job.cancelled and self.on_wasted is not None:
                 _quietly(self.on_wasted, str(job.ticket.reason if job.ticket else "?"), 1)
-            self._answer(job, result=result)
+        self._answer_all(batch, results)
 
     def _answer(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
             self._pending -= 1
         _settle(job, result, error)
+
+    def _answer_all(self, jobs: list[Job], results: Sequence[Any]) -> None:
+        """Hand a batch's results to their futures with one wake-up of each event loop
+        (one per job would cost the loop a wake-up, and the interpreter lock a hand-over,
+        per text)."""
+        with self._lock:
+            self._pending -= len(jobs)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            if job.future is not None and job.loop is not None:
+                by_loop.setdefault(job.loop, []).append((job.future, result))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_results, pairs)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                logger.debug("event loop closed; dropping %d results", len(pairs))
 
     def _observe(self, batch: list[Job], start: float, failed: bool) -> None:
         if self.observer is None:
@@ -372,6 +388,13 @@ def _quietly(callback: Callable[..., None], *args: Any) -> None:
         callback(*args)
     except Exception:
         logger.exception("a batcher callback failed")
+
+
+def _set_results(pairs: list[tuple[asyncio.Future, Any]]) -> None:
+    """On the event loop: each future gets its result (unless its request was cancelled)."""
+    for future, result in pairs:
+        if not future.done():
+            future.set_result(result)
 
 
 def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:
