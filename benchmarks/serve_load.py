@@ -630,6 +630,8 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
                                                jobs, seed=int(multiple * 1000)))
         wait_idle(port)
     after, cpu_after = scrape(port), thread_cpu(pid)
+    with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=30) as answer:
+        bounds_after = json.loads(answer.read()).get("limits")
     client_after = resource.getrusage(resource.RUSAGE_SELF)
     delta = {k.removeprefix("ultrafastbert_"): after[k] - before.get(k, 0.0) for k in after}
     lag = {k: v for k, v in delta.items() if k.startswith("event_loop_lag_seconds_bucket")}
@@ -669,6 +671,7 @@ def overload_level(port: int, pid: int, multiple: float, rate: float, args: argp
         "server_cpu_s": {k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after},
         "client_cpu_s": round(client_after.ru_utime + client_after.ru_stime
                               - client_before.ru_utime - client_before.ru_stime, 2),
+        "bounds_after": bounds_after,  # the queue bound follows the served rate (/health)
     }
 
 
