@@ -4,6 +4,7 @@ shutdown."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -359,3 +360,21 @@ def test_a_thread_can_name_itself_and_lower_only_its_own_priority():
     assert nice == seen["nice"] == min(19, main_before[1] + 4)
     assert _thread_stat(threading.get_native_id()) == main_before  # the caller only
     assert lower_priority(0) is None
+
+
+def test_the_service_turns_the_tokenizers_thread_pool_off_unless_told(tmp_path, monkeypatch):
+    from servestub import StubPredictor
+    from ultrafastbert.serve.service import Service
+
+    for given, want in ((None, "false"), ("true", "true")):
+        if given is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", given)
+        service = Service(StubPredictor(tmp_path / "calls", None), ServeConfig("m"))
+        service.start()
+        try:
+            assert os.environ["TOKENIZERS_PARALLELISM"] == want
+            assert service.limits is not None and service.limits.tokens_per_s > 0
+        finally:
+            service.close()
