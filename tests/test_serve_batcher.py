@@ -297,12 +297,16 @@ def test_a_sized_queue_bound_follows_the_rate_the_server_drains_it_at():
     admission.drain.sample(now + 60.0, started, queued=False)
     admission.drain.sample(now + 60.01, started, queued=True)
     assert admission.drain.trusted == pytest.approx(3000.0)
-    # The bound stays within [1/4, 2] of the start's, whatever the rate.
-    crawl = DrainRate()
+    assert admission.max_concurrent_requests == 93  # 1500 tokens / 16
+    # The bound stays above 1/4 of the start's, however slow; it grows with a faster drain.
+    crawl, fast = DrainRate(), DrainRate()
     for i in range(300):
         crawl.sample(i * 0.01, i, queued=True)
+        fast.sample(i * 0.01, i * 400, queued=True)
     admission.drain = crawl
     assert admission.max_queue_tokens == 1000
+    admission.drain = fast
+    assert admission.max_queue_tokens == 20000 and admission.max_concurrent_requests == 1024
     given = Admission(lambda: 0)
     given.set_limits(size_limits(ServeConfig("m", max_queue_tokens=50), 8000.0, 128))
     given.drain = crawl

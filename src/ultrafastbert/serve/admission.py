@@ -42,8 +42,9 @@ OVERLOAD_MEMORY_S = 1.0
 DRAIN_TIME_CONSTANT_S = 2.0
 #: ... and replaces the speed measured at start after the queue was busy this long in all.
 DRAIN_TRUSTED_AFTER_S = 1.0
-#: A queue bound sized from the drain rate stays within these shares of the one sized at start.
-DRAIN_BOUND_RANGE = (0.25, 2.0)
+#: A queue bound sized from the drain rate stays above this share of the one sized at start
+#: (a short queue makes small batches, which drain slower: the bound must not spiral down).
+DRAIN_BOUND_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,9 @@ class Admission:
         if self.draining:
             self._refuse(503, "the server is shutting down: retry on another instance",
                          "shutting_down", "draining")
-        if self.in_flight >= limits.max_concurrent_requests:
+        if self.in_flight >= self.max_concurrent_requests:
             self._refuse(429, f"the server is busy: {self.in_flight} requests in the works, the "
-                              f"limit is {limits.max_concurrent_requests}; retry after the "
+                              f"limit is {self.max_concurrent_requests}; retry after the "
                               "Retry-After seconds", "too_many_requests", "concurrency")
         self._check_queue(0, limits)  # full already: no need to read and tokenize the body
         self.in_flight += 1
@@ -168,16 +169,25 @@ class Admission:
     def max_queue_tokens(self) -> int:
         """The queue bound in force. Given (``--max-queue-tokens``): that. Sized: at start from
         the model's measured speed; once the server has been busy a while, from the drain rate
-        (:class:`DrainRate`, tokens/s actually served), within :data:`DRAIN_BOUND_RANGE` of the
-        start's bound, so a queued request still starts within ``max_queue_s`` when the
-        machine serves slower than the model measured alone."""
+        (:class:`DrainRate`, tokens/s actually served; at least :data:`DRAIN_BOUND_FLOOR` of
+        the start's bound), so a queued request still starts within ``max_queue_s`` when the
+        machine serves slower than the model measured alone, and the queue grows back when
+        the start was measured in a busy moment."""
         limits = self._limits()
         rate = self.drain.trusted
         if "max_queue_tokens" not in limits.sized or rate is None:
             return limits.max_queue_tokens
-        low, high = (int(share * limits.max_queue_tokens) for share in DRAIN_BOUND_RANGE)
         sized = int(rate * limits.max_queue_s * QUEUE_SHARE_OF_DEADLINE)
-        return max(low, min(high, sized))
+        return max(int(DRAIN_BOUND_FLOOR * limits.max_queue_tokens), sized)
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        """The request bound in force: given, or sized from the queue bound in force (that
+        many tokens in 16-token requests, within 16 and 1024)."""
+        limits = self._limits()
+        if "max_concurrent_requests" not in limits.sized:
+            return limits.max_concurrent_requests
+        return min(1024, max(16, self.max_queue_tokens // SHORT_REQUEST_TOKENS))
 
     def expired(self) -> ServeError:
         """The error for a request whose queue deadline passed before its first model call."""
@@ -207,8 +217,7 @@ class Admission:
     @property
     def overloaded(self) -> bool:
         """At a bound now, or a request was refused in the last second."""
-        limits = self._limits()
-        return (self.in_flight >= limits.max_concurrent_requests
+        return (self.in_flight >= self.max_concurrent_requests
                 or self.queued_tokens() >= self.max_queue_tokens
                 or time.monotonic() - self._last_refusal < OVERLOAD_MEMORY_S)
 

@@ -46,11 +46,13 @@ _OPEN_PATHS = {"/health"}  # no API key needed
 CLIENT_GONE = 499
 
 
-def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
+def create_app(predictor: Any, config: ServeConfig,
+               model_loader: Callable[[], Any] | None = None) -> FastAPI:
     """The app serving ``predictor`` (an :class:`~ultrafastbert.infer.Predictor`). The model
     starts (warm-up, batch worker) when the app's lifespan starts and stops after the last
-    request in flight is answered."""
-    service = Service(predictor, config)
+    request in flight is answered. ``model_loader`` (picklable, returns the Predictor) is
+    what model processes load, with ``config.model_processes``."""
+    service = Service(predictor, config, model_loader=model_loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,7 +173,7 @@ def _health(service: Service) -> Response:
         drain = admission.drain.trusted
         body["limits"] = {"max_queue_tokens": admission.max_queue_tokens,  # in force now
                           "max_queue_tokens_at_start": limits.max_queue_tokens,
-                          "max_concurrent_requests": limits.max_concurrent_requests,
+                          "max_concurrent_requests": admission.max_concurrent_requests,
                           "max_queue_ms": round(limits.max_queue_s * 1000, 3),
                           "measured_tokens_per_s": round(limits.tokens_per_s, 1),
                           "served_tokens_per_s": None if drain is None else round(drain, 1)}

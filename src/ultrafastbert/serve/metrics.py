@@ -93,10 +93,9 @@ class Metrics:
         """Read the in-flight requests, queued tokens and bounds from ``admission``."""
         self.in_flight.set_function(lambda: admission.in_flight)
         self.queued_tokens.set_function(admission.queued_tokens)
-        for bound in ("max_concurrent_requests", "max_queue_s"):
-            self.limit.labels(bound).set_function(_reader(admission, bound))
-        self.limit.labels("max_queue_tokens").set_function(
-            lambda: float(admission.max_queue_tokens if admission.limits else 0))
+        self.limit.labels("max_queue_s").set_function(_reader(admission, "max_queue_s"))
+        for bound in ("max_queue_tokens", "max_concurrent_requests"):  # in force now
+            self.limit.labels(bound).set_function(_reader(admission, bound, now=True))
 
     def observe_rejection(self, reason: str) -> None:
         """A request refused (``concurrency``, ``queue_tokens``, ``draining``)."""
@@ -140,6 +139,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _reader(admission: Admission, bound: str) -> Callable[[], float]:
-    """Reads one bound of ``admission`` (0 before the server starts)."""
+def _reader(admission: Admission, bound: str, now: bool = False) -> Callable[[], float]:
+    """Reads one bound of ``admission`` (``now``: as in force, from the admission itself;
+    else as set at start; 0 before the server starts)."""
+    if now:
+        return lambda: float(getattr(admission, bound) if admission.limits else 0)
     return lambda: float(getattr(admission.limits, bound, 0) or 0)

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, ResourceError
+from ..errors import ConfigError, InputError, ResourceError
 from .admission import Admission, Limits, size_limits
 from .batcher import Batcher, BatchStats, Job, JobCancelled, Ticket
 from .config import ServeConfig
 from .errors import ClientGone, ServeError
 from .metrics import Metrics
+from .modelproc import Loader, ModelProcesses, run_batch
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,18 @@ SPEED_ROWS, SPEED_WORDS = 16, 30
 class Service:
     """One model behind the server: its limits, its batcher, its metrics."""
 
-    def __init__(self, predictor: Any, config: ServeConfig, metrics: Metrics | None = None):
+    def __init__(self, predictor: Any, config: ServeConfig, metrics: Metrics | None = None,
+                 model_loader: Loader | None = None):
         config.check_model_length(predictor.max_length)
-        self.predictor, self.config = predictor, config
+        if config.model_processes and model_loader is None:
+            raise ConfigError("model_processes needs a model loader (a picklable callable "
+                              "that returns the Predictor in the child process)")
+        self.predictor, self.config, self.model_loader = predictor, config, model_loader
+        self.processes: ModelProcesses | None = None
         self.batcher = Batcher(self._run_batch, max_batch_tokens=config.max_batch_tokens,
                                max_wait_s=config.max_wait_ms / 1000.0,
-                               workers=config.workers)
+                               workers=config.workers,
+                               nice=0 if config.model_processes else config.model_nice)
         self.metrics = metrics or Metrics(queue_depth=lambda: self.batcher.pending)
         self.admission = Admission(lambda: self.batcher.queued_tokens,
                                    on_reject=self.metrics.observe_rejection)
@@ -68,6 +75,11 @@ class Service:
         self.dimensions = int(vectors.shape[-1])
         limits = size_limits(self.config, self._measure_speed(), self.max_length)
         self.admission.set_limits(limits)
+        if self.config.model_processes and self.model_loader is not None:
+            self.processes = ModelProcesses(self.model_loader, self.config.workers,
+                                            torch.get_num_threads(), self.config.model_nice)
+            logger.info("the model runs in %d child process(es): %s", len(self.processes.pids),
+                        ", ".join(map(str, self.processes.pids)))
         self.batcher.start()
         logger.info("serving %s: tasks %s, max length %d, embedding width %d",
                     self.config.model_name, ", ".join(self.tasks), self.max_length,
@@ -111,6 +123,8 @@ class Service:
         """Answer every queued text, then stop the worker."""
         self.drain()
         self.batcher.close(self.config.graceful_timeout_s)
+        if self.processes is not None:
+            self.processes.close()
 
     def _observe_batch(self, stats: BatchStats) -> None:
         self.metrics.observe_batch(stats)
@@ -238,18 +252,12 @@ class Service:
                           "shutting_down")
 
     def _run_batch(self, key: Any, jobs: list[Job]) -> Sequence[Any]:
-        """One model call for jobs of one key (on the worker thread)."""
-        ids, mask = self.predictor.pad([job.ids for job in jobs])
-        task = key[0]
-        if task == "embed":
-            vectors: torch.Tensor = self.predictor.embed_ids(ids, mask)
-            return list(vectors.numpy())
-        if task == "classify":
-            return self.predictor.classify_ids(ids, mask)
-        if task == "fill-mask":
-            return self.predictor.fill_mask_ids([job.payload for job in jobs], ids, mask,
-                                                top_k=key[1])
-        raise ValueError(f"unknown task {task!r}")
+        """One model call for jobs of one key (on the worker thread; in a model process when
+        there are some)."""
+        rows, payloads = [job.ids for job in jobs], [job.payload for job in jobs]
+        if self.processes is not None:
+            return self.processes.run(key, rows, payloads)
+        return run_batch(self.predictor, key, rows, payloads)
 
 
 async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
