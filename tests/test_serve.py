@@ -135,6 +135,36 @@ def test_classify_equals_the_python_api(clf, models):
         api.classify(first[:1])[0].probabilities, abs=1e-5)
 
 
+def test_a_model_process_answers_like_the_python_api(models, mlm_api):
+    """``--model-process`` (with two workers: two children): every task's results as the
+    Python API's, computed in the children."""
+    server = ServerProcess(models / "mlm", "--model-process", "--workers", "2",
+                           log_file=models / "mlm-process.log")
+    clf_server = ServerProcess(models / "clf", "--model-process",
+                               log_file=models / "clf-process.log")
+    try:
+        assert "the model runs in 2 child process(es)" in server.log()
+        batch = [*texts(5, seed=4), LONG]
+        r = server.post("/v1/embeddings", {"input": batch})
+        assert r.status == 200, r
+        torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json["data"]]),
+                                   mlm_api.embed(batch), atol=1e-5, rtol=1e-5)
+        text = "the cat <mask> on the mat"
+        [row] = server.post("/v1/fill-mask", {"input": text, "top_k": 3}).json["data"]
+        want = mlm_api.fill_mask(text, top_k=3)
+        assert row["filled"] == want.filled
+        assert [c["token_id"] for c in row["masks"][0]] == [
+            c.token_id for c in want.candidates[0]]
+        first = texts(3, seed=5, words=3)
+        got = clf_server.post("/v1/classify", {"input": first}).json["data"]
+        expected = Predictor.from_pretrained(models / "clf").classify(first)
+        assert [g["label"] for g in got] == [e.label for e in expected]
+        assert got[0]["probabilities"] == pytest.approx(expected[0].probabilities, abs=1e-5)
+    finally:
+        statuses = [server.stop()[0], clf_server.stop()[0]]
+    assert statuses == [0, 0]
+
+
 def test_health_models_and_metrics(mlm):
     health = mlm.request("GET", "/health")
     assert health.status == 200 and health.json["status"] == "ok"
