@@ -36,13 +36,13 @@ def run_batch(predictor: Any, key: Hashable, rows: Sequence[Sequence[int]],
     """One model call of one key (``(task, options...)``) on token-id ``rows``: one result
     per row (an embedding as a numpy array, a classification, a fill-mask result)."""
     ids, mask = predictor.pad(rows)
-    task = key[0] if isinstance(key, tuple) else key
+    task, *options = key if isinstance(key, tuple) else (key,)
     if task == "embed":
         return list(predictor.embed_ids(ids, mask).numpy())
     if task == "classify":
         return list(predictor.classify_ids(ids, mask))
     if task == "fill-mask":
-        return list(predictor.fill_mask_ids(list(payloads), ids, mask, top_k=key[1]))
+        return list(predictor.fill_mask_ids(list(payloads), ids, mask, top_k=options[0]))
     raise ValueError(f"unknown task {task!r}")
 
 
