@@ -4,6 +4,7 @@ shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
@@ -366,7 +367,7 @@ def test_a_thread_can_name_itself_and_lower_only_its_own_priority():
     assert lower_priority(0) is None
 
 
-def test_the_service_turns_the_tokenizers_thread_pool_off_unless_told(tmp_path, monkeypatch):
+def test_the_service_freezes_the_heap_and_turns_the_tokenizers_pool_off_unless_told(tmp_path, monkeypatch):
     from servestub import StubPredictor
     from ultrafastbert.serve.service import Service
 
@@ -376,9 +377,13 @@ def test_the_service_turns_the_tokenizers_thread_pool_off_unless_told(tmp_path, 
         else:
             monkeypatch.setenv("TOKENIZERS_PARALLELISM", given)
         service = Service(StubPredictor(tmp_path / "calls", None), ServeConfig("m"))
+        gc.unfreeze()
+        assert gc.get_freeze_count() == 0
         service.start()
         try:
             assert os.environ["TOKENIZERS_PARALLELISM"] == want
+            assert gc.get_freeze_count() > 1000  # the heap is out of the collections
             assert service.limits is not None and service.limits.tokens_per_s > 0
         finally:
             service.close()
+            gc.unfreeze()

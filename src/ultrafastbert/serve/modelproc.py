@@ -16,6 +16,7 @@ ones after it, and is reported in the log.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -121,6 +122,8 @@ def _child(conn: Any, loader: Loader, threads: int | None, nice: int) -> None:
         predictor = loader()
         for texts in (["warm up"], [" ".join(["word"] * 30)] * 16):  # first calls build caches
             run_batch(predictor, ("embed",), predictor.tokenize(texts), [None] * len(texts))
+        gc.collect()
+        gc.freeze()  # as the server does (service.freeze_heap): no long full collections
     except BaseException as err:  # the parent reports it
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return

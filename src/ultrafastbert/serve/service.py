@@ -11,6 +11,7 @@ its texts are not computed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -80,6 +81,7 @@ class Service:
                                             torch.get_num_threads(), self.config.model_nice)
             logger.info("the model runs in %d child process(es): %s", len(self.processes.pids),
                         ", ".join(map(str, self.processes.pids)))
+        freeze_heap()
         self.batcher.start()
         logger.info("serving %s: tasks %s, max length %d, embedding width %d",
                     self.config.model_name, ", ".join(self.tasks), self.max_length,
@@ -258,6 +260,16 @@ class Service:
         if self.processes is not None:
             return self.processes.run(key, rows, payloads)
         return run_batch(self.predictor, key, rows, payloads)
+
+
+def freeze_heap() -> int:
+    """Collect garbage once, then keep every object alive now out of later collections
+    (``gc.freeze``): the model, torch and the libraries are some 400,000 objects that a full
+    collection walks while every Python thread waits (measured: 370-400 ms on a busy 2-core
+    machine with the converted MiniLM loaded; 0 ms after the freeze). Returns how many."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
