@@ -26,9 +26,11 @@ arrivals (Poisson, each request on its own connection, never retried) at ``--mul
 rate for ``--duration`` seconds each, every client giving up after ``--client-timeout`` s (it
 closes its connection: the server sees it leave). Per level: goodput (texts answered 200 within
 the client's timeout, per second), refusals and their latency, p50/p99 of the accepted requests,
-client timeouts, the texts the server computed that reached nobody in time, and the server's
-peak resident memory. ``--compare-unbounded`` runs the same levels again with the admission
-bounds lifted (the ablation). See docs/serving.md, "Overload".
+client timeouts, the texts the server computed that reached nobody in time, the server's
+peak resident memory, and where the time went (the server's event-loop lag, the load
+generator's own lateness, CPU seconds per thread group). ``--compare-unbounded`` runs the same
+levels again with the admission bounds lifted (the ablation); ``--client-cpus`` /
+``--server-cpus`` pin either side to CPUs. See docs/serving.md, "Overload".
 """
 
 from __future__ import annotations
