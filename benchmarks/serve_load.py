@@ -386,6 +386,13 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def _model_cpu(cpu: dict[str, float]) -> str:
+    """The model's CPU seconds: its threads', or its processes' (marked ``p``)."""
+    if cpu.get("model_processes"):
+        return f"{cpu['model_processes']:g} p"
+    return str(cpu.get("model", ""))
+
+
 def _le(value: float | None) -> str:
     """A histogram bucket's upper bound as an upper bound (``<= 20``)."""
     return "" if value is None else f"<= {value:g}"
@@ -581,11 +588,27 @@ def histogram_quantile(delta: dict[str, float], q: float) -> float | None:
     return None
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's threads so far, in three groups: ``event_loop`` (the main
+    """CPU seconds of a process's threads so far, in groups: ``event_loop`` (the main
     thread: HTTP, admission, tokenizing, JSON), ``model`` (threads named ``ufb-batcher*`` and
-    the threads they started, which inherit the name: torch's OpenMP workers) and ``other``."""
-    groups = {"event_loop": 0.0, "model": 0.0, "other": 0.0}
+    the threads they started, which inherit the name: torch's OpenMP workers), ``other``, and
+    ``model_processes`` (its child processes: ``--model-process``)."""
+    groups = {"event_loop": 0.0, "model": 0.0, "other": 0.0,
+              "model_processes": sum(cpu_seconds(c) or 0.0 for c in child_pids(pid))}
     tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -772,7 +795,7 @@ def overload_markdown(results: dict[str, Any]) -> str:
                 f"{lv['texts_computed_not_delivered']} | {lv['peak_rss_mib']} | "
                 f"{_le(lv.get('server_loop_lag_p99_ms'))} | "
                 f"{_cell(lv.get('client_send_late_p99_ms'))} | "
-                f"{cpu.get('event_loop', '')} / {cpu.get('model', '')} / {cpu.get('other', '')} "
+                f"{cpu.get('event_loop', '')} / {_model_cpu(cpu)} / {cpu.get('other', '')} "
                 f"/ {lv.get('client_cpu_s', '')} |")
         lines += ["", "Against 1x: " + json.dumps(run.get("verdicts", {})), ""]
     return "\n".join(lines)

@@ -487,7 +487,8 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
             # where the time went: the probe ran (every 10 ms), both processes used CPU
             assert lv["server_loop_lag_p99_ms"] is not None
             assert lv["server_loop_lag_p50_ms"] <= lv["server_loop_lag_p99_ms"]
-            assert set(lv["server_cpu_s"]) == {"event_loop", "model", "other"}
+            assert set(lv["server_cpu_s"]) == {"event_loop", "model", "other",
+                                               "model_processes"}
             assert lv["server_cpu_s"]["event_loop"] > 0 and lv["client_cpu_s"] > 0
             assert lv["client_send_late_p99_ms"] >= 0
         assert set(run["verdicts"]) == {"4x"}
