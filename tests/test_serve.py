@@ -149,6 +149,11 @@ def test_a_model_process_answers_like_the_python_api(models, mlm_api):
         assert r.status == 200, r
         torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json["data"]]),
                                    mlm_api.embed(batch), atol=1e-5, rtol=1e-5)
+        assert r.json["usage"]["prompt_tokens"] == sum(map(len, mlm_api.tokenize(batch)))
+        one = server.post("/v1/embeddings", {"input": batch[1], "encoding_format": "base64"})
+        vector = np.frombuffer(base64.b64decode(one.json["data"][0]["embedding"]), dtype="<f4")
+        torch.testing.assert_close(torch.from_numpy(vector.copy()), mlm_api.embed(batch)[1],
+                                   atol=1e-5, rtol=1e-5)
         text = "the cat <mask> on the mat"
         [row] = server.post("/v1/fill-mask", {"input": text, "top_k": 3}).json["data"]
         want = mlm_api.fill_mask(text, top_k=3)

@@ -387,3 +387,24 @@ def test_the_service_freezes_the_heap_and_turns_the_tokenizers_pool_off_unless_t
         finally:
             service.close()
             gc.unfreeze()
+
+
+def test_an_answer_joined_from_json_made_by_the_model_is_the_answer_encoded_whole():
+    import json
+
+    import numpy as np
+
+    from ultrafastbert.serve.app import _embeddings_json, _json
+    from ultrafastbert.serve.modelproc import Encoded
+
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(5).astype(np.float32) for _ in range(3)]
+    encoded = [Encoded(v, json.dumps(v.tolist(), separators=(",", ":")).encode())
+               for v in vectors]
+    usage = {"prompt_tokens": 7, "total_tokens": 7}
+    joined = _embeddings_json(encoded, 'a "quoted" name', usage).body
+    whole = _json({"object": "list", "data": [
+        {"object": "embedding", "index": i, "embedding": v.tolist()}
+        for i, v in enumerate(vectors)], "model": 'a "quoted" name', "usage": usage}).body
+    assert joined == whole
+    assert json.loads(joined)["data"][2]["embedding"] == vectors[2].tolist()

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import multiprocessing
 import os
 import queue
 import signal
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ..errors import ResourceError
 
@@ -32,14 +35,28 @@ logger = logging.getLogger(__name__)
 Loader = Callable[[], Any]
 
 
+class Encoded(NamedTuple):
+    """An embedding and its JSON text (what ``json.dumps(vector.tolist())`` writes), made
+    where the model runs so that the server's event loop only joins bytes: the JSON of a
+    16-text answer of width 384 takes about 3.5 ms, and a batch answers many at once."""
+
+    vector: np.ndarray
+    json: bytes
+
+
 def run_batch(predictor: Any, key: Hashable, rows: Sequence[Sequence[int]],
-              payloads: Sequence[Any]) -> list[Any]:
+              payloads: Sequence[Any], encode_json: bool = False) -> list[Any]:
     """One model call of one key (``(task, options...)``) on token-id ``rows``: one result
-    per row (an embedding as a numpy array, a classification, a fill-mask result)."""
+    per row (an embedding as a numpy array, or an :class:`Encoded` with ``encode_json``; a
+    classification; a fill-mask result)."""
     ids, mask = predictor.pad(rows)
     task, *options = key if isinstance(key, tuple) else (key,)
     if task == "embed":
-        return list(predictor.embed_ids(ids, mask).numpy())
+        vectors = list(predictor.embed_ids(ids, mask).numpy())
+        if encode_json:
+            return [Encoded(v, json.dumps(v.tolist(), separators=(",", ":"),
+                                          allow_nan=False).encode()) for v in vectors]
+        return vectors
     if task == "classify":
         return list(predictor.classify_ids(ids, mask))
     if task == "fill-mask":
@@ -137,7 +154,7 @@ def _child(conn: Any, loader: Loader, threads: int | None, nice: int) -> None:
             return
         key, rows, payloads = message
         try:
-            conn.send(("ok", run_batch(predictor, key, rows, payloads)))
+            conn.send(("ok", run_batch(predictor, key, rows, payloads, encode_json=True)))
         except Exception as err:  # sent back: the batcher runs the jobs one by one
             conn.send(("error", _picklable(err)))
 
