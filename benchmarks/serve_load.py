@@ -714,13 +714,10 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
         capacity = None
         if rate is None:
             asyncio.run(closed_loop(port, args.capacity_clients, 2.0, jobs))  # warm-up
-            wait_idle(port)
-            answered, texts, seconds = asyncio.run(
-                closed_loop(port, args.capacity_clients, args.capacity_seconds, jobs))
-            rate = answered / seconds
-            capacity = {"requests_per_s": round(rate, 2), "texts_per_s": round(texts / seconds, 1),
-                        "clients": args.capacity_clients, "seconds": round(seconds, 2)}
-            print(f"  capacity: {rate:.1f} requests/s, {texts / seconds:.1f} texts/s", flush=True)
+            capacity = measure_capacity(port, args, jobs)
+            rate = capacity["requests_per_s"]
+            print(f"  capacity: {rate:.1f} requests/s, {capacity['texts_per_s']:.1f} texts/s",
+                  flush=True)
         levels = []
         for multiple in args.multiples:
             level = overload_level(port, proc.pid, multiple, multiple * rate, args, jobs)
@@ -732,10 +729,29 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
                   f"{level['texts_computed_not_delivered']}, peak {level['peak_rss_mib']} MiB",
                   flush=True)
             levels.append(level)
+        if capacity is not None:
+            # The same measurement after the levels: a 10-s sample of the machine, so the
+            # ratios to it are only as steady as the machine was (docs/serving.md).
+            after = measure_capacity(port, args, jobs)
+            capacity["texts_per_s_after_levels"] = after["texts_per_s"]
+            capacity["drift"] = round(after["texts_per_s"] / capacity["texts_per_s"] - 1, 3)
+            print(f"  capacity after the levels: {after['texts_per_s']:.1f} texts/s "
+                  f"({100 * capacity['drift']:+.0f}%)", flush=True)
     finally:
         stop_server(proc)
     return {"label": label, "server_command": shlex.join(cmd), "check": check,
             "bounds": limits, "capacity": capacity, "base_requests_per_s": round(rate, 2), "levels": levels}
+
+
+def measure_capacity(port: int, args: argparse.Namespace, jobs: list[list[str]]
+                     ) -> dict[str, Any]:
+    """Closed loop: ``--capacity-clients`` clients back to back for ``--capacity-seconds``."""
+    wait_idle(port)
+    answered, texts, seconds = asyncio.run(
+        closed_loop(port, args.capacity_clients, args.capacity_seconds, jobs))
+    return {"requests_per_s": round(answered / seconds, 2),
+            "texts_per_s": round(texts / seconds, 1), "clients": args.capacity_clients,
+            "seconds": round(seconds, 2)}
 
 
 def verdicts(run: dict[str, Any]) -> dict[str, Any]:
@@ -777,7 +793,8 @@ def overload_markdown(results: dict[str, Any]) -> str:
                   f"(`/health`): {json.dumps(run.get('bounds'))}", "",
                   f"1x = {run['base_requests_per_s']} requests/s" + (
                       f" (capacity measured: {cap['texts_per_s']} texts/s with "
-                      f"{cap['clients']} closed-loop clients)" if cap else
+                      f"{cap['clients']} closed-loop clients; again after the levels: "
+                      f"{cap.get('texts_per_s_after_levels')} texts/s)" if cap else
                       " (the capacity measured on the bounded server)"), "",
                   "| load | offered req/s | goodput texts/s | 200 | 429/503 | client timeouts | "
                   "p50 ms | p99 ms | refusal p99 ms | gate refusal p99 ms | computed, not "

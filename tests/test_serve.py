@@ -474,6 +474,7 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
     assert results["environment"]["client_cpus"] == sorted(os.sched_getaffinity(0))
     bounded = results["runs"][0]
     assert bounded["capacity"]["requests_per_s"] > 0
+    assert bounded["capacity"]["texts_per_s_after_levels"] > 0  # measured again after
     assert len(results["runs"]) == 1 + unbounded
     if unbounded:
         other = results["runs"][1]
