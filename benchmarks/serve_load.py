@@ -786,7 +786,8 @@ def overload_markdown(results: dict[str, Any]) -> str:
              f"{results['texts_per_request']} texts per request, Poisson arrivals, each request "
              f"on its own connection, client timeout {results['client_timeout_s']} s, "
              f"{results['duration_s']} s per level. Load generator on CPUs "
-             f"{env.get('client_cpus')}, server on CPUs {env.get('server_cpus') or 'all'}.", ""]
+             f"{env.get('client_cpus')} at nice {env.get('client_nice', 0)}, server on CPUs "
+             f"{env.get('server_cpus') or 'all'}.", ""]
     for run in results["runs"]:
         cap = run["capacity"]
         lines += [f"## {run['label']}", "", f"Server: `{run['server_command']}`; bounds "
@@ -829,8 +830,11 @@ def overload_main(args: argparse.Namespace, targets: list[Target], command: str)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.client_cpus is not None:
         os.sched_setaffinity(0, args.client_cpus)  # before any thread starts: all inherit it
+    if args.client_nice:
+        os.nice(args.client_nice)  # negative (a higher priority) needs root / CAP_SYS_NICE
     env = environment(args.threads, args.note)
     env["client_cpus"] = sorted(os.sched_getaffinity(0))
+    env["client_nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     env["server_cpus"] = None if args.server_cpus is None else sorted(args.server_cpus)
     runs = [overload_run(target, args, jobs, args.out, [], target.label, None)]
     if args.compare_unbounded:
@@ -894,6 +898,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the load generator on these CPUs only (e.g. 1; like taskset -c)")
     o.add_argument("--server-cpus", type=_cpus, default=None, metavar="LIST",
                    help="run the server on these CPUs only (e.g. 0,1)")
+    o.add_argument("--client-nice", type=int, default=0, metavar="N",
+                   help="add N to the load generator's nice value (negative: it runs before "
+                        "the server when cores are short, so its own delays stay out of the "
+                        "latencies; needs root)")
     args = p.parse_args(argv)
     if args.make_stand_ins:
         make_stand_ins(args.make_stand_ins)
