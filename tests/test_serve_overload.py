@@ -325,9 +325,12 @@ def test_a_model_process_computes_what_the_front_admits_and_nothing_for_a_client
         callers = pids.read_text().splitlines()
         assert {int(p) for p in callers[:calls_at_start]} == {server.proc.pid, child}
         assert {int(p) for p in callers[calls_at_start:]} == {child}  # every request's call
+        os.kill(child, signal.SIGKILL)  # the model process dies: answered, not hung
+        gone = server.post("/v1/embeddings", {"input": "after the end"})
+        assert gone.status == 503 and gone.json["error"]["code"] == "model_unavailable", gone
     finally:
         server.release()
         status, _ = server.stop()
     assert status == 0
-    assert not Path(f"/proc/{child}").exists()  # stopped and reaped with the server
+    assert not Path(f"/proc/{child}").exists()  # reaped with the server
     assert "ERROR" not in server.log()

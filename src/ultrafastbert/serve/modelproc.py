@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 Loader = Callable[[], Any]
 
 
+class ModelProcessGone(ResourceError):
+    """The model process a batch was sent to has stopped (answered 503)."""
+
+
 class Encoded(NamedTuple):
     """An embedding and its JSON text (what ``json.dumps(vector.tolist())`` writes), made
     where the model runs so that the server's event loop only joins bytes: the JSON of a
@@ -104,8 +108,8 @@ class ModelProcesses:
             conn.send((key, [list(r) for r in rows], list(payloads)))
             status, value = conn.recv()
         except (EOFError, OSError) as err:
-            raise ResourceError(f"the model process stopped ({err or type(err).__name__}); "
-                                "restart the server") from err
+            raise ModelProcessGone(f"the model process stopped ({err or type(err).__name__})"
+                                   "; restart the server") from err
         finally:
             self._free.put(conn)
         if status == "error":

@@ -3,7 +3,8 @@
 The model is reached only through :class:`~ultrafastbert.infer.Predictor` (``tasks``,
 ``tokenize``, ``pad``, ``embed_ids``, ``classify_ids``, ``fill_mask_ids``), so every model
 directory ``Predictor`` loads can be served. Tokenizing happens on the event loop (one thread);
-the model runs on the batcher's worker thread. Admission (:mod:`.admission`) bounds what waits
+the model runs on the batcher's worker thread, or in model processes (:mod:`.modelproc`) that
+the worker threads hand their batches to. Admission (:mod:`.admission`) bounds what waits
 for the model; a request whose client leaves, or whose queue deadline passes, is cancelled and
 its texts are not computed.
 """
@@ -26,7 +27,7 @@ from .batcher import Batcher, BatchStats, Job, JobCancelled, Ticket
 from .config import ServeConfig
 from .errors import ClientGone, ServeError
 from .metrics import Metrics
-from .modelproc import Loader, ModelProcesses, run_batch
+from .modelproc import Loader, ModelProcesses, ModelProcessGone, run_batch
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class Service:
                 raise self._cancelled(result.reason) from result
             if isinstance(result, InputError):
                 raise ServeError(422, str(result), "invalid_input", "input") from result
+            if isinstance(result, ModelProcessGone):
+                raise ServeError(503, str(result), "model_unavailable") from result
             if isinstance(result, BaseException):
                 raise result
         if ticket.started_at is not None:
