@@ -519,7 +519,8 @@ async def closed_loop(port: int, clients: int, seconds: float, jobs: list[list[s
 
 
 class MemorySampler:
-    """The resident memory of a process, sampled every 20 ms in a thread: the peak (bytes)."""
+    """The resident memory of a process and its children, sampled every 20 ms in a thread:
+    the peak (bytes)."""
 
     def __init__(self, pid: int):
         self.pid, self.peak = pid, 0
@@ -535,8 +536,9 @@ class MemorySampler:
         self._thread.join()
 
     def _run(self) -> None:
+        children = child_pids(self.pid)  # model processes (--model-process) count too
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, sum(rss_bytes(p) for p in (self.pid, *children)))
             self._stop.wait(0.02)
 
 
@@ -708,6 +710,8 @@ def overload_run(target: Target, args: argparse.Namespace, jobs: list[list[str]]
     try:
         check = check_answers(target, port, [t for job in jobs[:2] for t in job])
         print(f"{label}: {check}", flush=True)
+        if args.client_cpus is not None:  # after the check: its reference model runs on
+            os.sched_setaffinity(0, args.client_cpus)  # every CPU, as the server's does
         with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=30) as answer:
             limits = json.loads(answer.read()).get("limits")
         print(f"  bounds: {limits}", flush=True)
@@ -828,12 +832,10 @@ def overload_main(args: argparse.Namespace, targets: list[Target], command: str)
     jobs = [texts[(i * per) % len(texts):(i * per) % len(texts) + per] for i in range(256)]
     jobs = [j for j in jobs if len(j) == per]
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.client_cpus is not None:
-        os.sched_setaffinity(0, args.client_cpus)  # before any thread starts: all inherit it
     if args.client_nice:
         os.nice(args.client_nice)  # negative (a higher priority) needs root / CAP_SYS_NICE
     env = environment(args.threads, args.note)
-    env["client_cpus"] = sorted(os.sched_getaffinity(0))
+    env["client_cpus"] = sorted(args.client_cpus or os.sched_getaffinity(0))
     env["client_nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     env["server_cpus"] = None if args.server_cpus is None else sorted(args.server_cpus)
     runs = [overload_run(target, args, jobs, args.out, [], target.label, None)]
