@@ -58,10 +58,11 @@ def _add_overload_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("overload and access")
     g.add_argument("--max-queue-tokens", type=int, default=None,
                    help="tokens waiting for the model; more is refused with 429 (default: "
-                        "what the model computes in half of --max-queue-ms, measured at start)")
+                        "what the server serves in half of --max-queue-ms: timed at start, "
+                        "then the rate it drains its queue at)")
     g.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="model requests in the server at once; more is refused with 429 "
-                        "(default: --max-queue-tokens / 16, within 16 and 1024)")
+                        "(default: the queue bound / 16, within 16 and 1024)")
     g.add_argument("--max-queue-ms", type=float, default=1000.0,
                    help="a request not in the model after this long is answered 429 and not "
                         "computed (default 1000)")
@@ -71,7 +72,8 @@ def _add_overload_options(p: argparse.ArgumentParser) -> None:
                         "loaded twice (memory)")
     g.add_argument("--model-nice", type=int, default=0, metavar="N",
                    help="run the model N nice levels below the HTTP front (0-19; default 0) so "
-                        "that refusals are answered first when cores are short")
+                        "that refusals are answered first when cores are short; the model then "
+                        "yields to every other program too (see docs/serving.md)")
     g.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
                    help="accepted keys, one per line (Authorization: Bearer KEY on every "
                         f"route but /health); or set {API_KEY_ENV}")
