@@ -135,14 +135,54 @@ def test_classify_equals_the_python_api(clf, models):
         api.classify(first[:1])[0].probabilities, abs=1e-5)
 
 
+def test_a_model_process_answers_like_the_python_api(models, mlm_api):
+    """``--model-process`` (with two workers: two children): every task's results as the
+    Python API's, computed in the children."""
+    server = ServerProcess(models / "mlm", "--model-process", "--workers", "2",
+                           log_file=models / "mlm-process.log")
+    clf_server = ServerProcess(models / "clf", "--model-process",
+                               log_file=models / "clf-process.log")
+    try:
+        assert "the model runs in 2 child process(es)" in server.log()
+        batch = [*texts(5, seed=4), LONG]
+        r = server.post("/v1/embeddings", {"input": batch})
+        assert r.status == 200, r
+        torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json["data"]]),
+                                   mlm_api.embed(batch), atol=1e-5, rtol=1e-5)
+        assert r.json["usage"]["prompt_tokens"] == sum(map(len, mlm_api.tokenize(batch)))
+        one = server.post("/v1/embeddings", {"input": batch[1], "encoding_format": "base64"})
+        vector = np.frombuffer(base64.b64decode(one.json["data"][0]["embedding"]), dtype="<f4")
+        torch.testing.assert_close(torch.from_numpy(vector.copy()), mlm_api.embed(batch)[1],
+                                   atol=1e-5, rtol=1e-5)
+        text = "the cat <mask> on the mat"
+        [row] = server.post("/v1/fill-mask", {"input": text, "top_k": 3}).json["data"]
+        want = mlm_api.fill_mask(text, top_k=3)
+        assert row["filled"] == want.filled
+        assert [c["token_id"] for c in row["masks"][0]] == [
+            c.token_id for c in want.candidates[0]]
+        first = texts(3, seed=5, words=3)
+        got = clf_server.post("/v1/classify", {"input": first}).json["data"]
+        expected = Predictor.from_pretrained(models / "clf").classify(first)
+        assert [g["label"] for g in got] == [e.label for e in expected]
+        assert got[0]["probabilities"] == pytest.approx(expected[0].probabilities, abs=1e-5)
+    finally:
+        statuses = [server.stop()[0], clf_server.stop()[0]]
+    assert statuses == [0, 0]
+
+
 def test_health_models_and_metrics(mlm):
     health = mlm.request("GET", "/health")
     assert health.status == 200 and health.json["status"] == "ok"
     assert health.json["tasks"] == ["embed", "fill-mask"]
-    # No bound given: sized from the speed measured at start (half of the 1000 ms deadline).
+    # No bound given: sized from the speed measured at start (half of the 1000 ms deadline),
+    # then from the rate the server drains its queue at, once it has been busy a second.
     limits = health.json["limits"]
     assert limits["measured_tokens_per_s"] > 0 and limits["max_queue_ms"] == 1000
-    assert abs(limits["max_queue_tokens"] - max(16, limits["measured_tokens_per_s"] * 0.5)) <= 1
+    start = limits["max_queue_tokens_at_start"]
+    assert abs(start - max(16, limits["measured_tokens_per_s"] * 0.5)) <= 1
+    served = limits["served_tokens_per_s"]
+    want = start if served is None else max(int(start * 0.25), int(served * 0.5))
+    assert abs(limits["max_queue_tokens"] - want) <= 1  # /health rounds the rate
     assert limits["max_concurrent_requests"] == min(1024, max(16, limits["max_queue_tokens"]
                                                             // 16))
     models = mlm.request("GET", "/v1/models").json
@@ -432,10 +472,14 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
     assert script.main(["--serve", f"tiny={models / 'mlm'}", "--overload", "--multiples", "1,4",
                         "--duration", "1", "--capacity-seconds", "1", "--capacity-clients",
                         "2", "--texts-per-request", "2", "--threads", "1", "--out", str(out),
-                        *(["--compare-unbounded"] if unbounded else [])]) == 0
+                        "--server-cpus", "0", *(["--compare-unbounded"] if unbounded else [])]
+                       ) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["server_cpus"] == [0]
+    assert results["environment"]["client_cpus"] == sorted(os.sched_getaffinity(0))
     bounded = results["runs"][0]
     assert bounded["capacity"]["requests_per_s"] > 0
+    assert bounded["capacity"]["texts_per_s_after_levels"] > 0  # measured again after
     assert len(results["runs"]) == 1 + unbounded
     if unbounded:
         other = results["runs"][1]
@@ -451,5 +495,12 @@ def test_load_test_overload_mode_reports_every_level(models, tmp_path, unbounded
             assert lv["texts_computed"] >= 2 * lv["answered_200"]
             assert lv["goodput_texts_per_s"] == round(2 * lv["answered_200"] / 1, 1)
             assert lv["peak_rss_mib"] > 10
+            # where the time went: the probe ran (every 10 ms), both processes used CPU
+            assert lv["server_loop_lag_p99_ms"] is not None
+            assert lv["server_loop_lag_p50_ms"] <= lv["server_loop_lag_p99_ms"]
+            assert set(lv["server_cpu_s"]) == {"event_loop", "model", "other",
+                                               "model_processes"}
+            assert lv["server_cpu_s"]["event_loop"] > 0 and lv["client_cpu_s"] > 0
+            assert lv["client_send_late_p99_ms"] >= 0
         assert set(run["verdicts"]) == {"4x"}
     assert "| 4x |" in (out / "results.md").read_text()

@@ -4,6 +4,9 @@ shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import sys
 import threading
 import time
 
@@ -15,6 +18,7 @@ from ultrafastbert.errors import ConfigError, InputError, ResourceError  # noqa:
 from ultrafastbert.serve import Batcher, Job, ServeConfig, plan_batches  # noqa: E402
 from ultrafastbert.serve.admission import size_limits  # noqa: E402
 from ultrafastbert.serve.batcher import JobCancelled, Ticket  # noqa: E402
+from ultrafastbert.serve.errors import ServeError  # noqa: E402
 
 
 def job(key, length: int, payload=None) -> Job:
@@ -76,6 +80,30 @@ def test_concurrent_jobs_share_a_batch_and_get_their_own_result():
     assert runner.threads == {"ultrafastbert-batcher-0"}
     assert [(s.jobs, s.padded_tokens, s.failed) for s in stats] == [(6, 12, False)]
     assert batcher.pending == 0
+
+
+def test_a_batch_wakes_the_event_loop_once():
+    runner = Recorder()
+    batcher = Batcher(runner, max_batch_tokens=100, max_wait_s=0.2)
+    batcher.start()
+    wakeups = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            wakeups.append(callback)
+            return plain(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+        futures = batcher.submit("e", [[1, 2]] * 8, list(range(8)))
+        return await asyncio.gather(*futures)
+
+    assert asyncio.run(main()) == [f"e:{i}" for i in range(8)]
+    batcher.close()
+    assert runner.batches == [list(range(8))]
+    assert len(wakeups) == 1  # eight results, one hand-over
 
 
 def test_without_waiting_an_idle_model_takes_the_first_job_alone():
@@ -247,3 +275,136 @@ def test_admission_limits_are_sized_from_the_measured_speed():
     with pytest.raises(ConfigError, match="API key 2 is empty or holds white space"):
         ServeConfig("m", api_keys=("good", "two words"))
     assert "good" not in repr(ServeConfig("m", api_keys=("good",)))  # keys stay out of logs
+
+
+def test_a_sized_queue_bound_follows_the_rate_the_server_drains_it_at():
+    from ultrafastbert.serve.admission import Admission, DrainRate
+
+    queued = [0]
+    admission = Admission(lambda: queued[0])
+    admission.set_limits(size_limits(ServeConfig("m", max_queue_ms=1000), 8000.0, 128))
+    assert admission.max_queue_tokens == 4000  # the start's measurement, until a busy second
+    started, now = 0, 0.0
+    for _ in range(300):  # 3 s with tokens always queued, 3,000 tokens/s served
+        admission.drain.sample(now, started, queued=True)
+        now, started = now + 0.01, started + 30
+    assert admission.drain.trusted == pytest.approx(3000.0)
+    assert admission.max_queue_tokens == 1500  # half a second at the served speed
+    queued[0] = 1400
+    assert admission.retry_after() == 1
+    with pytest.raises(ServeError, match="the limit is 1500"):
+        admission.check_tokens(200)
+    # Idle time (nothing queued) teaches nothing: a quiet minute leaves the rate alone.
+    admission.drain.sample(now + 60.0, started, queued=False)
+    admission.drain.sample(now + 60.01, started, queued=True)
+    assert admission.drain.trusted == pytest.approx(3000.0)
+    assert admission.max_concurrent_requests == 93  # 1500 tokens / 16
+    # The bound stays above 1/4 of the start's, however slow; it grows with a faster drain.
+    crawl, fast = DrainRate(), DrainRate()
+    for i in range(300):
+        crawl.sample(i * 0.01, i, queued=True)
+        fast.sample(i * 0.01, i * 400, queued=True)
+    admission.drain = crawl
+    assert admission.max_queue_tokens == 1000
+    admission.drain = fast
+    assert admission.max_queue_tokens == 20000 and admission.max_concurrent_requests == 1024
+    given = Admission(lambda: 0)
+    given.set_limits(size_limits(ServeConfig("m", max_queue_tokens=50), 8000.0, 128))
+    given.drain = crawl
+    assert given.max_queue_tokens == 50  # a bound given is the bound
+
+
+# ----------------------------------------------------------------- the event loop, the OS
+def test_the_loop_lag_probe_sees_a_blocked_event_loop():
+    from ultrafastbert.serve.app import watch_loop_lag
+
+    lags: list[float] = []
+
+    async def main() -> None:
+        probe = asyncio.ensure_future(watch_loop_lag(lags.append, period=0.01))
+        await asyncio.sleep(0.05)
+        quiet = len(lags)
+        time.sleep(0.2)  # the loop is stuck: the probe's timer fires late
+        await asyncio.sleep(0.05)
+        probe.cancel()
+        assert quiet >= 2
+
+    asyncio.run(main())
+    assert max(lags) >= 0.15
+    assert sorted(lags)[len(lags) // 2] < 0.1  # control: most wake-ups were on time
+
+
+def _thread_stat(tid: int) -> tuple[str, int]:
+    """(name, nice) of one thread of this process, from /proc."""
+    import os
+    from pathlib import Path
+
+    stat = Path(f"/proc/{os.getpid()}/task/{tid}/stat").read_text()
+    name = stat.split("(", 1)[1].rsplit(")", 1)[0]
+    return name, int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names and nice: Linux")
+def test_a_thread_can_name_itself_and_lower_only_its_own_priority():
+    from ultrafastbert.serve.osthread import lower_priority, set_native_name
+
+    seen: dict[str, object] = {}
+
+    def worker() -> None:
+        seen["named"] = set_native_name("ufb-test-thread-long-name")
+        seen["nice"] = lower_priority(4)
+        seen["stat"] = _thread_stat(threading.get_native_id())
+
+    main_before = _thread_stat(threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["named"] is True
+    name, nice = seen["stat"]
+    assert name == "ufb-test-thread"  # 15 bytes kept
+    assert nice == seen["nice"] == min(19, main_before[1] + 4)
+    assert _thread_stat(threading.get_native_id()) == main_before  # the caller only
+    assert lower_priority(0) is None
+
+
+def test_the_service_freezes_the_heap_and_turns_the_tokenizers_pool_off_unless_told(tmp_path, monkeypatch):
+    from servestub import StubPredictor
+    from ultrafastbert.serve.service import Service
+
+    for given, want in ((None, "false"), ("true", "true")):
+        if given is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", given)
+        service = Service(StubPredictor(tmp_path / "calls", None), ServeConfig("m"))
+        gc.unfreeze()
+        assert gc.get_freeze_count() == 0
+        service.start()
+        try:
+            assert os.environ["TOKENIZERS_PARALLELISM"] == want
+            assert gc.get_freeze_count() > 1000  # the heap is out of the collections
+            assert service.limits is not None and service.limits.tokens_per_s > 0
+        finally:
+            service.close()
+            gc.unfreeze()
+
+
+def test_an_answer_joined_from_json_made_by_the_model_is_the_answer_encoded_whole():
+    import json
+
+    import numpy as np
+
+    from ultrafastbert.serve.app import _embeddings_json, _json
+    from ultrafastbert.serve.modelproc import Encoded
+
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(5).astype(np.float32) for _ in range(3)]
+    encoded = [Encoded(v, json.dumps(v.tolist(), separators=(",", ":")).encode())
+               for v in vectors]
+    usage = {"prompt_tokens": 7, "total_tokens": 7}
+    joined = _embeddings_json(encoded, 'a "quoted" name', usage).body
+    whole = _json({"object": "list", "data": [
+        {"object": "embedding", "index": i, "embedding": v.tolist()}
+        for i, v in enumerate(vectors)], "model": 'a "quoted" name', "usage": usage}).body
+    assert joined == whole
+    assert json.loads(joined)["data"][2]["embedding"] == vectors[2].tolist()

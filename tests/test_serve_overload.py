@@ -286,3 +286,51 @@ def test_sigterm_while_overloaded_answers_or_refuses_every_request(tmp_path):
     assert statuses == [200, 200, 200] + [429] * 6, statuses
     computed = server.computed()
     assert sum(t.startswith("burst") for t in computed) == 2 and "last words" not in computed
+
+
+# ------------------------------------------------------------------------ a model process
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_model_process_computes_what_the_front_admits_and_nothing_for_a_client_gone(
+        tmp_path):
+    server = StubServer(tmp_path / "s", "--model-process", "--model-nice", "3",
+                        "--max-queue-ms", "30000", "--max-concurrent-requests", "8")
+    try:
+        [child] = [int(p) for p in server.log().split("child process(es): ", 1)[1]
+                   .split("\n", 1)[0].split(", ")]
+        assert child != server.proc.pid
+        assert _nice(child) == _nice(server.proc.pid) + 3  # the model yields to the front
+        pids = server.calls.with_name("calls.txt.pids")
+        calls_at_start = len(pids.read_text().splitlines())  # the warm-ups and the timing
+        ok = server.post("/v1/embeddings", {"input": ["one two three", "four"]})
+        assert ok.status == 200, ok
+        assert [d["embedding"][0] for d in ok.json["data"]] == [5.0, 3.0]  # tokens per text
+        with ThreadPoolExecutor(2) as pool:
+            held = server.hold(pool)  # in the child's model call
+            sock = _send_and_leave(server.port, "victim text")
+            wait_for(lambda: server.health()["requests_in_flight"] == 2, "never admitted")
+            sock.close()
+            wait_for(lambda: server.metric("ultrafastbert_cancelled_requests_total",
+                                           reason="disconnected") == 1, "not noticed")
+            stays = pool.submit(server.post, "/v1/embeddings", {"input": "stays here"})
+            wait_for(lambda: server.health()["requests_in_flight"] == 2, "never admitted")
+            server.release()
+            assert held.result().status == 200 and stays.result().status == 200
+        computed = server.computed()
+        assert "one two three" in computed and "stays here" in computed
+        assert "victim text" not in computed
+        callers = pids.read_text().splitlines()
+        assert {int(p) for p in callers[:calls_at_start]} == {server.proc.pid, child}
+        assert {int(p) for p in callers[calls_at_start:]} == {child}  # every request's call
+        os.kill(child, signal.SIGKILL)  # the model process dies: answered, not hung
+        gone = server.post("/v1/embeddings", {"input": "after the end"})
+        assert gone.status == 503 and gone.json["error"]["code"] == "model_unavailable", gone
+    finally:
+        server.release()
+        status, _ = server.stop()
+    assert status == 0
+    assert not Path(f"/proc/{child}").exists()  # reaped with the server
+    assert "ERROR" not in server.log()

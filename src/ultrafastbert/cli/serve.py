@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -57,13 +58,22 @@ def _add_overload_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("overload and access")
     g.add_argument("--max-queue-tokens", type=int, default=None,
                    help="tokens waiting for the model; more is refused with 429 (default: "
-                        "what the model computes in half of --max-queue-ms, measured at start)")
+                        "what the server serves in half of --max-queue-ms: timed at start, "
+                        "then the rate it drains its queue at)")
     g.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="model requests in the server at once; more is refused with 429 "
-                        "(default: --max-queue-tokens / 16, within 16 and 1024)")
+                        "(default: the queue bound / 16, within 16 and 1024)")
     g.add_argument("--max-queue-ms", type=float, default=1000.0,
                    help="a request not in the model after this long is answered 429 and not "
                         "computed (default 1000)")
+    g.add_argument("--model-process", action="store_true",
+                   help="run the model in its own process (one per worker) so that the HTTP "
+                        "front never waits for the model's interpreter lock; the model is "
+                        "loaded twice (memory)")
+    g.add_argument("--model-nice", type=int, default=0, metavar="N",
+                   help="run the model N nice levels below the HTTP front (0-19; default 0) so "
+                        "that refusals are answered first when cores are short; the model then "
+                        "yields to every other program too (see docs/serving.md)")
     g.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
                    help="accepted keys, one per line (Authorization: Bearer KEY on every "
                         f"route but /health); or set {API_KEY_ENV}")
@@ -124,9 +134,11 @@ def run(args: argparse.Namespace) -> int:
                          graceful_timeout_s=args.graceful_timeout, workers=args.workers,
                          max_queue_tokens=args.max_queue_tokens, max_queue_ms=args.max_queue_ms,
                          max_concurrent_requests=args.max_concurrent_requests,
-                         api_keys=api_keys(args))
-    predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                          kernel=args.kernel, precision=args.precision)
+                         api_keys=api_keys(args), model_nice=args.model_nice,
+                         model_processes=args.model_process)
+    load = functools.partial(Predictor.from_pretrained, args.model, dtype=args.dtype,
+                             device=args.device, kernel=args.kernel, precision=args.precision)
+    predictor = load()
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -136,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
               f"({torch.get_num_threads()} threads{', API key needed' if config.api_keys else ''}"
               "); stop with Ctrl+C or SIGTERM", flush=True)
 
-    serve(predictor, config, sock, on_ready=ready)
+    serve(predictor, config, sock, on_ready=ready, model_loader=load)
     print("ultrafastbert serve: stopped", flush=True)
     sys.stdout.flush()
     return 0

@@ -38,6 +38,13 @@ SHORT_REQUEST_TOKENS = 16
 QUEUE_SHARE_OF_DEADLINE = 0.5
 #: /health says "overloaded" for this long after a refusal.
 OVERLOAD_MEMORY_S = 1.0
+#: The drain rate (tokens/s taken from a queue that stays full) averages over about this long.
+DRAIN_TIME_CONSTANT_S = 2.0
+#: ... and replaces the speed measured at start after the queue was busy this long in all.
+DRAIN_TRUSTED_AFTER_S = 1.0
+#: A queue bound sized from the drain rate stays above this share of the one sized at start
+#: (a short queue makes small batches, which drain slower: the bound must not spiral down).
+DRAIN_BOUND_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,41 @@ def size_limits(config: ServeConfig, tokens_per_s: float, max_length: int) -> Li
     return Limits(tokens, requests, config.max_queue_ms / 1000.0, tokens_per_s, tuple(sized))
 
 
+class DrainRate:
+    """The tokens/s the workers take from the queue while it never empties: what the server
+    really serves, on the wall clock, with the HTTP work and whatever else runs on the machine
+    (the speed measured at start is the model's alone, in a quiet moment).
+
+    Sampled often (:meth:`sample`, from the event loop): between two samples that both found
+    tokens queued, the tokens that started their model call, over the time between; an
+    exponential average over about :data:`DRAIN_TIME_CONSTANT_S` of such busy time.
+    """
+
+    def __init__(self, time_constant_s: float = DRAIN_TIME_CONSTANT_S):
+        self.time_constant_s = time_constant_s
+        self.tokens_per_s: float | None = None
+        self.busy_s = 0.0
+        self._last: tuple[float, int, bool] | None = None
+
+    def sample(self, now: float, started_tokens: int, queued: bool) -> None:
+        """``started_tokens``: tokens that have started a model call so far (a counter);
+        ``queued``: whether tokens wait for the model now."""
+        last, self._last = self._last, (now, started_tokens, queued)
+        if last is None or not (queued and last[2]) or now <= last[0]:
+            return
+        seconds, tokens = now - last[0], started_tokens - last[1]
+        weight = 1.0 - math.exp(-seconds / self.time_constant_s)
+        rate = tokens / seconds
+        self.tokens_per_s = rate if self.tokens_per_s is None else \
+            self.tokens_per_s + weight * (rate - self.tokens_per_s)
+        self.busy_s += seconds
+
+    @property
+    def trusted(self) -> float | None:
+        """The drain rate once the queue was busy long enough to measure it, else None."""
+        return self.tokens_per_s if self.busy_s >= DRAIN_TRUSTED_AFTER_S else None
+
+
 class Admission:
     """Counts model requests in the server and refuses the ones beyond the bounds.
 
@@ -81,6 +123,7 @@ class Admission:
         self.in_flight = 0
         self.draining = False
         self.tokens_per_s = 0.0
+        self.drain = DrainRate()
         self._last_refusal = -math.inf
 
     def set_limits(self, limits: Limits) -> None:
@@ -94,9 +137,9 @@ class Admission:
         if self.draining:
             self._refuse(503, "the server is shutting down: retry on another instance",
                          "shutting_down", "draining")
-        if self.in_flight >= limits.max_concurrent_requests:
+        if self.in_flight >= self.max_concurrent_requests:
             self._refuse(429, f"the server is busy: {self.in_flight} requests in the works, the "
-                              f"limit is {limits.max_concurrent_requests}; retry after the "
+                              f"limit is {self.max_concurrent_requests}; retry after the "
                               "Retry-After seconds", "too_many_requests", "concurrency")
         self._check_queue(0, limits)  # full already: no need to read and tokenize the body
         self.in_flight += 1
@@ -115,12 +158,36 @@ class Admission:
 
     def _check_queue(self, tokens: int, limits: Limits) -> None:
         """429 when ``tokens`` more would take the queue over its bound (0: when it is full)."""
-        queued = self.queued_tokens()
-        if queued and queued + max(tokens, 1) > limits.max_queue_tokens:
+        queued, bound = self.queued_tokens(), self.max_queue_tokens
+        if queued and queued + max(tokens, 1) > bound:
             size = f" and this request has {tokens}" if tokens else ""
             self._refuse(429, f"the server is busy: {queued} tokens wait for the model{size}; "
-                              f"the limit is {limits.max_queue_tokens}: retry after the "
+                              f"the limit is {bound}: retry after the "
                               "Retry-After seconds", "queue_full", "queue_tokens")
+
+    @property
+    def max_queue_tokens(self) -> int:
+        """The queue bound in force. Given (``--max-queue-tokens``): that. Sized: at start from
+        the model's measured speed; once the server has been busy a while, from the drain rate
+        (:class:`DrainRate`, tokens/s actually served; at least :data:`DRAIN_BOUND_FLOOR` of
+        the start's bound), so a queued request still starts within ``max_queue_s`` when the
+        machine serves slower than the model measured alone, and the queue grows back when
+        the start was measured in a busy moment."""
+        limits = self._limits()
+        rate = self.drain.trusted
+        if "max_queue_tokens" not in limits.sized or rate is None:
+            return limits.max_queue_tokens
+        sized = int(rate * limits.max_queue_s * QUEUE_SHARE_OF_DEADLINE)
+        return max(int(DRAIN_BOUND_FLOOR * limits.max_queue_tokens), sized)
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        """The request bound in force: given, or sized from the queue bound in force (that
+        many tokens in 16-token requests, within 16 and 1024)."""
+        limits = self._limits()
+        if "max_concurrent_requests" not in limits.sized:
+            return limits.max_concurrent_requests
+        return min(1024, max(16, self.max_queue_tokens // SHORT_REQUEST_TOKENS))
 
     def expired(self) -> ServeError:
         """The error for a request whose queue deadline passed before its first model call."""
@@ -133,8 +200,9 @@ class Admission:
 
     # ------------------------------------------------------------------------------ figures
     def retry_after(self) -> int:
-        """Whole seconds the queued tokens take at the model's recent speed (at least 1)."""
-        rate = self.tokens_per_s
+        """Whole seconds the queued tokens take at the served speed (the drain rate; before it
+        is known, the model's recent speed; at least 1)."""
+        rate = self.drain.trusted or self.tokens_per_s
         if rate <= 0:
             return 1
         return max(1, math.ceil(self.queued_tokens() / rate))
@@ -149,9 +217,8 @@ class Admission:
     @property
     def overloaded(self) -> bool:
         """At a bound now, or a request was refused in the last second."""
-        limits = self._limits()
-        return (self.in_flight >= limits.max_concurrent_requests
-                or self.queued_tokens() >= limits.max_queue_tokens
+        return (self.in_flight >= self.max_concurrent_requests
+                or self.queued_tokens() >= self.max_queue_tokens
                 or time.monotonic() - self._last_refusal < OVERLOAD_MEMORY_S)
 
     # ---------------------------------------------------------------------------- helpers

@@ -10,6 +10,7 @@ shape), ``POST /v1/classify``, ``POST /v1/fill-mask``, ``GET /v1/models``, ``GET
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -17,7 +18,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ServeConfig
 from .errors import ClientGone, ServeError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import LOOP_PROBE_S
+from .modelproc import Encoded
 from .schemas import ClassifyRequest, EmbeddingRequest, FillMaskRequest
 from .service import Service
 
@@ -44,18 +47,23 @@ _OPEN_PATHS = {"/health"}  # no API key needed
 CLIENT_GONE = 499
 
 
-def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
+def create_app(predictor: Any, config: ServeConfig,
+               model_loader: Callable[[], Any] | None = None) -> FastAPI:
     """The app serving ``predictor`` (an :class:`~ultrafastbert.infer.Predictor`). The model
     starts (warm-up, batch worker) when the app's lifespan starts and stops after the last
-    request in flight is answered."""
-    service = Service(predictor, config)
+    request in flight is answered. ``model_loader`` (picklable, returns the Predictor) is
+    what model processes load, with ``config.model_processes``."""
+    service = Service(predictor, config, model_loader=model_loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
+        probe = asyncio.ensure_future(watch_loop_lag(service.metrics.loop_lag.observe,
+                                                     tick=service.sample_drain))
         try:
             yield
         finally:
+            probe.cancel()
             service.close()
 
     app = FastAPI(title="ultrafastbert", version="1", lifespan=lifespan)
@@ -65,6 +73,21 @@ def create_app(predictor: Any, config: ServeConfig) -> FastAPI:
     _add_error_handlers(app)
     _add_routes(app, service)
     return app
+
+
+async def watch_loop_lag(observe: Callable[[float], None], period: float = LOOP_PROBE_S,
+                         tick: Callable[[], None] | None = None) -> None:
+    """Forever: sleep ``period`` s and ``observe`` how late the event loop woke up (seconds),
+    then call ``tick`` (periodic work: the drain-rate sample). Everything the loop does
+    (accepting, refusing, answering) waits that long too, so this is the server's own share
+    of a refusal's latency under load."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period
+        await asyncio.sleep(period)
+        observe(max(0.0, loop.time() - due))
+        if tick is not None:
+            tick()
 
 
 # ------------------------------------------------------------------------------------ routes
@@ -82,7 +105,10 @@ def _add_routes(app: FastAPI, service: Service) -> None:
                              "dimensions")
         rows = _tokenized(request, service, body.input)
         vectors = await service.run(("embed",), rows, receive=request.receive)
-        data = [{"object": "embedding", "index": i, "embedding": _vector(v, body.encoding_format)}
+        if body.encoding_format == "float" and all(isinstance(v, Encoded) for v in vectors):
+            return _embeddings_json(vectors, name, _usage(rows))  # JSON made by the model
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _vector(getattr(v, "vector", v), body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return _json({"object": "list", "data": data, "model": name, "usage": _usage(rows)})
 
@@ -148,10 +174,13 @@ def _health(service: Service) -> Response:
         "pending_inputs": service.batcher.pending, "requests_in_flight": admission.in_flight,
         "queued_tokens": service.batcher.queued_tokens}
     if limits is not None:
-        body["limits"] = {"max_queue_tokens": limits.max_queue_tokens,
-                          "max_concurrent_requests": limits.max_concurrent_requests,
+        drain = admission.drain.trusted
+        body["limits"] = {"max_queue_tokens": admission.max_queue_tokens,  # in force now
+                          "max_queue_tokens_at_start": limits.max_queue_tokens,
+                          "max_concurrent_requests": admission.max_concurrent_requests,
                           "max_queue_ms": round(limits.max_queue_s * 1000, 3),
-                          "measured_tokens_per_s": round(limits.tokens_per_s, 1)}
+                          "measured_tokens_per_s": round(limits.tokens_per_s, 1),
+                          "served_tokens_per_s": None if drain is None else round(drain, 1)}
     return _json(body, 503 if status == "draining" else 200)
 
 
@@ -181,6 +210,17 @@ def _vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def _embeddings_json(vectors: Sequence[Encoded], model: str, usage: dict[str, int]
+                     ) -> Response:
+    """The embeddings answer from vectors whose JSON is made already: the bytes ``_json``
+    would write for it, joined instead of encoded."""
+    data = b",".join(b'{"object":"embedding","index":%d,"embedding":%b}' % (i, v.json)
+                     for i, v in enumerate(vectors))
+    tail = json.dumps({"model": model, "usage": usage}, separators=(",", ":")).encode()
+    body = b'{"object":"list","data":[' + data + b"]," + tail[1:]
+    return Response(body, status_code=200, media_type="application/json")
 
 
 def _usage(rows: list[list[int]]) -> dict[str, int]:

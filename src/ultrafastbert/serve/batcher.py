@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ResourceError
+from .osthread import lower_priority, set_native_name
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +181,11 @@ class Batcher:
     """
 
     def __init__(self, runner: Runner, *, max_batch_tokens: int, max_wait_s: float,
-                 observer: Callable[[BatchStats], None] | None = None, workers: int = 1):
+                 observer: Callable[[BatchStats], None] | None = None, workers: int = 1,
+                 nice: int = 0):
         self.runner, self.max_batch_tokens, self.max_wait_s = runner, max_batch_tokens, max_wait_s
         self.observer, self.workers = observer, workers
+        self.nice = nice
         self.on_cancel: Callable[[str, int], None] | None = None
         self.on_wasted: Callable[[str, int], None] | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -190,12 +193,14 @@ class Batcher:
         self._closed = False
         self._pending, self._lock = 0, threading.Lock()
         self._queued_tokens = 0
+        self._started_tokens = 0
 
     # ----------------------------------------------------------------------- event-loop side
     def start(self) -> None:
         """Start the worker threads."""
-        self._threads = [threading.Thread(target=self._work, name=f"ultrafastbert-batcher-{i}",
-                                          daemon=True) for i in range(self.workers)]
+        self._threads = [threading.Thread(target=self._work, args=(i,),
+                                          name=f"ultrafastbert-batcher-{i}", daemon=True)
+                         for i in range(self.workers)]
         for thread in self._threads:
             thread.start()
 
@@ -230,6 +235,11 @@ class Batcher:
         """Tokens of ticketed jobs that have neither started nor been cancelled."""
         return self._queued_tokens
 
+    @property
+    def started_tokens(self) -> int:
+        """Tokens of jobs that have started their model call so far (a counter)."""
+        return self._started_tokens
+
     def _release_tokens(self, tokens: int) -> None:
         with self._lock:
             self._queued_tokens -= tokens
@@ -253,7 +263,9 @@ class Batcher:
                 logger.warning("a batch worker did not finish within %s s", timeout)
 
     # --------------------------------------------------------------------------- worker side
-    def _work(self) -> None:
+    def _work(self, index: int = 0) -> None:
+        set_native_name(f"ufb-batcher-{index}")  # its OpenMP threads inherit the name
+        lower_priority(self.nice)
         while True:
             jobs, stop = self._collect()
             for batch in plan_batches(self._live(jobs), self.max_batch_tokens):
@@ -286,6 +298,8 @@ class Batcher:
                 started.append(job)
             else:
                 self._drop(job)
+        with self._lock:
+            self._started_tokens += sum(len(job.ids) for job in started)
         return started
 
     def _drop(self, job: Job) -> None:
@@ -332,15 +346,31 @@ class Batcher:
                 self._run([job])
             return
         self._observe(batch, start, failed=False)
-        for job, result in zip(batch, results, strict=True):
+        for job in batch:
             if job.cancelled and self.on_wasted is not None:
                 _quietly(self.on_wasted, str(job.ticket.reason if job.ticket else "?"), 1)
-            self._answer(job, result=result)
+        self._answer_all(batch, results)
 
     def _answer(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
             self._pending -= 1
         _settle(job, result, error)
+
+    def _answer_all(self, jobs: list[Job], results: Sequence[Any]) -> None:
+        """Hand a batch's results to their futures with one wake-up of each event loop
+        (one per job would cost the loop a wake-up, and the interpreter lock a hand-over,
+        per text)."""
+        with self._lock:
+            self._pending -= len(jobs)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            if job.future is not None and job.loop is not None:
+                by_loop.setdefault(job.loop, []).append((job.future, result))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_results, pairs)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                logger.debug("event loop closed; dropping %d results", len(pairs))
 
     def _observe(self, batch: list[Job], start: float, failed: bool) -> None:
         if self.observer is None:
@@ -358,6 +388,13 @@ def _quietly(callback: Callable[..., None], *args: Any) -> None:
         callback(*args)
     except Exception:
         logger.exception("a batcher callback failed")
+
+
+def _set_results(pairs: list[tuple[asyncio.Future, Any]]) -> None:
+    """On the event loop: each future gets its result (unless its request was cancelled)."""
+    for future, result in pairs:
+        if not future.done():
+            future.set_result(result)
 
 
 def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:

@@ -35,6 +35,10 @@ class ServeConfig:
     - ``max_queue_ms``: how long a request may wait for its first model call; then it is
       answered 429 and not computed (a request that started runs to its end).
     - ``api_keys``: the accepted ``Authorization: Bearer`` keys (empty: no authentication).
+    - ``model_nice``: how much lower than the event loop's the model's CPU priority is (the
+      nice value added to the batch workers, or to the model processes); 0 keeps it equal.
+    - ``model_processes``: run the model in ``workers`` child processes instead of threads of
+      the server's own process (needs a model loader; see :mod:`.modelproc`).
     """
 
     model_name: str
@@ -51,15 +55,20 @@ class ServeConfig:
     max_concurrent_requests: int | None = None
     max_queue_ms: float = 1000.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    model_nice: int = 0
+    model_processes: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise ConfigError("model_name must not be empty: give --model-name")
+        if not 0 <= self.model_nice <= 19:
+            raise ConfigError(f"model_nice must be within 0 and 19, got {self.model_nice}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and f.name != "max_wait_ms" and value <= 0:
+            if f.type in ("int", "float") and f.name not in ("max_wait_ms", "model_nice") \
+                    and value <= 0:
                 raise ConfigError(f"{f.name} must be > 0, got {value}")
         for name in ("max_queue_tokens", "max_concurrent_requests"):
             value = getattr(self, name)

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LAG = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The event-loop probe's period (:func:`~ultrafastbert.serve.app.watch_loop_lag`).
+LOOP_PROBE_S = 0.01
 
 
 class Metrics:
@@ -81,13 +84,18 @@ class Metrics:
                                    registry=r)
         self.limit = Gauge("ultrafastbert_admission_limit", "the admission bounds in force",
                            ["bound"], registry=r)
+        self.loop_lag = Histogram("ultrafastbert_event_loop_lag_seconds",
+                                  "how late the event loop ran a timer due every "
+                                  f"{LOOP_PROBE_S * 1000:g} ms (a refusal waits about as long)",
+                                  buckets=_LAG, registry=r)
 
     def watch(self, admission: Admission) -> None:
         """Read the in-flight requests, queued tokens and bounds from ``admission``."""
         self.in_flight.set_function(lambda: admission.in_flight)
         self.queued_tokens.set_function(admission.queued_tokens)
-        for bound in ("max_queue_tokens", "max_concurrent_requests", "max_queue_s"):
-            self.limit.labels(bound).set_function(_reader(admission, bound))
+        self.limit.labels("max_queue_s").set_function(_reader(admission, "max_queue_s"))
+        for bound in ("max_queue_tokens", "max_concurrent_requests"):  # in force now
+            self.limit.labels(bound).set_function(_reader(admission, bound, now=True))
 
     def observe_rejection(self, reason: str) -> None:
         """A request refused (``concurrency``, ``queue_tokens``, ``draining``)."""
@@ -131,6 +139,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _reader(admission: Admission, bound: str) -> Callable[[], float]:
-    """Reads one bound of ``admission`` (0 before the server starts)."""
+def _reader(admission: Admission, bound: str, now: bool = False) -> Callable[[], float]:
+    """Reads one bound of ``admission`` (``now``: as in force, from the admission itself;
+    else as set at start; 0 before the server starts)."""
+    if now:
+        return lambda: float(getattr(admission, bound) if admission.limits else 0)
     return lambda: float(getattr(admission.limits, bound, 0) or 0)

@@ -46,10 +46,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(predictor: Any, config: ServeConfig, sock: socket.socket,
-          on_ready: Callable[[], None] | None = None) -> None:
+          on_ready: Callable[[], None] | None = None,
+          model_loader: Callable[[], Any] | None = None) -> None:
     """Serve ``predictor`` on the bound socket until SIGTERM/SIGINT; ``on_ready`` runs once
-    the model is warm and the server accepts requests."""
-    app = create_app(predictor, config)
+    the model is warm and the server accepts requests (``model_loader``: see
+    :func:`~ultrafastbert.serve.app.create_app`)."""
+    app = create_app(predictor, config, model_loader)
     uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s))
     server = Server(uv_config, on_ready, on_exit=app.state.service.drain)
