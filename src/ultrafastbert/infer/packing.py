@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +39,26 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(scores.softmax(-1), v.float()).to(dtype)
 
 
+def _slots_of(index: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The packed row ``(N * S,)`` each padded slot takes in :meth:`Packing.attention`: its own
+    token's; a padding slot its text's first row (row 0 for an empty text)."""
+    n_tokens, n_slots = int(index.numel()), int(lengths.numel()) * width
+    if n_tokens == n_slots:
+        return torch.arange(n_slots, device=index.device)
+    starts = (lengths.cumsum(0) - lengths).clamp(max=max(n_tokens - 1, 0))
+    slots = starts[:, None].expand(-1, width).reshape(-1).clone()
+    slots[index] = torch.arange(n_tokens, device=index.device)
+    return slots
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where the ``T`` real tokens of ``N`` texts sit in a padded ``(N, S)`` batch.
 
     ``index`` ``(T,)``: flat ``n * S + s`` of each token; ``text`` ``(T,)``: its text ``n``;
     ``position`` ``(T,)``: its position ``s``; ``lengths`` ``(N,)``; ``keep`` ``(N, S)`` bool
-    (None when no text is shorter than ``S``: then attention needs no mask).
+    (None when no text is shorter than ``S``: then attention needs no mask); ``slots``
+    ``(N * S,)``: the packed row each padded slot takes in attention (built when None).
     """
 
     index: torch.Tensor
@@ -56,6 +68,7 @@ class Packing:
     keep: torch.Tensor | None
     n_texts: int
     width: int
+    slots: torch.Tensor | None = None
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> Packing:
@@ -70,7 +83,8 @@ class Packing:
                              "first, then padding); left padding is not supported here")
         index = keep.reshape(-1).nonzero().squeeze(1)
         return cls(index, index // max(width, 1), index % max(width, 1), lengths,
-                   None if bool(keep.all()) else keep, n_texts, width)
+                   None if bool(keep.all()) else keep, n_texts, width,
+                   _slots_of(index, lengths, width))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device: torch.device | str = "cpu"
@@ -86,7 +100,8 @@ class Packing:
         """The same packing with its tensors on ``device``."""
         move = {k: getattr(self, k).to(device) for k in ("index", "text", "position", "lengths")}
         keep = None if self.keep is None else self.keep.to(device)
-        return Packing(**move, keep=keep, n_texts=self.n_texts, width=self.width)
+        slots = None if self.slots is None else self.slots.to(device)
+        return Packing(**move, keep=keep, n_texts=self.n_texts, width=self.width, slots=slots)
 
     @property
     def n_tokens(self) -> int:
@@ -137,16 +152,13 @@ class Packing:
         # (N, H, S, hd) -> the real tokens' rows (T, H, hd) in one gather -> (T, d)
         return context.transpose(1, 2)[self.text, self.position].reshape(-1, d)
 
-    @cached_property
+    @property
     def _slots(self) -> torch.Tensor:
         """For each padded slot ``n * S + s`` ``(N * S,)``, the packed row it takes: its own
-        token's, or (padding) the text's first row, or row 0 for an empty text."""
-        if self.keep is None:
-            return torch.arange(self.n_texts * self.width, device=self.index.device)
-        slots = self.starts.clamp(max=max(self.n_tokens - 1, 0))[:, None].expand(
-            self.n_texts, self.width).reshape(-1).clone()
-        slots[self.index] = torch.arange(self.n_tokens, device=self.index.device)
-        return slots
+        token's, or (padding) the text's first row, or row 0 for an empty text (built with the
+        packing: :func:`_slots_of`)."""
+        return _slots_of(self.index, self.lengths, self.width) if self.slots is None \
+            else self.slots
 
     def _key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive key mask ``(N, 1, 1, S)``: 0 at tokens, -inf at padding (None: no padding)."""
