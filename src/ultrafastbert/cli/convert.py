@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from .options import add_options, settings_from_args, when_used
 from .pretrain import positive_int, standalone_main

