@@ -49,16 +49,23 @@ def _add_ff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
 
 
+def ff_settings(args: argparse.Namespace):
+    """``BenchSettings`` from parsed ``bench ff`` arguments."""
+    from ..bench.ff import BenchSettings
+
+    return settings_from_args(BenchSettings, args)
+
+
 def run_ff(args: argparse.Namespace) -> int:
     """Run the FF benchmark and print its tables."""
     import torch
 
     from ..bench.common import speed_summary
-    from ..bench.ff import BenchSettings, run
+    from ..bench.ff import run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = run(settings_from_args(BenchSettings, args), args.out, train=args.train)
+    result = run(ff_settings(args), args.out, train=args.train)
     env = result["environment"]
     print(f"# FF benchmark: {speed_summary(env)}; d_model {env['d_model']}, device "
           f"{env['device']}, load {env['loadavg_before']} -> {env['loadavg_after']}; speedups "

@@ -34,17 +34,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
 
 
+def convert_settings(args: argparse.Namespace):
+    """``ConvertSettings`` from parsed ``convert`` arguments."""
+    from ..convert.pipeline import ConvertSettings
+
+    return settings_from_args(ConvertSettings, args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert and print a summary."""
     import torch
 
-    from ..convert.pipeline import ConvertSettings
     from ..convert.pipeline import run as convert
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_transformers()
-    settings = settings_from_args(ConvertSettings, args)
+    settings = convert_settings(args)
     report = convert(settings)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0

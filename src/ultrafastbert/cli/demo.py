@@ -60,19 +60,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, DemoSettings)
 
 
+def convert_settings(args: argparse.Namespace):
+    """``DemoSettings`` from parsed ``demo`` arguments (``--out``: a new folder by default)."""
+    from ..demo.convert_demo import DemoSettings
+
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    return settings_from_args(DemoSettings, args, out=out)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Convert, measure, search; print the table and the serve command."""
     import torch
 
-    from ..demo.convert_demo import DemoSettings, run
+    from ..demo.convert_demo import run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_transformers()
     logging.getLogger().addFilter(_drop_ort_preprocessing_hint)
-    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    settings = settings_from_args(DemoSettings, args, out=out)
-    result = run(settings, stage=lambda line: print(line, flush=True))
+    result = run(convert_settings(args), stage=lambda line: print(line, flush=True))
     print()
     print(format_result(result))
     return 0

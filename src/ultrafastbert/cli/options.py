@@ -169,9 +169,13 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def settings_from_args(cls: Callable[..., S], args: argparse.Namespace, **given: Any) -> S:
     """The settings ``cls`` from the parsed options (nested settings built alike); ``given``
     holds the fields the command derives itself (never an option's field)."""
+    offered = {of.path for of in option_fields(cls)}
+    if set(given) & offered:
+        raise TypeError(f"{sorted(set(given) & offered)} is an option of {cls.__name__}: it "
+                        "cannot also be given")
     unknown = set(given) - set(not_options(cls))
     if unknown:
-        raise TypeError(f"{sorted(unknown)}: not fields of {cls} that are not options")
+        raise TypeError(f"{sorted(unknown)}: not fields of {cls.__name__}")
     return _build(cls, args, "", given)
 
 
@@ -180,11 +184,36 @@ def _build(cls: Any, args: argparse.Namespace, prefix: str, given: dict[str, Any
     for f in dataclasses.fields(cls):
         meta, path = f.metadata.get(OPTION_KEY), prefix + f.name
         if isinstance(meta, Option):
-            if path in given:
-                raise TypeError(f"{path} is an option: it cannot also be given")
             values[f.name] = getattr(args, path)
         elif isinstance(meta, Nested):
             values[f.name] = _build(f.default_factory, args, path + ".", given)
         elif path in given:
             values[f.name] = given[path]
     return cls(**values)
+
+
+def disagreements(parser: argparse.ArgumentParser, cls: type) -> list[str]:
+    """Where ``parser`` and the settings class ``cls`` disagree: an option field with no
+    argument or with more than one, an argument whose default is not the field's default, a
+    required field the command line does not require. Empty when they agree (the test of every
+    command checks that)."""
+    if isinstance(parser, CommandParser):
+        parser._add_deferred()
+    actions: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:  # argparse has no public list of a parser's arguments
+        actions.setdefault(action.dest, []).append(action)
+    problems = []
+    for of in option_fields(cls):
+        found = actions.get(of.path, [])
+        if len(found) != 1:
+            problems.append(f"{of.path}: {len(found)} command-line arguments, want 1")
+            continue
+        action = found[0]
+        if of.default is dataclasses.MISSING:
+            if not (action.required or not action.option_strings):
+                problems.append(f"{of.path}: required in the settings, optional on the command "
+                                "line")
+        elif action.default != of.default:
+            problems.append(f"{of.path}: command-line default {action.default!r}, settings "
+                            f"default {of.default!r}")
+    return problems

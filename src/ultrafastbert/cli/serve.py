@@ -78,12 +78,21 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def serve_config(args: argparse.Namespace):
+    """``ServeConfig`` from parsed ``serve`` arguments: the model's name (the directory's by
+    default) and the API keys (:func:`api_keys`) beside the options."""
+    from ..serve.config import ServeConfig
+
+    name = args.model_name or Path(args.model).resolve().name
+    return settings_from_args(ServeConfig, args, model_name=name, api_keys=api_keys(args))
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, bind the port, serve until a signal; 0 after a clean shutdown."""
     from ..errors import ResourceError
 
     try:
-        from ..serve import ServeConfig, bind, serve
+        from ..serve import bind, serve
     except ImportError as err:
         raise ResourceError(f"serving needs the 'serve' extra ({err.name} is missing): "
                            "pip install 'ultrafastbert[serve]'") from err
@@ -95,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not args.quiet:
         logging.getLogger("ultrafastbert.serve").setLevel(logging.INFO)
-    name = args.model_name or Path(args.model).resolve().name
-    config = settings_from_args(ServeConfig, args, model_name=name, api_keys=api_keys(args))
+    config = serve_config(args)
+    name = config.model_name
     predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                           kernel=args.kernel, precision=args.precision)
     sock = bind(args.host, args.port)
