@@ -77,7 +77,7 @@ class ModelBenchSettings:
     adds a converted model's dense baselines."""
 
     models: tuple[str, ...] = option(
-        MODELS, parse=comma_list(str),
+        MODELS, parse=comma_list(str), show="all of these",
         help=f"comma-separated subset of {','.join(MODELS)}, any preset name, or model "
              "directories (a converted model brings its dense source's baselines); a directory "
              "may carry a prefix: autocast:DIR (bf16 autocast), st:DIR (sentence-transformers), "
