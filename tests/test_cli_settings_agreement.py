@@ -217,3 +217,12 @@ def test_bad_values_are_refused_with_the_parsers_message(capsys):
     with pytest.raises(SystemExit):
         toy_parser().parse_args(["--name", "x", "--budget", "soon"])
     assert "invalid duration 'soon'" in capsys.readouterr().err
+
+
+def test_demo_pretrain_shares_pretrains_defaults():
+    from ultrafastbert.train.pretrain import PretrainSettings
+    from ultrafastbert.utils.options import default_of
+
+    args = build_parser().parse_args(["demo", "pretrain"])
+    for name in ("seed", "device", "cache_dir"):
+        assert getattr(args, name) == default_of(PretrainSettings, name)

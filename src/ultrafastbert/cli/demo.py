@@ -163,13 +163,17 @@ def register_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="sequences per optimizer step after the ramp (default: 32)")
     p.add_argument("--micro-batch", type=positive_int, default=8, metavar="N",
                    help="sequences per forward pass, the start of the ramp (default: 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="packed-corpus cache (default: as for pretrain)")
+    when_used(p, lambda: _add_pretrain_options(p), "train")
     p.add_argument("--no-bench", action="store_true", help="skip the feed-forward speed table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+
+
+def _add_pretrain_options(p: argparse.ArgumentParser) -> None:
+    """The options ``demo pretrain`` shares with ``pretrain``, from ``PretrainSettings``."""
+    from ..train.pretrain import PretrainSettings
+
+    add_options(p, PretrainSettings, only=("seed", "device", "cache_dir"))
 
 
 def _demo_tokenizer(args: argparse.Namespace, vocab_size: int) -> Path:

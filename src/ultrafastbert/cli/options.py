@@ -64,12 +64,15 @@ def when_used(parser: argparse.ArgumentParser, add: Callable[[], None], extra: s
         add()
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add an argument for every option of the settings dataclass ``cls`` (nested included),
-    under the ``--help`` sections their ``group`` names; each argument's ``dest`` is the
-    field's dotted path."""
+def add_options(parser: argparse.ArgumentParser, cls: type,
+                only: tuple[str, ...] | None = None) -> None:
+    """Add an argument for every option of the settings dataclass ``cls`` (nested included;
+    ``only``: those with these dotted paths), under the ``--help`` sections their ``group``
+    names; each argument's ``dest`` is the field's dotted path."""
     exclusive: dict[str, Any] = {}
     for of in option_fields(cls):
+        if only is not None and of.path not in only:
+            continue
         opt = of.option
         target = parser if opt.group is None else section(parser, opt.group)
         if opt.exclusive is not None:
