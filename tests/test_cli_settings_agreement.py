@@ -226,3 +226,12 @@ def test_demo_pretrain_shares_pretrains_defaults():
     args = build_parser().parse_args(["demo", "pretrain"])
     for name in ("seed", "device", "cache_dir"):
         assert getattr(args, name) == default_of(PretrainSettings, name)
+
+
+def test_a_flag_that_reads_the_wrong_way_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Backwards:
+        progress: bool = option(False, flags="--no-progress", help="no progress bars")
+
+    with pytest.raises(TypeError, match="a False one a flag without --no-"):
+        add_options(argparse.ArgumentParser(), Backwards)

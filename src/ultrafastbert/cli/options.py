@@ -102,9 +102,9 @@ def argument(of: OptionField) -> tuple[tuple[str, ...], dict[str, Any]]:
         return (of.path,), {**kwargs, "type": _parser(of), "metavar": opt.metavar or flags[0]}
     kwargs["dest"] = of.path
     if isinstance(default, bool):
-        if default and not flags[0].startswith("--no-"):
-            raise TypeError(f"{of.path}: an option that turns a True default off needs a "
-                            f"--no-... flag, got {flags}")
+        if default != flags[0].startswith("--no-"):
+            raise TypeError(f"{of.path}: a True default takes a --no-... flag (store_false), "
+                            f"a False one a flag without --no-, got {flags}")
         return flags, {**kwargs, "action": "store_false" if default else "store_true",
                        "default": default}
     if default is dataclasses.MISSING:
