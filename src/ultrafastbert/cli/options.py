@@ -42,7 +42,9 @@ class CommandParser(argparse.ArgumentParser):
             add, extra = self._deferred.pop(0)
             try:
                 add()
-            except ImportError as err:
+            except ModuleNotFoundError as err:
+                if not err.name or err.name.split(".")[0] == "ultrafastbert":
+                    raise  # our own import is broken: a bug, with its traceback
                 self.error(f"this command needs the '{extra}' extra ({err.name} is missing): "
                            f"pip install 'ultrafastbert[{extra}]'")
 
