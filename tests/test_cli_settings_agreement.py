@@ -212,6 +212,14 @@ def test_a_missing_extra_is_named_when_the_command_is_used(capsys):
         parser.parse_args(["thing"])
     assert "needs the 'hf' extra (nothere is missing)" in capsys.readouterr().err
 
+    def broken_own_import():
+        raise ModuleNotFoundError("No module named 'ultrafastbert.nothere'",
+                                  name="ultrafastbert.nothere")
+
+    p.defer(broken_own_import, "hf")
+    with pytest.raises(ModuleNotFoundError):  # a bug of ours, not a missing extra
+        parser.parse_args(["thing"])
+
 
 def test_bad_values_are_refused_with_the_parsers_message(capsys):
     with pytest.raises(SystemExit):
