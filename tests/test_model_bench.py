@@ -101,3 +101,13 @@ def test_hf_baseline_on_packed_gemms_is_checked_and_packed():
     report = bench_model.check_model(bench_model.HF_PACKED, bert, "float32", s)
     assert report["ok"] and report["max_rel_error"] < 1e-4
     assert all(m._packed is not None for m in linears), "the timed path must be the packed one"
+
+
+def test_texts_mode_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
+    from ultrafastbert.cli import main
+
+    assert main(["bench", "model", "--texts", str(tmp_path), "--models", "tiny-fff"]) == 2
+    assert "--texts needs exactly one converted model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--texts", str(tmp_path), "--precision", "int4"])
+    assert "--precision must be among" in capsys.readouterr().err
