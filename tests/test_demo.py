@@ -107,7 +107,7 @@ def test_pretraining_demo_stays_reachable():
     args = build_parser().parse_args(["demo", "pretrain", "--budget", "10s", "--no-bench"])
     assert args.handler.__name__ == "run" and args.preset == "tiny-fff" and args.budget == 10
     args = build_parser().parse_args(["demo", "--budget", "2m"])
-    assert args.handler.__name__ == "run_convert" and args.budget == 120 and args.fff == "8x7"
+    assert args.handler.__name__ == "run_convert" and args.budget_s == 120 and args.fff == "8x7"
 
 
 def test_stsb_column_with_a_glue_dir(demo_run):

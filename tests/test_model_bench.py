@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from ultrafastbert.bench import model as bench_model
+from ultrafastbert.cli import bench as bench_cli
+from ultrafastbert.cli import build_parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench_model.add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["bench", "model", *argv])
 
 
 def small_settings(**changes) -> bench_model.ModelBenchSettings:
@@ -29,7 +29,7 @@ def test_small_run_writes_checked_results(tmp_path, capsys):
     args = parse(["--models", "tiny-fff,tiny-dense", "--batches", "1,2", "--seq-len", "16",
                   "--dtypes", "float32,bfloat16", "--warmup", "0", "--repeats", "1",
                   "--max-seconds", "1", "--profile-batch", "2", "--out", str(tmp_path)])
-    assert bench_model.run(args) == 0
+    assert bench_cli.run_model(args) == 0
     out = capsys.readouterr().out
     assert "output checks (before timing)" in out and "per-part profile" in out
     data = json.loads((tmp_path / "bench_model.json").read_text())
@@ -85,9 +85,9 @@ def test_a_wrong_fast_path_stops_the_benchmark(monkeypatch):
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="--dtypes must be among"):
-        bench_model.settings_from_args(parse(["--dtypes", "float16"]))
+        bench_cli.model_settings(parse(["--dtypes", "float16"]))
     with pytest.raises(ValueError, match="unknown models"):
-        bench_model.settings_from_args(parse(["--models", "gpt2"]))
+        bench_cli.model_settings(parse(["--models", "gpt2"]))
 
 
 def test_hf_baseline_on_packed_gemms_is_checked_and_packed():
@@ -101,3 +101,13 @@ def test_hf_baseline_on_packed_gemms_is_checked_and_packed():
     report = bench_model.check_model(bench_model.HF_PACKED, bert, "float32", s)
     assert report["ok"] and report["max_rel_error"] < 1e-4
     assert all(m._packed is not None for m in linears), "the timed path must be the packed one"
+
+
+def test_texts_mode_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
+    from ultrafastbert.cli import main
+
+    assert main(["bench", "model", "--texts", str(tmp_path), "--models", "tiny-fff"]) == 2
+    assert "--texts needs exactly one converted model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--texts", str(tmp_path), "--precision", "int4"])
+    assert "--precision must be among" in capsys.readouterr().err

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from convertcheck import tiny_bert  # noqa: E402
 from ultrafastbert.bench import baselines  # noqa: E402
 from ultrafastbert.bench import model as bench_model  # noqa: E402
+from ultrafastbert.cli import bench as bench_cli  # noqa: E402
 
 HAS_ST = baselines.missing_extra("st") is None
 HAS_ONNX = baselines.missing_extra("onnx") is None
@@ -45,27 +46,25 @@ def settings(models, dtypes=("float32",)) -> bench_model.ModelBenchSettings:
 
 
 def parse(argv):
-    import argparse
+    from ultrafastbert.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    bench_model.add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["bench", "model", *argv])
 
 
 def test_a_converted_model_brings_its_dense_source_baselines(dirs):
     converted, source = dirs
-    models = bench_model.settings_from_args(parse(["--models", str(converted)])).models
+    models = bench_cli.model_settings(parse(["--models", str(converted)])).models
     assert models == (str(converted), str(source), f"autocast:{source}", f"st:{source}",
                       f"onnx:{source}", f"onnx-int8:{source}")
-    alone = bench_model.settings_from_args(parse(["--models", str(converted),
+    alone = bench_cli.model_settings(parse(["--models", str(converted),
                                                   "--no-dense-baselines"])).models
     assert alone == (str(converted),)
-    explicit = bench_model.settings_from_args(parse(["--models", f"onnx:{source}"])).models
+    explicit = bench_cli.model_settings(parse(["--models", f"onnx:{source}"])).models
     assert explicit == (f"onnx:{source}",)  # a dense directory brings nothing more
     with pytest.raises(ValueError, match="unknown models"):
-        bench_model.settings_from_args(parse(["--models", "onnx:/no/such/dir"]))
+        bench_cli.model_settings(parse(["--models", "onnx:/no/such/dir"]))
     with pytest.raises(ValueError, match="not a dense model"):
-        bench_model.settings_from_args(parse(["--models", str(converted), "--dense-source",
+        bench_cli.model_settings(parse(["--models", str(converted), "--dense-source",
                                               str(converted)]))
 
 
@@ -77,7 +76,7 @@ def test_every_baseline_is_checked_then_timed_and_the_fff_model_compared(dirs, t
     args = parse(["--models", str(converted), "--batches", "2", "--seq-len", "16", "--dtypes",
                   "float32,bfloat16", "--warmup", "0", "--repeats", "3", "--max-seconds", "2",
                   "--profile-batch", "0", "--out", str(tmp_path)])
-    assert bench_model.run(args) == 0
+    assert bench_cli.run_model(args) == 0
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "bench_model.json").read_text())
     rows = {(r["model"], r["dtype"]): r for r in data["rows"]}

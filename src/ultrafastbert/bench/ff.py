@@ -28,6 +28,7 @@ from ..fff import FFF, dispatch, fff_reference
 from ..fff.pytorch.routing import route
 from ..fff.pytorch.training import fff_masked, fff_sparse
 from ..model.linear import InferenceLinear, packed_linear_unavailable
+from ..utils.options import comma_list, option, positive_int
 from . import common
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ PAPER_CONFIGS = ("3072x0", "1536x1", "512x2", "256x3", "128x4", "64x5", "32x6", 
 DENSE_WIDTHS = (3072, 4095)
 DEFAULT_TOKENS = (1, 8, 128, 512, 4096, 16384)
 CHECK_ROWS = 256
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def parse_config(name: str) -> tuple[int, int]:
@@ -104,6 +106,20 @@ def _packed_variant(module: DenseFF) -> Callable:
     return lambda x: second(F.gelu(first(x)))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtypes(text: str) -> tuple[torch.dtype, ...]:
+    """``float32,bfloat16`` -> ``(torch.float32, torch.bfloat16)`` (repeats dropped)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in DTYPE_NAMES]
+    if bad or not names:
+        raise InputError(f"dtypes must be among {list(DTYPE_NAMES)}, got {text!r}")
+    return tuple(getattr(torch, n) for n in dict.fromkeys(names))
+
+
 @dataclass
 class BenchSettings:
     """Run-time settings of one benchmark invocation.
@@ -113,18 +129,31 @@ class BenchSettings:
     ``dense_bias``: dense linears with biases (a BERT FFN) instead of crammedBERT's none.
     """
 
-    device: str = "cpu"
-    d_model: int = 768
-    tokens: tuple[int, ...] = DEFAULT_TOKENS
-    configs: tuple[str, ...] = PAPER_CONFIGS
-    implementations: tuple[str, ...] = ()
-    repeats: int = 15
-    warmup: int = 3
-    compile_dense: bool = False
+    device: str = option("cpu", help="cpu or cuda")
+    d_model: int = option(768, help="model width d (384 for MiniLM-sized layers)")
+    tokens: tuple[int, ...] = option(DEFAULT_TOKENS, parse=comma_list(positive_int),
+                                     help="comma-separated token counts")
+    configs: tuple[str, ...] = option(PAPER_CONFIGS, parse=comma_list(str),
+                                      show="all paper configs",
+                                      help="comma-separated FFF configs KxD")
+    implementations: tuple[str, ...] = option((), parse=comma_list(str),
+                                              show="every one available",
+                                              help="FFF implementations to time")
+    repeats: int = option(15, help="timed samples (median reported)")
+    warmup: int = option(3, help="untimed calls first")
+    compile_dense: bool = option(False, help="also time a torch.compile'd dense baseline (slow "
+                                             "to compile)")
     seed: int = 0
-    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
-    dense_widths: tuple[int, ...] = DENSE_WIDTHS
-    dense_bias: bool = False
+    dtypes: tuple[torch.dtype, ...] = option(
+        (torch.float32,), flags=("--dtypes", "--dtype"), parse=parse_dtypes,
+        show=lambda dtypes: ",".join(dtype_name(d) for d in dtypes),
+        help="comma-separated input and weight dtypes, each measured for dense and FFF alike: "
+             + ", ".join(DTYPE_NAMES))
+    dense_widths: tuple[int, ...] = option(DENSE_WIDTHS, parse=comma_list(positive_int),
+                                           help="dense baseline widths; speedups are taken "
+                                                "against the last")
+    dense_bias: bool = option(False, help="dense linears with biases, as in a BERT FFN "
+                                          "(crammedBERT has none)")
 
     def __post_init__(self) -> None:
         if not self.dtypes or not self.dense_widths:
@@ -144,11 +173,6 @@ def _inputs(tokens: int, d_model: int, device: str, seed: int,
     """Distinct LayerNorm-like rows (no aliasing of one row across the batch)."""
     gen = torch.Generator().manual_seed(seed + tokens)
     return torch.randn(tokens, d_model, generator=gen).to(device=device, dtype=dtype)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).replace("torch.", "")
 
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:

@@ -20,11 +20,11 @@ MLM head) of where the time goes.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from ..model import ModelConfig, UltraFastBertModel
 from ..model.linear import packed_linear_unavailable, use_packed_linears
 from ..model.pretrained import fff_compute_dtype
 from ..model.reference import compare_layerwise
+from ..utils.options import comma_list, option, positive_int
 from . import baselines, common
 from .baselines import Skipped
 
@@ -72,98 +73,67 @@ PROFILE_COLUMNS = ("model", "dtype", "batch", "part", "ms", "min_ms", "share")
 
 @dataclass(frozen=True)
 class ModelBenchSettings:
-    """What to run; everything recorded with the results."""
+    """What to run; everything recorded with the results. :func:`resolve` checks the names and
+    adds a converted model's dense baselines."""
 
-    models: tuple[str, ...] = MODELS
-    batches: tuple[int, ...] = BATCHES
-    seq_len: int = 128
-    dtypes: tuple[str, ...] = tuple(DTYPES)
-    device: str = "cpu"
-    warmup: int = 1
-    repeats: int = 5
-    max_seconds: float = 20.0
-    profile_batch: int | None = 8
+    models: tuple[str, ...] = option(
+        MODELS, parse=comma_list(str), show="all of these",
+        help=f"comma-separated subset of {','.join(MODELS)}, any preset name, or model "
+             "directories (a converted model brings its dense source's baselines); a directory "
+             "may carry a prefix: autocast:DIR (bf16 autocast), st:DIR (sentence-transformers), "
+             "onnx:DIR, onnx-int8:DIR (ONNX Runtime fp32 / dynamic int8)")
+    batches: tuple[int, ...] = option(BATCHES, parse=comma_list(positive_int),
+                                      help="batch sizes")
+    seq_len: int = option(128, parse=positive_int, help="tokens per sequence")
+    dtypes: tuple[str, ...] = option(tuple(DTYPES), parse=comma_list(str),
+                                     help="float32 and/or bfloat16")
+    device: str = option("cpu", help="cpu or cuda (cuda times with CUDA events)")
+    warmup: int = option(1, help="untimed calls first")
+    repeats: int = option(5, help="timed samples, median reported")
+    max_seconds: float = option(20.0, help="stop sampling after about this long per model (at "
+                                           "least 3 rounds)")
+    profile_batch: int | None = option(8, help="batch of the per-part profile (0: no profile)")
     seed: int = 0
 
-
-# ---------------------------------------------------------------------------------- arguments
-def _csv(kind: type) -> Callable[[str], tuple]:
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"bad comma-separated list {text!r}") from err
-    return parse
+    def __post_init__(self) -> None:
+        if not self.profile_batch:  # 0 and None alike: no profile
+            object.__setattr__(self, "profile_batch", None)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``bench model``."""
-    p.add_argument("--models", type=_csv(str), default=MODELS,
-                   help=f"comma-separated subset of {','.join(MODELS)}, any preset name, or "
-                        "model directories (a converted model brings its dense source's "
-                        "baselines); a directory may carry a prefix: autocast:DIR (bf16 "
-                        "autocast), st:DIR (sentence-transformers), onnx:DIR, onnx-int8:DIR "
-                        "(ONNX Runtime fp32 / dynamic int8)")
-    p.add_argument("--dense-source", default=None,
-                   help="dense source directory of the converted models (default: the one "
-                        "their conversion.json names)")
-    p.add_argument("--no-dense-baselines", action="store_true",
-                   help="do not add a converted model's dense-source baselines")
-    p.add_argument("--batches", type=_csv(int), default=BATCHES, help="batch sizes (default "
-                   "1,8,32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--dtypes", type=_csv(str), default=tuple(DTYPES),
-                   help="float32 and/or bfloat16 (default both)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda times with CUDA events)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (recorded)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed samples, median reported")
-    p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop sampling after about this long per model (at least 3 rounds)")
-    p.add_argument("--profile-batch", type=int, default=8,
-                   help="batch of the per-part profile (0: no profile)")
-    p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
-    p.add_argument("--texts", default=None, metavar="GLUE_DIR",
-                   help="instead: sentence embeddings from text (tokenization included) of the "
-                        "converted model in --models against its dense source on PyTorch, ONNX "
-                        "Runtime and OpenVINO, on STS-B dev in batches of 32 and 32x128, with "
-                        "STS-B Spearman and cosine columns (bench/texts.py)")
-    p.add_argument("--precision", type=_csv(str), default=("float32", "bfloat16", "int8",
-                                                           "auto"),
-                   help="with --texts: our Predictor's precisions to run (default all)")
-    p.add_argument("--text-limit", type=int, default=None,
-                   help="with --texts: time only the first N STS-B sentences")
-    p.add_argument("--quality-only", action="store_true",
-                   help="with --texts: only the quality columns and FFF route-change rates "
-                        "(no timing; may run outside the benchmark lock)")
-    p.add_argument("--quality-pairs", type=int, default=None,
-                   help="with --texts: quality columns on the first N STS-B pairs only")
-    p.add_argument("--quality-from", default=None, metavar="JSON",
-                   help="with --texts: read the quality columns from a --quality-only run")
-
-
-def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
-    """Validated settings from parsed arguments."""
-    bad = [d for d in args.dtypes if d not in DTYPES]
+def resolve(s: ModelBenchSettings, dense_source: str | None = None,
+            dense_baselines: bool = True) -> ModelBenchSettings:
+    """``s`` checked (known dtypes and models, positive sizes, the extras the models need) with
+    each converted model directory's dense baselines added (:func:`with_dense_baselines`)."""
+    bad = [d for d in s.dtypes if d not in DTYPES]
     if bad:
         raise InputError(f"--dtypes must be among {list(DTYPES)}, got {bad}")
     known = set(MODELS) | _presets()
-    unknown = [m for m in args.models if m not in known and not _is_model_dir(
+    unknown = [m for m in s.models if m not in known and not _is_model_dir(
         baselines.split_name(m)[1])]
     if unknown:
         raise InputError(f"unknown models {unknown}; choose from {sorted(known)}, a model "
                          f"directory, or a directory with a prefix {sorted(baselines.PREFIXES)}")
-    if min(args.batches, default=0) < 1 or args.seq_len < 1:
+    if min(s.batches, default=0) < 1 or s.seq_len < 1:
         raise InputError("--batches and --seq-len must be positive")
-    models = with_dense_baselines(tuple(args.models), getattr(args, "dense_source", None),
-                                  not getattr(args, "no_dense_baselines", False))
+    models = with_dense_baselines(tuple(s.models), dense_source, dense_baselines)
     hf = [m for m in models if _needs_transformers(m)]
     if hf and importlib.util.find_spec("transformers") is None:
         raise InputError(f"the {hf[0]} baseline needs transformers: pip install "
                          f"'ultrafastbert[hf]', or leave it out of --models")
-    return ModelBenchSettings(models, tuple(args.batches), args.seq_len,
-                              tuple(args.dtypes), args.device, args.warmup, args.repeats,
-                              args.max_seconds, args.profile_batch or None)
+    return dataclasses.replace(s, models=models)
+
+
+def text_models(models: Sequence[str], dense_source: str | None) -> tuple[Path, Path]:
+    """``bench model --texts``: the one converted model directory among ``models`` and its
+    dense source (``dense_source``, else the one its ``conversion.json`` names)."""
+    dirs = [m for m in models if _is_model_dir(m)]
+    if len(dirs) != 1:
+        raise InputError("--texts needs exactly one converted model directory in --models")
+    converted = Path(dirs[0])
+    dense = Path(dense_source) if dense_source else baselines.source_of(converted)
+    if dense is None:
+        raise InputError(f"{converted} names no dense source; pass --dense-source DIR")
+    return converted, dense
 
 
 def _needs_transformers(name: str) -> bool:
@@ -595,70 +565,6 @@ def _linear_kind(s: ModelBenchSettings) -> dict[str, str]:
         reason = packed_linear_unavailable(torch.device(s.device), DTYPES[name])
         out[name] = "oneDNN, prepacked" if reason is None else f"plain nn.Linear ({reason})"
     return out
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``ultrafastbert bench model``: prints tables, writes files."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if getattr(args, "texts", None):
-        return _run_texts(args)
-    result = run_bench(settings_from_args(args))
-    env = result["environment"]
-    print(f"{common.speed_summary(env)}; load {env['loadavg_before']} -> "
-          f"{env['loadavg_after']}, FFF kernel {env['fff_kernel']}, linear layers "
-          f"{env['linear_layers']}")
-    print("\noutput checks (before timing):")
-    print(common.format_table(result["checks"], ("model", "dtype", "max_rel_error",
-                                                 "rows_compared", "rows_excluded_near_zero_logit",
-                                                 "ok")))
-    timed = [r for r in result["rows"] if "latency_ms" in r]
-    print("\n" + common.format_table(timed, TABLE_COLUMNS))
-    print("\nfastest dense model per dtype and batch:\n"
-          + common.format_table(fastest_dense(result["rows"]), FASTEST_COLUMNS))
-    skipped = {r["model"]: r["skipped"] for r in result["rows"] if "skipped" in r}
-    for name, reason in skipped.items():
-        print(f"skipped baseline {name}: {reason}")
-    if result["profile"]:
-        print("\nper-part profile:\n" + common.format_table(result["profile"], PROFILE_COLUMNS))
-    if args.out:
-        for path in write(args.out, result):
-            print(f"wrote {path}")
-    return 0
-
-
-def _run_texts(args: argparse.Namespace) -> int:
-    """``bench model --texts``: see :mod:`.texts`."""
-    from ..infer.precision import CHOICES
-    from . import texts
-
-    bad = [p for p in args.precision if p not in CHOICES]
-    if bad:
-        raise InputError(f"--precision must be among {CHOICES}, got {bad}")
-    dirs = [m for m in args.models if _is_model_dir(m)]
-    if len(dirs) != 1:
-        raise InputError("--texts needs exactly one converted model directory in --models")
-    converted = Path(dirs[0])
-    dense = Path(args.dense_source) if args.dense_source else baselines.source_of(converted)
-    if dense is None:
-        raise InputError(f"{converted} names no dense source; pass --dense-source DIR")
-    result = texts.run_texts(converted, dense, Path(args.texts), tuple(args.precision),
-                             rounds=max(args.repeats, 1), n_texts=args.text_limit,
-                             quality_only=args.quality_only, quality_from=args.quality_from,
-                             quality_pairs=args.quality_pairs)
-    if args.quality_only:
-        if args.out:
-            from ..utils.io import atomic_write_json
-
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(args.out) / "quality.json", result)
-            print(f"wrote {Path(args.out) / 'quality.json'}")
-        return 0
-    print(texts.report(result))
-    if args.out:
-        for path in texts.write(args.out, result):
-            print(f"wrote {path}")
-    return 0
 
 
 def write(out_dir: str | Path, result: dict[str, Any]) -> list[Path]:

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from ..errors import Interrupted, UltraFastBertError
+from .options import CommandParser
 
 #: Command modules under ``ultrafastbert.cli``, each defining ``register(subparsers)``.
 COMMAND_MODULES = ("demo", "pretrain", "convert", "glue", "predict", "bench", "kernels", "serve")
@@ -18,7 +19,7 @@ COMMAND_MODULES = ("demo", "pretrain", "convert", "glue", "predict", "bench", "k
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ultrafastbert",
         description="UltraFastBERT: fast feedforward BERT with exact semantics and real speed.")
     parser.add_argument("-v", "--verbose", action="count", default=0,

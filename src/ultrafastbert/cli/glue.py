@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from .options import add_options, section, when_used
+from .options import settings_from_args as build_settings
 from .pretrain import positive_int
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,66 +22,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "4e-5, batch 16, AdamW (0.9, 0.98, eps 1e-6, no decay), cosine with 10% "
                     "warm-up, max length 128, first-token pooling, dropout 0.1, median over "
                     "seeds. Writes OUT/results.json, OUT/results.md and OUT/models/.")
-    p.add_argument("--model", type=Path, required=True, metavar="DIR",
-                   help="model directory (config.json, weights, tokenizer.json)")
-    p.add_argument("--glue-dir", type=Path, required=True, metavar="DIR",
-                   help="GLUE folder: TASK/train.tsv + TASK/dev.tsv (download_glue_data.py "
-                        "layout) or datasets saved with save_to_disk, one folder per task")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="output directory (new or empty)")
-    p.add_argument("--tasks", default=None, metavar="LIST",
-                   help="comma-separated tasks, e.g. RTE,STS-B (default: every task in "
-                        "--glue-dir); CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI")
-    _protocol_arguments(p)
-    _runtime_arguments(p)
+    when_used(p, lambda: _add_arguments(p), "glue")
     p.set_defaults(handler=run)
 
 
-def _protocol_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("protocol (defaults: GLUE-sane)")
-    g.add_argument("--epochs", type=positive_int, default=None, help="epochs (5)")
-    g.add_argument("--seeds", type=positive_int, default=None, metavar="N",
-                   help="runs per task, seeds 0..N-1; tables show the median (5)")
-    g.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (4e-5)")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="batch size (16)")
-    g.add_argument("--warmup", type=float, default=None, help="warm-up share of steps (0.1)")
-    g.add_argument("--max-length", type=positive_int, default=None,
-                   help="tokens per example after truncation (128)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout rates (0.1)")
-    g.add_argument("--max-train-examples", type=positive_int, default=None, metavar="N",
-                   help="fine-tune on a random subset of N training examples (default: all)")
-    g.add_argument("--max-eval-examples", type=positive_int, default=None, metavar="N",
-                   help="evaluate on a random subset of N dev examples (default: all)")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..glue import GlueRunSettings
 
-
-def _runtime_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument("--save-models", choices=("all", "median", "none"), default="median",
-                   help="fine-tuned models to keep: all, the median seed's per task "
-                        "(default), none")
-    g.add_argument("--name", default=None, help="the model's name in results.md")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="autocast dtype while training (default: fp32)")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_options(p, GlueRunSettings)
+    section(p, "runtime").add_argument("--threads", type=positive_int, default=None,
+                                       help="torch intra-op threads")
 
 
 def settings_from_args(args: argparse.Namespace):
     """``GlueRunSettings`` from parsed arguments."""
-    from ..glue import FinetuneRuntime, GlueProtocol, GlueRunSettings
+    from ..glue import GlueRunSettings
 
-    seeds = tuple(range(args.seeds)) if args.seeds is not None else None
-    protocol = GlueProtocol().replace(
-        epochs=args.epochs, seeds=seeds, lr=args.lr, batch_size=args.batch_size,
-        warmup=args.warmup, max_length=args.max_length, dropout=args.dropout,
-        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
-    runtime = FinetuneRuntime(device=args.device, precision=args.precision,
-                              progress_bar=not args.no_progress)
-    tasks = tuple(args.tasks.split(",")) if args.tasks is not None else None
-    return GlueRunSettings(model_dir=args.model, glue_dir=args.glue_dir, out_dir=args.out,
-                           tasks=tasks, protocol=protocol, runtime=runtime,
-                           save_models=args.save_models, model_name=args.name)
+    return build_settings(GlueRunSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:

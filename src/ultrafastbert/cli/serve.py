@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .options import add_options, section, settings_from_args, when_used
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``serve`` subcommand."""
@@ -23,22 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the "
                         "directory's name)")
-    p.add_argument("--max-batch-tokens", type=int, default=4096,
-                   help="padded tokens per model call (rows x longest row; default 4096)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long a request waits for batch-mates when the model is idle "
-                        "(default 2)")
-    p.add_argument("--max-inputs", type=int, default=2048, help="texts per request (2048)")
-    p.add_argument("--max-request-tokens", type=int, default=262_144,
-                   help="tokens per request, all texts together (262144)")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
-                   help="largest request body (default 8 MiB)")
-    p.add_argument("--no-truncate", dest="truncate", action="store_false",
-                   help="refuse (413) a text longer than the model takes instead of cutting it")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--workers", type=int, default=1,
-                   help="batches run at once, each on its own thread (default 1; on a CPU "
-                        "try --workers N --threads 1 with N cores)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--precision", choices=("float32", "bfloat16", "int8", "auto"), default=None,
                    help="dense linears: auto (default: fastest passing the accuracy rule "
@@ -46,40 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--kernel", default="auto",
                    help="FFF implementation: auto, torch, native, triton (default: auto)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds requests in flight get at shutdown (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not log every request")
-    _add_overload_options(p)
+    when_used(p, lambda: _add_arguments(p), "serve")
     p.set_defaults(handler=run)
 
 
-def _add_overload_options(p: argparse.ArgumentParser) -> None:
-    """Admission control and API keys (docs/serving.md, "Overload" and "API keys")."""
-    g = p.add_argument_group("overload and access")
-    g.add_argument("--max-queue-tokens", type=int, default=None,
-                   help="tokens waiting for the model; more is refused with 429 (default: "
-                        "what the server serves in half of --max-queue-ms: timed at start, "
-                        "then the rate it drains its queue at)")
-    g.add_argument("--max-concurrent-requests", type=int, default=None,
-                   help="model requests in the server at once; more is refused with 429 "
-                        "(default: the queue bound / 16, within 16 and 1024)")
-    g.add_argument("--max-queue-ms", type=float, default=1000.0,
-                   help="a request not in the model after this long is answered 429 and not "
-                        "computed (default 1000)")
-    g.add_argument("--model-process", action="store_true",
-                   help="run the model in its own process (one per worker) so that the HTTP "
-                        "front never waits for the model's interpreter lock; the model is "
-                        "loaded twice (memory)")
-    g.add_argument("--model-nice", type=int, default=0, metavar="N",
-                   help="run the model N nice levels below the HTTP front (0-19; default 0) so "
-                        "that refusals are answered first when cores are short; the model then "
-                        "yields to every other program too (see docs/serving.md)")
-    g.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
-                   help="accepted keys, one per line (Authorization: Bearer KEY on every "
-                        f"route but /health); or set {API_KEY_ENV}")
-    g.add_argument("--api-key", default=None, metavar="KEY",
-                   help=f"a key on the command line (visible in ps: prefer {API_KEY_ENV} or "
-                        "--api-key-file)")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    """``ServeConfig``'s options, and the API keys (docs/serving.md, "API keys")."""
+    from ..serve.config import OVERLOAD, ServeConfig
+
+    add_options(p, ServeConfig)
+    group = section(p, OVERLOAD)
+    group.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                       help="accepted keys, one per line (Authorization: Bearer KEY on every "
+                            f"route but /health); or set {API_KEY_ENV}")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help=f"a key on the command line (visible in ps: prefer {API_KEY_ENV} "
+                            "or --api-key-file)")
 
 
 #: The environment variable holding an API key.
@@ -109,12 +79,21 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def serve_config(args: argparse.Namespace):
+    """``ServeConfig`` from parsed ``serve`` arguments: the model's name (the directory's by
+    default) and the API keys (:func:`api_keys`) beside the options."""
+    from ..serve.config import ServeConfig
+
+    name = args.model_name or Path(args.model).resolve().name
+    return settings_from_args(ServeConfig, args, model_name=name, api_keys=api_keys(args))
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, bind the port, serve until a signal; 0 after a clean shutdown."""
     from ..errors import ResourceError
 
     try:
-        from ..serve import ServeConfig, bind, serve
+        from ..serve import bind, serve
     except ImportError as err:
         raise ResourceError(f"serving needs the 'serve' extra ({err.name} is missing): "
                            "pip install 'ultrafastbert[serve]'") from err
@@ -126,16 +105,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not args.quiet:
         logging.getLogger("ultrafastbert.serve").setLevel(logging.INFO)
-    name = args.model_name or Path(args.model).resolve().name
-    config = ServeConfig(model_name=name, max_batch_tokens=args.max_batch_tokens,
-                         max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
-                         max_request_tokens=args.max_request_tokens, truncate=args.truncate,
-                         max_body_bytes=args.max_body_bytes,
-                         graceful_timeout_s=args.graceful_timeout, workers=args.workers,
-                         max_queue_tokens=args.max_queue_tokens, max_queue_ms=args.max_queue_ms,
-                         max_concurrent_requests=args.max_concurrent_requests,
-                         api_keys=api_keys(args), model_nice=args.model_nice,
-                         model_processes=args.model_process)
+    config = serve_config(args)
+    name = config.model_name
     load = functools.partial(Predictor.from_pretrained, args.model, dtype=args.dtype,
                              device=args.device, kernel=args.kernel, precision=args.precision)
     predictor = load()

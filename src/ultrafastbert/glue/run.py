@@ -33,6 +33,7 @@ from ..utils.device import require_device
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import LOCK_FILE, DirectoryLock
 from ..utils.machine import run_facts
+from ..utils.options import comma_list, nested, option
 from . import transformers_models
 from .data import (
     EncodedSplit,
@@ -84,14 +85,26 @@ class GlueRunSettings:
         model_name: the model's row label in ``results.md`` (default: the folder name).
     """
 
-    model_dir: Path
-    glue_dir: Path
-    out_dir: Path
-    tasks: tuple[str, ...] | None = None
-    protocol: GlueProtocol = field(default_factory=GlueProtocol)
-    runtime: FinetuneRuntime = field(default_factory=FinetuneRuntime)
-    save_models: str = "median"
-    model_name: str | None = None
+    model_dir: Path = option(flags="--model", parse=Path, metavar="DIR",
+                             help="model directory (config.json, weights, tokenizer.json)")
+    glue_dir: Path = option(parse=Path, metavar="DIR",
+                            help="GLUE folder: TASK/train.tsv + TASK/dev.tsv "
+                                 "(download_glue_data.py layout) or datasets saved with "
+                                 "save_to_disk, one folder per task")
+    out_dir: Path = option(flags="--out", parse=Path, metavar="DIR",
+                           help="output directory (new or empty)")
+    tasks: tuple[str, ...] | None = option(
+        None, parse=comma_list(str), metavar="LIST",
+        help="comma-separated tasks, e.g. RTE,STS-B (default: every task in --glue-dir); "
+             "CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI")
+    protocol: GlueProtocol = nested(GlueProtocol, group="protocol (defaults: GLUE-sane)")
+    runtime: FinetuneRuntime = nested(FinetuneRuntime, group="runtime")
+    save_models: str = option("median", choices=SAVE_MODELS, group="runtime",
+                              help="fine-tuned models to keep: all, the median seed's per "
+                                   "task, none")
+    model_name: str | None = option(None, flags="--name", group="runtime",
+                                    help="the model's name in results.md (default: the "
+                                         "model directory's name)")
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "glue_dir", "out_dir"):

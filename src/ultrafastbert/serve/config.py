@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
+from ..utils.options import option
+
+#: The ``--help`` section of the admission-control and access options (docs/serving.md).
+OVERLOAD = "overload and access"
 
 
 @dataclass(frozen=True)
@@ -41,22 +45,45 @@ class ServeConfig:
       the server's own process (needs a model loader; see :mod:`.modelproc`).
     """
 
-    model_name: str
-    max_batch_tokens: int = 4096
-    max_wait_ms: float = 2.0
-    max_inputs: int = 2048
-    max_request_tokens: int = 262_144
-    truncate: bool = True
-    max_body_bytes: int = 8 * 1024 * 1024
+    model_name: str  # the command line's --model-name (default: the directory's name)
+    max_batch_tokens: int = option(4096, help="padded tokens per model call (rows x longest "
+                                              "row)")
+    max_wait_ms: float = option(2.0, help="how long a request waits for batch-mates when the "
+                                          "model is idle")
+    max_inputs: int = option(2048, help="texts per request")
+    max_request_tokens: int = option(262_144, help="tokens per request, all texts together")
+    truncate: bool = option(True, flags="--no-truncate",
+                            help="refuse (413) a text longer than the model takes instead of "
+                                 "cutting it")
+    max_body_bytes: int = option(8 * 1024 * 1024, show="8 MiB", help="largest request body "
+                                                                     "in bytes")
     max_top_k: int = 100
-    graceful_timeout_s: float = 30.0
-    workers: int = 1
-    max_queue_tokens: int | None = None
-    max_concurrent_requests: int | None = None
-    max_queue_ms: float = 1000.0
+    graceful_timeout_s: float = option(30.0, flags="--graceful-timeout",
+                                       help="seconds requests in flight get at shutdown")
+    workers: int = option(1, help="batches run at once, each on its own thread (on a CPU try "
+                                  "--workers N --threads 1 with N cores)")
+    max_queue_tokens: int | None = option(
+        None, parse=int, group=OVERLOAD,
+        help="tokens waiting for the model; more is refused with 429 (default: what the server "
+             "serves in half of --max-queue-ms: timed at start, then the rate it drains its "
+             "queue at)")
+    max_concurrent_requests: int | None = option(
+        None, parse=int, group=OVERLOAD,
+        help="model requests in the server at once; more is refused with 429 (default: "
+             "--max-queue-tokens / 16, within 16 and 1024)")
+    max_queue_ms: float = option(1000.0, group=OVERLOAD,
+                                 help="a request not in the model after this long is answered "
+                                      "429 and not computed")
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    model_nice: int = 0
-    model_processes: bool = False
+    model_nice: int = option(0, metavar="N", group=OVERLOAD,
+                             help="run the model N nice levels below the HTTP front (0-19) so "
+                                  "that refusals are answered first when cores are short; the "
+                                  "model then yields to every other program too "
+                                  "(docs/serving.md)")
+    model_processes: bool = option(False, flags="--model-process", group=OVERLOAD,
+                                   help="run the model in its own process (one per worker) so "
+                                        "that the HTTP front never waits for the model's "
+                                        "interpreter lock; the model is loaded twice (memory)")
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

@@ -43,6 +43,7 @@ from ..errors import InputError, NotFoundError, OutputExistsError
 from ..model import ModelConfig, UltraFastBertForMaskedLM
 from ..utils.io import atomic_write_json
 from ..utils.lock import LOCK_FILE, DirectoryLock
+from ..utils.options import nested, option, parse_duration, positive_int
 from ..utils.oserrors import writing
 from .distributed import DistContext, init_distributed, main_first, shutdown
 from .loop import LoopConfig, Trainer, TrainResult
@@ -78,31 +79,57 @@ class PretrainSettings:
     tokenizer. ``precision`` ``auto`` is bf16 on CUDA, fp32 elsewhere.
     """
 
-    out_dir: Path
-    model: ModelConfig
+    model: ModelConfig  # the command line's --preset NAME or --config FILE
+    out_dir: Path = option(flags="--out", parse=Path, metavar="DIR",
+                           help="output directory (new, or the run to --resume)")
     model_name: str = "custom"
-    corpus: str | None = None
-    text_field: str = "text"
-    split: str = "train"
-    text_unit: TextUnit = "line"
-    encoding_errors: str = "strict"
-    tokenizer: Path | None = None
-    seq_len: int = 128
-    cache_dir: Path | None = None
-    recipe: CrammedRecipe = dataclasses.field(default_factory=CrammedRecipe)
-    max_steps: int | None = None
-    budget_s: float | None = None
-    seed: int = 0
-    heldout_rows: int = 256
-    precision: str = "auto"
-    save_every_steps: int | None = None
+    corpus: str | None = option(None, metavar="PATH|demo", group="data", show="demo",
+                                help="text file/folder, .jsonl, .parquet, saved HF dataset")
+    text_field: str = option("text", metavar="NAME", group="data",
+                             help="JSON field / column holding the text")
+    split: str = option("train", group="data", help="split of a saved DatasetDict")
+    text_unit: TextUnit = option("line", choices=("line", "paragraph"), group="data",
+                                 help="what a document is in plain-text files")
+    encoding_errors: str = option("strict", choices=("strict", "replace"), group="data",
+                                  help="non-UTF-8 bytes: an error (strict) or U+FFFD (replace)")
+    tokenizer: Path | None = option(
+        None, parse=Path, metavar="PATH", group="data",
+        help="an existing tokenizer.json (default: reuse OUT/tokenizer.json, else the shipped "
+             "demo tokenizer for the demo corpus at vocab 32768, else train one)")
+    seq_len: int = option(128, parse=positive_int, metavar="N", group="data",
+                          help="tokens per packed sequence")
+    cache_dir: Path | None = option(
+        None, parse=Path, metavar="DIR", group="data",
+        help="packed-corpus cache (default: $ULTRAFASTBERT_CACHE/packed or "
+             "~/.cache/ultrafastbert/packed)")
+    recipe: CrammedRecipe = nested(CrammedRecipe, group="training")
+    max_steps: int | None = option(None, parse=positive_int, metavar="N", group="training",
+                                   exclusive="length",
+                                   help="train for N optimizer steps; the schedule follows "
+                                        "step / N, so runs are reproducible")
+    budget_s: float | None = option(None, flags="--budget", parse=parse_duration,
+                                    metavar="DURATION", group="training", exclusive="length",
+                                    help="train for this wall-clock time, e.g. 5m or 24h (the "
+                                         "paper); the schedule follows elapsed time / budget")
+    seed: int = option(0, group="training", help="model init, data order, masks")
+    heldout_rows: int = option(256, metavar="N", group="data",
+                               help="sequences held out for the final MLM evaluation")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"), group="training",
+                            help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU")
+    save_every_steps: int | None = None  # both from the command line's --save-every
     save_every_s: float | None = 1800.0
-    keep_checkpoints: int = 1
-    resume: bool = False
-    device: str = "auto"
-    compile: bool = False
-    progress_bar: bool = True
-    prepare_only: bool = False
+    keep_checkpoints: int = option(1, parse=positive_int, metavar="N", group="training",
+                                   help="checkpoints kept (the newest)")
+    resume: bool = option(False, group="training",
+                          help="continue the run in --out from its latest checkpoint")
+    device: str = option("auto", group="training",
+                         help="auto (cuda if available), cpu, cuda or cuda:N")
+    compile: bool = option(False, group="training", help="torch.compile the model")
+    progress_bar: bool = option(True, flags="--no-progress", group="training",
+                                help="no progress bar")
+    prepare_only: bool = option(False, group="training",
+                                help="tokenize and pack the corpus, then stop (continue later "
+                                     "with --resume)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils.options import option, positive_int
 
 
 def _positive(name: str, value: float | int, *, integer: bool = False) -> None:
@@ -55,13 +56,17 @@ class CrammedRecipe:
         ramp_fraction: share of progress over which the batch ramps up (0.6).
     """
 
-    lr: float = 1e-3
+    lr: float = option(1e-3, help="peak learning rate")
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-12
     weight_decay: float = 0.01
     grad_clip: float = 0.5
-    micro_batch: int = 128
-    target_batch: int = 8192
+    micro_batch: int = option(128, parse=positive_int, metavar="N",
+                              help="sequences per forward pass over all processes; the ramp "
+                                   "starts here")
+    target_batch: int = option(8192, flags="--batch-size", parse=positive_int, metavar="N",
+                               help="sequences per optimizer step at the end of the batch "
+                                    "ramp, over all processes")
     ramp_fraction: float = 0.6
 
     def __post_init__(self) -> None:
