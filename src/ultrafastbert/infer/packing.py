@@ -21,10 +21,12 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
-#: Widest padded batch (tokens) whose attention runs as explicit matmuls + softmax; measured
-#: on AMD EPYC Zen 4 (2 threads, 12 heads of 32): 4x faster than the flash kernel at
-#: sentence widths (~30), equal near 128 (docs/precision.md).
-MATH_ATTENTION_MAX_WIDTH = 96
+#: Widest padded float32 batch (tokens) whose attention runs as explicit matmuls + softmax
+#: rather than PyTorch's CPU flash kernel. Measured on AMD EPYC Zen 4, 2 threads, 32 texts of
+#: 12 heads of 32 (docs/model.md): float32 math/flash 0.83/1.48 ms at width 16, 2.0/2.7 at 32,
+#: 4.2/5.2 at 48, 7.2/6.9 at 64, 36/12 at 96. In bfloat16 the flash kernel wins from width 32,
+#: so bfloat16 streams always take it.
+MATH_ATTENTION_MAX_WIDTH = 48
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,10 +133,10 @@ class Packing:
 
         ``layout`` ``"blocks"``: ``[q | k | v]`` (Hugging Face BERT); ``"heads"``:
         ``[head][q, k, v][head_dim]`` (the project's encoder). Padded slots are filled by a
-        gather from real rows (masked as keys, their queries dropped), not zeroed; batches no
-        wider than :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a softmax
-        (at sentence lengths PyTorch's CPU flash kernel spends most of its time on its fixed
-        block sizes), wider ones as one ``scaled_dot_product_attention``.
+        gather from real rows (masked as keys, their queries dropped), not zeroed; float32
+        batches no wider than :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a
+        softmax (faster than PyTorch's CPU flash kernel at sentence widths), the others as one
+        ``scaled_dot_product_attention``.
         """
         d = qkv.shape[1] // 3
         padded = qkv.index_select(0, self._slots)  # (N * S, 3d): every slot a real row
@@ -144,7 +146,7 @@ class Packing:
         else:
             parts = padded.view(self.n_texts, self.width, n_heads, 3, d // n_heads)
             q, k, v = parts.permute(3, 0, 2, 1, 4).unbind(0)  # each (N, H, S, hd)
-        if self.width <= MATH_ATTENTION_MAX_WIDTH:
+        if self.width <= MATH_ATTENTION_MAX_WIDTH and qkv.dtype == torch.float32:
             context = _math_attention(q, k, v, self._key_bias(q.dtype))
         else:
             mask = None if self.keep is None else self.keep[:, None, None, :]
