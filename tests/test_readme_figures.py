@@ -89,12 +89,10 @@ def _texts(workload: str, embedders: tuple[str, ...], keys: tuple[str, ...]
 def _overload(folder: Path) -> tuple[dict, list[str]]:
     """Goodput at 4x and 8x the measured capacity as a share of it, with the admission bounds
     and without them (``serve_load.py --overload --compare-unbounded``)."""
-    share: list[str] = []
-    for run_folder in (folder, folder / "repeat"):  # the first run also has the ablation
-        data = _json(run_folder, "results.json")
-        capacity = data["runs"][0]["capacity"]["texts_per_s"]
-        share += [percent(100 * lv["goodput_texts_per_s"] / capacity)
-                  for run in data["runs"] for lv in run["levels"] if lv["multiple"] in (4.0, 8.0)]
+    data = _json(folder, "results.json")
+    capacity = data["runs"][0]["capacity"]["texts_per_s"]
+    share = [percent(100 * lv["goodput_texts_per_s"] / capacity)
+             for run in data["runs"] for lv in run["levels"] if lv["multiple"] in (4.0, 8.0)]
     env = data["environment"]
     return {"cpu": env["cpu"], "torch_threads": env["server_threads"]}, share
 
