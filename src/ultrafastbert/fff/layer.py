@@ -267,10 +267,11 @@ class FFF(nn.Module):
 
     def train_kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
         """The training kernel the dispatcher picks (``runtime.training``) for this layer's
-        device and ``dtype``: on CUDA the Triton kernel when it can run, else the sparse
-        PyTorch path."""
+        device, ``dtype`` and shape: on CUDA the Triton kernel when it can run; on the CPU
+        the native or the sparse PyTorch path, measured (``dispatch.train_plan``)."""
         return dispatch.select(self.runtime.training, self.linear_in.weight.device,
-                               dtype or self.linear_in.weight.dtype, training=True)
+                               dtype or self.linear_in.weight.dtype, training=True,
+                               shape=dispatch.Workload(self.n_trees, self.depth, self.d_model))
 
     def _infer(self, flat: torch.Tensor, return_nodes: bool):
         kernel, packed = self._kernel_and_packed(flat.dtype)

@@ -20,10 +20,10 @@ import torch
 from ...errors import InputError, ResourceError
 from ..kernel import FFFKernel
 from ..tree import path_length
-from . import build, tuning
+from . import build, train, tuning
 from .bf16 import NativeBF16Kernel
 
-__all__ = ["NativeBF16Kernel", "NativeCPUKernel", "NativePacked", "build", "tuning"]
+__all__ = ["NativeBF16Kernel", "NativeCPUKernel", "NativePacked", "build", "train", "tuning"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class NativeCPUKernel(FFFKernel):
     devices = ("cpu",)
     dtypes = (torch.float32,)
     weight_formats = ("fp32", "bf16", "bf16-out")
+    trains = True  # float32, forward and backward over the visited nodes (train.py)
 
     def __init__(self, isa: str | None = None, tune: bool = True):
         if isa is not None and isa not in build.ISA_CODES:
@@ -156,6 +157,17 @@ class NativeCPUKernel(FFFKernel):
                                          depth, self._isa_code), None
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
                              self._isa_code, packed.knobs), None
+
+    def train_forward(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                      w_out: torch.Tensor, n_trees: int, depth: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The native training path (:func:`.train.train_forward`): ``y`` ``(T, d)`` with
+        autograd to ``x`` and the weights, and the visited nodes ``(T, K, D+1)``."""
+        if self._library is None:
+            reason = self.unavailable_reason(x.device, x.dtype, training=True)
+            if reason is not None:
+                raise ResourceError(f"the native FFF kernel cannot train: {reason}")
+        return train.train_forward(x, w_in, b_in, w_out, n_trees, depth, self._isa_code)
 
 
 @functools.cache
