@@ -418,9 +418,9 @@ def train_plan(device: torch.device | str, dtype: torch.dtype, shape: Workload) 
 
     CPU with ``ULTRAFASTBERT_AUTOTUNE`` on and several kernels that can train: each is timed
     (forward + backward) on first use at :data:`TRAIN_MEASURED_TOKENS`, the fastest serves each
-    range (cached per CPU model, shape, dtype, threads and native build). Otherwise the first
-    that can train in priority order (on the CPU: native, measured faster than the torch path
-    at every count tried, docs/fff.md).
+    range (cached per CPU model, shape, dtype, threads and native build). Otherwise (and inside
+    a ``torch.compile`` trace) the first that can train in priority order (on the CPU: native,
+    measured faster than the torch path at every count tried, docs/fff.md).
 
     Raises:
         InputError: no kernel can train this shape here (with every kernel's reason).
@@ -432,7 +432,8 @@ def train_plan(device: torch.device | str, dtype: torch.dtype, shape: Workload) 
         detail = "; ".join(f"{n}: {r}" for n, r in reasons)
         raise InputError(f"no FFF implementation can train {shape.config} on {device} / "
                          f"{dtype} ({detail})")
-    if device.type == "cpu" and len(runnable) > 1 and measuring():
+    if (device.type == "cpu" and len(runnable) > 1 and not torch.compiler.is_compiling()
+            and measuring()):  # no timing (nor cache files) inside a torch.compile trace
         choices = measured_train_plan(runnable, shape, dtype)
     else:
         choices = [Choice(runnable[0], 1, None,

@@ -29,28 +29,17 @@ import torch
 from ..tree import path_length
 
 
-def train_forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-                  w_out: torch.Tensor, n_trees: int, depth: int, isa: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable FFF forward on the native kernel (the library must be loaded).
-
-    Args:
-        x: ``(T, d)`` float32; w_in: ``(K*N, d)``; b_in: ``(K*N,)`` or None; w_out:
-            ``(d, K*N)`` (checkpoint layout); isa: the kernel's instruction set code
-            (``build.ISA_CODES``).
-    Returns:
-        ``y`` ``(T, d)`` (autograd flows to ``x`` and the weights) and the visited nodes
-        ``(T, K, D+1)`` int64.
-    """
-    y, nodes, _, _ = custom_ops()(x, w_in, b_in, w_out, n_trees, depth, isa)
-    return y, nodes
-
-
 @functools.cache
 def custom_ops() -> Any:
     """``ultrafastbert::native_fff_train`` (forward, with autograd) and
-    ``ultrafastbert::native_fff_train_backward``; defined at first use, after the library is
-    loaded (the C++ ops themselves are composite, so they cannot take a fake)."""
+    ``ultrafastbert::native_fff_train_backward``; defined once the library is loaded (the C++
+    ops themselves are composite, so they cannot take a fake). Returns the forward:
+
+    ``train(x (T, d) float32, w_in (K*N, d), b_in (K*N,) | None, w_out (d, K*N), n_trees,
+    depth, isa)`` -> ``y`` ``(T, d)`` (autograd flows to ``x`` and the weights), ``nodes``
+    ``(T, K, D+1)`` int64, ``logits`` ``(T, K, D+1)`` and the output rows ``(K*N, d)``;
+    ``isa`` is the instruction set's code (``build.ISA_CODES``).
+    """
     ops = torch.ops.ultrafastbert
 
     @torch.library.custom_op("ultrafastbert::native_fff_train", mutates_args=())
