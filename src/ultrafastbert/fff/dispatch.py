@@ -502,7 +502,8 @@ def time_training(names: list[str], shape: Workload, dtype: torch.dtype,
         grad_y = torch.randn(count, d, generator=g).to(dtype)
 
         def step(kernel: FFFKernel, x: torch.Tensor = x, grad_y: torch.Tensor = grad_y) -> None:
-            y, _ = kernel.train_forward(x, *weights, shape.n_trees, shape.depth)
+            y, _ = kernel.train_forward(x, weights[0], weights[1], weights[2], shape.n_trees,
+                                        shape.depth)
             torch.autograd.grad(y, [x, *weights], grad_y)
 
         calls = {}
