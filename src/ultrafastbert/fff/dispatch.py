@@ -394,11 +394,12 @@ def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
     for name, reason in rows:
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:{width}s} {status}  ({registry()[name].description})")
-    if shape is not None and not training:
+    if shape is not None:
         lines.append(f"auto for {shape.config} at d={shape.d_model}:")
         try:
-            lines += [f"  {c.tokens}: {c.reason}" for c in plan(device, dtype, weight_format,
-                                                               shape)]
+            choices = (train_plan(device, dtype, shape) if training
+                       else plan(device, dtype, weight_format, shape))
+            lines += [f"  {c.tokens}: {c.reason}" for c in choices]
         except InputError as err:
             lines.append(f"  none: {err}")
     return "\n".join(lines)

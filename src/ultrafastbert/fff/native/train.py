@@ -80,10 +80,14 @@ def custom_ops() -> Any:
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, w_in, b_in, _, n_trees, depth, isa = inputs
         _, nodes, logits, rows = output
+        ctx.mark_non_differentiable(nodes, logits, rows)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients made for those three
         ctx.save_for_backward(x, w_in, rows, nodes, logits)
         ctx.has_bias, ctx.shape = b_in is not None, (n_trees, depth, isa)
 
-    def backward_rule(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple:
+    def backward_rule(ctx: Any, grad_y: torch.Tensor | None, *_: Any) -> tuple:
+        if grad_y is None:  # y took no part in the loss
+            return None, None, None, None, None, None, None
         x, w_in, rows, nodes, logits = ctx.saved_tensors
         grad_x, grad_w_in, grad_b, grad_w_out = backward(grad_y, x, w_in, rows, nodes, logits,
                                                          *ctx.shape)
