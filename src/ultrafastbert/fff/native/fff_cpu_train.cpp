@@ -72,9 +72,13 @@ struct NodeEntries {
   float* a;
 };
 
-// Buffers reused from call to call by the calling thread: a fresh multi-megabyte buffer costs
-// page faults (and zero-filling) on every call, which on this project's VMs cost as much as the
-// loops that fill it. Each thread that calls the ops has its own (the ops may run concurrently).
+// A backward call's buffers (24 bytes per (token, node) pair). Up to kKeepPairs pairs they are
+// the calling thread's, reused from call to call: a fresh multi-megabyte buffer costs page faults
+// (and zero-filling) on every call, which on this project's VMs cost as much as the loops that
+// fill it. Each thread that calls the ops has its own (the ops may run concurrently). Larger calls
+// get buffers of their own, freed on return, so no thread keeps more than ~50 MB.
+constexpr int64_t kKeepPairs = int64_t{1} << 21;
+
 struct Scratch {
   std::vector<float> g, a, entry_g, entry_a;
   std::vector<int64_t> entry_token;
@@ -107,7 +111,7 @@ at::Tensor empty_float(at::IntArrayRef sizes) {
   return at::Tensor(at::detail::empty_cpu(sizes, at::kFloat));
 }
 
-Scratch& scratch() {
+Scratch& kept_scratch() {
   thread_local Scratch s;
   return s;
 }
@@ -284,12 +288,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fff_cpu_train_forward(
 
 // The pairs grouped by node (NodeEntries), one tree per task: each token visits exactly L nodes
 // of each tree, so tree k's entries are the fixed range [k*T*L, (k+1)*T*L).
-NodeEntries group_by_node(const TrainProblem& pb, int64_t T) {
+NodeEntries group_by_node(const TrainProblem& pb, int64_t T, Scratch& s) {
   const int64_t K = pb.n_trees, L = pb.depth + 1, P = K * L;
   const int64_t n_nodes = (int64_t{2} << pb.depth) - 1;
   NodeEntries ne;
   ne.start.assign(K * n_nodes + 1, 0);
-  Scratch& s = scratch();
   ne.token = at_least(s.entry_token, T * P);
   ne.g = at_least(s.entry_g, T * P);
   ne.a = at_least(s.entry_a, T * P);
@@ -385,8 +388,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_cpu_train_backwar
   TrainProblem pb{x.data_ptr<float>(), w_in.data_ptr<float>(), nullptr, w_out.data_ptr<float>(),
                   d, n_trees, depth, nodes.data_ptr<int64_t>(), logits.data_ptr<float>()};
   pb.dy = grad_y.data_ptr<float>();
-  pb.g = at_least(scratch().g, T * P);
-  pb.a = at_least(scratch().a, T * P);
+  Scratch own;
+  Scratch& s = T * P <= kKeepPairs ? kept_scratch() : own;
+  pb.g = at_least(s.g, T * P);
+  pb.a = at_least(s.a, T * P);
   pb.dx = dx.data_ptr<float>();
   pb.dw_in = dw_in.data_ptr<float>();
   pb.dw_out = dw_out.data_ptr<float>();
@@ -394,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_cpu_train_backwar
   const TrainRuns runs = pick(isa);
   at::parallel_for(0, T, token_grain(2 * P * d),
                    [&](int64_t t0, int64_t t1) { runs.tokens(pb, t0, t1); });
-  const NodeEntries ne = group_by_node(pb, T);
+  const NodeEntries ne = group_by_node(pb, T, s);
   weight_gradients(pb, ne, runs.node, runs.width, db.data_ptr<float>());
   return {dx, dw_in, db, dw_out};
 }
