@@ -26,8 +26,9 @@ class FFFRuntime:
         (``ultrafastbert kernels`` lists them).
     weight_format: ``fp32`` | ``bf16`` | ``bf16-out`` for inference (see
         ``kernel.WEIGHT_FORMATS``); training always uses the weights as they are.
-    training: the kernel of the differentiable forward, ``"auto"`` (the first that trains here)
-        or the name of a kernel with a training path.
+    training: the kernel of the differentiable forward, ``"auto"`` (on the CPU the fastest
+        measured for the layer's shape, else the first that trains here; see
+        ``dispatch.train_plan``) or the name of a kernel with a training path.
     """
 
     implementation: str = "auto"
