@@ -34,11 +34,13 @@ def test_layer_names_no_kernel():
 
 
 def test_one_select_serves_both_modes():
-    assert dispatch.select("auto", "cpu", torch.float32, training=True).name == "torch"
     reasons = dict(dispatch.explain("cpu", torch.float32, training=True))
-    assert reasons["native"] == "has no training path (inference only)"
+    first = "native" if reasons["native"] is None else "torch"  # the native kernel trains too
+    assert dispatch.select("auto", "cpu", torch.float32, training=True).name == first
+    assert dispatch.select("auto", "cpu", torch.float64, training=True).name == "torch"
+    assert reasons["gemm"] == "has no training path (inference only)"
     with pytest.raises(InputError, match="cannot train.*no training path"):
-        dispatch.select("native", "cpu", torch.float32, training=True)
+        dispatch.select("gemm", "cpu", torch.float32, training=True)
     with pytest.raises(InputError, match="trains on the weights as they are"):
         dispatch.select("torch", "cpu", torch.float32, "bf16", training=True)
     assert dispatch.select("torch", "cpu", torch.float32, "bf16").name == "torch"  # inference
@@ -47,8 +49,9 @@ def test_one_select_serves_both_modes():
 def test_runtime_names_the_training_kernel():
     assert FFFRuntime().training == "auto"
     assert FFFRuntime("native", training="torch").training == "torch"
+    assert FFFRuntime(training="native").training == "native"
     with pytest.raises(InputError, match="no training path"):
-        FFFRuntime(training="native")
+        FFFRuntime(training="gemm")
     with pytest.raises(InputError):
         FFFRuntime(training="nope")
 

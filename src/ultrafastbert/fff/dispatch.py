@@ -30,6 +30,7 @@ Each :class:`Choice` carries its reason; :func:`describe` prints them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,6 +310,8 @@ def select(name: str, device: torch.device | str, dtype: torch.dtype,
     kernels = registry()
     if name != "auto":
         return _named(name, device, dtype, weight_format, training, shape)
+    if shape is not None and training:  # measured per shape on the CPU (train_plan)
+        return _kernel_for(train_plan(device, dtype, shape), kernels, training=True)
     if shape is not None and not training:
         choices = plan(device, dtype, weight_format, shape)
         if len(choices) == 1:
@@ -358,11 +361,170 @@ def describe(device: torch.device | str, dtype: torch.dtype = torch.float32,
     for name, reason in rows:
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:{width}s} {status}  ({registry()[name].description})")
-    if shape is not None and not training:
+    if shape is not None:
         lines.append(f"auto for {shape.config} at d={shape.d_model}:")
         try:
-            lines += [f"  {c.tokens}: {c.reason}" for c in plan(device, dtype, weight_format,
-                                                               shape)]
+            choices = (train_plan(device, dtype, shape) if training
+                       else plan(device, dtype, weight_format, shape))
+            lines += [f"  {c.tokens}: {c.reason}" for c in choices]
         except InputError as err:
             lines.append(f"  none: {err}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ training: the measured choice
+
+#: Token counts at which ``"auto"`` times every kernel that can train a CPU layer shape (forward
+#: and backward, on first use; each choice then covers the counts up to the next one's).
+TRAIN_MEASURED_TOKENS = (16, 256, 2048)
+#: Cache entries of measured training plans (in the native kernel's tuning file).
+TRAIN_PLAN_CACHE_KEY = "dispatch-train-plan-v1"
+
+
+def train_plan(device: torch.device | str, dtype: torch.dtype, shape: Workload) -> list[Choice]:
+    """The ``"auto"`` training kernels for ``shape`` by token range, each with its reason.
+
+    CPU with ``ULTRAFASTBERT_AUTOTUNE`` on and several kernels that can train: each is timed
+    (forward + backward) on first use at :data:`TRAIN_MEASURED_TOKENS`, the fastest serves each
+    range (cached per CPU model, shape, dtype, threads and native build). Otherwise (and inside
+    a ``torch.compile`` trace) the first that can train in priority order (on the CPU: native,
+    measured faster than the torch path at every count tried, docs/fff.md).
+
+    Raises:
+        InputError: no kernel can train this shape here (with every kernel's reason).
+    """
+    device = torch.device(device)
+    reasons = explain(device, dtype, "fp32", training=True, shape=shape)
+    runnable = [name for name, reason in reasons if reason is None]
+    if not runnable:
+        detail = "; ".join(f"{n}: {r}" for n, r in reasons)
+        raise InputError(f"no FFF implementation can train {shape.config} on {device} / "
+                         f"{dtype} ({detail})")
+    if (device.type == "cpu" and len(runnable) > 1 and not torch.compiler.is_compiling()
+            and measuring()):  # no timing (nor cache files) inside a torch.compile trace
+        choices = measured_train_plan(runnable, shape, dtype)
+    else:
+        choices = [Choice(runnable[0], 1, None,
+                          f"{runnable[0]}: first that can train {shape.config} on "
+                          f"{device.type} / {str(dtype).replace('torch.', '')} in priority order")]
+    if shape.tokens is not None:
+        choices = [c for c in choices if c.covers(max(shape.tokens, 1))]
+    return choices
+
+
+def _kernel_for(choices: list[Choice], kernels: dict[str, FFFKernel],
+                training: bool = False) -> FFFKernel:
+    """The one chosen kernel, or a split by token count when the choice depends on it."""
+    if len(choices) == 1:
+        return kernels[choices[0].kernel]
+    return TrainSplit(choices, kernels) if training else TokenSplit(choices, kernels)
+
+
+def measured_train_plan(runnable: list[str], shape: Workload, dtype: torch.dtype
+                        ) -> list[Choice]:
+    """``"auto"`` training on this CPU by measurement (see :func:`train_plan`)."""
+    from .native import build, tuning
+
+    key = (f"{shape.config}/d{shape.d_model}/{str(dtype).replace('torch.', '')}/"
+           f"t{torch.get_num_threads()}/{'+'.join(runnable)}")
+    library = build.status()  # timings belong to one build of the native kernel
+    kernel_key = TRAIN_PLAN_CACHE_KEY + ("" if isinstance(library, str)
+                                         else f"/{library.path.name}")
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and entry.get("tokens") == list(TRAIN_MEASURED_TOKENS)
+                and set(entry.get("us_per_token", {})) == set(runnable))
+
+    entry = tuning.cached(kernel_key, key, lambda: time_training(runnable, shape, dtype), valid)
+    return [Choice(c.kernel, c.min_tokens, c.max_tokens,
+                   c.reason.replace("measured fastest", "measured fastest to train (forward + "
+                                    "backward)"))
+            for c in choices_from_timings(entry, shape)]
+
+
+def time_training(names: list[str], shape: Workload, dtype: torch.dtype,
+                  tokens: tuple[int, ...] | None = None,
+                  clock: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Microseconds per token of a forward + backward (gradients of the input and the three
+    weights) of each training kernel in ``names``, random weights of ``shape`` (std 0.02), at
+    each count of ``tokens`` (default :data:`TRAIN_MEASURED_TOKENS`): the fastest of 3 samples
+    of about :data:`SAMPLE_S` of calls each, timed alternately across kernels (a load spike
+    slows one sample, not one kernel). ``clock``: seconds (default ``time.perf_counter``).
+    Returns ``{"tokens": [...], "us_per_token": {name: [...]}}``."""
+    import time
+
+    from .tree import n_nodes
+
+    tokens = TRAIN_MEASURED_TOKENS if tokens is None else tokens
+    clock = clock or time.perf_counter
+    g = torch.Generator().manual_seed(0)
+    width, d = shape.n_trees * n_nodes(shape.depth), shape.d_model
+    weights = [(torch.randn(width, d, generator=g) * 0.02).to(dtype).requires_grad_(),
+               torch.zeros(width, dtype=dtype).requires_grad_(),
+               (torch.randn(d, width, generator=g) * 0.02).to(dtype).requires_grad_()]
+    kernels = registry()
+    result: dict[str, list[float]] = {n: [] for n in names}
+    for count in tokens:
+        x = torch.nn.functional.layer_norm(torch.randn(count, d, generator=g), (d,)).to(dtype)
+        x.requires_grad_()
+        grad_y = torch.randn(count, d, generator=g).to(dtype)
+
+        def step(kernel: FFFKernel, x: torch.Tensor = x, grad_y: torch.Tensor = grad_y) -> None:
+            y, _ = kernel.train_forward(x, weights[0], weights[1], weights[2], shape.n_trees,
+                                        shape.depth)
+            torch.autograd.grad(y, [x, *weights], grad_y)
+
+        calls = {}
+        for name in names:
+            step(kernels[name])  # warm-up
+            start = clock()
+            step(kernels[name])
+            calls[name] = max(1, min(64, int(SAMPLE_S / max(clock() - start, 1e-7))))
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(3):
+            for name in names:
+                start = clock()
+                for _ in range(calls[name]):
+                    step(kernels[name])
+                samples[name].append((clock() - start) / calls[name] / count * 1e6)
+        for name in names:
+            result[name].append(min(samples[name]))
+    logger.info("FFF %s at d=%d: training (forward + backward) us/token at %s tokens: %s",
+                shape.config, d, list(tokens),
+                {n: [round(v, 3) for v in t] for n, t in result.items()})
+    return {"tokens": list(tokens), "us_per_token": result}
+
+
+class TrainSplit(FFFKernel):
+    """``"auto"`` training for a layer whose fastest training kernel depends on the tokens per
+    call: each call trains on the kernel of the :class:`Choice` covering its token count."""
+
+    trains = True
+
+    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
+        self.choices = choices
+        self._kernels = [(c.min_tokens, kernels[c.kernel]) for c in choices]
+        self.name = "auto-train(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
+        self.description = "; ".join(c.reason for c in choices)
+        first = kernels[choices[0].kernel]
+        self.devices, self.dtypes = first.devices, first.dtypes
+
+    def kernel_for(self, tokens: int) -> FFFKernel:
+        """The kernel a call of ``tokens`` tokens trains on."""
+        chosen = self._kernels[0][1]
+        for min_tokens, kernel in self._kernels:
+            if tokens >= min_tokens:
+                chosen = kernel
+        return chosen
+
+    def train_forward(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                      w_out: torch.Tensor, n_trees: int, depth: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable forward of ``x`` ``(T, d)`` on the kernel chosen for ``T``."""
+        return self.kernel_for(x.shape[0]).train_forward(x, w_in, b_in, w_out, n_trees, depth)
+
+    def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
+        return self._kernels[-1][1].pack(w_in, b_in, w_out, n_trees, depth, weight_format)
+
+    def forward(self, x, packed, n_trees, depth, return_nodes=False):  # noqa: D102
+        return self._kernels[-1][1].forward(x, packed, n_trees, depth, return_nodes)

@@ -26,8 +26,9 @@ class FFFRuntime:
         (``ultrafastbert kernels`` lists them).
     weight_format: ``fp32`` | ``bf16`` | ``bf16-out`` for inference (see
         ``kernel.WEIGHT_FORMATS``); training always uses the weights as they are.
-    training: the kernel of the differentiable forward, ``"auto"`` (the first that trains here)
-        or the name of a kernel with a training path.
+    training: the kernel of the differentiable forward, ``"auto"`` (on the CPU the fastest
+        measured for the layer's shape, else the first that trains here; see
+        ``dispatch.train_plan``) or the name of a kernel with a training path.
     """
 
     implementation: str = "auto"
@@ -267,10 +268,11 @@ class FFF(nn.Module):
 
     def train_kernel(self, dtype: torch.dtype | None = None) -> FFFKernel:
         """The training kernel the dispatcher picks (``runtime.training``) for this layer's
-        device and ``dtype``: on CUDA the Triton kernel when it can run, else the sparse
-        PyTorch path."""
+        device, ``dtype`` and shape: on CUDA the Triton kernel when it can run; on the CPU
+        the native or the sparse PyTorch path, measured (``dispatch.train_plan``)."""
         return dispatch.select(self.runtime.training, self.linear_in.weight.device,
-                               dtype or self.linear_in.weight.dtype, training=True)
+                               dtype or self.linear_in.weight.dtype, training=True,
+                               shape=dispatch.Workload(self.n_trees, self.depth, self.d_model))
 
     def _infer(self, flat: torch.Tensor, return_nodes: bool):
         kernel, packed = self._kernel_and_packed(flat.dtype)

@@ -29,7 +29,7 @@ import torch
 from ...errors import InputError, ResourceError
 from ..kernel import WEIGHT_FORMATS, FFFKernel
 from ..tree import path_length
-from . import build, tuning
+from . import build, training, tuning
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class NativeCPUKernel(FFFKernel):
     devices = ("cpu",)
     dtypes = (torch.float32,)
     weight_formats = ("fp32", "bf16", "bf16-out")
+    trains = True  # float32, forward and backward over the visited nodes (training.py)
 
     def __init__(self, isa: str | None = None, tune: bool = True):
         if isa is not None and isa not in build.ISA_CODES:
@@ -82,11 +83,15 @@ class NativeCPUKernel(FFFKernel):
         self._forward: Callable[..., Any] | None = None
         self._forward_nodes: Callable[..., Any] | None = None
         self._forward_untuned: Callable[..., Any] | None = None
+        self._train: Callable[..., Any] | None = None
 
     def extra_reason(self, device: torch.device) -> str | None:
         """Why the kernel cannot run: disabled, CPU, toolchain or build failure (builds once)."""
         if self._library is not None:  # the per-call path: one attribute test
             return None
+        if torch.compiler.is_compiling():  # loading (file reads, a build) would break the graph
+            return ("not loaded yet in this process, and a torch.compile trace does not load "
+                    "it; one eager call before compiling loads it")
         library = build.status()
         if isinstance(library, str):
             return library
@@ -101,6 +106,7 @@ class NativeCPUKernel(FFFKernel):
         self._forward_untuned = getattr(untuned, "_op", untuned)
         self._library = library
         native_fakes()  # so torch.compile can trace calls of the operators
+        self._train = training.custom_ops()  # defined here, outside any torch.compile trace
         return None
 
     @property
@@ -162,6 +168,19 @@ class NativeCPUKernel(FFFKernel):
                                          depth, self._isa_code), None
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
                              self._isa_code, packed.knobs), None
+
+    def train_forward(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
+                      w_out: torch.Tensor, n_trees: int, depth: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The native training path (:func:`.training.custom_ops`): ``y`` ``(T, d)`` with
+        autograd to ``x`` and the weights, and the visited nodes ``(T, K, D+1)``."""
+        if self._library is None:
+            reason = self.unavailable_reason(x.device, x.dtype, training=True)
+            if reason is not None:
+                raise ResourceError(f"the native FFF kernel cannot train: {reason}")
+        assert self._train is not None  # set by loading
+        y, nodes, _, _ = self._train(x, w_in, b_in, w_out, n_trees, depth, self._isa_code)
+        return y, nodes
 
 
 @functools.cache
