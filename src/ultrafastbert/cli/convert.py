@@ -25,11 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "torchrun the same command trains data-parallel (--batch-size is global).")
     p.add_argument("source", type=Path, help="local model directory (config.json + weights + "
                                              "tokenizer.json)")
-    p.add_argument("--fff", default="8x7", metavar="KxD[+sN][+rN][,...]",
+    p.add_argument("--fff", default="8x7", metavar="KxD[bB][+sN][+rN][,...]|auto:N[%][@D]",
                    help="trees x depth for every layer, one per layer, or 'none' (the ablation: "
-                        "feed-forward blocks removed); +sN adds N always-on (shared) neurons, "
+                        "feed-forward blocks removed); bB makes every node a block of B neurons "
+                        "(e.g. 4x7b2); +sN adds N always-on (shared) neurons, "
                         "+rN a rank-N linear term beside the trees, each costing per token what "
-                        "N neurons do, e.g. 6x7+s16 (default: 8x7)")
+                        "N neurons do, e.g. 6x7+s16; auto:64 or auto:4.2%% spends that mean "
+                        "budget per layer (neurons a token, or %% of the dense FFN) in trees of "
+                        "depth D (@D, default 7), more where the measured error is largest "
+                        "(default: 8x7)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--budget", type=parse_duration, default=parse_duration("20m"),
                    metavar="DURATION", help="wall-clock time for init and distillation, e.g. "
@@ -79,6 +83,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="optimizer steps per phase instead of the time left after init "
                         "(reproducible runs; default: the budget decides)")
+    p.add_argument("--routing-schedule", choices=("hard", "soft-to-hard"), default="hard",
+                   help="routing while distilling: hard throughout (default), or soft (every "
+                        "node weighted by the chance of reaching it) annealed to hard; the "
+                        "saved model is hard-routed either way")
+    p.add_argument("--soft-temperature", type=float, default=0.25, metavar="T",
+                   help="soft-to-hard: starting temperature, in units of each node's RMS logit "
+                        "(default 0.25), falling linearly to 0 at --hard-from")
+    p.add_argument("--hard-from", type=float, default=0.8, metavar="F",
+                   help="soft-to-hard: share of the distillation (both phases) after which "
+                        "routing is hard (default 0.8)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -104,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         max_documents=args.max_documents, init_tokens=args.init_tokens,
         init_split=args.init_split, lr_layerwise=args.lr_layerwise, lr_fff=args.lr_fff,
         lr_rest=args.lr_rest, seed=args.seed, save_every_s=args.save_every, resume=args.resume,
-        progress=not args.no_progress, max_steps=args.steps)
+        progress=not args.no_progress, max_steps=args.steps,
+        routing_schedule=args.routing_schedule, soft_temperature=args.soft_temperature,
+        hard_from=args.hard_from)
     report = convert(settings)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
