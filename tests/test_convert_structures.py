@@ -331,15 +331,16 @@ def test_run_with_a_structure(bert_dir, tmp_path):
 
     corpus = tiny_corpus(tmp_path / "c.txt", 300)
     out = tmp_path / "out"
-    assert main(["convert", str(bert_dir), "--fff", "1x3+s4+r2", "--out", str(out),
+    assert main(["convert", str(bert_dir), "--fff", "1x3b2+s4+r2", "--out", str(out),
                  "--budget", "6s", "--corpus", str(corpus), "--init-tokens", "600",
                  "--batch-size", "8", "--no-progress", "--threads", "1"]) == 0
     report = json.loads((out / "conversion.json").read_text())
-    assert report["ffn_extras"] == [{"shared": 4, "rank": 2}] * 2
-    assert report["active_fraction"] == pytest.approx((4 + 4 + 2) / 64)
+    assert report["ffn_extras"] == [{"shared": 4, "rank": 2, "block": 2}] * 2
+    assert report["active_fraction"] == pytest.approx((4 * 2 + 4 + 2) / 64)
     assert set(report["phases"]) == {"layerwise", "end-to-end"}
     model = ultrafastbert.from_pretrained(out)
-    assert all(b.extras.spec == Extras(4, 2) for b in fff_blocks(model))
+    assert all(b.extras.spec == Extras(4, 2, 2) and b.node_neurons.per_node == 1
+               for b in fff_blocks(model))
     # the comparison script reads it back: the structure checked, scored, throughput reported
     from test_convert import _script
     from test_glue_cli import make_glue_dir
@@ -349,7 +350,9 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     assert script.main(["--models", str(out), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
                         "--out", str(results), "--threads", "1"]) == 0
     row = json.loads((results / "results.json").read_text())["rows"][0]
-    assert row["fff"] == "1x3+s4+r2" and row["cost_pct"] == pytest.approx(100 * 10 / 64, abs=0.01)
+    assert row["fff"] == "1x3b2+s4+r2"
+    assert row["cost_pct"] == pytest.approx(100 * 14 / 64, abs=0.01)
+    assert "| 1x3b2+s4+r2 |" in (results / "results.md").read_text()
     assert set(row["tokens_per_s"]) == {"layerwise", "end-to-end"}
     assert all(v > 0 for v in row["tokens_per_s"].values())
     report["ffn_extras"] = None  # negative control: a report that does not match the blocks
