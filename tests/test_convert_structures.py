@@ -320,6 +320,15 @@ def test_save_load_round_trip_and_inference_paths(source, inputs, tmp_path):
             assert torch.equal(model(input_ids=ids).last_hidden_state, want)
     for name, p in student.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
+    # where each part runs, as `ultrafastbert kernels --model` says it
+    from ultrafastbert.cli.kernels import _structures
+
+    text = _structures(str(out))
+    assert "layer 0: 2x3 trees: kernel" in text and "layer 1: 1x2 trees: kernel" in text
+    assert "block nodes of 2: the 1 further neuron(s) of each visited node in torch" in text
+    assert "s4+r2 beside the trees: torch linears" in text
+    assert text.count("block nodes") == 1 and "r3 beside" in text
+    assert _structures(str(source.path)) == ""  # a dense model: nothing to say
     predictor = Predictor.from_pretrained(out)
     got = predictor.embed(["the king saw the queen."])
     assert got.shape == (1, source.model.config.hidden_size) and torch.isfinite(got).all()

@@ -310,3 +310,25 @@ def _node_neurons_reference(neurons: NodeNeurons, xd: torch.Tensor, nodes: torch
                 r = n * neurons.per_node + j
                 out[t] += nn.functional.gelu(xd[t] @ w_in[r] + b_in[r]) * w_out[:, r]
     return out
+
+
+def describe_block(block: Any) -> str:
+    """Where a converted block's parts run, in words: the trees on the kernel the dispatcher
+    picks for them (block nodes' routing neurons included), block nodes' further neurons and
+    the parts beside the trees in torch (no native kernel takes them)."""
+    fff = getattr(block, "fff", None)
+    if fff is None:
+        return "removed (output zero)"
+    dtype = fff.linear_in.weight.dtype
+    parts = [f"{fff.n_trees}x{fff.depth} trees: kernel {fff.kernel(dtype).name!r} "
+             f"({str(dtype).removeprefix('torch.')})"]
+    neurons = getattr(block, "node_neurons", None)
+    if neurons is not None:
+        parts.append(f"block nodes of {neurons.per_node + 1}: the {neurons.per_node} further "
+                     "neuron(s) of each visited node in torch (visited rows only, on the "
+                     "kernel's routes)")
+    extras = getattr(block, "extras", None)
+    if extras is not None:
+        beside = Extras(extras.spec.shared, extras.spec.rank).label.lstrip("+")
+        parts.append(f"{beside} beside the trees: torch linears")
+    return "; ".join(parts)
