@@ -215,8 +215,9 @@ def test_plain_specs_build_plain_blocks(source):
     assert student.config.ffn_extras is None
 
 
-def test_bfloat16_cast_keeps_the_structure_close():
-    block = _random_block()
+@pytest.mark.parametrize("extras", [Extras(5, 3), Extras(5, 3, 2)])
+def test_bfloat16_cast_keeps_the_structure_close(extras):
+    block = _random_block(extras=extras)
     x = torch.randn(20, 16)
     with torch.no_grad():
         want = block(x)
