@@ -40,7 +40,7 @@ from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
 from ..utils.machine import run_facts
-from .budget import is_auto, parse_auto
+from .budget import MEASURE_TOKENS, is_auto, parse_auto
 from .budget import plan as budget_plan
 from .data import (
     TeacherBatches,
@@ -373,10 +373,12 @@ def auto_allocation(source: SourceModel, rows: np.ndarray, settings: ConvertSett
         return dict(json.loads(saved.read_text(encoding="utf-8")))
     dense = dense_ffns(source.model, FAMILIES[source.family])
     auto = parse_auto(settings.fff, int(dense[0].w1.shape[0]), source.n_layers)
-    xs = collect_inputs(source.model, init_sample(rows, settings.seed), settings.init_tokens,
-                        pad_id, settings.batch_size)
+    # the first tokens of the init's own sample (budget.plan reads at most MEASURE_TOKENS)
+    xs = collect_inputs(source.model, init_sample(rows, settings.seed),
+                        min(settings.init_tokens, MEASURE_TOKENS), pad_id, settings.batch_size)
     norms = [frozen_norm(n) for n in post_norms(source.model)]
-    allocation = budget_plan(auto, list(xs), dense, norms, int(dense[0].w1.shape[0]))
+    allocation = budget_plan(auto, list(xs), dense, norms, int(dense[0].w1.shape[0]),
+                             max_tokens=MEASURE_TOKENS)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, allocation)
     return allocation
