@@ -370,3 +370,11 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not match"):
         script.main(["--models", str(out), "--glue-dir", str(tmp_path / "g"),
                      "--out", str(results), "--threads", "1"])
+
+
+def test_block_nodes_count_in_the_size_check():
+    from ultrafastbert.convert.source import check_fff_size
+
+    check_fff_size([[1, 20]], 32)  # 2 * (2^21 - 1) * 32 parameters: fits
+    with pytest.raises(InputError, match="GiB of fp32 weights per layer"):
+        check_fff_size([[1, 20]], 32, [{"shared": 0, "rank": 0, "block": 3}])

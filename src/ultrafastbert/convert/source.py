@@ -106,12 +106,17 @@ def _parse_one(part: str) -> tuple[list[int] | None, dict[str, int] | None]:
     return [k, d], parse_extras(rest, part, block).to_json()
 
 
-def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int) -> None:
-    """Refuse a layout whose FFF weights would not fit in memory (names the layer and size)."""
+def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int,
+                   extras: Sequence[Any] | None = None) -> None:
+    """Refuse a layout whose FFF weights would not fit in memory (names the layer and size;
+    block nodes of B neurons count B times)."""
+    from ..model.ffn_structures import Extras
+
     for i, spec in enumerate(fff_layers):
         if spec is None:
             continue
-        params = 2 * spec[0] * n_nodes(spec[1]) * d_model
+        block = Extras.from_json(extras[i] if extras else None).block
+        params = 2 * spec[0] * n_nodes(spec[1]) * block * d_model
         if params > MAX_FFF_PARAMS_PER_LAYER:
             raise InputError(f"layer {i}: {spec[0]}x{spec[1]} at d={d_model} needs "
                              f"{params * 4 / 2**30:.1f} GiB of fp32 weights per layer (limit "
@@ -205,7 +210,7 @@ def make_student(source: SourceModel, fff_layers: Sequence[Sequence[int] | None]
     family = FAMILIES[source.family]
     config = source.model.config
     d_model = int(getattr(config, "hidden_size", None) or config.dim)
-    check_fff_size(fff_layers, d_model)
+    check_fff_size(fff_layers, d_model, extras)
     dense = dense_ffns(source.model, family)
     fields = {**config.to_dict(), "model_type": family.model_type,
               "fff_layers": [None if s is None else list(s) for s in fff_layers],
