@@ -41,7 +41,14 @@ def conversion_facts(directory: Path) -> dict[str, Any]:
     held = report["heldout"]
     throughput = {name: round(p["tokens"] / p["seconds"], 1) for name, p in phases.items()
                   if p.get("seconds")}
-    return {"fff": report["settings"]["fff"], "ffn_extras": report.get("ffn_extras"),
+    settings = report["settings"]
+    allocation = report.get("fff_allocation")
+    return {"fff": settings["fff"], "ffn_extras": report.get("ffn_extras"),
+            "fff_layers": report["fff_layers"],
+            "routing_schedule": settings.get("routing_schedule", "hard"),
+            "steps": {name: p.get("steps", 0) for name, p in phases.items()},
+            "phase_s": {name: round(p.get("seconds", 0.0), 1) for name, p in phases.items()},
+            "auto_trees": allocation["trees"] if allocation else None,
             "cost_pct": round(100 * report["active_fraction"], 2),
             "budget_s": report["settings"]["budget_s"], "init_s": round(report["init_s"], 1),
             "tokens": {name: p.get("tokens", 0) for name, p in phases.items()},
@@ -55,15 +62,23 @@ def conversion_facts(directory: Path) -> dict[str, Any]:
 
 
 def check_structure(model: Any, facts: dict[str, Any]) -> None:
-    """The loaded blocks are the structure the report names (a check, before any score)."""
+    """The loaded blocks are the structure the report names (a check, before any score):
+    trees per layer, the parts beside them and the neurons per node."""
     from ultrafastbert.model.converted import fff_blocks
+    from ultrafastbert.model.ffn_structures import Extras
 
     blocks = fff_blocks(model)
     extras = facts["ffn_extras"] or [None] * len(blocks)
-    for block, extra in zip(blocks, extras, strict=True):
-        if bool(extra) != (getattr(block, "extras", None) is not None):
-            raise SystemExit(f"{facts['fff']}: block {type(block).__name__} does not match the "
-                             f"report's extras {extra}")
+    for block, extra, spec in zip(blocks, extras, facts["fff_layers"], strict=True):
+        want = Extras.from_json(extra)
+        fff = getattr(block, "fff", None)
+        trees = None if fff is None else [fff.n_trees, fff.depth]
+        neurons = getattr(block, "node_neurons", None)
+        per_node = 1 if neurons is None else neurons.per_node + 1
+        if (want.beside != (getattr(block, "extras", None) is not None)
+                or want.block != per_node or trees != spec):
+            raise SystemExit(f"{facts['fff']}: block {type(block).__name__} {trees} does not "
+                             f"match the report's layer {spec} with extras {extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +119,32 @@ def main(argv: list[str] | None = None) -> int:
               "note": args.note, "command": " ".join(sys.argv),
               "environment": environment()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n",
-                                           encoding="utf-8")
+    for name, text in (("results.json", json.dumps(result, indent=1) + "\n"),
+                       ("results.md", markdown(result))):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(args.out / name)
     print(f"dense {dense:.2f}, removed {removed:.2f}; results in {args.out / 'results.json'}")
     return 0
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The rows as a markdown table (what a person reads; results.json has everything)."""
+    lines = [f"STS-B dev: dense {result['dense_stsb']}, FFN blocks removed "
+             f"{result['removed_stsb']}. {result['note']}", "",
+             "| model | --fff | trees per layer | routing | cost | steps (layer-wise + end "
+             "to end) | seconds | tokens | held-out pooled cosine (kept) | STS-B | FFN gain "
+             "kept |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        trees = "/".join(str(s[0]) if s else "-" for s in r["fff_layers"])
+        steps = " + ".join(str(v) for v in r["steps"].values())
+        seconds = " + ".join(f"{v:.0f}" for v in r["phase_s"].values())
+        tokens = " + ".join(f"{v / 1000:.0f} k" for v in r["tokens"].values())
+        lines.append(f"| {r['model']} | {r['fff']} | {trees} | {r['routing_schedule']} | "
+                     f"{r['cost_pct']}% | {steps} | init {r['init_s']:.0f} + {seconds} | "
+                     f"{tokens} | {r['heldout_pooled_cos']} ({r['heldout_cos_kept']}) | "
+                     f"{r['stsb']} | {r['gain_kept_pct']}% |")
+    return "\n".join(lines) + "\n"
 
 
 def _source_dir(converted: Path) -> Path:

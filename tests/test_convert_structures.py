@@ -1,6 +1,6 @@
-"""Structures beside the FFF trees (``KxD+sN``, ``KxD+rN``): parsing and cost, the float64
-reference of their semantics (routes first, then values, every CPU kernel), the init, save/load
-and the run."""
+"""Structures beyond plain FFF trees (``KxD+sN``, ``KxD+rN`` beside them, ``KxDbB`` block
+nodes): parsing and cost, the float64 reference of their semantics (routes first, then values,
+every CPU kernel), the init, save/load and the run."""
 
 from __future__ import annotations
 
@@ -54,11 +54,20 @@ def test_parse_structure_and_cost():
     assert active_fraction([[8, 7], None], 128, [{"shared": 8, "rank": 0}, None]) == \
         pytest.approx(72 / 256)
     assert Extras(4, 2).label == "+s4+r2" and Extras.from_json(None) == Extras()
+    # block nodes: B neurons a visited node, the plain spec's JSON unchanged
+    trees, extras = parse_structure("4x7b2,2x3b3+s4", 2)
+    assert trees == [[4, 7], [2, 3]]
+    assert extras == [{"shared": 0, "rank": 0, "block": 2},
+                      {"shared": 4, "rank": 0, "block": 3}]
+    assert block_cost([4, 7], extras[0]) == block_cost([8, 7]) == 64
+    assert block_cost([2, 3], extras[1]) == 2 * 4 * 3 + 4
+    assert Extras.from_json(extras[1]).label == "b3+s4"
+    assert parse_structure("8x7b1", 1) == ([[8, 7]], [None])  # B = 1 is the plain tree
 
 
 @pytest.mark.parametrize("spec, message", [
     ("8x7+x3", "s<N>"), ("8x7+s0", "add nothing"), ("8x7+s4+s2", "twice"), ("s16", "KxD"),
-    ("8x7+", "s<N>")])
+    ("8x7+", "s<N>"), ("8x7b0", "B >= 1"), ("8x7b", "KxD")])
 def test_parse_structure_bad(spec, message):
     with pytest.raises(InputError, match=message):
         parse_structure(spec, 2)
@@ -115,15 +124,100 @@ def test_structured_block_against_its_float64_reference(extras):
         assert not torch.allclose(plain(x).double(), want, atol=1e-2)
 
 
+def _block_node_block(seed=0, d=16, spec=(2, 3), block=3, extras=None) -> FFFBlock:
+    torch.manual_seed(seed)
+    block_ = make_block(d, spec, extras or Extras(block=block))
+    with torch.no_grad():
+        for p in block_.parameters():
+            p.normal_(0, 0.5)
+    return block_.eval()
+
+
+@pytest.mark.parametrize("extras", [Extras(block=2), Extras(block=3), Extras(3, 2, 2)])
+def test_block_nodes_against_their_float64_reference(extras):
+    """Routes first (each kernel's visited nodes are the float64 reference's), then values
+    (the reference adds every visited node's further neurons token by token) on every CPU
+    inference kernel and the training path, odd sizes; gradients reach the further neurons."""
+    block = _block_node_block(extras=extras, d=37, spec=(2, 3))
+    assert block.node_neurons is not None
+    assert block.node_neurons.linear_in.weight.shape == (2 * 15 * (extras.block - 1), 37)
+    for n_tokens in (1, 13):
+        x = torch.randn(n_tokens, 37)
+        nodes, want = structured_reference(block, x)
+        kernels = _cpu_kernels()
+        assert "torch" in kernels
+        for name in kernels:
+            set_fff_runtime(block, name)
+            with torch.no_grad():
+                _, got_nodes = block.fff.forward_with_nodes(x)
+                assert torch.equal(got_nodes, nodes), name
+                got = block(x)
+            assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5), name
+    x = torch.randn(13, 37)
+    _, want = structured_reference(block, x)
+    xg = x.clone().requires_grad_(True)
+    got = block.train()(xg)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert block.node_neurons.linear_in.weight.grad.abs().sum() > 0
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_block_nodes_gradient_matches_autograd_of_the_reference():
+    """The sparse training path's gradients equal autograd through a dense masked form."""
+    import torch.nn.functional as F
+
+    block = _block_node_block(block=2).train()
+    x = torch.randn(9, 16, requires_grad=True)
+    block(x).pow(2).sum().backward()
+    got = [p.grad.clone() for p in block.node_neurons.parameters()] + [x.grad.clone()]
+    for p in block.parameters():
+        p.grad = None
+    x2 = x.detach().clone().requires_grad_(True)
+    fff, nn_ = block.fff, block.node_neurons
+    with torch.no_grad():
+        nodes = route(x2, fff.linear_in.weight, fff.linear_in.bias, 2, 3)[0].reshape(9, -1)
+        mask = torch.zeros(9, nn_.linear_in.weight.shape[0]).scatter_(1, nn_.rows(nodes), 1.0)
+    logits = F.linear(x2, fff.linear_in.weight, fff.linear_in.bias)
+    tree_mask = torch.zeros_like(logits).scatter_(1, nodes, 1.0)
+    y = F.linear(F.gelu(logits) * tree_mask, fff.linear_out.weight) + block.bias
+    y = y + F.linear(F.gelu(F.linear(x2, nn_.linear_in.weight, nn_.linear_in.bias)) * mask,
+                     nn_.linear_out.weight)
+    y.pow(2).sum().backward()
+    want = [p.grad for p in nn_.parameters()] + [x2.grad]
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_block_nodes_off_path_neurons_do_not_matter():
+    """Changing the further neurons of nodes no token visits leaves the output unchanged;
+    changing a visited node's changes it (negative control)."""
+    block = _block_node_block(block=3)
+    x = torch.randn(13, 16)
+    nodes, want = structured_reference(block, x)
+    visited = set(nodes.reshape(-1).tolist())
+    unvisited = next(n for n in range(2 * 15) if n not in visited)
+    per = block.node_neurons.per_node
+    with torch.no_grad():
+        block.node_neurons.linear_in.weight[unvisited * per:(unvisited + 1) * per] += 3.0
+        block.node_neurons.linear_out.weight[:, unvisited * per] += 3.0
+        assert torch.allclose(block(x).double(), want, atol=1e-5)
+        hit = int(nodes[0, 0, 1])
+        block.node_neurons.linear_out.weight[:, hit * per] += 3.0
+        assert not torch.allclose(block(x).double(), want, atol=1e-3)
+
+
 def test_plain_specs_build_plain_blocks(source):
     student = make_student(source, parse_fff("2x3", source.n_layers))
-    assert all(type(b) is FFFBlock and b.extras is None for b in fff_blocks(student))
-    assert not any("extras" in k for k in student.state_dict())
+    assert all(type(b) is FFFBlock and b.extras is None and b.node_neurons is None
+               for b in fff_blocks(student))
+    assert not any("extras" in k or "node_neurons" in k for k in student.state_dict())
     assert student.config.ffn_extras is None
 
 
-def test_bfloat16_cast_keeps_the_structure_close():
-    block = _random_block()
+@pytest.mark.parametrize("extras", [Extras(5, 3), Extras(5, 3, 2)])
+def test_bfloat16_cast_keeps_the_structure_close(extras):
+    block = _random_block(extras=extras)
     x = torch.randn(20, 16)
     with torch.no_grad():
         want = block(x)
@@ -167,13 +261,44 @@ def test_init_of_the_extra_parts(source, inputs):
     assert fit_shared < fit_plain.refit
 
 
+def test_init_of_block_nodes(source, inputs):
+    """A block node's further neurons are dense neurons (input rows and biases) other than its
+    routing neuron, with their dense biases; block nodes fit the dense block better than plain
+    nodes in the same trees."""
+    dense = dense_ffns(source.model, FAMILIES["bert"])[0]
+    x = inputs[0]
+    y = dense(x)
+    block = make_block(x.shape[1], [2, 2], Extras(block=3))
+    fit = init_block(block, dense, x, split="neuron")
+    w1, b1 = dense.w1, dense.b1
+
+    def dense_index(row):
+        j = int((w1 - row).abs().sum(1).argmin())
+        assert torch.equal(row, w1[j])
+        return j
+
+    per = block.node_neurons.per_node
+    for g in range(2 * 7):
+        router = dense_index(block.fff.linear_in.weight[g])
+        others = [dense_index(block.node_neurons.linear_in.weight[g * per + i])
+                  for i in range(per)]
+        assert router not in others and len(set(others)) == per
+        assert all(block.node_neurons.linear_in.bias[g * per + i] == b1[j]
+                   for i, j in enumerate(others))
+    plain = make_block(x.shape[1], [2, 2])
+    fit_plain = init_block(plain, dense, x, split="neuron")
+    assert fit.refit < fit_plain.refit
+    with torch.no_grad():
+        assert relative_error(block(x), y) == pytest.approx(fit.refit, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip_and_inference_paths(source, inputs, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     from ultrafastbert.infer import Predictor
 
-    trees, extras = parse_structure("2x3+s4+r2,1x2+r3", source.n_layers)
+    trees, extras = parse_structure("2x3b2+s4+r2,1x2+r3", source.n_layers)
     student = make_student(source, trees, extras)
     dense = dense_ffns(source.model, FAMILIES["bert"])
     for block, ffn, x in zip(fff_blocks(student), dense, inputs, strict=True):
@@ -182,7 +307,8 @@ def test_save_load_round_trip_and_inference_paths(source, inputs, tmp_path):
     student.save_pretrained(out)
     AutoTokenizer.from_pretrained(source.tokenizer_dir).save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
-    assert config["ffn_extras"] == [{"shared": 4, "rank": 2}, {"shared": 0, "rank": 3}]
+    assert config["ffn_extras"] == [{"shared": 4, "rank": 2, "block": 2},
+                                    {"shared": 0, "rank": 3}]
     loaded = load_converted(out)
     auto = AutoModel.from_pretrained(out)
     ids = torch.tensor([[2, 7, 9, 11, 3]])
@@ -190,10 +316,20 @@ def test_save_load_round_trip_and_inference_paths(source, inputs, tmp_path):
         want = student(input_ids=ids).last_hidden_state
         for model in (loaded, auto):
             blocks = fff_blocks(model)
-            assert [b.extras.spec for b in blocks] == [Extras(4, 2), Extras(0, 3)]
+            assert [b.extras.spec for b in blocks] == [Extras(4, 2, 2), Extras(0, 3)]
+            assert [b.node_neurons is not None for b in blocks] == [True, False]
             assert torch.equal(model(input_ids=ids).last_hidden_state, want)
     for name, p in student.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
+    # where each part runs, as `ultrafastbert kernels --model` says it
+    from ultrafastbert.cli.kernels import _structures
+
+    text = _structures(str(out))
+    assert "layer 0: 2x3 trees: kernel" in text and "layer 1: 1x2 trees: kernel" in text
+    assert "block nodes of 2: the 1 further neuron(s) of each visited node in torch" in text
+    assert "s4+r2 beside the trees: torch linears" in text
+    assert text.count("block nodes") == 1 and "r3 beside" in text
+    assert _structures(str(source.path)) == ""  # a dense model: nothing to say
     predictor = Predictor.from_pretrained(out)
     got = predictor.embed(["the king saw the queen."])
     assert got.shape == (1, source.model.config.hidden_size) and torch.isfinite(got).all()
@@ -205,15 +341,16 @@ def test_run_with_a_structure(bert_dir, tmp_path):
 
     corpus = tiny_corpus(tmp_path / "c.txt", 300)
     out = tmp_path / "out"
-    assert main(["convert", str(bert_dir), "--fff", "1x3+s4+r2", "--out", str(out),
+    assert main(["convert", str(bert_dir), "--fff", "1x3b2+s4+r2", "--out", str(out),
                  "--budget", "6s", "--corpus", str(corpus), "--init-tokens", "600",
                  "--batch-size", "8", "--no-progress", "--threads", "1"]) == 0
     report = json.loads((out / "conversion.json").read_text())
-    assert report["ffn_extras"] == [{"shared": 4, "rank": 2}] * 2
-    assert report["active_fraction"] == pytest.approx((4 + 4 + 2) / 64)
+    assert report["ffn_extras"] == [{"shared": 4, "rank": 2, "block": 2}] * 2
+    assert report["active_fraction"] == pytest.approx((4 * 2 + 4 + 2) / 64)
     assert set(report["phases"]) == {"layerwise", "end-to-end"}
     model = ultrafastbert.from_pretrained(out)
-    assert all(b.extras.spec == Extras(4, 2) for b in fff_blocks(model))
+    assert all(b.extras.spec == Extras(4, 2, 2) and b.node_neurons.per_node == 1
+               for b in fff_blocks(model))
     # the comparison script reads it back: the structure checked, scored, throughput reported
     from test_convert import _script
     from test_glue_cli import make_glue_dir
@@ -223,7 +360,9 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     assert script.main(["--models", str(out), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
                         "--out", str(results), "--threads", "1"]) == 0
     row = json.loads((results / "results.json").read_text())["rows"][0]
-    assert row["fff"] == "1x3+s4+r2" and row["cost_pct"] == pytest.approx(100 * 10 / 64, abs=0.01)
+    assert row["fff"] == "1x3b2+s4+r2"
+    assert row["cost_pct"] == pytest.approx(100 * 14 / 64, abs=0.01)
+    assert "| 1x3b2+s4+r2 |" in (results / "results.md").read_text()
     assert set(row["tokens_per_s"]) == {"layerwise", "end-to-end"}
     assert all(v > 0 for v in row["tokens_per_s"].values())
     report["ffn_extras"] = None  # negative control: a report that does not match the blocks
@@ -231,3 +370,11 @@ def test_run_with_a_structure(bert_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not match"):
         script.main(["--models", str(out), "--glue-dir", str(tmp_path / "g"),
                      "--out", str(results), "--threads", "1"])
+
+
+def test_block_nodes_count_in_the_size_check():
+    from ultrafastbert.convert.source import check_fff_size
+
+    check_fff_size([[1, 20]], 32)  # 2 * (2^21 - 1) * 32 parameters: fits
+    with pytest.raises(InputError, match="GiB of fp32 weights per layer"):
+        check_fff_size([[1, 20]], 32, [{"shared": 0, "rank": 0, "block": 3}])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -50,7 +51,24 @@ def run(args: argparse.Namespace) -> int:
     print(describe(args.device, getattr(torch, args.dtype), args.weight_format, shape=shape))
     if torch.device(args.device).type == "cpu" or args.model:
         print(_precisions(args.device, args.model))
+    if args.model:
+        print(_structures(args.model))
     return 0
+
+
+def _structures(model: str) -> str:
+    """Where each feed-forward block of a converted ``model`` runs (empty for other models)."""
+    from ..model.converted import _read_model_type, fff_blocks, load_converted
+    from ..model.ffn_structures import describe_block
+    from ..model.layouts import sentence_transformers_layout
+
+    model_dir = sentence_transformers_layout(Path(model)).model_dir
+    if not _read_model_type(model_dir).startswith("ultrafastbert-"):
+        return ""
+    blocks = fff_blocks(load_converted(model_dir))
+    lines = [f"\nfeed-forward blocks of {model} (float32):"]
+    lines += [f"  layer {i}: {describe_block(b)}" for i, b in enumerate(blocks)]
+    return "\n".join(lines)
 
 
 def _precisions(device: str, model: str | None) -> str:

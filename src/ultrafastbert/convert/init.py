@@ -70,11 +70,17 @@ def init_block(block: FFFBlock, dense: DenseFFN, x: torch.Tensor, *, split: str 
     # they leave, and the final refit solves every output row jointly.
     extra = torch.zeros_like(y) if block.extras is None else init_extras(
         block.extras, dense, x, y - dense.b2.float(), ridge)
-    w_in, b_in, w_out = greedy_fff(x, y - dense.b2.float() - extra, dense, fff.n_trees,
-                                   fff.depth, split)
+    neurons = block.node_neurons
+    per_node = 0 if neurons is None else neurons.per_node
+    (w_in, b_in, w_out), companions = greedy_fff(
+        x, y - dense.b2.float() - extra, dense, fff.n_trees, fff.depth, split, per_node)
     fff.linear_in.weight.copy_(w_in)
     fff.linear_in.bias.copy_(b_in)
     fff.linear_out.weight.copy_(w_out.T)
+    if neurons is not None and companions is not None:
+        neurons.linear_in.weight.copy_(companions[0])
+        neurons.linear_in.bias.copy_(companions[1])
+        neurons.linear_out.weight.copy_(companions[2].T)
     block.bias.copy_(dense.b2)
     greedy = relative_error(block(x), y)
     refit_outputs(block, x, y, ridge)
@@ -95,33 +101,53 @@ class _Neurons:
     out_energy: torch.Tensor
 
 
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _empty_rows(n: int, d: int) -> Rows:
+    return torch.zeros(n, d), torch.zeros(n), torch.zeros(n, d)
+
+
 def greedy_fff(x: torch.Tensor, residual: torch.Tensor, dense: DenseFFN, n_trees: int,
-               depth: int, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grow ``n_trees`` trees on ``residual`` ``(N, d)``; returns ``w_in`` ``(K*M, d)``,
-    ``b_in`` ``(K*M,)``, ``w_out`` ``(K*M, d)`` (node-major), ``M = 2**(depth+1) - 1``."""
+               depth: int, split: str, per_node: int = 0) -> tuple[Rows, Rows | None]:
+    """Grow ``n_trees`` trees on ``residual`` ``(N, d)``; returns the nodes' ``w_in``
+    ``(K*M, d)``, ``b_in`` ``(K*M,)``, ``w_out`` ``(K*M, d)`` (node-major), ``M =
+    2**(depth+1) - 1``, and with ``per_node > 0`` (block nodes) each node's further neurons,
+    the same three for ``K*M*per_node`` rows (node ``g``'s at ``g*per_node + j``; else None).
+
+    A block node's further neurons are chosen after its routing neuron, on the same tokens and
+    by the same score on what the routing neuron leaves (dense biases kept: they do not route).
+    """
     w1, b1 = dense.w1.float(), dense.b1.float()
     neurons = _Neurons(torch.nn.functional.linear(x, w1, b1), w1, b1,
                        dense.w2.float().pow(2).sum(0))
     m = n_nodes(depth)
-    rows = (torch.zeros(n_trees * m, x.shape[1]), torch.zeros(n_trees * m),
-            torch.zeros(n_trees * m, x.shape[1]))
+    rows = _empty_rows(n_trees * m, x.shape[1])
+    extra = _empty_rows(n_trees * m * per_node, x.shape[1]) if per_node else None
     residual = residual.clone()
     for tree in range(n_trees):
         stack = [(0, torch.arange(x.shape[0]))]
         while stack:
             node, tokens = stack.pop()
-            right = _grow_node(tree * m + node, tokens, neurons, residual, split, rows)
+            g = tree * m + node
+            right, j = _grow_node(g, tokens, neurons, residual, split, rows)
+            if extra is not None:
+                chosen = {j}
+                for i in range(per_node):
+                    chosen.add(_grow_node(g * per_node + i, tokens, neurons, residual,
+                                          "neuron", extra, exclude=chosen)[1])
             if 2 * node + 2 < m:
                 stack.append((2 * node + 1, tokens[~right]))
                 stack.append((2 * node + 2, tokens[right]))
-    return rows
+    return rows, extra
 
 
 def _grow_node(g: int, tokens: torch.Tensor, neurons: _Neurons, residual: torch.Tensor,
-               split: str, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               candidates: int = 96, score_tokens: int = 512) -> torch.Tensor:
+               split: str, rows: Rows, candidates: int = 96, score_tokens: int = 512,
+               exclude: set[int] | None = None) -> tuple[torch.Tensor, int]:
     """Choose node ``g``'s neuron on ``tokens``, fit its output row, update the residual;
-    returns which of ``tokens`` go right. ``rows`` = ``(w_in, b_in, w_out)`` being filled.
+    returns which of ``tokens`` go right and the dense neuron chosen. ``rows`` = ``(w_in,
+    b_in, w_out)`` being filled; ``exclude``: dense neurons not to choose.
 
     Scoring every neuron on every token costs ``S * W * d`` per node; instead the ``candidates``
     neurons whose dense contribution has the most energy on (at most ``score_tokens`` of) the
@@ -131,10 +157,12 @@ def _grow_node(g: int, tokens: torch.Tensor, neurons: _Neurons, residual: torch.
     if tokens.numel() == 0:  # an unreachable node on the sample: any neuron, no output
         j = g % neurons.w1.shape[0]
         w_in[g], b_in[g] = neurons.w1[j], neurons.b1[j]
-        return torch.zeros(0, dtype=torch.bool)
+        return torch.zeros(0, dtype=torch.bool), j
     sub = tokens[::max(1, tokens.numel() // score_tokens)]
     p_sub = neurons.pre[sub]  # (s, W): gathering all S rows would cost more than the scoring
     energy = torch.nn.functional.gelu(p_sub).pow(2).sum(0) * neurons.out_energy
+    if exclude:
+        energy[list(exclude)] = -1.0
     pick = energy.topk(min(candidates, energy.numel())).indices
     shift = _shifts(p_sub[:, pick]) if split == "median" else torch.zeros(len(pick))
     a_c = torch.nn.functional.gelu(p_sub[:, pick] + shift)  # (s, C)
@@ -147,7 +175,7 @@ def _grow_node(g: int, tokens: torch.Tensor, neurons: _Neurons, residual: torch.
     row = (a_j @ r) / a_j.pow(2).sum().clamp_min(1e-12)
     w_in[g], b_in[g], w_out[g] = neurons.w1[j], bias, row
     residual[tokens] = r - a_j[:, None] * row
-    return logit > 0
+    return logit > 0, j
 
 
 def _shifts(pre: torch.Tensor) -> torch.Tensor:
@@ -162,22 +190,26 @@ def refit_outputs(block: FFFBlock, x: torch.Tensor, y: torch.Tensor, ridge: floa
     """Refit every output row and the output bias jointly, given the routes on ``x``.
 
     Solves ``min |A W + 1 b^T - y|^2 + ridge * tr(A^T A) / M * |W|^2`` with ``A`` ``(N, M)``
-    the visited nodes' activations (zero elsewhere); a structured block's shared-neuron
-    activations and low-rank coordinates are further columns of ``A``, their output weights
-    rows of ``W``.
+    the visited nodes' activations (zero elsewhere); a structured block's block-node neurons
+    (zero off the visited nodes), shared-neuron activations and low-rank coordinates are
+    further columns of ``A``, their output weights rows of ``W``.
     """
     fff = block.fff
-    act = _activations(fff, x)  # (N, M)
-    extra = act[:, :0] if block.extras is None else block.extras.features(x)
-    design = torch.cat([act, extra, torch.ones(x.shape[0], 1)], 1)
-    solution = _ridge(design, y, ridge)  # (M + E + 1, d)
-    m = act.shape[1]
-    fff.linear_out.weight.copy_(solution[:m].T)
+    act, nodes = _activations(fff, x)  # (N, M), (N, K*(D+1))
+    parts = [act]
+    outputs = [fff.linear_out.weight]
+    if block.node_neurons is not None:
+        parts.append(block.node_neurons.features(x, nodes))
+        outputs.append(block.node_neurons.linear_out.weight)
     if block.extras is not None:
-        start = m
-        for weight in block.extras.output_columns():
-            weight.copy_(solution[start:start + weight.shape[1]].T)
-            start += weight.shape[1]
+        parts.append(block.extras.features(x))
+        outputs.extend(block.extras.output_columns())
+    design = torch.cat([*parts, torch.ones(x.shape[0], 1)], 1)
+    solution = _ridge(design, y, ridge)  # (columns + 1, d)
+    start = 0
+    for weight in outputs:
+        weight.copy_(solution[start:start + weight.shape[1]].T)
+        start += weight.shape[1]
     block.bias.copy_(solution[-1])
 
 
@@ -233,11 +265,12 @@ def init_extras(block: ExtraParts, dense: DenseFFN, x: torch.Tensor,
     return target - residual
 
 
-def _activations(fff: Any, x: torch.Tensor) -> torch.Tensor:
-    """``(N, K*M)``: GELU of each visited node's logit, zero at nodes off the token's paths."""
+def _activations(fff: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, K*M)``: GELU of each visited node's logit, zero at nodes off the token's paths;
+    and the visited nodes ``(N, K*(D+1))``."""
     w, b = fff.linear_in.weight.float(), fff.linear_in.bias.float()
     nodes, logits = route(x, w, b, fff.n_trees, fff.depth)[:2]
     act = torch.zeros(x.shape[0], w.shape[0])
     flat = nodes.reshape(x.shape[0], -1)
     act.scatter_(1, flat, torch.nn.functional.gelu(logits.reshape(x.shape[0], -1)))
-    return act
+    return act, flat

@@ -34,12 +34,15 @@ from ..model.converted import (
     fff_blocks,
     post_norms,
 )
+from ..model.soft_routing import set_soft_routing
 from ..train.distributed import DistContext, init_distributed, main_first, shutdown
 from ..train.loop import LoopConfig, Trainer
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
 from ..utils.machine import run_facts
 from ..utils.options import format_duration, option, parse_duration, positive_int
+from .budget import MEASURE_TOKENS, is_auto, parse_auto
+from .budget import plan as budget_plan
 from .data import (
     TeacherBatches,
     block_inputs,
@@ -57,6 +60,7 @@ from .objectives import (
     LayerwiseObjective,
     frozen_norm,
 )
+from .routing import ROUTING_SCHEDULES, RoutingSchedule, SoftToHard, phase_span
 from .source import SourceModel, active_fraction, load_source, make_student, parse_structure
 from .st_dir import write_sentence_transformers_files
 
@@ -65,6 +69,7 @@ log = logging.getLogger(__name__)
 WORK_DIR = "distill"
 REPORT_FILE = "conversion.json"
 INIT_FILE = "init.safetensors"
+ALLOCATION_FILE = "allocation.json"
 PHASES = ("layerwise", "end-to-end")
 INIT_INPUTS = ("teacher", "student")
 HELDOUT_ROWS = 256
@@ -119,16 +124,23 @@ class ConvertSettings:
         seed: data order; save_every_s: checkpoint period; resume: continue ``out``.
         max_steps: optimizer steps per phase instead of the time left after init (reproducible
             runs; None: the budget decides).
+        routing_schedule: ``hard`` (routing as the model runs, throughout) or ``soft-to-hard``
+            (soft routing annealed to hard over both phases, see :mod:`.routing`);
+            soft_temperature: its starting temperature (in units of each node's RMS logit);
+            hard_from: the overall progress from which routing is hard again.
     """
 
     source: Path = option(flags="source", parse=Path, help="local model directory (config.json "
                           "+ weights + tokenizer.json)")
     out: Path = option(parse=Path, help="output model directory")
-    fff: str = option("8x7", metavar="KxD[+sN][+rN][,...]",
+    fff: str = option("8x7", metavar="KxD[bB][+sN][+rN][,...]|auto:N[%][@D]",
                       help="trees x depth for every layer, one per layer, or 'none' (the "
-                           "ablation: feed-forward blocks removed); +sN adds N always-on (shared) "
-                           "neurons, +rN a rank-N linear term beside the trees, each costing per "
-                           "token what N neurons do, e.g. 6x7+s16")
+                           "ablation: feed-forward blocks removed); bB makes every node a block "
+                           "of B neurons (e.g. 4x7b2); +sN adds N always-on (shared) neurons, +rN "
+                           "a rank-N linear term beside the trees, each costing per token what N "
+                           "neurons do, e.g. 6x7+s16; auto:64 or auto:4.2%% spends that mean "
+                           "budget per layer (neurons a token, or %% of the dense FFN) in trees of "
+                           "depth D (@D, default 7), more where the measured error is largest")
     budget_s: float = option(1200.0, flags="--budget", parse=parse_duration, show=format_duration,
                              metavar="DURATION", help="wall-clock time for init and "
                                                       "distillation, e.g. 10m, 1h")
@@ -185,6 +197,16 @@ class ConvertSettings:
                                    help="optimizer steps per phase instead of the time left "
                                         "after init (reproducible runs; default: the budget "
                                         "decides)")
+    routing_schedule: str = option(
+        "hard", choices=("hard", "soft-to-hard"),
+        help="routing while distilling: hard throughout, or soft (every node weighted by the "
+             "chance of reaching it) annealed to hard; the saved model is hard-routed either way")
+    soft_temperature: float = option(
+        0.25, metavar="T", help="soft-to-hard: starting temperature, in units of each node's RMS "
+                                "logit, falling linearly to 0 at --hard-from")
+    hard_from: float = option(
+        0.8, metavar="F", help="soft-to-hard: share of the distillation (both phases) after which "
+                               "routing is hard")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
@@ -204,6 +226,10 @@ class ConvertSettings:
                              f"{self.e2e_layers!r}")
         if not 0.0 <= self.layerwise_share <= 1.0:
             raise InputError(f"layerwise share must be in [0, 1], got {self.layerwise_share}")
+        if self.routing_schedule not in ROUTING_SCHEDULES:
+            raise InputError(f"routing schedule must be one of {ROUTING_SCHEDULES}, got "
+                             f"{self.routing_schedule!r}")
+        SoftToHard(self.soft_temperature, self.hard_from)  # validates both
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.max_steps}")
         for name in ("batch_size", "max_len", "init_tokens"):
@@ -229,6 +255,7 @@ class ConvertReport:
     fff_layers: list
     active_fraction: float
     ffn_extras: list = field(default_factory=list)
+    fff_allocation: dict[str, Any] | None = None
     init_s: float = 0.0
     init_error: list[float] = field(default_factory=list)
     init_heldout: dict[str, Any] = field(default_factory=dict)
@@ -263,15 +290,20 @@ def _run(settings: ConvertSettings, ctx: DistContext) -> ConvertReport:
                          f"of processes ({ctx.world_size}): it is the global batch")
     main_first(ctx, lambda: claim_output_dir(settings.out, settings.resume), others=False)
     source = load_source(settings.source)
-    fff_layers, extras = parse_structure(settings.fff, source.n_layers)
-    student: Any = make_student(source, fff_layers, extras)
     pad_id = int(source.model.config.pad_token_id or 0)
     rows = load_segments(settings.corpus, source.tokenizer_dir, max_len=min(
         settings.max_len, source.max_seq_len), max_documents=settings.max_documents, pad_id=pad_id)
     train_idx, heldout_idx = split_rows(len(rows), settings.seed)
-    report = ConvertReport(settings.to_json(), fff_layers, active_fraction(
-        fff_layers, student.config.ffn_width, extras), ffn_extras=extras)
     work = settings.out / WORK_DIR
+    allocation = main_first(ctx, lambda: auto_allocation(source, rows[train_idx], settings,
+                                                         pad_id, work))
+    spec = settings.fff if allocation is None else ",".join(
+        f"{k}x{d}" for k, d in allocation["fff_layers"])
+    fff_layers, extras = parse_structure(spec, source.n_layers)
+    student: Any = make_student(source, fff_layers, extras)
+    report = ConvertReport(settings.to_json(), fff_layers, active_fraction(
+        fff_layers, student.config.ffn_width, extras), ffn_extras=extras,
+        fff_allocation=allocation)
     # Rank 0 fits and saves the init; the others then find it saved and load it.
     init = main_first(ctx, lambda: initialise(student, source, rows[train_idx], settings, pad_id,
                                               work, setup_s=time.monotonic() - started))
@@ -340,11 +372,7 @@ def initialise(student: Any, source: SourceModel, rows: np.ndarray,
         log.info("init: loaded %s", saved)
         return dict(json.loads(info_file.read_text(encoding="utf-8")))
     started = time.monotonic()
-    # A seeded random sample of the corpus, not its first documents: those are one text (the
-    # demo corpus starts with the Bible), and an init fitted there measured 48.2 on STS-B for
-    # MiniLM 8x7 against 69.5 from a random sample.
-    order = np.random.default_rng([settings.seed, 2]).permutation(len(rows))
-    sample = rows[order]
+    sample = init_sample(rows, settings.seed)
     xs = collect_inputs(source.model, sample, settings.init_tokens, pad_id, settings.batch_size)
     dense = dense_ffns(source.model, FAMILIES[source.family])
     errors = []
@@ -372,6 +400,38 @@ def initialise(student: Any, source: SourceModel, rows: np.ndarray,
     write_state(student, saved)
     atomic_write_json(info_file, info)  # last: the init exists once its info does
     return info
+
+
+def init_sample(rows: np.ndarray, seed: int) -> np.ndarray:
+    """The training rows in the init's seeded order.
+
+    A seeded random sample of the corpus, not its first documents: those are one text (the
+    demo corpus starts with the Bible), and an init fitted there measured 48.2 on STS-B for
+    MiniLM 8x7 against 69.5 from a random sample."""
+    return rows[np.random.default_rng([seed, 2]).permutation(len(rows))]
+
+
+def auto_allocation(source: SourceModel, rows: np.ndarray, settings: ConvertSettings,
+                    pad_id: int, work: Path) -> dict[str, Any] | None:
+    """For ``--fff auto:...`` the trees per layer (:mod:`.budget`), measured on the init's
+    sample of the teacher's block inputs and saved under ``work`` (a resumed run, and the
+    other processes, read it back); None for any other spec."""
+    if not is_auto(settings.fff):
+        return None
+    saved = work / ALLOCATION_FILE
+    if saved.is_file():
+        return dict(json.loads(saved.read_text(encoding="utf-8")))
+    dense = dense_ffns(source.model, FAMILIES[source.family])
+    auto = parse_auto(settings.fff, int(dense[0].w1.shape[0]), source.n_layers)
+    # the first tokens of the init's own sample (budget.plan reads at most MEASURE_TOKENS)
+    xs = collect_inputs(source.model, init_sample(rows, settings.seed),
+                        min(settings.init_tokens, MEASURE_TOKENS), pad_id, settings.batch_size)
+    norms = [frozen_norm(n) for n in post_norms(source.model)]
+    allocation = budget_plan(auto, list(xs), dense, norms, int(dense[0].w1.shape[0]),
+                             max_tokens=MEASURE_TOKENS)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, allocation)
+    return allocation
 
 
 @torch.no_grad()
@@ -419,18 +479,43 @@ def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
     config = LoopConfig(budget_s=None if steps else budget_s, max_steps=steps, grad_clip=1.0,
                         save_every_s=settings.save_every_s, progress_bar=settings.progress,
                         out_dir=work / phase, description=phase)
-    trainer = Trainer(objective, optimizer, WarmupCosineSchedule(warmup=0.05), data, config,
-                      ctx)
+    schedule = phase_schedule(phase, student, settings)
+    trainer = Trainer(objective, optimizer, schedule, data, config, ctx)
     info = trainer.restore() if settings.resume else None
     if info is not None and info.final:
         log.info("%s: finished before (step %d), not rerun", phase, info.step)
         return {"steps": info.step, "resumed_final": True}
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        set_soft_routing(fff_blocks(student), None)  # the model is the hard-routed FFF
     history = result.history
     return {"steps": result.state.step, "tokens": result.state.tokens,
             "seconds": result.state.elapsed_s, "budget_s": budget_s,
             "first_loss": history[0].loss if history else None,
-            "last_loss": _tail_mean([h.loss for h in history])}
+            "last_loss": _tail_mean([h.loss for h in history]),
+            **routing_log(phase, settings)}
+
+
+def phase_schedule(phase: str, student: Any, settings: ConvertSettings) -> Any:
+    """The phase's learning-rate schedule (warm-up, cosine), wrapped to set the routing
+    temperature at every step under ``soft-to-hard`` (:mod:`.routing`)."""
+    schedule = WarmupCosineSchedule(warmup=0.05)
+    if settings.routing_schedule == "hard":
+        return schedule
+    start, span = phase_span(phase, settings.layerwise_share)
+    return RoutingSchedule(schedule, fff_blocks(student), SoftToHard(
+        settings.soft_temperature, settings.hard_from), start, span)
+
+
+def routing_log(phase: str, settings: ConvertSettings) -> dict[str, Any]:
+    """The phase's routing temperatures at its first and last step (``conversion.json``)."""
+    if settings.routing_schedule == "hard":
+        return {}
+    anneal = SoftToHard(settings.soft_temperature, settings.hard_from)
+    start, span = phase_span(phase, settings.layerwise_share)
+    return {"routing": {"first_temperature": anneal.at(start),
+                        "last_temperature": anneal.at(start + span * (1 - 1e-9))}}
 
 
 def _tail_mean(values: list[float], share: float = 0.1) -> float | None:

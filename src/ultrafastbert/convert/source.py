@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 #: A layer's FFF may hold at most this many parameters (w_in, w_out): beyond it, say so early.
 MAX_FFF_PARAMS_PER_LAYER = 2 ** 28
-_KXD = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_KXD = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:[bB]\s*(\d+))?\s*$")
 
 
 @dataclass(frozen=True)
@@ -94,20 +94,29 @@ def _parse_one(part: str) -> tuple[list[int] | None, dict[str, int] | None]:
     match = _KXD.match(trees)
     if match is None:
         raise InputError(f"--fff entry {part!r} is not KxD (e.g. 8x7: 8 trees of depth 7), "
+                         "KxDbB (nodes that are blocks of B neurons, e.g. 4x7b2), "
                          "KxD+s<N> / KxD+r<N> (N shared neurons / a rank-N linear term beside "
                          "the trees) or 'none'")
     k, d = int(match.group(1)), int(match.group(2))
+    block = int(match.group(3)) if match.group(3) is not None else 1
     if k < 1 or d < 0 or d > 20:
         raise InputError(f"--fff entry {part!r}: need K >= 1 trees and a depth 0 <= D <= 20")
-    return [k, d], parse_extras(rest, part).to_json() if rest else None
+    if block < 1:
+        raise InputError(f"--fff entry {part!r}: a node holds B >= 1 neurons (b{block})")
+    return [k, d], parse_extras(rest, part, block).to_json()
 
 
-def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int) -> None:
-    """Refuse a layout whose FFF weights would not fit in memory (names the layer and size)."""
+def check_fff_size(fff_layers: Sequence[Sequence[int] | None], d_model: int,
+                   extras: Sequence[Any] | None = None) -> None:
+    """Refuse a layout whose FFF weights would not fit in memory (names the layer and size;
+    block nodes of B neurons count B times)."""
+    from ..model.ffn_structures import Extras
+
     for i, spec in enumerate(fff_layers):
         if spec is None:
             continue
-        params = 2 * spec[0] * n_nodes(spec[1]) * d_model
+        block = Extras.from_json(extras[i] if extras else None).block
+        params = 2 * spec[0] * n_nodes(spec[1]) * block * d_model
         if params > MAX_FFF_PARAMS_PER_LAYER:
             raise InputError(f"layer {i}: {spec[0]}x{spec[1]} at d={d_model} needs "
                              f"{params * 4 / 2**30:.1f} GiB of fp32 weights per layer (limit "
@@ -201,7 +210,7 @@ def make_student(source: SourceModel, fff_layers: Sequence[Sequence[int] | None]
     family = FAMILIES[source.family]
     config = source.model.config
     d_model = int(getattr(config, "hidden_size", None) or config.dim)
-    check_fff_size(fff_layers, d_model)
+    check_fff_size(fff_layers, d_model, extras)
     dense = dense_ffns(source.model, family)
     fields = {**config.to_dict(), "model_type": family.model_type,
               "fff_layers": [None if s is None else list(s) for s in fff_layers],

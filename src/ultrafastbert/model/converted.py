@@ -44,8 +44,9 @@ from transformers import (
 
 from ..errors import ConfigError
 from ..fff import FFF
-from .ffn_structures import make_extras
+from .ffn_structures import make_extras, make_node_neurons
 from .pretrained import set_fff_runtime, set_precision
+from .soft_routing import soft_block_forward
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ class FFFBlock(nn.Module):
 
     ``bias`` is the dense block's output bias (FFF nodes have none). Inputs in another dtype
     than the FFF (a bfloat16 model keeping its FFF blocks in float32) are cast on the way.
-    ``extras`` (``{"shared": s, "rank": r}``) adds always-on parts beside the trees
-    (:class:`~.ffn_structures.ExtraParts`); None: the plain block.
+    ``extras`` (``{"shared": s, "rank": r, "block": B}``) adds always-on parts beside the trees
+    (:class:`~.ffn_structures.ExtraParts`, ``self.extras``) and makes every tree node a block
+    of ``B`` neurons (:class:`~.ffn_structures.NodeNeurons`, ``self.node_neurons``, run in
+    torch on the routes the trees' kernel returns); None: the plain block.
+
+    ``soft_routing`` (not saved; None: off) is the temperature of the soft routing used while
+    distilling (:mod:`.soft_routing`); converted models always run hard-routed.
     """
 
     def __init__(self, d_model: int, n_trees: int, depth: int, extras: Any = None):
@@ -70,11 +76,22 @@ class FFFBlock(nn.Module):
         self.fff = FFF(d_model, n_trees=n_trees, depth=depth)
         self.bias = nn.Parameter(torch.zeros(d_model))
         self.extras = make_extras(d_model, extras)  # beside the trees (ffn_structures) or None
+        self.node_neurons = make_node_neurons(d_model, n_trees, depth, extras)
+        self.soft_routing: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(..., d)`` -> ``(..., d)``."""
         dtype = self.fff.linear_in.weight.dtype
-        y = self.fff(x if x.dtype == dtype else x.to(dtype))
+        xf = x if x.dtype == dtype else x.to(dtype)
+        if self.soft_routing is not None:
+            y = soft_block_forward(self, xf, self.soft_routing)
+        elif self.node_neurons is None:
+            y = self.fff(xf)
+        else:
+            y, nodes = self.fff.forward_with_nodes(xf)
+            assert nodes is not None
+            flat = xf.reshape(-1, xf.shape[-1])
+            y = y + self.node_neurons(flat, nodes.reshape(flat.shape[0], -1)).reshape(y.shape)
         y = (y + self.bias.to(dtype)).to(x.dtype)
         return y if self.extras is None else y + self.extras(x)
 
