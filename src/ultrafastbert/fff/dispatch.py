@@ -39,7 +39,7 @@ import torch
 from ..errors import InputError
 from ..utils.device import device_unavailable_reason
 from .kernel import FFFKernel, validate_weight_format
-from .token_split import TokenSplit
+from .token_split import SplitByTokens, TokenSplit
 
 logger = logging.getLogger(__name__)
 
@@ -495,27 +495,14 @@ def time_training(names: list[str], shape: Workload, dtype: torch.dtype,
     return {"tokens": list(tokens), "us_per_token": result}
 
 
-class TrainSplit(FFFKernel):
+class TrainSplit(SplitByTokens):
     """``"auto"`` training for a layer whose fastest training kernel depends on the tokens per
     call: each call trains on the kernel of the :class:`Choice` covering its token count."""
 
     trains = True
 
     def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
-        self.choices = choices
-        self._kernels = [(c.min_tokens, kernels[c.kernel]) for c in choices]
-        self.name = "auto-train(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
-        self.description = "; ".join(c.reason for c in choices)
-        first = kernels[choices[0].kernel]
-        self.devices, self.dtypes = first.devices, first.dtypes
-
-    def kernel_for(self, tokens: int) -> FFFKernel:
-        """The kernel a call of ``tokens`` tokens trains on."""
-        chosen = self._kernels[0][1]
-        for min_tokens, kernel in self._kernels:
-            if tokens >= min_tokens:
-                chosen = kernel
-        return chosen
+        super().__init__(choices, kernels, "auto-train")
 
     def train_forward(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
                       w_out: torch.Tensor, n_trees: int, depth: int

@@ -13,20 +13,17 @@ if TYPE_CHECKING:
     from .dispatch import Choice
 
 
-class TokenSplit(FFFKernel):
-    """``"auto"`` for a layer whose best kernel depends on the tokens per call: each call runs
-    on the kernel of the :class:`Choice` covering its token count (packed for each)."""
+class SplitByTokens(FFFKernel):
+    """A kernel that hands each call to the kernel of the :class:`Choice` covering its token
+    count; ``label`` prefixes its name (``auto(...)``, ``auto-train(...)``)."""
 
-    trains = False
-
-    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
+    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel], label: str):
         self.choices = choices
         self._kernels = [(c.min_tokens, kernels[c.kernel]) for c in choices]
         first = kernels[choices[0].kernel]
-        self.name = "auto(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
+        self.name = f"{label}(" + ", ".join(f"{c.kernel}: {c.tokens}" for c in choices) + ")"
         self.description = "; ".join(c.reason for c in choices)
         self.devices, self.dtypes = first.devices, first.dtypes
-        self.weight_formats = first.weight_formats
 
     def kernel_for(self, tokens: int) -> FFFKernel:
         """The kernel a call of ``tokens`` tokens runs on."""
@@ -35,6 +32,17 @@ class TokenSplit(FFFKernel):
             if tokens >= min_tokens:
                 chosen = kernel
         return chosen
+
+
+class TokenSplit(SplitByTokens):
+    """``"auto"`` for a layer whose best kernel depends on the tokens per call: each call runs
+    on the kernel of the :class:`Choice` covering its token count (packed for each)."""
+
+    trains = False
+
+    def __init__(self, choices: list[Choice], kernels: dict[str, FFFKernel]):
+        super().__init__(choices, kernels, "auto")
+        self.weight_formats = kernels[choices[0].kernel].weight_formats
 
     def pack(self, w_in, b_in, w_out, n_trees, depth, weight_format):  # noqa: D102
         return {k.name: k.pack(w_in, b_in, w_out, n_trees, depth, weight_format)
