@@ -147,7 +147,7 @@ class Packing:
             parts = padded.view(self.n_texts, self.width, n_heads, 3, d // n_heads)
             q, k, v = parts.permute(3, 0, 2, 1, 4).unbind(0)  # each (N, H, S, hd)
         if self.width <= MATH_ATTENTION_MAX_WIDTH and qkv.dtype == torch.float32:
-            context = _math_attention(q, k, v, self._key_bias(q.dtype))
+            context = _math_attention(q, k, v, self._key_bias())
         else:
             mask = None if self.keep is None else self.keep[:, None, None, :]
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -162,8 +162,9 @@ class Packing:
         return _slots_of(self.index, self.lengths, self.width) if self.slots is None \
             else self.slots
 
-    def _key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive key mask ``(N, 1, 1, S)``: 0 at tokens, -inf at padding (None: no padding)."""
+    def _key_bias(self) -> torch.Tensor | None:
+        """Additive float32 key mask ``(N, 1, 1, S)``: 0 at tokens, -inf at padding (None: no
+        padding)."""
         if self.keep is None:
             return None
         bias = torch.zeros(self.keep.shape, dtype=torch.float32, device=self.keep.device)
