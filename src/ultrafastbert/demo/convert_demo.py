@@ -13,8 +13,9 @@ The steps (:func:`run`), on a machine that has only the package registries:
    Runtime dynamic int8 (:mod:`ultrafastbert.bench.baselines`), the ablation (every FFN removed),
    the converted model as ``transformers`` runs it (padded, fp32) and the converted model on the
    inference path a user gets (``Predictor``: packed tokens, ``precision="auto"``). Quality is
-   label-free: the mean cosine of each text's pooled embedding to the dense model's, and the share of each text's 10 nearest held-out neighbours
-   that the dense model also ranks in its 10 (STS-B dev Spearman too with ``glue_dir``). Speed
+   label-free: the mean cosine of each text's pooled embedding to the dense model's, and the
+   share of each text's 10 nearest held-out neighbours that the dense model also ranks in its 10
+   (STS-B dev Spearman too with ``glue_dir``). Speed
    is texts/s through the encoder and pooling on the tokenized held-out texts, length-sorted
    batches, all five timed in rounds in this process after their outputs are checked;
 5. a semantic search with the converted model (``Predictor.embed``) on a few sentences.
