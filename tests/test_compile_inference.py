@@ -77,3 +77,30 @@ def test_packed_encoder_traces_in_one_graph(converted):
         explained = torch._dynamo.explain(lambda i: encoder.hidden(i, packing))(
             packing.pack(ids))
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_encoder_compiles_equal_to_eager(converted, native, monkeypatch):
+    """Both attention paths (the native op through its custom operator, and PyTorch's) trace in
+    one graph and the inductor-compiled packed encoder equals eager."""
+    from ultrafastbert.infer import native_attention
+    from ultrafastbert.infer.fast import fast_encoder
+    from ultrafastbert.infer.packing import Packing
+
+    if not native:
+        monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    elif native_attention.prepare() is not None:
+        pytest.skip(f"native attention: {native_attention.prepare()}")
+    torch._dynamo.reset()
+    encoder = fast_encoder(converted, "float32")
+    ids, mask = _batch(60, [7, 3, 5])
+    packing = Packing.from_mask(mask)
+    run = lambda i: encoder.hidden(i, packing)  # noqa: E731
+    with torch.no_grad():
+        explained = torch._dynamo.explain(run)(packing.pack(ids))
+        assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+        ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+        assert any("native_packed_attention" in op for op in ops) == native, ops
+        torch._dynamo.reset()
+        got = torch.compile(run, backend="inductor")(packing.pack(ids))
+    torch.testing.assert_close(got, run(packing.pack(ids)), atol=1e-5, rtol=1e-5)

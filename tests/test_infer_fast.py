@@ -12,7 +12,8 @@ import torch
 from convertcheck import tiny_bert
 from ultrafastbert.errors import InputError
 from ultrafastbert.fff import FFF
-from ultrafastbert.infer import Predictor, autoprecision
+from ultrafastbert.fff.native.build import cpu_isa
+from ultrafastbert.infer import Predictor, autoprecision, native_attention
 from ultrafastbert.infer import packing as packing_module
 from ultrafastbert.infer.fast import fast_encoder
 from ultrafastbert.infer.packing import Packing
@@ -104,9 +105,14 @@ def _fff_inputs(model: torch.nn.Module) -> tuple[list, list]:
     return seen, handles
 
 
-@pytest.fixture(params=["math", "flash"])
+@pytest.fixture(params=["native", "math", "flash"])
 def attention_kernel(request, monkeypatch):
     """Run a test with each attention kernel of :meth:`Packing.attention`."""
+    if request.param == "native" and native_attention.unavailable_reason() is not None:
+        assert cpu_isa() != "avx512", native_attention.unavailable_reason()
+        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
+    monkeypatch.setattr(packing_module, "NATIVE_ATTENTION_MAX_WIDTH",
+                        10_000 if request.param == "native" else 0)
     monkeypatch.setattr(packing_module, "MATH_ATTENTION_MAX_WIDTH",
                         10_000 if request.param == "math" else 0)
     return request.param
@@ -137,6 +143,41 @@ def test_attention_equals_per_text_softmax(attention_kernel, dtype):
     # negative control: attention over the whole batch (no per-text mask) is not this
     whole = _attention_per_text(qkv, [packing.n_tokens], 3).float()
     assert not torch.allclose(whole, want, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["blocks", "heads"])
+@pytest.mark.parametrize("head_dim", [32, 20])
+def test_native_attention_on_long_and_ragged_texts(layout, head_dim):
+    """Several key chunks and query blocks with tails (lengths 1..70), both row layouts, a head
+    width that is not a multiple of the vector width; against the float64 per-text softmax."""
+    if native_attention.unavailable_reason() is not None:
+        assert cpu_isa() != "avx512", native_attention.unavailable_reason()
+        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
+    lengths, n_heads = [70, 1, 0, 17, 33, 4, 16], 3
+    packing = Packing.from_lengths(lengths)
+    d = n_heads * head_dim
+    qkv = torch.randn(packing.n_tokens, 3 * d, generator=torch.Generator().manual_seed(2))
+    got = native_attention.packed_attention(qkv, packing.starts, packing.lengths, n_heads, layout)
+    blocks = qkv if layout == "blocks" else (  # [head][q, k, v] -> [q | k | v]
+        qkv.view(-1, n_heads, 3, head_dim).transpose(1, 2).reshape(-1, 3 * d))
+    want = _attention_per_text(blocks, lengths, n_heads).float()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # negative control: the other layout's reading of the same rows is not this
+    other = "heads" if layout == "blocks" else "blocks"
+    assert not torch.allclose(native_attention.packed_attention(
+        qkv, packing.starts, packing.lengths, n_heads, other), want, atol=1e-2)
+
+
+def test_native_attention_switch_and_bad_input(monkeypatch):
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    assert "ULTRAFASTBERT_NATIVE_ATTENTION=0" in native_attention.unavailable_reason()
+    assert not native_attention.usable(torch.zeros(2, 9))
+    monkeypatch.delenv(native_attention.ENV_SWITCH)
+    if native_attention.unavailable_reason() is not None:
+        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
+    with pytest.raises(RuntimeError, match="outside the 4 rows"):
+        native_attention.packed_attention(torch.zeros(4, 9), torch.tensor([0, 2]),
+                                          torch.tensor([2, 3]), 1)
 
 
 @pytest.mark.parametrize("name", ["bert", "roberta", "bert-dense"])

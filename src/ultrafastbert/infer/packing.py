@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from . import native_attention
 
 #: Widest padded float32 batch (tokens) whose attention runs as explicit matmuls + softmax
 #: rather than PyTorch's CPU flash kernel. Measured on AMD EPYC Zen 4, 2 threads, 32 texts of
@@ -27,6 +28,9 @@ from ..errors import InputError
 #: 4.2/5.2 at 48, 7.2/6.9 at 64, 36/12 at 96. In bfloat16 the flash kernel wins from width 32,
 #: so bfloat16 streams always take it.
 MATH_ATTENTION_MAX_WIDTH = 48
+#: Widest batch (tokens) whose attention runs in the native op (infer/native_attention.py) where
+#: it is available: measured on AMD EPYC Zen 4, 2 threads (docs/precision.md, "Attention").
+NATIVE_ATTENTION_MAX_WIDTH = 256
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -132,12 +136,18 @@ class Packing:
         """Self-attention of each text over its own tokens: ``qkv`` ``(T, 3d)`` -> ``(T, d)``.
 
         ``layout`` ``"blocks"``: ``[q | k | v]`` (Hugging Face BERT); ``"heads"``:
-        ``[head][q, k, v][head_dim]`` (the project's encoder). Padded slots are filled by a
-        gather from real rows (masked as keys, their queries dropped), not zeroed; float32
-        batches no wider than :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a
-        softmax (faster than PyTorch's CPU flash kernel at sentence widths), the others as one
+        ``[head][q, k, v][head_dim]`` (the project's encoder). Where the native op is available
+        (:mod:`~ultrafastbert.infer.native_attention`) and the batch is no wider than
+        :data:`NATIVE_ATTENTION_MAX_WIDTH`, it runs there on the packed rows (no padding).
+        Otherwise padded slots are filled by a gather from real rows (masked as keys, their
+        queries dropped), not zeroed; float32 batches no wider than
+        :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a softmax (faster than
+        PyTorch's CPU flash kernel at sentence widths), the others as one
         ``scaled_dot_product_attention``.
         """
+        if self.width <= NATIVE_ATTENTION_MAX_WIDTH and native_attention.usable(qkv):
+            return native_attention.packed_attention(qkv, self.starts, self.lengths, n_heads,
+                                                     layout)
         d = qkv.shape[1] // 3
         padded = qkv.index_select(0, self._slots)  # (N * S, 3d): every slot a real row
         if layout == "blocks":

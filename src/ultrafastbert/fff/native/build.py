@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 LIBRARY_NAME = "ultrafastbert_fff_cpu"
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ("fff_cpu.cpp", "fff_cpu_bf16.cpp", "fff_cpu_kernel.h", "fff_cpu_walk.h",
-           "fff_cpu_train.cpp", "fff_cpu_train_walk.h")  # training: training.py
+           "fff_cpu_train.cpp", "fff_cpu_train_walk.h",  # training: training.py
+           "attention_cpu.cpp")  # packed attention: infer/native_attention.py
 #: Instruction sets the kernel is compiled for, best first, with the op's numeric code.
 ISA_CODES = {"avx512": 2, "avx2": 1}
 #: CPU flags (``/proc/cpuinfo`` spelling) each instruction set needs.

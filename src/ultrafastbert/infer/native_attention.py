@@ -1,0 +1,108 @@
+"""Self-attention of packed texts in the native CPU library (``fff/native/attention_cpu.cpp``).
+
+At sentence widths PyTorch's CPU attention costs far more than its arithmetic: the batch is
+padded to its widest text, and per-call overhead, layout copies and the padded slots dominate
+(docs/precision.md, "Attention"). The native op takes the packed ``(T, 3d)`` projections as
+they are and runs one task per (text, head) over that text's tokens only, in float32.
+
+It is used when the native library is loaded on a CPU with AVX-512 (F, BW, VL), unless
+``ULTRAFASTBERT_NATIVE_ATTENTION=0`` (or ``ULTRAFASTBERT_NATIVE=0``) turns it off; bfloat16
+streams are widened to float32 around it. Under ``torch.compile`` it is called through a
+``torch.library`` custom operator with a fake implementation, so the packed encoder still
+compiles in one graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..utils.env import switched_off
+
+ENV_SWITCH = "ULTRAFASTBERT_NATIVE_ATTENTION"
+#: Layout codes of the op: ``[q | k | v]`` rows and ``[head][q, k, v][hd]`` rows.
+LAYOUTS = {"blocks": 0, "heads": 1}
+
+
+#: Filled by :func:`prepare` (eager, once): ``"reason"`` (None when usable) and ``"op"`` (the
+#: custom operator). A plain dict that ``torch.compile`` reads as a constant.
+_STATE: dict[str, Any] = {}
+
+
+def unavailable_reason() -> str | None:
+    """Why the native attention is not used here, or None when it is."""
+    value = switched_off(ENV_SWITCH)
+    if value is not None:
+        return f"disabled by the environment ({ENV_SWITCH}={value}); unset it to enable"
+    return prepare()
+
+
+def prepare() -> str | None:
+    """Load the native library and define the custom operator (first call; eager only), then
+    return why the op cannot be used here, or None."""
+    if "reason" not in _STATE:
+        reason = _library_reason()
+        _STATE["op"] = _custom_op() if reason is None else None
+        _STATE["reason"] = reason
+    return _STATE["reason"]
+
+
+def _library_reason() -> str | None:
+    from ..fff.native import build
+
+    status = build.status()
+    if isinstance(status, str):
+        return status
+    if status.isa != "avx512":
+        return "needs AVX-512 (F, BW, VL); this CPU runs PyTorch's attention"
+    return None
+
+
+def usable(qkv: torch.Tensor) -> bool:
+    """Whether :func:`packed_attention` can take ``qkv`` (a CPU float32/bfloat16 tensor here).
+
+    Under ``torch.compile`` only what an eager call has already prepared counts."""
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if switched_off(ENV_SWITCH) is not None:
+        return False
+    if not torch.compiler.is_compiling():
+        prepare()
+    return _STATE.get("op") is not None
+
+
+def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                     n_heads: int, layout: str = "blocks") -> torch.Tensor:
+    """Attention of each text over its own tokens: ``qkv`` ``(T, 3d)`` -> ``(T, d)``.
+
+    ``starts`` and ``lengths`` ``(N,)`` int64 give each text's rows; ``layout`` as
+    :meth:`~ultrafastbert.infer.packing.Packing.attention`. Returns ``qkv``'s dtype. Call
+    :func:`usable` first.
+    """
+    dtype = qkv.dtype
+    wide = qkv.float().contiguous()
+    code = LAYOUTS[layout]
+    if torch.compiler.is_compiling():
+        out = _STATE["op"](wide, starts, lengths, n_heads, code)
+    else:
+        out = torch.ops.ultrafastbert.packed_attention_cpu(wide, starts, lengths, n_heads, code)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _custom_op() -> Any:
+    """``ultrafastbert::native_packed_attention``: the C++ op with a fake (shapes only) for
+    ``torch.compile`` (the C++ op itself is composite and cannot take one). Defined once."""
+
+    @torch.library.custom_op("ultrafastbert::native_packed_attention", mutates_args=())
+    def attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                  n_heads: int, layout: int) -> torch.Tensor:
+        """``(T, 3d)`` -> ``(T, d)``."""
+        return torch.ops.ultrafastbert.packed_attention_cpu(qkv, starts, lengths, n_heads,
+                                                            layout)
+
+    @attention.register_fake
+    def _(qkv, starts, lengths, n_heads, layout):  # noqa: ANN001, ANN202
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+
+    return attention
