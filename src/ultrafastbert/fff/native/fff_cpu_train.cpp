@@ -23,24 +23,7 @@
 // node (tokens grouped by node with a counting sort), each (node, column block) owned by one
 // task, so no two threads write the same row and no per-thread partial sums are needed. The
 // tasks are balanced by the number of tokens each node serves.
-#include <ATen/EmptyTensor.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/core/CPUAllocator.h>
-#include <torch/library.h>
-
-#include <immintrin.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <tuple>
-#include <vector>
+#include "fff_cpu_kernel.h"  // vector ops per instruction set, Isa, gelu, empty_cpu
 
 namespace {
 
@@ -84,33 +67,6 @@ struct Scratch {
   std::vector<int64_t> entry_token;
 };
 
-// Outputs of at least this size go on 2 MB transparent huge pages (Linux; ignored where THP is
-// off): the weight gradients are fresh (K*N, d) tensors on every call (12.6 MB each for 1x11 at
-// d=768), and faulting them in 4 KB pages is a large part of the backward's time (fff_cpu.cpp
-// measured the same for its outputs).
-constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kHugeMinBytes = size_t{4} << 20;
-
-// An uninitialised float32 CPU tensor, on huge pages when large; its storage behaves as any
-// other CPU tensor's (resizable through torch's CPU allocator).
-at::Tensor empty_float(at::IntArrayRef sizes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
-  const size_t padded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* p = nullptr;
-  if (bytes >= kHugeMinBytes && posix_memalign(&p, kHugePage, padded) == 0) {
-    madvise(p, padded, MADV_HUGEPAGE);  // advice: failure just means ordinary pages
-    return at::for_blob(p, sizes)
-        .deleter([](void* q) { std::free(q); })
-        .options(at::TensorOptions().dtype(at::kFloat))
-        .resizeable_storage()
-        .allocator(c10::GetCPUAllocator())
-        .make_tensor();
-  }
-#endif
-  return at::Tensor(at::detail::empty_cpu(sizes, at::kFloat));
-}
-
 Scratch& kept_scratch() {
   thread_local Scratch s;
   return s;
@@ -141,42 +97,21 @@ struct TrainRuns {
   int64_t width;
 };
 
-// Exact (erf) GELU and its derivative Phi(z) + z phi(z), on scalars: K*(D+1) per token.
-inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752440f)); }
+// The derivative of the exact (erf) GELU (fff_cpu_kernel.h's gelu): Phi(z) + z phi(z), on
+// scalars: K*(D+1) per token.
 inline float gelu_grad(float z) {
   return 0.5f * (1.0f + std::erf(z * 0.70710678118654752440f)) +
          z * std::exp(-0.5f * z * z) * 0.39894228040143267794f;
 }
 
-}  // namespace
-
-#define FFF_INLINE inline __attribute__((always_inline))
-
+// The walks per instruction set over fff_cpu_kernel.h's vector ops (the inference kernel's), with
+// this file's block sizes.
 namespace train_avx512 {
 #define FFF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
-struct V {
-  using R = __m512;
-  static constexpr int W = 16;
+struct V : avx512::V {
   static constexpr int64_t kRowsBlock = 4;  // vectors per column block of a sum of rows
   static constexpr int64_t kNodeBlock = 8;  // ... of a node's two gradient rows (16 registers)
-  FFF_TARGET FFF_INLINE static R zero() { return _mm512_setzero_ps(); }
-  FFF_TARGET FFF_INLINE static R set1(float a) { return _mm512_set1_ps(a); }
-  FFF_TARGET FFF_INLINE static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  FFF_TARGET FFF_INLINE static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  FFF_TARGET FFF_INLINE static float sum(R a) { return _mm512_reduce_add_ps(a); }
-  FFF_TARGET FFF_INLINE static R load(const float* p) { return _mm512_loadu_ps(p); }
-  FFF_TARGET FFF_INLINE static __mmask16 mask(int n) {
-    return static_cast<__mmask16>((1u << n) - 1u);
-  }
-  // The first n (<= W) elements, zeros after; never touches memory past p + n.
-  FFF_TARGET FFF_INLINE static R load_n(const float* p, int n) {
-    return _mm512_maskz_loadu_ps(mask(n), p);
-  }
-  FFF_TARGET FFF_INLINE static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
-  FFF_TARGET FFF_INLINE static void store_n(float* p, R a, int n) {
-    _mm512_mask_storeu_ps(p, mask(n), a);
-  }
 };
 
 #include "fff_cpu_train_walk.h"
@@ -186,46 +121,14 @@ struct V {
 namespace train_avx2 {
 #define FFF_TARGET __attribute__((target("avx2,fma")))
 
-// -1 (lane on) for the first 8 entries, 0 after: the mask of the first n lanes starts at 8 - n.
-alignas(64) static const int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
-                                                   0,  0,  0,  0,  0,  0,  0,  0};
-
-struct V {
-  using R = __m256;
-  static constexpr int W = 8;
+struct V : avx2::V {
   static constexpr int64_t kRowsBlock = 4;
   static constexpr int64_t kNodeBlock = 4;  // 8 accumulators of 16 registers
-  FFF_TARGET FFF_INLINE static R zero() { return _mm256_setzero_ps(); }
-  FFF_TARGET FFF_INLINE static R set1(float a) { return _mm256_set1_ps(a); }
-  FFF_TARGET FFF_INLINE static R add(R a, R b) { return _mm256_add_ps(a, b); }
-  FFF_TARGET FFF_INLINE static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  FFF_TARGET FFF_INLINE static float sum(R a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  FFF_TARGET FFF_INLINE static R load(const float* p) { return _mm256_loadu_ps(p); }
-  FFF_TARGET FFF_INLINE static __m256i mask(int n) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 8 - n));
-  }
-  // Masked lanes are neither read nor written (vmaskmov does not fault on them).
-  FFF_TARGET FFF_INLINE static R load_n(const float* p, int n) {
-    return _mm256_maskload_ps(p, mask(n));
-  }
-  FFF_TARGET FFF_INLINE static void store(float* p, R a) { _mm256_storeu_ps(p, a); }
-  FFF_TARGET FFF_INLINE static void store_n(float* p, R a, int n) {
-    _mm256_maskstore_ps(p, mask(n), a);
-  }
 };
 
 #include "fff_cpu_train_walk.h"
 #undef FFF_TARGET
 }  // namespace train_avx2
-
-namespace {
-
-enum Isa : int64_t { kAvx2 = 1, kAvx512 = 2 };
 
 bool cpu_runs(int64_t isa) {
   __builtin_cpu_init();
@@ -273,9 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fff_cpu_train_forward(
                   b_in.is_contiguous() && b_in.size(0) == w_in.size(0),
               "fff_cpu_train: b_in must be a contiguous (", w_in.size(0), ",) float32 tensor");
   const int64_t T = x.size(0), d = x.size(1), L = depth + 1;
-  at::Tensor y = empty_float({T, d});
+  at::Tensor y = empty_cpu({T, d}, at::kFloat);
   at::Tensor nodes = at::detail::empty_cpu({T, n_trees, L}, at::kLong);
-  at::Tensor logits = empty_float({T, n_trees, L});
+  at::Tensor logits = empty_cpu({T, n_trees, L}, at::kFloat);
   TrainProblem pb{x.data_ptr<float>(), w_in.data_ptr<float>(), b_in.data_ptr<float>(),
                   w_out.data_ptr<float>(), d, n_trees, depth, nodes.data_ptr<int64_t>(),
                   logits.data_ptr<float>()};
@@ -381,10 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_cpu_train_backwar
       }
   TORCH_CHECK(ok, "fff_cpu_train: a node id is not in its tree's range (nodes must come from "
               "fff_cpu_train_forward)");
-  at::Tensor dx = empty_float({T, d});
-  at::Tensor dw_in = empty_float({M, d});
-  at::Tensor db = empty_float({M});
-  at::Tensor dw_out = empty_float({d, M});
+  at::Tensor dx = empty_cpu({T, d}, at::kFloat);
+  at::Tensor dw_in = empty_cpu({M, d}, at::kFloat);
+  at::Tensor db = empty_cpu({M}, at::kFloat);
+  at::Tensor dw_out = empty_cpu({d, M}, at::kFloat);
   TrainProblem pb{x.data_ptr<float>(), w_in.data_ptr<float>(), nullptr, w_out.data_ptr<float>(),
                   d, n_trees, depth, nodes.data_ptr<int64_t>(), logits.data_ptr<float>()};
   pb.dy = grad_y.data_ptr<float>();
