@@ -2,7 +2,8 @@
 
 For batches of texts of one width (the last text 3 tokens shorter, so there is padding to
 skip), 12 heads of 32 (MiniLM's and BERT-base's per-head shape at d=384), float32 and bfloat16
-q/k/v: the native packed attention (``fff/native/attention_cpu.cpp``) against the PyTorch path
+q/k/v: the native packed attention (``fff/native/attention_cpu.cpp``; on an AVX-512 CPU also its
+AVX2 build, as CPUs without AVX-512 run it) against the PyTorch path
 ``Packing.attention`` takes without it (float32: matmuls + softmax up to 48 tokens, flash SDPA
 above; bfloat16: flash SDPA). Every kernel is first checked against a float64 per-text softmax,
 then all are timed in interleaved rounds in this process (medians). ``--clock thread`` counts
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ultrafastbert.bench.common import environment, write_results
+from ultrafastbert.fff.native.build import cpu_isa
 from ultrafastbert.infer import native_attention
 from ultrafastbert.infer import packing as packing_module
 from ultrafastbert.infer.packing import Packing
@@ -54,7 +56,11 @@ def kernels(packing: Packing, qkv: torch.Tensor) -> dict[str, Callable[[], torch
             finally:
                 packing_module.NATIVE_ATTENTION_MAX_WIDTH = saved
         return call
-    return {"native": with_native(1 << 30), "pytorch": with_native(0)}
+    fns = {"native": with_native(1 << 30), "pytorch": with_native(0)}
+    if cpu_isa() == "avx512":  # the AVX2 build too, for CPUs without AVX-512
+        fns["native_avx2"] = lambda: native_attention.packed_attention(
+            qkv, packing.starts, packing.lengths, N_HEADS, "blocks", "avx2")
+    return fns
 
 
 def clock(name: str) -> Callable[[], float]:
@@ -94,9 +100,9 @@ def run_shape(width: int, n_texts: int, dtype: torch.dtype, args: argparse.Names
                              f"max error {err:.2e} > {tol}")
         errors[f"max_error_{name}"] = err
     ms = time_rounds(fns, args.repeats, clock(args.clock))
+    times = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
     return {"width": width, "texts": n_texts, "dtype": str(dtype).removeprefix("torch."),
-            "native_ms": round(ms["native"], 4), "pytorch_ms": round(ms["pytorch"], 4),
-            "pytorch_over_native": round(ms["pytorch"] / ms["native"], 3), **errors}
+            **times, "pytorch_over_native": round(ms["pytorch"] / ms["native"], 3), **errors}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ padded to its widest text, and per-call overhead, layout copies and the padded s
 (docs/precision.md, "Attention"). The native op takes the packed ``(T, 3d)`` projections as
 they are and runs one task per (text, head) over that text's tokens only, in float32.
 
-It is used when the native library is loaded on a CPU with AVX-512 (F, BW, VL), unless
+It is used when the native library is loaded (a CPU with AVX-512 or AVX2 + FMA), unless
 ``ULTRAFASTBERT_NATIVE_ATTENTION=0`` (or ``ULTRAFASTBERT_NATIVE=0``) turns it off; bfloat16
 streams are widened to float32 around it. Under ``torch.compile`` it is called through a
 ``torch.library`` custom operator with a fake implementation, so the packed encoder still
@@ -44,6 +44,7 @@ def prepare() -> str | None:
     if "reason" not in _STATE:
         reason = _library_reason()
         _STATE["op"] = _custom_op() if reason is None else None
+        _STATE["isa"] = _best_isa() if reason is None else None
         _STATE["reason"] = reason
     return _STATE["reason"]
 
@@ -54,9 +55,13 @@ def _library_reason() -> str | None:
     status = build.status()
     if isinstance(status, str):
         return status
-    if status.isa != "avx512":
-        return "needs AVX-512 (F, BW, VL); this CPU runs PyTorch's attention"
     return None
+
+
+def _best_isa() -> str:
+    from ..fff.native import build
+
+    return build.cpu_isa() or "avx2"
 
 
 def usable(qkv: torch.Tensor) -> bool:
@@ -73,20 +78,25 @@ def usable(qkv: torch.Tensor) -> bool:
 
 
 def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                     n_heads: int, layout: str = "blocks") -> torch.Tensor:
+                     n_heads: int, layout: str = "blocks", isa: str | None = None
+                     ) -> torch.Tensor:
     """Attention of each text over its own tokens: ``qkv`` ``(T, 3d)`` -> ``(T, d)``.
 
     ``starts`` and ``lengths`` ``(N,)`` int64 give each text's rows; ``layout`` as
-    :meth:`~ultrafastbert.infer.packing.Packing.attention`. Returns ``qkv``'s dtype. Call
+    :meth:`~ultrafastbert.infer.packing.Packing.attention`; ``isa`` (``avx512``/``avx2``)
+    forces an instruction set (default: the best this CPU runs). Returns ``qkv``'s dtype. Call
     :func:`usable` first.
     """
+    from ..fff.native.build import ISA_CODES
+
     dtype = qkv.dtype
     wide = qkv.float().contiguous()
-    code = LAYOUTS[layout]
+    code, isa_code = LAYOUTS[layout], ISA_CODES[isa or _STATE["isa"]]
     if torch.compiler.is_compiling():
-        out = _STATE["op"](wide, starts, lengths, n_heads, code)
+        out = _STATE["op"](wide, starts, lengths, n_heads, code, isa_code)
     else:
-        out = torch.ops.ultrafastbert.packed_attention_cpu(wide, starts, lengths, n_heads, code)
+        out = torch.ops.ultrafastbert.packed_attention_cpu(wide, starts, lengths, n_heads, code,
+                                                            isa_code)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -96,13 +106,13 @@ def _custom_op() -> Any:
 
     @torch.library.custom_op("ultrafastbert::native_packed_attention", mutates_args=())
     def attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                  n_heads: int, layout: int) -> torch.Tensor:
+                  n_heads: int, layout: int, isa: int) -> torch.Tensor:
         """``(T, 3d)`` -> ``(T, d)``."""
         return torch.ops.ultrafastbert.packed_attention_cpu(qkv, starts, lengths, n_heads,
-                                                            layout)
+                                                            layout, isa)
 
     @attention.register_fake
-    def _(qkv, starts, lengths, n_heads, layout):  # noqa: ANN001, ANN202
+    def _(qkv, starts, lengths, n_heads, layout, isa):  # noqa: ANN001, ANN202
         return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
 
     return attention

@@ -1,7 +1,7 @@
 // Self-attention of packed texts on the CPU, for the short texts of an embedding server
 // (infer/native_attention.py says when it is used; docs/precision.md, "Attention").
 //
-//   packed_attention_cpu(qkv, starts, lengths, n_heads, layout) -> out
+//   packed_attention_cpu(qkv, starts, lengths, n_heads, layout, isa) -> out
 //     qkv      (T, 3d) float32, row-major: the T real tokens of N texts, text n at rows
 //              starts[n] .. starts[n] + lengths[n] (no padding anywhere)
 //     starts, lengths (N,) int64
@@ -18,7 +18,9 @@
 // Arithmetic is float32 throughout (as the flash kernel accumulates). exp is a vector
 // polynomial (Cody-Waite range reduction, degree-7 Taylor on |f| <= ln2/2; relative error a few
 // ulp), so results differ from a float64 reference by ~1e-6 relative, not bit for bit.
-// AVX-512 (F) only; other CPUs keep PyTorch's attention (the Python side checks first).
+// One walk (attention_cpu_walk.h) over a small set of vector ops, compiled for AVX-512 (F, BW, VL)
+// and for AVX2 + FMA with per-function target attributes; `isa` picks one (2 = AVX-512,
+// 1 = AVX2; the CPU is checked). CPUs with neither keep PyTorch's attention.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,46 +30,31 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#define ATTN_INLINE inline __attribute__((always_inline))
+
 namespace {
-
-#define ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-
-constexpr int kW = 16;  // floats per vector
-
-ATTN_TARGET inline __mmask16 tail_mask(int64_t n) {
-  return n >= kW ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the row maximum); x below -87 gives ~1e-38.
-ATTN_TARGET inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // f = x - n ln2, in two parts so that f keeps its low bits.
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Where a head's q, k and v start within a qkv row, and its output within an out row.
 struct HeadOffsets {
   int64_t q, k, v, out;
 };
 
-inline HeadOffsets offsets_of(int64_t h, int64_t hd, int64_t d, int64_t layout) {
+HeadOffsets offsets_of(int64_t h, int64_t hd, int64_t d, int64_t layout) {
   if (layout == 0) return {h * hd, d + h * hd, 2 * d + h * hd, h * hd};
   return {h * 3 * hd, h * 3 * hd + hd, h * 3 * hd + 2 * hd, h * hd};
 }
+
+// One call's data as raw pointers (at::parallel_for bodies must not touch Tensors).
+struct Call {
+  const float* qkv;
+  float* out;
+  const int64_t* starts;
+  const int64_t* lengths;
+  int64_t n_texts, n_heads, hd, d, layout;
+};
 
 // Scratch for one (text, head): keys transposed (hd x lpad, zero past l) and the rows of
 // probabilities of a block of queries (queries x lpad).
@@ -79,112 +66,148 @@ struct Scratch {
   }
 };
 
+// kt[c * lpad + j] = k_j[c] for the l keys (rows `stride` apart), zero for l <= j < lpad.
+void transpose_keys(const float* k, int64_t stride, int64_t l, int64_t lpad, int64_t hd,
+                    float* kt) {
+  for (int64_t j = 0; j < l; ++j)
+    for (int64_t c = 0; c < hd; ++c) kt[c * lpad + j] = k[j * stride + c];
+  for (int64_t c = 0; c < hd; ++c) std::fill(kt + c * lpad + l, kt + c * lpad + lpad, 0.0f);
+}
+
 // Queries are taken NQ at a time so that every key / value load feeds NQ independent FMA
 // chains (one chain per query would wait on the FMA latency).
 constexpr int kQueries = 4;
 
-// Softmax weights of the NQ queries q[0..NQ) (hd floats each) over the l keys into
-// probs[r * lpad + j]; inv_sum[r] = 1 / (sum of row r).
-template <int NQ>
-ATTN_TARGET void query_probs(const float* const* q, const float* kt, int64_t l, int64_t lpad,
-                             int64_t hd, float scale, float* probs, float* inv_sum) {
-  __m512 row_max[NQ];
-  for (int r = 0; r < NQ; ++r) row_max[r] = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < l; j += kW) {
-    __m512 acc[NQ];
-    for (int r = 0; r < NQ; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < hd; ++c) {
-      const __m512 k = _mm512_loadu_ps(kt + c * lpad + j);
-      for (int r = 0; r < NQ; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][c]), k, acc[r]);
-    }
-    const __mmask16 live = tail_mask(l - j);
-    for (int r = 0; r < NQ; ++r) {
-      acc[r] = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale));
-      _mm512_storeu_ps(probs + r * lpad + j, acc[r]);
-      row_max[r] = _mm512_mask_max_ps(row_max[r], live, row_max[r], acc[r]);
-    }
-  }
-  for (int r = 0; r < NQ; ++r) {
-    float* row = probs + r * lpad;
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(row_max[r]));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < l; j += kW) {
-      const __m512 p = _mm512_maskz_mov_ps(
-          tail_mask(l - j), exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), m)));
-      _mm512_storeu_ps(row + j, p);
-      total = _mm512_add_ps(total, p);
-    }
-    inv_sum[r] = 1.0f / _mm512_reduce_add_ps(total);
-  }
-}
+// exp's constants: x = n ln2 + f (ln2 in two parts, so f keeps its low bits), then exp(f) as a
+// degree-7 Taylor polynomial on |f| <= ln2/2 (truncation ~5e-9 relative), then times 2^n.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpFloor = -87.0f;  // exp(-87) ~ 1.6e-38 keeps 2^n a normal float
+constexpr float kTaylor[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                              1.0f / 6.0f,    0.5f,          1.0f,          1.0f};
 
-// out[r][0..hd) = inv_sum[r] * sum_j probs[r * lpad + j] v_j, v_j = v + j * stride.
-template <int NQ>
-ATTN_TARGET void weighted_values(const float* probs, int64_t lpad, const float* v,
-                                 int64_t stride, int64_t l, int64_t hd, const float* inv_sum,
-                                 float* const* out) {
-  for (int64_t c = 0; c < hd; c += kW) {
-    const __mmask16 live = tail_mask(hd - c);
-    __m512 acc[NQ];
-    for (int r = 0; r < NQ; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < l; ++j) {
-      const __m512 vj = _mm512_maskz_loadu_ps(live, v + j * stride + c);
-      for (int r = 0; r < NQ; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * lpad + j]), vj, acc[r]);
-    }
-    for (int r = 0; r < NQ; ++r)
-      _mm512_mask_storeu_ps(out[r] + c, live, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv_sum[r])));
-  }
-}
+namespace avx512 {
+#define ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
-// Queries i0 .. i0 + NQ of one text's one head.
-template <int NQ>
-ATTN_TARGET void query_block(const float* qkv, float* out, int64_t start, int64_t i0, int64_t l,
-                             int64_t lpad, int64_t hd, int64_t d, const HeadOffsets& at,
-                             Scratch& s) {
-  const int64_t stride = 3 * d;
-  const float* q[NQ];
-  float* o[NQ];
-  float inv_sum[NQ];
-  for (int r = 0; r < NQ; ++r) {
-    q[r] = qkv + (start + i0 + r) * stride + at.q;
-    o[r] = out + (start + i0 + r) * d + at.out;
+struct V {
+  using R = __m512;
+  static constexpr int W = 16;
+  ATTN_TARGET ATTN_INLINE static R zero() { return _mm512_setzero_ps(); }
+  ATTN_TARGET ATTN_INLINE static R set1(float a) { return _mm512_set1_ps(a); }
+  ATTN_TARGET ATTN_INLINE static R load(const float* p) { return _mm512_loadu_ps(p); }
+  ATTN_TARGET ATTN_INLINE static __mmask16 mask(int n) {
+    return n >= W ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  query_probs<NQ>(q, s.keys_t.data(), l, lpad, hd, scale, s.probs.data(), inv_sum);
-  weighted_values<NQ>(s.probs.data(), lpad, qkv + start * stride + at.v, stride, l, hd, inv_sum,
-                      o);
-}
+  // The first n (<= W) floats, zeros after; never reads past p + n.
+  ATTN_TARGET ATTN_INLINE static R load_n(const float* p, int n) {
+    return _mm512_maskz_loadu_ps(mask(n), p);
+  }
+  ATTN_TARGET ATTN_INLINE static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
+  ATTN_TARGET ATTN_INLINE static void store_n(float* p, R a, int n) {
+    _mm512_mask_storeu_ps(p, mask(n), a);
+  }
+  ATTN_TARGET ATTN_INLINE static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  // a's first n lanes, `fill` in the others.
+  ATTN_TARGET ATTN_INLINE static R first_or(R a, int n, float fill) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), mask(n), a);
+  }
+  ATTN_TARGET ATTN_INLINE static float reduce_add(R a) { return _mm512_reduce_add_ps(a); }
+  ATTN_TARGET ATTN_INLINE static float reduce_max(R a) { return _mm512_reduce_max_ps(a); }
+  // exp(x) for x <= 0 (a softmax after subtracting the row maximum).
+  ATTN_TARGET ATTN_INLINE static R exp_nonpositive(R x) {
+    x = _mm512_max_ps(x, set1(kExpFloor));
+    const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm512_fnmadd_ps(n, set1(kLn2Lo), _mm512_fnmadd_ps(n, set1(kLn2Hi), x));
+    R p = set1(kTaylor[0]);
+    for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, set1(kTaylor[i]));
+    return _mm512_scalef_ps(p, n);
+  }
+};
 
-// One text's one head: rows [start, start + l) of qkv into the same rows of out.
-ATTN_TARGET void text_head(const float* qkv, float* out, int64_t start, int64_t l, int64_t hd,
-                           int64_t d, const HeadOffsets& at, Scratch& s) {
-  const int64_t lpad = (l + kW - 1) / kW * kW;
-  s.reserve(hd, lpad, kQueries);
-  const int64_t stride = 3 * d;
-  float* kt = s.keys_t.data();
-  for (int64_t j = 0; j < l; ++j) {
-    const float* k = qkv + (start + j) * stride + at.k;
-    for (int64_t c = 0; c < hd; ++c) kt[c * lpad + j] = k[c];
+#include "attention_cpu_walk.h"
+#undef ATTN_TARGET
+}  // namespace avx512
+
+namespace avx2 {
+#define ATTN_TARGET __attribute__((target("avx2,fma")))
+
+// -1 (lane on) for the first 8 entries, 0 after: the mask of the first n lanes starts at 8 - n.
+alignas(64) const int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                           0,  0,  0,  0,  0,  0,  0,  0};
+
+struct V {
+  using R = __m256;
+  static constexpr int W = 8;
+  ATTN_TARGET ATTN_INLINE static R zero() { return _mm256_setzero_ps(); }
+  ATTN_TARGET ATTN_INLINE static R set1(float a) { return _mm256_set1_ps(a); }
+  ATTN_TARGET ATTN_INLINE static R load(const float* p) { return _mm256_loadu_ps(p); }
+  ATTN_TARGET ATTN_INLINE static __m256i mask(int n) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 8 - std::min(n, W)));
   }
-  for (int64_t c = 0; c < hd; ++c)
-    std::fill(kt + c * lpad + l, kt + c * lpad + lpad, 0.0f);
-  int64_t i = 0;
-  for (; i + kQueries <= l; i += kQueries)
-    query_block<kQueries>(qkv, out, start, i, l, lpad, hd, d, at, s);
-  switch (l - i) {
-    case 3: query_block<3>(qkv, out, start, i, l, lpad, hd, d, at, s); break;
-    case 2: query_block<2>(qkv, out, start, i, l, lpad, hd, d, at, s); break;
-    case 1: query_block<1>(qkv, out, start, i, l, lpad, hd, d, at, s); break;
-    default: break;
+  // Masked lanes are neither read nor written (vmaskmov does not fault on them).
+  ATTN_TARGET ATTN_INLINE static R load_n(const float* p, int n) {
+    return _mm256_maskload_ps(p, mask(n));
   }
+  ATTN_TARGET ATTN_INLINE static void store(float* p, R a) { _mm256_storeu_ps(p, a); }
+  ATTN_TARGET ATTN_INLINE static void store_n(float* p, R a, int n) {
+    _mm256_maskstore_ps(p, mask(n), a);
+  }
+  ATTN_TARGET ATTN_INLINE static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  ATTN_TARGET ATTN_INLINE static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  ATTN_TARGET ATTN_INLINE static R first_or(R a, int n, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), a, _mm256_castsi256_ps(mask(n)));
+  }
+  ATTN_TARGET ATTN_INLINE static float reduce_add(R a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  ATTN_TARGET ATTN_INLINE static float reduce_max(R a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // exp(x) for x <= 0; 2^n built in the exponent bits (n >= -126 after the floor).
+  ATTN_TARGET ATTN_INLINE static R exp_nonpositive(R x) {
+    x = _mm256_max_ps(x, set1(kExpFloor));
+    const R n = _mm256_round_ps(_mm256_mul_ps(x, set1(kLog2e)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm256_fnmadd_ps(n, set1(kLn2Lo), _mm256_fnmadd_ps(n, set1(kLn2Hi), x));
+    R p = set1(kTaylor[0]);
+    for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, f, set1(kTaylor[i]));
+    const __m256i bits =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+};
+
+#include "attention_cpu_walk.h"
+#undef ATTN_TARGET
+}  // namespace avx2
+
+bool cpu_runs(int64_t isa) {
+  if (isa == 2)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  return isa == 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
-                                const at::Tensor& lengths, int64_t n_heads, int64_t layout) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                  __builtin_cpu_supports("avx512vl"),
-              "packed_attention_cpu needs AVX-512 (F, BW, VL); use PyTorch's attention here");
+                                const at::Tensor& lengths, int64_t n_heads, int64_t layout,
+                                int64_t isa) {
+  TORCH_CHECK(isa == 1 || isa == 2, "packed_attention_cpu: isa must be 1 (avx2) or 2 (avx512), "
+              "got ", isa);
+  TORCH_CHECK(cpu_runs(isa), "packed_attention_cpu: this CPU does not run instruction set ", isa,
+              "; use PyTorch's attention here");
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2,
               "packed_attention_cpu: qkv must be a (T, 3d) float32 CPU tensor, got ",
               qkv.scalar_type(), " of shape ", qkv.sizes());
@@ -205,16 +228,13 @@ at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
                 "packed_attention_cpu: text ", n, " (start ", sp[n], ", length ", lp[n],
                 ") lies outside the ", rows, " rows of qkv");
   at::Tensor out = at::empty({rows, d}, x.options());
-  const float* in = x.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, n_texts * n_heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch s;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / n_heads, h = task % n_heads;
-      if (lp[n] == 0) continue;
-      text_head(in, o, sp[n], lp[n], hd, d, offsets_of(h, hd, d, layout), s);
-    }
-  });
+  const Call call{x.data_ptr<float>(), out.data_ptr<float>(), sp, lp, n_texts, n_heads, hd, d,
+                  layout};
+  if (isa == 2) {
+    avx512::run(call);
+  } else {
+    avx2::run(call);
+  }
   return out;
 }
 
@@ -222,6 +242,6 @@ at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
 
 TORCH_LIBRARY_FRAGMENT(ultrafastbert, m) {
   m.def("packed_attention_cpu(Tensor qkv, Tensor starts, Tensor lengths, int n_heads, "
-        "int layout) -> Tensor",
+        "int layout, int isa) -> Tensor",
         &packed_attention_cpu);
 }

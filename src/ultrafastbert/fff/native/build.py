@@ -45,7 +45,7 @@ LIBRARY_NAME = "ultrafastbert_fff_cpu"
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ("fff_cpu.cpp", "fff_cpu_bf16.cpp", "fff_cpu_kernel.h", "fff_cpu_walk.h",
            "fff_cpu_train.cpp", "fff_cpu_train_walk.h",  # training: training.py
-           "attention_cpu.cpp")  # packed attention: infer/native_attention.py
+           "attention_cpu.cpp", "attention_cpu_walk.h")  # packed attention: infer/native_attention.py
 #: Instruction sets the kernel is compiled for, best first, with the op's numeric code.
 ISA_CODES = {"avx512": 2, "avx2": 1}
 #: CPU flags (``/proc/cpuinfo`` spelling) each instruction set needs.
