@@ -184,6 +184,31 @@ def test_tuned_knobs_are_measured_once_cached_and_change_nothing(tuning_on, monk
     assert len(calls) == 2 and len(entries) == 2
 
 
+@pytest.mark.parametrize("load", [0.5, 9.0])
+def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(tuning_on, monkeypatch, caplog,
+                                                                load):
+    from ultrafastbert.fff.native.kernel import NativeCPUKernel
+
+    monkeypatch.delenv(tuning.BUSY_ENV, raising=False)
+    monkeypatch.setattr(tuning.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    busy = load > 2
+    assert (tuning.busy_reason() is not None) == busy
+    calls = count_measurements(monkeypatch)
+    kernel = NativeCPUKernel()
+    with caplog.at_level(logging.WARNING, logger=tuning.__name__):
+        pack(kernel)
+        pack(kernel)  # the same process: its memo, measured or not cached
+    assert len(calls) == 1
+    assert tuning_on.exists() != busy
+    assert ("busy machine" in caplog.text) == busy
+    tuning._MEMO.clear()  # a later process: measures again only when nothing was cached
+    pack(kernel)
+    assert len(calls) == (2 if busy else 1)
+    monkeypatch.setenv(tuning.BUSY_ENV, "1")  # the switch: cached whatever the load
+    assert tuning.busy_reason() is None
+
+
 def test_cache_is_written_with_the_atomic_writer(tuning_on, monkeypatch):
     writes = []
     real = tuning.atomic_write_json

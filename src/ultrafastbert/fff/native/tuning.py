@@ -15,6 +15,11 @@ applies).
   kernel build, see :func:`..build.cache_root`; one file per CPU model, entries keyed by shape and
   by the kernel's build key, so a changed kernel is retuned). Written atomically under a lock; a
   corrupt file is ignored with a warning, remeasured and rewritten.
+- **A busy machine**: a measurement taken while other work kept the CPUs busy (load average
+  minus this process's threads above :data:`BUSY_SHARE` of the CPUs, :func:`busy_reason`) is used
+  by this process but not written to the cache, with a warning, so a later quiet process
+  measures again (``precision=auto`` was seen caching a slower choice timed under load).
+  ``ULTRAFASTBERT_TUNE_WHEN_BUSY=1`` caches it anyway (a machine that is never quiet).
 - ``ULTRAFASTBERT_AUTOTUNE=0`` (or ``false``/``off``/``no``): fixed defaults, nothing measured,
   the cache neither read nor written. Read on each first pack of a shape.
 - Clearing: :func:`clear` (``ultrafastbert kernels --clear-tuning``) or delete the file.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -133,10 +139,37 @@ def clear() -> bool:
 _MEMO: dict[str, Any] = {}
 
 
+#: Others' share of the CPUs (load average less this process's threads, over the CPU count) above
+#: which a measurement is not cached.
+BUSY_SHARE = 0.5
+BUSY_ENV = "ULTRAFASTBERT_TUNE_WHEN_BUSY"
+
+
+def busy_reason() -> str | None:
+    """Why the machine is too busy for a measurement worth caching, or None.
+
+    Other work is the 1-minute load average less this process's torch threads; it is too much
+    above :data:`BUSY_SHARE` of the CPUs this process may run on."""
+    if os.environ.get(BUSY_ENV, "").strip().lower() in ("1", "true", "on", "yes"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform: nothing to judge by
+        return None
+    others = load - torch.get_num_threads()
+    if others > BUSY_SHARE * cpus:
+        return (f"load average {load:.2f} on {cpus} CPUs with {torch.get_num_threads()} threads "
+                f"of ours: other work was running")
+    return None
+
+
 def cached(kernel_key: str, entry_key: str, compute: Callable[[], dict[str, Any]],
            valid: Callable[[Any], bool]) -> dict[str, Any]:
     """A measured entry (JSON-ready dict): this process's memo, else the cache file's entry when
-    ``valid``, else ``compute()`` now, written to the file. Tuning off: ``compute()`` each call,
+    ``valid``, else ``compute()`` now, written to the file unless :func:`busy_reason` says the
+    machine was busy (then kept for this process only). Tuning off: ``compute()`` each call,
     nothing read or written (callers check :func:`disabled` first when off means "don't
     measure")."""
     if disabled() is not None:
@@ -149,7 +182,13 @@ def cached(kernel_key: str, entry_key: str, compute: Callable[[], dict[str, Any]
         entry: dict[str, Any] = found  # type: ignore[assignment]  # valid() checked it
     else:
         entry = compute()
-        _write_entry(kernel_key, entry_key, entry)
+        busy = busy_reason()
+        if busy is None:
+            _write_entry(kernel_key, entry_key, entry)
+        else:
+            logger.warning("%s %s: measured on a busy machine (%s), so used by this process but "
+                           "not cached; a later process measures again (%s=1 caches it anyway)",
+                           kernel_key, entry_key, busy, BUSY_ENV)
     _MEMO[memo_key] = entry
     return dict(entry)
 
