@@ -2,8 +2,9 @@
 
 For batches of texts of one width (the last text 3 tokens shorter, so there is padding to
 skip), 12 heads of 32 (MiniLM's and BERT-base's per-head shape at d=384), float32 and bfloat16
-q/k/v: the native packed attention (``fff/native/attention_cpu.cpp``; on an AVX-512 CPU also its
-AVX2 build, as CPUs without AVX-512 run it) against the PyTorch path
+q/k/v: the native packed attention (``fff/native/attention_cpu.cpp``; bfloat16 through its
+AVX512-BF16 op where the CPU has it, with the widened float32 op beside; on an AVX-512 CPU also
+its AVX2 build, as CPUs without AVX-512 run it) against the PyTorch path
 ``Packing.attention`` takes without it (float32: matmuls + softmax up to 48 tokens, flash SDPA
 above; bfloat16: flash SDPA). Every kernel is first checked against a float64 per-text softmax,
 then all are timed in interleaved rounds in this process (medians). ``--clock thread`` counts
@@ -57,6 +58,9 @@ def kernels(packing: Packing, qkv: torch.Tensor) -> dict[str, Callable[[], torch
                 packing_module.NATIVE_ATTENTION_MAX_WIDTH = saved
         return call
     fns = {"native": with_native(1 << 30), "pytorch": with_native(0)}
+    if qkv.dtype == torch.bfloat16 and native_attention._STATE.get("bf16"):
+        fns["native_widened"] = lambda: native_attention.packed_attention(  # bf16 -> fp32 op
+            qkv, packing.starts, packing.lengths, N_HEADS, "blocks", "avx512")
     if cpu_isa() == "avx512":  # the AVX2 build too, for CPUs without AVX-512
         fns["native_avx2"] = lambda: native_attention.packed_attention(
             qkv, packing.starts, packing.lengths, N_HEADS, "blocks", "avx2")

@@ -176,6 +176,33 @@ def test_native_attention_on_long_and_ragged_texts(isa, layout, head_dim):
         qkv, packing.starts, packing.lengths, n_heads, other, isa), want, atol=1e-2)
 
 
+@pytest.mark.parametrize("head_dim", [32, 20, 7])
+def test_native_bf16_attention(head_dim):
+    """bfloat16 q/k/v: the AVX512-BF16 op (even head widths) or the widened float32 one (odd),
+    against the float64 per-text softmax of the same bf16 values; the automatic choice of
+    instruction set follows the head width."""
+    if native_attention.unavailable_reason() is not None:
+        assert cpu_isa() is None, native_attention.unavailable_reason()
+        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
+    lengths, n_heads = [70, 1, 0, 17, 33, 4, 16, 9], 3
+    packing = Packing.from_lengths(lengths)
+    d = n_heads * head_dim
+    qkv = torch.randn(packing.n_tokens, 3 * d,
+                      generator=torch.Generator().manual_seed(3)).bfloat16()
+    want = _attention_per_text(qkv.float(), lengths, n_heads).float()
+    got = native_attention.packed_attention(qkv, packing.starts, packing.lengths, n_heads)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs()
+    assert float(err.max()) < 2e-2 and float(err.mean()) < 2e-3, (err.max(), err.mean())
+    if head_dim % 2 == 0 and native_attention._STATE.get("bf16"):
+        widened = native_attention.packed_attention(qkv, packing.starts, packing.lengths,
+                                                    n_heads, "blocks", "avx512")
+        assert not torch.equal(got, widened)  # the bf16 op ran: its rounding differs
+        with pytest.raises(RuntimeError, match="even head width"):
+            native_attention.packed_attention(qkv[:, :3 * 3 * 5].contiguous(), packing.starts,
+                                              packing.lengths, 3, "blocks", "avx512bf16")
+
+
 def test_native_attention_switch_and_bad_input(monkeypatch):
     monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
     assert "ULTRAFASTBERT_NATIVE_ATTENTION=0" in native_attention.unavailable_reason()

@@ -6,8 +6,9 @@ padded to its widest text, and per-call overhead, layout copies and the padded s
 they are and runs one task per (text, head) over that text's tokens only, in float32.
 
 It is used when the native library is loaded (a CPU with AVX-512 or AVX2 + FMA), unless
-``ULTRAFASTBERT_NATIVE_ATTENTION=0`` (or ``ULTRAFASTBERT_NATIVE=0``) turns it off; bfloat16
-streams are widened to float32 around it. Under ``torch.compile`` it is called through a
+``ULTRAFASTBERT_NATIVE_ATTENTION=0`` (or ``ULTRAFASTBERT_NATIVE=0``) turns it off. bfloat16
+streams run in bfloat16 on CPUs with AVX512-BF16 (dot products in pairs, float32 softmax, its
+weights rounded to bfloat16 as PyTorch's flash kernel does), elsewhere widened to float32. Under ``torch.compile`` it is called through a
 ``torch.library`` custom operator with a fake implementation, so the packed encoder still
 compiles in one graph.
 """
@@ -23,6 +24,9 @@ from ..utils.env import switched_off
 ENV_SWITCH = "ULTRAFASTBERT_NATIVE_ATTENTION"
 #: Layout codes of the op: ``[q | k | v]`` rows and ``[head][q, k, v][hd]`` rows.
 LAYOUTS = {"blocks": 0, "heads": 1}
+#: The op's instruction sets: ``avx512bf16`` takes bfloat16 q/k/v as they are (dot products
+#: with ``_mm512_dpbf16_ps``); the others take float32 (bfloat16 streams widened around them).
+ISA_CODES = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
 
 
 #: Filled by :func:`prepare` (eager, once): ``"reason"`` (None when usable) and ``"op"`` (the
@@ -45,6 +49,7 @@ def prepare() -> str | None:
         reason = _library_reason()
         _STATE["op"] = _custom_op() if reason is None else None
         _STATE["isa"] = _best_isa() if reason is None else None
+        _STATE["bf16"] = reason is None and _bf16_runs()
         _STATE["reason"] = reason
     return _STATE["reason"]
 
@@ -62,6 +67,15 @@ def _best_isa() -> str:
     from ..fff.native import build
 
     return build.cpu_isa() or "avx2"
+
+
+def _bf16_runs() -> bool:
+    """Whether the bfloat16 op runs here: built with it, a CPU with AVX-512 and AVX512-BF16
+    (``ULTRAFASTBERT_CPU_FLAGS_OFF`` can hide the flag)."""
+    from .precision import cpu_flags
+
+    return (_best_isa() == "avx512" and "avx512_bf16" in cpu_flags()
+            and bool(torch.ops.ultrafastbert.packed_attention_has_bf16()))
 
 
 def usable(qkv: torch.Tensor) -> bool:
@@ -83,21 +97,25 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Ten
     """Attention of each text over its own tokens: ``qkv`` ``(T, 3d)`` -> ``(T, d)``.
 
     ``starts`` and ``lengths`` ``(N,)`` int64 give each text's rows; ``layout`` as
-    :meth:`~ultrafastbert.infer.packing.Packing.attention`; ``isa`` (``avx512``/``avx2``)
-    forces an instruction set (default: the best this CPU runs). Returns ``qkv``'s dtype. Call
-    :func:`usable` first.
+    :meth:`~ultrafastbert.infer.packing.Packing.attention`; ``isa`` (a key of
+    :data:`ISA_CODES`) forces an instruction set (default: ``avx512bf16`` for bfloat16 ``qkv``
+    where it runs and the head width is even, else the best float32 one this CPU runs).
+    Returns ``qkv``'s dtype. Call :func:`usable` first.
     """
-    from ..fff.native.build import ISA_CODES
-
     dtype = qkv.dtype
-    wide = qkv.float().contiguous()
-    code, isa_code = LAYOUTS[layout], ISA_CODES[isa or _STATE["isa"]]
+    head_dim = qkv.shape[1] // (3 * n_heads)
+    if isa is None:
+        isa = "avx512bf16" if (dtype == torch.bfloat16 and _STATE.get("bf16")
+                               and head_dim % 2 == 0) else _STATE["isa"]
+    native_dtype = torch.bfloat16 if isa == "avx512bf16" else torch.float32
+    rows = qkv.to(native_dtype).contiguous()
+    code, isa_code = LAYOUTS[layout], ISA_CODES[isa]
     if torch.compiler.is_compiling():
-        out = _STATE["op"](wide, starts, lengths, n_heads, code, isa_code)
+        out = _STATE["op"](rows, starts, lengths, n_heads, code, isa_code)
     else:
-        out = torch.ops.ultrafastbert.packed_attention_cpu(wide, starts, lengths, n_heads, code,
+        out = torch.ops.ultrafastbert.packed_attention_cpu(rows, starts, lengths, n_heads, code,
                                                             isa_code)
-    return out if dtype == torch.float32 else out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _custom_op() -> Any:

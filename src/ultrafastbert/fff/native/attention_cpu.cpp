@@ -194,7 +194,189 @@ struct V {
 #undef ATTN_TARGET
 }  // namespace avx2
 
+// The AVX512-BF16 path needs a compiler that knows it (GCC 11+, clang 12+); without one it is
+// left out and bf16 streams are widened to float32 (the Python side asks which ops exist).
+#if (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define ATTN_HAVE_DPBF16 1
+#else
+#define ATTN_HAVE_DPBF16 0
+#endif
+
+#if ATTN_HAVE_DPBF16
+// bf16 q/k/v end to end: scores q . k and the weighted sum of v as _mm512_dpbf16_ps dot products
+// (each fp32 lane adds two exact bf16 products), the softmax in float32, its weights rounded to
+// bf16 for the weighted sum (as PyTorch's bf16 flash kernel does), the output rounded to bf16.
+// Head widths must be even (pairs); the Python side widens other shapes to float32.
+namespace avx512bf16 {
+#define ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+using F = avx512::V;  // float32 vector ops (their target is a subset of this one's: they inline)
+
+// One call's data (bf16 values travel as their 16-bit patterns).
+struct Bf16Call {
+  const uint16_t* qkv;
+  uint16_t* out;
+  const int64_t* starts;
+  const int64_t* lengths;
+  int64_t n_texts, n_heads, hd, d, layout;
+};
+
+// Per (text, head): key pairs transposed (hd/2 rows of lpad words, word j = k_j[2c], k_j[2c+1]),
+// value pairs (lpad/2 rows of hdpad words, word c = v_2j[c], v_2j+1[c]), the float32 scores /
+// weights of a block of queries and their bf16 pairs.
+struct Scratch16 {
+  std::vector<uint32_t> keys2, values2, probs2;
+  std::vector<float> probs;
+  void reserve(int64_t hd, int64_t hdpad, int64_t lpad) {
+    auto grow = [](auto& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.assign(n, 0);
+    };
+    grow(keys2, hd / 2 * lpad);
+    grow(values2, lpad / 2 * hdpad);
+    grow(probs2, kQueries * lpad / 2);
+    grow(probs, kQueries * lpad);
+  }
+};
+
+inline uint32_t pair_at(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+// The pair layouts of one text's keys and values (rows `stride` apart), zero past l.
+void pack_pairs(const uint16_t* k, const uint16_t* v, int64_t stride, int64_t l, int64_t lpad,
+                int64_t hd, int64_t hdpad, Scratch16& s) {
+  uint32_t* kw = s.keys2.data();
+  for (int64_t cp = 0; cp < hd / 2; ++cp) {
+    for (int64_t j = 0; j < l; ++j) kw[cp * lpad + j] = pair_at(k + j * stride + 2 * cp);
+    std::fill(kw + cp * lpad + l, kw + cp * lpad + lpad, 0u);
+  }
+  uint32_t* vw = s.values2.data();
+  for (int64_t jp = 0; jp < lpad / 2; ++jp) {
+    const int64_t j0 = 2 * jp, j1 = 2 * jp + 1;
+    for (int64_t c = 0; c < hdpad; ++c) {
+      const uint32_t lo = (j0 < l && c < hd) ? v[j0 * stride + c] : 0u;
+      const uint32_t hi = (j1 < l && c < hd) ? v[j1 * stride + c] : 0u;
+      vw[jp * hdpad + c] = lo | (hi << 16);
+    }
+  }
+}
+
+// Queries i0 .. i0 + NQ of one text's one head (pairs already packed into s).
+template <int NQ>
+ATTN_TARGET void query_block(const Bf16Call& call, int64_t start, int64_t i0, int64_t l,
+                             int64_t lpad, int64_t hdpad, const HeadOffsets& at, Scratch16& s) {
+  const int64_t stride = 3 * call.d, hd = call.hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const uint16_t* q[NQ];
+  F::R row_max[NQ];
+  for (int r = 0; r < NQ; ++r) {
+    q[r] = call.qkv + (start + i0 + r) * stride + at.q;
+    row_max[r] = F::set1(-INFINITY);
+  }
+  float* probs = s.probs.data();
+  const uint32_t* kw = s.keys2.data();
+  for (int64_t j = 0; j < l; j += F::W) {
+    F::R acc[NQ];
+    for (int r = 0; r < NQ; ++r) acc[r] = F::zero();
+    for (int64_t cp = 0; cp < hd / 2; ++cp) {
+      const __m512i k = _mm512_loadu_si512(kw + cp * lpad + j);
+      for (int r = 0; r < NQ; ++r) {
+        const __m512i qq = _mm512_set1_epi32(static_cast<int>(pair_at(q[r] + 2 * cp)));
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<const __m512bh&>(qq),
+                                  reinterpret_cast<const __m512bh&>(k));
+      }
+    }
+    const int live = static_cast<int>(std::min<int64_t>(l - j, F::W));
+    for (int r = 0; r < NQ; ++r) {
+      acc[r] = F::mul(acc[r], F::set1(scale));
+      F::store(probs + r * lpad + j, acc[r]);
+      row_max[r] = F::max(row_max[r], F::first_or(acc[r], live, -INFINITY));
+    }
+  }
+  float inv_sum[NQ];
+  for (int r = 0; r < NQ; ++r) {
+    float* row = probs + r * lpad;
+    const F::R m = F::set1(F::reduce_max(row_max[r]));
+    F::R total = F::zero();
+    for (int64_t j = 0; j < lpad; j += F::W) {  // zero weights past l, to lpad
+      const int live = static_cast<int>(std::max<int64_t>(std::min<int64_t>(l - j, F::W), 0));
+      const F::R p = F::first_or(F::exp_nonpositive(F::sub(F::load(row + j), m)), live, 0.0f);
+      F::store(row + j, p);
+      total = F::add(total, p);
+    }
+    inv_sum[r] = 1.0f / F::reduce_add(total);
+    // bf16 weights in pairs: word jp = (p_2jp, p_2jp+1), rounded to nearest even
+    uint32_t* pw = s.probs2.data() + r * (lpad / 2);
+    for (int64_t j = 0; j < lpad; j += 2 * F::W) {
+      const __m512bh h = _mm512_cvtne2ps_pbh(F::load(row + j + F::W), F::load(row + j));
+      _mm512_storeu_si512(pw + j / 2, reinterpret_cast<const __m512i&>(h));
+    }
+  }
+  const uint32_t* vw = s.values2.data();
+  for (int64_t c = 0; c < hdpad; c += F::W) {
+    F::R acc[NQ];
+    for (int r = 0; r < NQ; ++r) acc[r] = F::zero();
+    for (int64_t jp = 0; jp < (l + 1) / 2; ++jp) {
+      const __m512i vv = _mm512_loadu_si512(vw + jp * hdpad + c);
+      for (int r = 0; r < NQ; ++r) {
+        const __m512i pp =
+            _mm512_set1_epi32(static_cast<int>(s.probs2[r * (lpad / 2) + jp]));
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<const __m512bh&>(pp),
+                                  reinterpret_cast<const __m512bh&>(vv));
+      }
+    }
+    const __mmask16 live = F::mask(static_cast<int>(std::min<int64_t>(hd - c, F::W)));
+    for (int r = 0; r < NQ; ++r) {
+      const __m256bh h = _mm512_cvtneps_pbh(F::mul(acc[r], F::set1(inv_sum[r])));
+      _mm256_mask_storeu_epi16(call.out + (start + i0 + r) * call.d + at.out + c, live,
+                               reinterpret_cast<const __m256i&>(h));
+    }
+  }
+}
+
+// One text's one head.
+ATTN_TARGET void text_head(const Bf16Call& call, int64_t start, int64_t l, const HeadOffsets& at,
+                           Scratch16& s) {
+  const int64_t lpad = (l + 2 * F::W - 1) / (2 * F::W) * (2 * F::W);  // whole bf16 pair rows
+  const int64_t hdpad = (call.hd + F::W - 1) / F::W * F::W;
+  s.reserve(call.hd, hdpad, lpad);
+  const int64_t stride = 3 * call.d;
+  pack_pairs(call.qkv + start * stride + at.k, call.qkv + start * stride + at.v, stride, l, lpad,
+             call.hd, hdpad, s);
+  int64_t i = 0;
+  for (; i + kQueries <= l; i += kQueries) query_block<kQueries>(call, start, i, l, lpad, hdpad, at, s);
+  switch (l - i) {
+    case 3: query_block<3>(call, start, i, l, lpad, hdpad, at, s); break;
+    case 2: query_block<2>(call, start, i, l, lpad, hdpad, at, s); break;
+    case 1: query_block<1>(call, start, i, l, lpad, hdpad, at, s); break;
+    default: break;
+  }
+}
+
+void run(const Bf16Call& call) {
+  at::parallel_for(0, call.n_texts * call.n_heads, 1, [&](int64_t begin, int64_t end) {
+    Scratch16 s;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / call.n_heads, h = task % call.n_heads;
+      if (call.lengths[n] == 0) continue;
+      text_head(call, call.starts[n], call.lengths[n],
+                offsets_of(h, call.hd, call.d, call.layout), s);
+    }
+  });
+}
+
+#undef ATTN_TARGET
+}  // namespace avx512bf16
+#endif
+
 bool cpu_runs(int64_t isa) {
+#if ATTN_HAVE_DPBF16
+  if (isa == 3)
+    return cpu_runs(2) && __builtin_cpu_supports("avx512bf16");
+#endif
   if (isa == 2)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
@@ -204,16 +386,20 @@ bool cpu_runs(int64_t isa) {
 at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
                                 const at::Tensor& lengths, int64_t n_heads, int64_t layout,
                                 int64_t isa) {
-  TORCH_CHECK(isa == 1 || isa == 2, "packed_attention_cpu: isa must be 1 (avx2) or 2 (avx512), "
-              "got ", isa);
-  TORCH_CHECK(cpu_runs(isa), "packed_attention_cpu: this CPU does not run instruction set ", isa,
-              "; use PyTorch's attention here");
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2,
-              "packed_attention_cpu: qkv must be a (T, 3d) float32 CPU tensor, got ",
-              qkv.scalar_type(), " of shape ", qkv.sizes());
+  TORCH_CHECK(isa >= 1 && isa <= 3, "packed_attention_cpu: isa must be 1 (avx2), 2 (avx512) or "
+              "3 (avx512bf16), got ", isa);
+  TORCH_CHECK(cpu_runs(isa), "packed_attention_cpu: this CPU (or this build) does not run "
+              "instruction set ", isa, "; use PyTorch's attention here");
+  const at::ScalarType want = isa == 3 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == want && qkv.dim() == 2,
+              "packed_attention_cpu: qkv must be a (T, 3d) ", want, " CPU tensor for isa ", isa,
+              ", got ", qkv.scalar_type(), " of shape ", qkv.sizes());
   TORCH_CHECK(n_heads > 0 && qkv.size(1) % (3 * n_heads) == 0,
               "packed_attention_cpu: qkv width ", qkv.size(1), " is not 3 * n_heads (", n_heads,
               ") * head_dim");
+  TORCH_CHECK(isa != 3 || (qkv.size(1) / (3 * n_heads)) % 2 == 0,
+              "packed_attention_cpu: the bf16 path needs an even head width, got ",
+              qkv.size(1) / (3 * n_heads));
   TORCH_CHECK(layout == 0 || layout == 1, "packed_attention_cpu: layout must be 0 or 1");
   TORCH_CHECK(starts.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong &&
                   starts.dim() == 1 && starts.sizes() == lengths.sizes(),
@@ -228,6 +414,15 @@ at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
                 "packed_attention_cpu: text ", n, " (start ", sp[n], ", length ", lp[n],
                 ") lies outside the ", rows, " rows of qkv");
   at::Tensor out = at::empty({rows, d}, x.options());
+#if ATTN_HAVE_DPBF16
+  if (isa == 3) {
+    const avx512bf16::Bf16Call call{reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                                    reinterpret_cast<uint16_t*>(out.data_ptr()), sp, lp,
+                                    n_texts, n_heads, hd, d, layout};
+    avx512bf16::run(call);
+    return out;
+  }
+#endif
   const Call call{x.data_ptr<float>(), out.data_ptr<float>(), sp, lp, n_texts, n_heads, hd, d,
                   layout};
   if (isa == 2) {
@@ -238,10 +433,14 @@ at::Tensor packed_attention_cpu(const at::Tensor& qkv, const at::Tensor& starts,
   return out;
 }
 
+// Whether this build has the AVX512-BF16 path (isa 3), whatever the CPU.
+bool packed_attention_has_bf16() { return ATTN_HAVE_DPBF16 != 0; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ultrafastbert, m) {
   m.def("packed_attention_cpu(Tensor qkv, Tensor starts, Tensor lengths, int n_heads, "
         "int layout, int isa) -> Tensor",
         &packed_attention_cpu);
+  m.def("packed_attention_has_bf16() -> bool", &packed_attention_has_bf16);
 }
