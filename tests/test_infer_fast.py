@@ -405,6 +405,17 @@ def test_kernels_cli_shows_the_precision_choice(dirs, capsys):
     out = capsys.readouterr().out
     assert "encoder precisions" in out and "int8" in out
     assert "short: float32 -- autotuning is off" in out
+    assert "packed attention (Predictor / serve): " in out
+    assert ("native up to" in out) == (native_attention.unavailable_reason() is None)
+
+
+def test_kernels_cli_says_why_the_native_attention_is_off(monkeypatch, capsys):
+    from ultrafastbert.cli import main
+
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    assert main(["kernels"]) == 0
+    assert "packed attention (Predictor / serve): PyTorch (native: disabled by the environment " \
+        "(ULTRAFASTBERT_NATIVE_ATTENTION=0)" in capsys.readouterr().out
 
 
 def test_predict_cli_takes_a_precision(dirs, capsys):

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     print(describe(args.device, getattr(torch, args.dtype), args.weight_format, shape=shape))
     if torch.device(args.device).type == "cpu" or args.model:
         print(_precisions(args.device, args.model))
+    if torch.device(args.device).type == "cpu":
+        from ..infer import native_attention
+
+        print("\npacked attention (Predictor / serve): " + native_attention.describe())
     if args.model:
         print(_structures(args.model))
     return 0

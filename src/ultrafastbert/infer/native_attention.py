@@ -118,6 +118,19 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Ten
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def describe() -> str:
+    """Which attention kernel the packed encoder runs here, and why (``ultrafastbert kernels``)."""
+    from . import packing
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"PyTorch (native: {reason})"
+    bf16 = "avx512bf16 (bf16 dot products)" if _STATE.get("bf16") else \
+        f"{_STATE['isa']}, widened to float32"
+    return (f"native up to {packing.NATIVE_ATTENTION_MAX_WIDTH} tokens wide (float32: "
+            f"{_STATE['isa']}; bfloat16: {bf16}); wider batches: PyTorch")
+
+
 def _custom_op() -> Any:
     """``ultrafastbert::native_packed_attention``: the C++ op with a fake (shapes only) for
     ``torch.compile`` (the C++ op itself is composite and cannot take one). Defined once."""
