@@ -145,6 +145,19 @@ def test_attention_equals_per_text_softmax(attention_kernel, dtype):
     assert not torch.allclose(whole, want, atol=1e-2)
 
 
+def _native_case(head_dim: int, seed: int) -> tuple[list[int], Packing, torch.Tensor]:
+    """Texts of lengths 0..70 (several key chunks and query blocks with tails) and random q/k/v
+    ``(T, 3 * 3 * head_dim)`` for 3 heads; skips only where no native library can run."""
+    if native_attention.unavailable_reason() is not None:
+        assert cpu_isa() is None, native_attention.unavailable_reason()
+        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
+    lengths = [70, 1, 0, 17, 33, 4, 16, 9]
+    packing = Packing.from_lengths(lengths)
+    qkv = torch.randn(packing.n_tokens, 9 * head_dim,
+                      generator=torch.Generator().manual_seed(seed))
+    return lengths, packing, qkv
+
+
 NATIVE_ISAS = [isa for isa in ("avx512", "avx2")
                if cpu_isa() is not None and ISA_CODES[isa] <= ISA_CODES[cpu_isa() or "avx2"]]
 
@@ -156,13 +169,8 @@ def test_native_attention_on_long_and_ragged_texts(isa, layout, head_dim):
     """Several key chunks and query blocks with tails (lengths 1..70), both row layouts, a head
     width that is not a multiple of either vector width, each instruction set this CPU runs;
     against the float64 per-text softmax."""
-    if native_attention.unavailable_reason() is not None:
-        assert cpu_isa() is None, native_attention.unavailable_reason()
-        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
-    lengths, n_heads = [70, 1, 0, 17, 33, 4, 16, 9], 3
-    packing = Packing.from_lengths(lengths)
-    d = n_heads * head_dim
-    qkv = torch.randn(packing.n_tokens, 3 * d, generator=torch.Generator().manual_seed(2))
+    lengths, packing, qkv = _native_case(head_dim, seed=2)
+    n_heads, d = 3, 3 * head_dim
     qkv[5:9] *= 6.0  # large scores (exp far below 1): the max subtraction and exp's range matter
     got = native_attention.packed_attention(qkv, packing.starts, packing.lengths, n_heads, layout,
                                             isa)
@@ -181,14 +189,8 @@ def test_native_bf16_attention(head_dim):
     """bfloat16 q/k/v: the AVX512-BF16 op (even head widths) or the widened float32 one (odd),
     against the float64 per-text softmax of the same bf16 values; the automatic choice of
     instruction set follows the head width."""
-    if native_attention.unavailable_reason() is not None:
-        assert cpu_isa() is None, native_attention.unavailable_reason()
-        pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
-    lengths, n_heads = [70, 1, 0, 17, 33, 4, 16, 9], 3
-    packing = Packing.from_lengths(lengths)
-    d = n_heads * head_dim
-    qkv = torch.randn(packing.n_tokens, 3 * d,
-                      generator=torch.Generator().manual_seed(3)).bfloat16()
+    lengths, packing, qkv = _native_case(head_dim, seed=3)
+    n_heads, qkv = 3, qkv.bfloat16()
     want = _attention_per_text(qkv.float(), lengths, n_heads).float()
     got = native_attention.packed_attention(qkv, packing.starts, packing.lengths, n_heads)
     assert got.dtype == torch.bfloat16

@@ -47,14 +47,17 @@ HeadOffsets offsets_of(int64_t h, int64_t hd, int64_t d, int64_t layout) {
   return {h * 3 * hd, h * 3 * hd + hd, h * 3 * hd + 2 * hd, h * hd};
 }
 
-// One call's data as raw pointers (at::parallel_for bodies must not touch Tensors).
-struct Call {
-  const float* qkv;
-  float* out;
+// One call's data as raw pointers (at::parallel_for bodies must not touch Tensors); T is float,
+// or uint16_t for bf16 values (their 16-bit patterns).
+template <class T>
+struct CallOf {
+  const T* qkv;
+  T* out;
   const int64_t* starts;
   const int64_t* lengths;
   int64_t n_texts, n_heads, hd, d, layout;
 };
+using Call = CallOf<float>;
 
 // Scratch for one (text, head): keys transposed (hd x lpad, zero past l) and the rows of
 // probabilities of a block of queries (queries x lpad).
@@ -213,14 +216,7 @@ namespace avx512bf16 {
 
 using F = avx512::V;  // float32 vector ops (their target is a subset of this one's: they inline)
 
-// One call's data (bf16 values travel as their 16-bit patterns).
-struct Bf16Call {
-  const uint16_t* qkv;
-  uint16_t* out;
-  const int64_t* starts;
-  const int64_t* lengths;
-  int64_t n_texts, n_heads, hd, d, layout;
-};
+using Bf16Call = CallOf<uint16_t>;
 
 // Per (text, head): key pairs transposed (hd/2 rows of lpad words, word j = k_j[2c], k_j[2c+1]),
 // value pairs (lpad/2 rows of hdpad words, word c = v_2j[c], v_2j+1[c]), the float32 scores /
