@@ -27,7 +27,6 @@ import torch
 from ultrafastbert.bench.common import environment, write_results
 from ultrafastbert.fff.native.build import cpu_isa
 from ultrafastbert.infer import native_attention
-from ultrafastbert.infer import packing as packing_module
 from ultrafastbert.infer.packing import Packing
 
 SHAPES = ((16, 32), (32, 32), (48, 32), (64, 16), (128, 8), (256, 4), (512, 2))
@@ -50,12 +49,12 @@ def kernels(packing: Packing, qkv: torch.Tensor) -> dict[str, Callable[[], torch
     """The two paths of :meth:`Packing.attention`, switched by its width limit."""
     def with_native(limit: int) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
-            saved = packing_module.NATIVE_ATTENTION_MAX_WIDTH
-            packing_module.NATIVE_ATTENTION_MAX_WIDTH = limit
+            saved = native_attention.MAX_WIDTH
+            native_attention.MAX_WIDTH = limit
             try:
                 return packing.attention(qkv, N_HEADS)
             finally:
-                packing_module.NATIVE_ATTENTION_MAX_WIDTH = saved
+                native_attention.MAX_WIDTH = saved
         return call
     fns = {"native": with_native(1 << 30), "pytorch": with_native(0)}
     if qkv.dtype == torch.bfloat16 and native_attention._STATE.get("bf16"):

@@ -111,7 +111,7 @@ def attention_kernel(request, monkeypatch):
     if request.param == "native" and native_attention.unavailable_reason() is not None:
         assert cpu_isa() is None, native_attention.unavailable_reason()
         pytest.skip(f"native attention: {native_attention.unavailable_reason()}")
-    monkeypatch.setattr(packing_module, "NATIVE_ATTENTION_MAX_WIDTH",
+    monkeypatch.setattr(native_attention, "MAX_WIDTH",
                         10_000 if request.param == "native" else 0)
     monkeypatch.setattr(packing_module, "MATH_ATTENTION_MAX_WIDTH",
                         10_000 if request.param == "math" else 0)

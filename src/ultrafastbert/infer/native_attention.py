@@ -27,6 +27,10 @@ LAYOUTS = {"blocks": 0, "heads": 1}
 #: The op's instruction sets: ``avx512bf16`` takes bfloat16 q/k/v as they are (dot products
 #: with ``_mm512_dpbf16_ps``); the others take float32 (bfloat16 streams widened around them).
 ISA_CODES = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
+#: Widest batch (tokens) whose attention :meth:`~ultrafastbert.infer.packing.Packing.attention`
+#: runs here (wider: PyTorch's): measured on AMD EPYC Zen 4 (docs/model.md, "Packed tokens"),
+#: where the native op wins up to 256 tokens and ties at 512.
+MAX_WIDTH = 256
 
 
 #: Filled by :func:`prepare` (eager, once): ``"reason"`` (None when usable) and ``"op"`` (the
@@ -120,14 +124,12 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, lengths: torch.Ten
 
 def describe() -> str:
     """Which attention kernel the packed encoder runs here, and why (``ultrafastbert kernels``)."""
-    from . import packing
-
     reason = unavailable_reason()
     if reason is not None:
         return f"PyTorch (native: {reason})"
     bf16 = "avx512bf16 (bf16 dot products)" if _STATE.get("bf16") else \
         f"{_STATE['isa']}, widened to float32"
-    return (f"native up to {packing.NATIVE_ATTENTION_MAX_WIDTH} tokens wide (float32: "
+    return (f"native up to {MAX_WIDTH} tokens wide (float32: "
             f"{_STATE['isa']}; bfloat16: {bf16}); wider batches: PyTorch")
 
 

@@ -28,9 +28,6 @@ from . import native_attention
 #: 4.2/5.2 at 48, 7.2/6.9 at 64, 36/12 at 96. In bfloat16 the flash kernel wins from width 32,
 #: so bfloat16 streams always take it.
 MATH_ATTENTION_MAX_WIDTH = 48
-#: Widest batch (tokens) whose attention runs in the native op (infer/native_attention.py) where
-#: it is available: measured on AMD EPYC Zen 4, 2 threads (docs/precision.md, "Attention").
-NATIVE_ATTENTION_MAX_WIDTH = 256
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -138,14 +135,14 @@ class Packing:
         ``layout`` ``"blocks"``: ``[q | k | v]`` (Hugging Face BERT); ``"heads"``:
         ``[head][q, k, v][head_dim]`` (the project's encoder). Where the native op is available
         (:mod:`~ultrafastbert.infer.native_attention`) and the batch is no wider than
-        :data:`NATIVE_ATTENTION_MAX_WIDTH`, it runs there on the packed rows (no padding).
+        :data:`~ultrafastbert.infer.native_attention.MAX_WIDTH`, it runs there on the packed rows (no padding).
         Otherwise padded slots are filled by a gather from real rows (masked as keys, their
         queries dropped), not zeroed; float32 batches no wider than
         :data:`MATH_ATTENTION_MAX_WIDTH` run as two batched matmuls and a softmax (faster than
         PyTorch's CPU flash kernel at sentence widths), the others as one
         ``scaled_dot_product_attention``.
         """
-        if self.width <= NATIVE_ATTENTION_MAX_WIDTH and native_attention.usable(qkv):
+        if self.width <= native_attention.MAX_WIDTH and native_attention.usable(qkv):
             return native_attention.packed_attention(qkv, self.starts, self.lengths, n_heads,
                                                      layout)
         d = qkv.shape[1] // 3
