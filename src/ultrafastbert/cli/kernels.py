@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device to check (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16",
                                                           "float64"])
-    p.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "bf16-out"])
+    p.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "bf16-out", "int8"])
     p.add_argument("--config", default=None, metavar="KxD",
                    help="also show what 'auto' chooses for this tree shape, with reasons")
     p.add_argument("--d-model", type=int, default=768, help="width for --config (default 768)")

@@ -36,12 +36,13 @@ from torch import nn
 
 from ..errors import InputError
 from ..model.linear import InferenceLinear
+from ..utils.machine import ENV_FLAGS_OFF as ENV_FLAGS_OFF  # re-exported: the switch's name
+from ..utils.machine import flags_switched_off
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 CHOICES = (*PRECISIONS, "auto")
-ENV_FLAGS_OFF = "ULTRAFASTBERT_CPU_FLAGS_OFF"
 #: Flags that make each low precision worth running (any one of them).
 NEEDED_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"),
                 "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
@@ -69,8 +70,7 @@ def _proc_flags() -> frozenset[str]:
 
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (``/proc/cpuinfo``), less those :data:`ENV_FLAGS_OFF` names."""
-    off = {f.strip() for f in os.environ.get(ENV_FLAGS_OFF, "").split(",") if f.strip()}
-    return _proc_flags() - off
+    return _proc_flags() - flags_switched_off()
 
 
 def unavailable(precision: str, device: torch.device | str = "cpu") -> str | None:

@@ -1,5 +1,6 @@
 // The native FFF kernel's shared parts (docs/design.md §1.1), included by the .cpp files that
-// register ops (fff_cpu.cpp: fp32; fff_cpu_bf16.cpp: bf16 end to end):
+// register ops (fff_cpu.cpp: fp32; fff_cpu_bf16.cpp: bf16 end to end; fff_cpu_int8.cpp: int8
+// weights with fp32 activations):
 //
 //   logit_n = x . w_in[n] + b_in[n];  go right iff logit_n > 0 (exact 0 and NaN go left)
 //   y = sum over trees, sum over visited n of GELU(logit_n) * w_out_row[n]   (exact erf GELU)
@@ -103,6 +104,8 @@ struct Problem {
   int64_t tokens = 0;           // T (the split walk)
   float* act = nullptr;         // (T, K*(D+1)) activations (the split walk)
   int64_t* path_nodes = nullptr;  // (T, K*(D+1)) node ids (the split walk)
+  const float* s_in = nullptr;    // (K*N,) int8 routing rows: each row's scale (else unused)
+  const float* s_out = nullptr;   // (K*N,) int8 output rows: each row's scale (else unused)
 };
 
 // (token, row) dot products computed together in one dot_group: their chains are independent,
@@ -142,6 +145,22 @@ std::vector<int64_t> bucket_order(const std::vector<int64_t>& local, int64_t spl
   return order;
 }
 
+// The fixed defaults of the fp32 and int8-weight ops (what their untuned ops use; tuning.py's default_row says the same): prefetch
+// from kPrefetchTokens tokens; several trees: one token's trees together, and from 2 tokens
+// tree-major blocks of 256 tokens walked level by level sorted by node (run_tree_sorted: 5-22%
+// less CPU per token than unsorted blocks of 64 walked 8 at a time for 8x7-32x5 at d=384, AMD
+// Zen 4, 1 thread, docs/native.md).
+Knobs default_knobs(int64_t tokens, int64_t n_trees) {
+  Knobs k;
+  k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
+  if (n_trees > 1 && tokens > 1) {
+    k.group = 8;
+    k.block = 256;
+    k.sort = 1;
+  }
+  return k;
+}
+
 using RunFn = void (*)(const Problem&, int64_t, int64_t);
 
 // An instruction set's entry points for one set of element types: run(pb, t0, t1) for tokens
@@ -176,6 +195,11 @@ struct V {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // int8 weights (fff_cpu_int8.cpp): sign-extended to int32, then converted (exact).
+  FFF_TARGET FFF_INLINE static R load(const int8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
   FFF_TARGET FFF_INLINE static __mmask16 mask(int n) {
     return static_cast<__mmask16>((1u << n) - 1u);
   }
@@ -186,6 +210,9 @@ struct V {
   FFF_TARGET FFF_INLINE static R load_n(const bf16_bits* p, int n) {
     const __m256i h = _mm256_maskz_loadu_epi16(mask(n), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  FFF_TARGET FFF_INLINE static R load_n(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(n), p)));
   }
   FFF_TARGET FFF_INLINE static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
   FFF_TARGET FFF_INLINE static void store_n(float* p, R a, int n) {
@@ -235,6 +262,10 @@ struct V {
   FFF_TARGET FFF_INLINE static R load(const bf16_bits* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  FFF_TARGET FFF_INLINE static R load(const int8_t* p) {  // int8 weights, exact
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
   template <class T>
   FFF_TARGET FFF_INLINE static R load_n(const T* p, int n) {
@@ -338,6 +369,7 @@ struct OpSpec {
   bool fp32_weights;         // weights may be float32 as well as bfloat16
   int64_t max_isa;           // largest `isa` the op knows
   const char* isa_choices;   // the allowed values in words
+  bool int8_weights = false;  // weights are int8 (then nothing else), with row scales
 };
 
 // Every argument of a call, checked before anything is allocated or read.
@@ -355,12 +387,14 @@ void check_inputs(const OpSpec& op, const at::Tensor& x, const at::Tensor& w_in,
               op.name, ": x must be a contiguous 2-D ", c10::toString(op.act), " CPU tensor");
   const int64_t rows = n_trees * ((int64_t{2} << depth) - 1);
   for (const at::Tensor* w : {&w_in, &w_out}) {
-    const bool dtype_ok = w->scalar_type() == at::kBFloat16 ||
-                          (op.fp32_weights && w->scalar_type() == at::kFloat);
+    const bool dtype_ok = op.int8_weights ? w->scalar_type() == at::kChar
+                                          : w->scalar_type() == at::kBFloat16 ||
+                                                (op.fp32_weights && w->scalar_type() == at::kFloat);
     TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() && w->dim() == 2 &&
                     w->size(0) == rows && w->size(1) == x.size(1) && dtype_ok,
                 op.name, ": weights must be contiguous (", rows, ", ", x.size(1), ") ",
-                op.fp32_weights ? "float32/bfloat16" : "bfloat16", " CPU tensors");
+                op.int8_weights ? "int8" : op.fp32_weights ? "float32/bfloat16" : "bfloat16",
+                " CPU tensors");
   }
   TORCH_CHECK(b_in.device().is_cpu() && b_in.scalar_type() == at::kFloat &&
                   b_in.is_contiguous() && b_in.dim() == 1 && b_in.size(0) == rows,

@@ -1,5 +1,6 @@
 // The FFF tree walk and output pass, written once for every element type and compiled once per
-// instruction set: the fp32 ops (fff_cpu.cpp) and the bf16 ops (fff_cpu_bf16.cpp) both run it.
+// instruction set: the fp32 ops (fff_cpu.cpp), the bf16 ops (fff_cpu_bf16.cpp) and the int8-weight
+// ops (fff_cpu_int8.cpp) all run it.
 //
 // fff_cpu_kernel.h includes this file inside `namespace avx512`, `namespace avx2` and (with a
 // compiler that knows AVX512-BF16) `namespace avx512bf16`, after defining there `struct V` (that
@@ -11,8 +12,11 @@
 //
 // The walks are templates on E, an Elems: E::X the type of x and y (float, or bf16 bits as
 // uint16_t), E::In that of the routing rows, E::Out that of the output rows. Logits, activations
-// and output sums are fp32 whatever the types; a bf16 output is rounded once, at the end. An
-// op's .cpp instantiates the walks it needs (runs_for<E>()).
+// and output sums are fp32 whatever the types; a bf16 output is rounded once, at the end. int8
+// rows carry one scale per row (Problem::s_in, s_out): a routing row's dot product is scaled
+// before the bias is added (node_logit), an output row is applied with its activation times its
+// scale (out_coef); the int8 values are widened to fp32 exactly in registers. An op's .cpp
+// instantiates the walks it needs (runs_for<E>()).
 
 // The routing dot product for inputs Tx and rows Tw: each step multiplies kStep elements of x by
 // kStep of the row and adds them into an fp32 accumulator. This one widens both to fp32 (exact
@@ -153,6 +157,17 @@ FFF_TARGET static void dot_pairs(const Tx* const* x, const Tw* const* w, int n, 
   }
 }
 
+// A node's logit from its routing row's dot product with x: plus the bias; an int8 row's dot
+// product is in units of the row's scale (fff_cpu_int8.cpp), so it is scaled first.
+template <class E>
+FFF_TARGET FFF_INLINE static float node_logit(const Problem& pb, int64_t id, float dot) {
+  if constexpr (std::is_same<typename E::In, int8_t>::value) {
+    return dot * pb.s_in[id] + pb.b_in[id];
+  } else {
+    return dot + pb.b_in[id];
+  }
+}
+
 // Up to kChunk (token, tree) pairs of one level whose dot products are computed together.
 template <class Tx>
 struct Chunk {
@@ -176,7 +191,7 @@ FFF_TARGET static void flush_chunk(const Problem& pb, Chunk<typename E::X>& c) {
   dot_pairs<typename E::X, Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d,
                                 c.shared, c.same_row, logits);
   for (int j = 0; j < c.n; ++j) {
-    const float v = logits[j] + pb.b_in[c.ids[j]];
+    const float v = node_logit<E>(pb, c.ids[j], logits[j]);
     *c.z[j] = v;
     *c.node[j] = c.ids[j];
     *c.local[j] = 2 * *c.local[j] + 1 + (v > 0.0f ? 1 : 0);
@@ -267,7 +282,7 @@ FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* c
     float logits[G];
     dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
     for (int i = 0; i < G; ++i) {
-      const float v = logits[i] + pb.b_in[ids[i]];
+      const float v = node_logit<E>(pb, ids[i], logits[i]);
       z[i][tree * path + level] = v;
       node[i][tree * path + level] = ids[i];
       local[i] = 2 * local[i] + 1 + (v > 0.0f ? 1 : 0);  // exact 0 and NaN go left
@@ -315,16 +330,29 @@ static inline void gelu_all(float* act, int64_t P) {
 // zero: a token's rows applied in several calls, in path order, then see exactly the
 // multiply-adds of one call (an fp32 value stored and reloaded is unchanged), so the result is
 // bit-identical.
+// For int8 output rows, s_out holds each row's scale: the row is applied with its activation
+// times its scale (s_out is unused for float rows).
+template <class Tw>
+FFF_INLINE static float out_coef(const float* act, const int64_t* node, int64_t p,
+                                 const float* s_out) {
+  if constexpr (std::is_same<Tw, int8_t>::value) {
+    return act[p] * s_out[node[p]];
+  } else {
+    return act[p];
+  }
+}
+
 template <class Tw, class Ty>
 FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64_t P,
-                                    const Tw* w_out, int64_t d, Ty* y, bool accumulate = false) {
+                                    const Tw* w_out, const float* s_out, int64_t d, Ty* y,
+                                    bool accumulate = false) {
   constexpr int kTile = 8;  // vectors per tile: 8 independent FMA chains
   int64_t k = 0;
   for (; k + kTile * V::W <= d; k += kTile * V::W) {
     V::R acc[kTile];
     for (int j = 0; j < kTile; ++j) acc[j] = accumulate ? V::load(y + k + j * V::W) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
-      const V::R a = V::set1(act[p]);
+      const V::R a = V::set1(out_coef<Tw>(act, node, p, s_out));
       const Tw* row = w_out + node[p] * d + k;
       for (int j = 0; j < kTile; ++j) acc[j] = V::fma(a, V::load(row + j * V::W), acc[j]);
     }
@@ -334,7 +362,8 @@ FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64
     const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
     V::R acc = accumulate ? V::load_n(y + k, n) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
-      acc = V::fma(V::set1(act[p]), V::load_n(w_out + node[p] * d + k, n), acc);
+      acc = V::fma(V::set1(out_coef<Tw>(act, node, p, s_out)),
+                   V::load_n(w_out + node[p] * d + k, n), acc);
     }
     V::store_n(y + k, acc, n);
   }
@@ -396,7 +425,7 @@ FFF_TARGET static void run_groups(const Problem& pb, int64_t t0, int64_t t1, int
     walk_levels<E>(pb, x, G, 0, path, local, acts, nodes);
     for (int i = 0; i < G; ++i) {
       gelu_all(acts[i], P);
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -438,7 +467,7 @@ FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t
           float* a = acts[i] + tree * path;
           const int64_t* nd = nodes[i] + tree * path;
           gelu_all(a, path);
-          apply_output(a, nd, path, w_out, pb.d, out.row(t + i), tree > 0);
+          apply_output(a, nd, path, w_out, pb.s_out, pb.d, out.row(t + i), tree > 0);
           if (pb.nodes != nullptr)
             std::memcpy(pb.nodes + (t + i) * P + tree * path, nd, path * sizeof(int64_t));
         }
@@ -513,7 +542,7 @@ FFF_TARGET static void run_tree_sorted(const Problem& pb, int64_t t0, int64_t t1
         float* a = act.data() + i * path;
         const int64_t* nd = node.data() + i * path;
         gelu_all(a, path);
-        apply_output(a, nd, path, w_out, pb.d, out.row(t), tree > 0);
+        apply_output(a, nd, path, w_out, pb.s_out, pb.d, out.row(t), tree > 0);
         if (pb.nodes != nullptr)
           std::memcpy(pb.nodes + t * P + tree * path, nd, path * sizeof(int64_t));
       }
@@ -549,11 +578,12 @@ FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree
 // multiply-adds for one tile of columns; kPartial: the last vector has only n_last columns.
 template <class Tw, class Ty, int NV, bool kPartial>
 FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_t P,
-                                   const Tw* w, int64_t ld, Ty* y, int n_last) {
+                                   const Tw* w, const float* s_out, int64_t ld, Ty* y,
+                                   int n_last) {
   V::R acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = V::zero();
   for (int64_t p = 0; p < P; ++p) {
-    const V::R a = V::set1(act[p]);
+    const V::R a = V::set1(out_coef<Tw>(act, node, p, s_out));
     const Tw* row = w + node[p] * ld;
     for (int j = 0; j < NV; ++j) {
       const V::R v =
@@ -572,11 +602,12 @@ FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_
 
 template <class Tw, class Ty, int NV>
 FFF_TARGET static void output_tile_any(const float* act, const int64_t* node, int64_t P,
-                                       const Tw* w, int64_t ld, Ty* y, int n_last) {
+                                       const Tw* w, const float* s_out, int64_t ld, Ty* y,
+                                       int n_last) {
   if (n_last == V::W) {
-    output_tile<Tw, Ty, NV, false>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, false>(act, node, P, w, s_out, ld, y, n_last);
   } else {
-    output_tile<Tw, Ty, NV, true>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, true>(act, node, P, w, s_out, ld, y, n_last);
   }
 }
 
@@ -599,14 +630,14 @@ FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
       Ty* y = static_cast<Ty*>(pb.y) + t * d + k;
       const Tw* w = w_out + k;
       switch (nv) {
-        case 8: output_tile_any<Tw, Ty, 8>(a, nd, P, w, d, y, n_last); break;
-        case 7: output_tile_any<Tw, Ty, 7>(a, nd, P, w, d, y, n_last); break;
-        case 6: output_tile_any<Tw, Ty, 6>(a, nd, P, w, d, y, n_last); break;
-        case 5: output_tile_any<Tw, Ty, 5>(a, nd, P, w, d, y, n_last); break;
-        case 4: output_tile_any<Tw, Ty, 4>(a, nd, P, w, d, y, n_last); break;
-        case 3: output_tile_any<Tw, Ty, 3>(a, nd, P, w, d, y, n_last); break;
-        case 2: output_tile_any<Tw, Ty, 2>(a, nd, P, w, d, y, n_last); break;
-        default: output_tile_any<Tw, Ty, 1>(a, nd, P, w, d, y, n_last); break;
+        case 8: output_tile_any<Tw, Ty, 8>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 7: output_tile_any<Tw, Ty, 7>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 6: output_tile_any<Tw, Ty, 6>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 5: output_tile_any<Tw, Ty, 5>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 4: output_tile_any<Tw, Ty, 4>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 3: output_tile_any<Tw, Ty, 3>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 2: output_tile_any<Tw, Ty, 2>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        default: output_tile_any<Tw, Ty, 1>(a, nd, P, w, pb.s_out, d, y, n_last); break;
       }
     }
   }
@@ -634,7 +665,7 @@ FFF_TARGET static void walk_one(const Problem& pb, const typename E::X* const* x
     float logits[G];
     dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
     for (int i = 0; i < G; ++i) {
-      const float z = logits[i] + pb.b_in[local[i]];
+      const float z = node_logit<E>(pb, local[i], logits[i]);
       act[i][level] = gelu(z);
       node[i][level] = local[i];
       // Right iff z > 0: an exact 0 and NaN go left (the comparison is false for both).
@@ -666,7 +697,7 @@ FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1,
     int64_t local[G] = {};
     walk_one<E, G>(pb, x, 0, P, local, acts, nodes);
     for (int i = 0; i < valid; ++i) {
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -714,7 +745,7 @@ FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
     walk_one<E, G>(pb, x, split, P, loc, acts, nodes);
     for (int i = 0; i < G && b + i < n; ++i) {
       const int64_t j = order[b + i];
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t0 + j) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t0 + j) * pb.d);
     }
   }
   if (pb.nodes != nullptr) std::memcpy(pb.nodes + t0 * P, node.data(), n * P * sizeof(int64_t));

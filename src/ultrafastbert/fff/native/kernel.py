@@ -1,6 +1,6 @@
-"""The native CPU FFF kernels: fp32 (:class:`NativeCPUKernel`) and bfloat16 end to end
-(:class:`NativeBF16Kernel`), both running one C++ walk (``fff_cpu_walk.h``) built into one
-library on first use (``build``).
+"""The native CPU FFF kernels: fp32 (:class:`NativeCPUKernel`), bfloat16 end to end
+(:class:`NativeBF16Kernel`) and fp32 with int8 weights (:class:`NativeInt8Kernel`), all running
+one C++ walk (``fff_cpu_walk.h``) built into one library on first use (``build``).
 
 The tree walk computes only the visited nodes' dot products, bias and GELU, a group of tokens at
 a time level by level (several trees: tree-major blocks of tokens, or one token's trees side by
@@ -244,8 +244,8 @@ class NativeBF16Kernel(FFFKernel):
     description = "native C++ CPU kernel in bfloat16 (AVX512-BF16 dot products, else widening)"
     devices = ("cpu",)
     dtypes = (torch.bfloat16,)
-    #: For bfloat16 inputs every format means bfloat16 weights: the weights are the layer's own.
-    weight_formats = WEIGHT_FORMATS
+    #: For bfloat16 inputs every float format means bfloat16 weights: the layer's own.
+    weight_formats = tuple(f for f in WEIGHT_FORMATS if f != "int8")
 
     def __init__(self, isa: str | None = None):
         if isa is not None and isa not in BF16_ISA_CODES:
@@ -303,3 +303,167 @@ class NativeBF16Kernel(FFFKernel):
                                        self._isa_code)
         return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
                              self._isa_code), None
+
+
+# ------------------------------------------------------------------- int8 weights
+#: The int8 kernel's paths, best first, with the op's numeric code (the fp32 kernel's).
+INT8_ISA_CODES = {"avx512": 2, "avx2": 1}
+
+
+@dataclass(frozen=True)
+class NativeInt8Packed:
+    """The int8 kernel's copy of the weights (checkpoint node order, tree-major heap order).
+
+    w_in, w_out: ``(K*N, d)`` int8 routing and output rows (``linear_out.weight`` transposed),
+    each row ``scale * q`` with ``q`` in [-127, 127] (symmetric, one scale per row); s_in, s_out:
+    ``(K*N,)`` float32 those scales; b_in: ``(K*N,)`` float32 (zeros without a bias). knobs: the
+    walk's knobs table (``tuning``; never changes a result). untuned (derived): the table is the
+    fixed defaults, so calls can take the untuned op.
+    """
+
+    w_in: torch.Tensor
+    s_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out: torch.Tensor
+    s_out: torch.Tensor
+    knobs: torch.Tensor
+    n_trees: int = 0
+    untuned: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "untuned", self.n_trees > 0 and torch.equal(
+            self.knobs, tuning.default_table(self.n_trees)))
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w_in (K*N, d), b_in (K*N,), w_out (d, K*N))`` float32 in checkpoint layout: the
+        weights whose FFF the kernel computes."""
+        return (self.w_in.float() * self.s_in[:, None], self.b_in,
+                (self.w_out.float() * self.s_out[:, None]).t())
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``rows`` ``(R, d)`` -> ``(q (R, d) int8, scale (R,) float32)``
+    with ``rows ~ scale[:, None] * q``, ``q`` in [-127, 127], ``scale = max|row| / 127`` (0 for
+    an all-zero row)."""
+    rows = rows.detach().float()
+    scale = rows.abs().amax(dim=1) / 127.0
+    q = torch.round(rows / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
+    return q.clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+class NativeInt8Kernel(FFFKernel):
+    """float32 inputs and outputs, int8 node rows with one float scale per row (weight format
+    ``int8``): the FFF of the dequantized weights, computed in fp32 with the int8 values widened
+    in registers, so a quarter of the fp32 rows' bytes are streamed. Routes may differ from the
+    float32 weights' where a logit is near 0 (docs/precision.md).
+
+    Args:
+        isa: ``None`` for the best instruction set of this CPU (AVX-512 unless
+            ``ULTRAFASTBERT_CPU_FLAGS_OFF`` hides one of its flags), or ``"avx512"``/``"avx2"``.
+        tune: choose the walk's knobs per shape by measurement on first pack (as the fp32
+            kernel; ``ULTRAFASTBERT_AUTOTUNE=0`` also turns it off).
+    """
+
+    name = "native-int8"
+    description = ("native C++ CPU kernel with int8 weights, one scale per node row "
+                   "(weight format int8; AVX-512/AVX2)")
+    devices = ("cpu",)
+    dtypes = (torch.float32,)
+    weight_formats = ("int8",)
+
+    def __init__(self, isa: str | None = None, tune: bool = True):
+        if isa is not None and isa not in INT8_ISA_CODES:
+            raise InputError(f"isa must be None or one of {tuple(INT8_ISA_CODES)}, got {isa!r}")
+        self._isa = isa
+        self._tune = tune
+        self._isa_code = 0
+        self._key = ""
+        self._forward: Callable[..., Any] | None = None
+        self._forward_nodes: Callable[..., Any] | None = None
+        self._forward_untuned: Callable[..., Any] | None = None
+
+    def extra_reason(self, device: torch.device) -> str | None:
+        """Why the kernel cannot run: disabled, CPU, toolchain, build failure or a forced
+        instruction set this CPU lacks (builds once)."""
+        if self._forward is not None:
+            return None
+        if torch.compiler.is_compiling():
+            return ("not loaded yet in this process, and a torch.compile trace does not load "
+                    "it; one eager call before compiling loads it")
+        library = build.status()
+        if isinstance(library, str):
+            return library
+        best = _int8_best_isa(library.isa)
+        isa = self._isa or best
+        if INT8_ISA_CODES[isa] > INT8_ISA_CODES.get(best, 0):
+            return f"this CPU does not support {isa} (best: {best or 'neither'})"
+        self._isa_code = INT8_ISA_CODES[isa]
+        self._key = f"{library.path.name}/int8-{isa}"
+        ops = torch.ops.ultrafastbert
+        tuned, nodes = ops.fff_int8_forward_tuned.default, ops.fff_int8_forward_tuned_nodes.default
+        untuned = ops.fff_int8_forward.default
+        self._forward_untuned = getattr(untuned, "_op", untuned)  # the C++ callables
+        self._forward_nodes = getattr(nodes, "_op", nodes)
+        self._forward = getattr(tuned, "_op", tuned)
+        return None
+
+    @property
+    def isa(self) -> str | None:
+        """The instruction set in use (None until the kernel is loaded)."""
+        return {code: isa for isa, code in INT8_ISA_CODES.items()}.get(self._isa_code)
+
+    def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+             n_trees: int, depth: int, weight_format: str) -> NativeInt8Packed:
+        """Quantize each node row (:func:`quantize_rows`); see :class:`NativeInt8Packed`."""
+        q_in, s_in = quantize_rows(w_in)
+        q_out, s_out = quantize_rows(w_out.detach().t())
+        bias = (b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0]))
+        packed = NativeInt8Packed(q_in, s_in, bias.float().contiguous(), q_out, s_out,
+                                  tuning.default_table(n_trees), n_trees)
+        knobs = self.knobs_for(packed, n_trees, depth)
+        return NativeInt8Packed(q_in, s_in, packed.b_in, q_out, s_out, knobs, n_trees)
+
+    def knobs_for(self, packed: NativeInt8Packed, n_trees: int, depth: int) -> torch.Tensor:
+        """The knobs table for these packed weights: tuned (cached per CPU model) or defaults."""
+        if not self._tune or self.unavailable_reason(torch.device("cpu"), torch.float32,
+                                                     "int8") is not None:
+            return tuning.default_table(n_trees)
+        forward, p = self._forward, packed
+        assert forward is not None
+
+        def run(x: torch.Tensor, knobs: torch.Tensor) -> object:
+            return forward(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees, depth,
+                           self._isa_code, knobs)
+
+        shape = tuning.Shape(n_trees, depth, packed.w_in.shape[1], "int8",
+                             torch.get_num_threads())
+        return tuning.table_for(shape, run, self._key)
+
+    def forward(self, x: torch.Tensor, packed: NativeInt8Packed, n_trees: int, depth: int,
+                return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(T, d)`` float32 contiguous -> ``y`` ``(T, d)``, nodes ``(T, K, D+1)``|None."""
+        if self._forward is None:
+            reason = self.unavailable_reason(x.device, x.dtype, "int8")
+            if reason is not None:
+                raise ResourceError(f"the native int8 FFF kernel cannot run: {reason}")
+        assert self._forward is not None and self._forward_nodes is not None
+        p = packed
+        if return_nodes:
+            return self._forward_nodes(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees,
+                                       depth, self._isa_code, p.knobs)
+        if p.untuned:
+            assert self._forward_untuned is not None
+            return self._forward_untuned(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees,
+                                         depth, self._isa_code), None
+        return self._forward(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees, depth,
+                             self._isa_code, p.knobs), None
+
+
+def _int8_best_isa(library_isa: str) -> str:
+    """The library's best instruction set, less AVX-512 when ``ULTRAFASTBERT_CPU_FLAGS_OFF``
+    hides one of its flags."""
+    from ...utils.machine import flags_switched_off
+
+    if library_isa == "avx512" and flags_switched_off() & set(build.ISA_FLAGS["avx512"]):
+        return "avx2"
+    return library_isa
