@@ -8,14 +8,19 @@ precision  dense linears                        hidden states, norms FFF blocks
 ========== ==================================== =================== ==========================
 float32    oneDNN GEMM, prepacked fp32 weight   float32             float32 kernel
 bfloat16   oneDNN GEMM, prepacked bf16 weight   bfloat16            float32 kernel (cast in/out)
-int8       int8 weights, one scale per output   float32             float32 kernel
-           row; activations quantized per call
-           (PyTorch's quantized dynamic linear)
+int8       int8 weights, one scale per output   float32             int8-weight kernel where
+           row; activations quantized per call                      measured faster, else
+           (PyTorch's quantized dynamic linear)                     float32 kernel
 ========== ==================================== =================== ==========================
 
 No GEMM is written here: the int8 path is ``torch.ops.quantized.linear_dynamic`` (FBGEMM /
 oneDNN, VNNI dot products where the CPU has them) on a weight quantized per output channel,
 which keeps the pooled cosine that per-tensor scales lose (docs/precision.md).
+
+At int8 the FFF blocks run the ``native-int8`` kernel (weight format ``int8``: every node row
+int8 with one scale) for each layer shape where it is measured faster than the float32 kernel
+(:func:`fff_weight_format`: timed on first use at :data:`FFF_MEASURED_TOKENS`, cached per CPU
+like the kernel's knobs); the model's own FFF modules are not changed (:func:`fff_at`).
 
 :func:`unavailable` says why a precision cannot run on this CPU. A CPU is treated as lacking
 VNNI / AVX512-BF16 when ``ULTRAFASTBERT_CPU_FLAGS_OFF`` names the flag (comma-separated, e.g.
@@ -25,6 +30,7 @@ that has them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from functools import cache
@@ -35,7 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..fff import FFF
+from ..fff.layer import FFFRuntime
 from ..model.linear import InferenceLinear
+from ..utils.cache import PackedCache
 from ..utils.machine import ENV_FLAGS_OFF as ENV_FLAGS_OFF  # re-exported: the switch's name
 from ..utils.machine import flags_switched_off
 
@@ -171,3 +180,101 @@ def norm_for(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.Module:
     if norm.weight is None or norm.weight.dtype == dtype:
         return norm
     return CastLayerNorm(norm, dtype)
+
+
+# ------------------------------------------------------------------ FFF blocks at int8
+#: Tokens per call at which the int8-weight FFF kernel is timed against the float32 one (a
+#: batch of 32 short texts is ~600 tokens, 32 x 128 is 4,096); it is used where faster at both.
+FFF_MEASURED_TOKENS = (128, 1024)
+#: Cache entries of those measurements (in the native kernel's tuning file, one per CPU).
+FFF_CACHE_KEY = "fff-int8-v1"
+
+
+def fff_weight_format(fff: FFF, precision: str) -> tuple[str, str]:
+    """The weight format ``fff``'s kernel takes at ``precision`` (``int8`` or ``fp32``), and why.
+
+    ``int8`` only at precision int8, on the CPU, where the ``native-int8`` kernel runs and was
+    measured faster than the float32 ``native`` kernel for this layer shape at every count of
+    :data:`FFF_MEASURED_TOKENS` (random weights, timed on first use and cached per CPU, shape,
+    threads and kernel build; with ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32).
+    """
+    from ..fff import dispatch
+    from ..fff.native import tuning
+
+    if precision != "int8":
+        return "fp32", f"precision {precision}"
+    device = fff.linear_in.weight.device
+    if device.type != "cpu" or fff.linear_in.weight.dtype != torch.float32:
+        return "fp32", "int8 FFF weights are a float32 CPU path"
+    reasons = dict(dispatch.explain(device, torch.float32, "int8"))
+    if reasons.get("native-int8") is not None:
+        return "fp32", f"native-int8 cannot run: {reasons['native-int8']}"
+    if dict(dispatch.explain(device, torch.float32, "fp32")).get("native") is not None:
+        return "int8", "the float32 native kernel cannot run here"
+    if tuning.disabled() is not None:
+        return "fp32", f"not measured ({tuning.ENV_SWITCH}={tuning.disabled()})"
+    entry = _fff_timings(fff)
+    fp32, int8 = entry["us_per_token"]["native"], entry["us_per_token"]["native-int8"]
+    detail = ", ".join(f"{t} tokens: fp32 {a:.3g} / int8 {b:.3g} us/token"
+                       for t, a, b in zip(entry["tokens"], fp32, int8, strict=True))
+    faster = all(b < a for a, b in zip(fp32, int8, strict=True))
+    return ("int8" if faster else "fp32"), (
+        f"int8 weights {'faster' if faster else 'not faster'} for {fff.n_trees}x{fff.depth} "
+        f"at d={fff.d_model} ({detail}; measured on first use, cached)")
+
+
+def _fff_timings(fff: FFF) -> dict[str, Any]:
+    """The cached (or now measured) timings of the fp32 and int8 kernels for ``fff``'s shape."""
+    from ..fff import dispatch
+    from ..fff.native import build, tuning
+
+    shape = dispatch.Workload(fff.n_trees, fff.depth, fff.d_model)
+    library = build.status()
+    build_key = "" if isinstance(library, str) else library.path.name
+    isa = getattr(dispatch.registry()["native-int8"], "isa", None)
+    key = f"{shape.config}/d{shape.d_model}/t{torch.get_num_threads()}/{isa}"
+
+    def measure() -> dict[str, Any]:
+        fp32 = dispatch.time_kernels(["native"], shape, torch.float32, "fp32",
+                                     FFF_MEASURED_TOKENS)
+        int8 = dispatch.time_kernels(["native-int8"], shape, torch.float32, "int8",
+                                     FFF_MEASURED_TOKENS)
+        return {"tokens": list(FFF_MEASURED_TOKENS),
+                "us_per_token": {**fp32["us_per_token"], **int8["us_per_token"]}}
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and entry.get("tokens") == list(FFF_MEASURED_TOKENS)
+                and set(entry.get("us_per_token", {})) == {"native", "native-int8"})
+
+    return tuning.cached(f"{FFF_CACHE_KEY}/{build_key}", key, measure, valid)
+
+
+def fff_at(block: nn.Module, precision: str) -> nn.Module:
+    """``block`` (an :class:`FFF`, or a module whose direct children include one, such as a
+    converted ``FFFBlock``) as it runs at ``precision``: itself, or where
+    :func:`fff_weight_format` says ``int8``, a shallow copy whose FFF takes int8 weights. The
+    copy shares every parameter; the model's own modules are not changed."""
+    if precision != "int8":
+        return block
+    if isinstance(block, FFF):
+        return _fff_view(block, precision)
+    children = {name: _fff_view(m, precision) if isinstance(m, FFF) else m
+                for name, m in block._modules.items()}
+    if all(children[name] is m for name, m in block._modules.items()):
+        return block
+    view = copy.copy(block)
+    view._modules = children  # a dict of its own: the block's stays as it was
+    return view
+
+
+def _fff_view(fff: FFF, precision: str) -> FFF:
+    """``fff`` itself, or a copy sharing its parameters that runs int8 weights (logged)."""
+    fmt, why = fff_weight_format(fff, precision)
+    logger.info("FFF %dx%d at d=%d, precision %s: %s weights (%s)", fff.n_trees, fff.depth,
+                fff.d_model, precision, fmt, why)
+    if fmt == fff.runtime.weight_format:
+        return fff
+    view = copy.copy(fff)
+    view._cache = PackedCache()  # its own packed copy (the original's stays with it)
+    view.runtime = FFFRuntime("auto", fmt, fff.runtime.training)
+    return view

@@ -18,6 +18,7 @@ CPU has it, else widen bf16 to fp32 exactly and use fp32 FMAs (AVX-512, then AVX
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -306,8 +307,12 @@ class NativeBF16Kernel(FFFKernel):
 
 
 # ------------------------------------------------------------------- int8 weights
-#: The int8 kernel's paths, best first, with the op's numeric code (the fp32 kernel's).
-INT8_ISA_CODES = {"avx512": 2, "avx2": 1}
+#: The int8 kernel's paths, best first, with the op's numeric code: ``avx512vnni`` quantizes
+#: each token and takes the routing dot products with VNNI; the others widen the int8 rows.
+INT8_ISA_CODES = {"avx512vnni": 3, "avx512": 2, "avx2": 1}
+#: CPU flags (``/proc/cpuinfo`` names) each int8 path needs.
+INT8_ISA_FLAGS = {"avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                  "avx512": ("avx512f", "avx512bw", "avx512vl"), "avx2": ("avx2", "fma")}
 
 
 @dataclass(frozen=True)
@@ -316,13 +321,15 @@ class NativeInt8Packed:
 
     w_in, w_out: ``(K*N, d)`` int8 routing and output rows (``linear_out.weight`` transposed),
     each row ``scale * q`` with ``q`` in [-127, 127] (symmetric, one scale per row); s_in, s_out:
-    ``(K*N,)`` float32 those scales; b_in: ``(K*N,)`` float32 (zeros without a bias). knobs: the
+    ``(K*N,)`` float32 those scales; c_in: ``(K*N,)`` float32 ``128 * w_in.sum(1)`` (the VNNI
+    path's offset); b_in: ``(K*N,)`` float32 (zeros without a bias). knobs: the
     walk's knobs table (``tuning``; never changes a result). untuned (derived): the table is the
     fixed defaults, so calls can take the untuned op.
     """
 
     w_in: torch.Tensor
     s_in: torch.Tensor
+    c_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
     s_out: torch.Tensor
@@ -333,6 +340,10 @@ class NativeInt8Packed:
     def __post_init__(self) -> None:
         object.__setattr__(self, "untuned", self.n_trees > 0 and torch.equal(
             self.knobs, tuning.default_table(self.n_trees)))
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """The op's weight arguments: ``(w_in, s_in, c_in, b_in, w_out, s_out)``."""
+        return self.w_in, self.s_in, self.c_in, self.b_in, self.w_out, self.s_out
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w_in (K*N, d), b_in (K*N,), w_out (d, K*N))`` float32 in checkpoint layout: the
@@ -357,9 +368,13 @@ class NativeInt8Kernel(FFFKernel):
     in registers, so a quarter of the fp32 rows' bytes are streamed. Routes may differ from the
     float32 weights' where a logit is near 0 (docs/precision.md).
 
+    The ``avx512vnni`` path also quantizes each token once per call (symmetric int8, one scale
+    per token, :func:`quantize_tokens`) and takes the routing dot products in integers with
+    AVX512-VNNI; it computes the FFF of the dequantized weights on the dequantized tokens.
+
     Args:
-        isa: ``None`` for the best instruction set of this CPU (AVX-512 unless
-            ``ULTRAFASTBERT_CPU_FLAGS_OFF`` hides one of its flags), or ``"avx512"``/``"avx2"``.
+        isa: ``None`` for the best path of this CPU (less the flags
+            ``ULTRAFASTBERT_CPU_FLAGS_OFF`` hides), or one of :data:`INT8_ISA_CODES`.
         tune: choose the walk's knobs per shape by measurement on first pack (as the fp32
             kernel; ``ULTRAFASTBERT_AUTOTUNE=0`` also turns it off).
     """
@@ -393,7 +408,7 @@ class NativeInt8Kernel(FFFKernel):
         library = build.status()
         if isinstance(library, str):
             return library
-        best = _int8_best_isa(library.isa)
+        best = _int8_best_isa()
         isa = self._isa or best
         if INT8_ISA_CODES[isa] > INT8_ISA_CODES.get(best, 0):
             return f"this CPU does not support {isa} (best: {best or 'neither'})"
@@ -417,11 +432,12 @@ class NativeInt8Kernel(FFFKernel):
         """Quantize each node row (:func:`quantize_rows`); see :class:`NativeInt8Packed`."""
         q_in, s_in = quantize_rows(w_in)
         q_out, s_out = quantize_rows(w_out.detach().t())
+        c_in = (128 * q_in.sum(dim=1, dtype=torch.int64)).float().contiguous()
         bias = (b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0]))
-        packed = NativeInt8Packed(q_in, s_in, bias.float().contiguous(), q_out, s_out,
+        packed = NativeInt8Packed(q_in, s_in, c_in, bias.float().contiguous(), q_out, s_out,
                                   tuning.default_table(n_trees), n_trees)
         knobs = self.knobs_for(packed, n_trees, depth)
-        return NativeInt8Packed(q_in, s_in, packed.b_in, q_out, s_out, knobs, n_trees)
+        return dataclasses.replace(packed, knobs=knobs)
 
     def knobs_for(self, packed: NativeInt8Packed, n_trees: int, depth: int) -> torch.Tensor:
         """The knobs table for these packed weights: tuned (cached per CPU model) or defaults."""
@@ -432,8 +448,7 @@ class NativeInt8Kernel(FFFKernel):
         assert forward is not None
 
         def run(x: torch.Tensor, knobs: torch.Tensor) -> object:
-            return forward(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees, depth,
-                           self._isa_code, knobs)
+            return forward(x, *p.args(), n_trees, depth, self._isa_code, knobs)
 
         shape = tuning.Shape(n_trees, depth, packed.w_in.shape[1], "int8",
                              torch.get_num_threads())
@@ -449,21 +464,30 @@ class NativeInt8Kernel(FFFKernel):
         assert self._forward is not None and self._forward_nodes is not None
         p = packed
         if return_nodes:
-            return self._forward_nodes(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees,
-                                       depth, self._isa_code, p.knobs)
+            return self._forward_nodes(x, *p.args(), n_trees, depth, self._isa_code, p.knobs)
         if p.untuned:
             assert self._forward_untuned is not None
-            return self._forward_untuned(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees,
-                                         depth, self._isa_code), None
-        return self._forward(x, p.w_in, p.s_in, p.b_in, p.w_out, p.s_out, n_trees, depth,
-                             self._isa_code, p.knobs), None
+            return self._forward_untuned(x, *p.args(), n_trees, depth, self._isa_code), None
+        return self._forward(x, *p.args(), n_trees, depth, self._isa_code, p.knobs), None
 
 
-def _int8_best_isa(library_isa: str) -> str:
-    """The library's best instruction set, less AVX-512 when ``ULTRAFASTBERT_CPU_FLAGS_OFF``
-    hides one of its flags."""
+def _int8_best_isa() -> str:
+    """The best int8 path the loaded library runs on this CPU, skipping paths that need a flag
+    ``ULTRAFASTBERT_CPU_FLAGS_OFF`` hides ("" when none)."""
     from ...utils.machine import flags_switched_off
 
-    if library_isa == "avx512" and flags_switched_off() & set(build.ISA_FLAGS["avx512"]):
-        return "avx2"
-    return library_isa
+    best = torch.ops.ultrafastbert.fff_int8_isa()
+    hidden = flags_switched_off()
+    paths = list(INT8_ISA_CODES)
+    for isa in paths[paths.index(best):] if best in paths else []:
+        if not hidden & set(INT8_ISA_FLAGS[isa]):
+            return isa
+    return ""
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``avx512vnni`` path's token quantization (the kernel's own, for tests and references):
+    ``x`` ``(T, d)`` float32 -> ``(q (T, d) int8, scale (T,) float32)``, ``q = round(x * 127 /
+    max|x|)`` (to nearest even), ``scale = max|x| / 127``; the token is read as ``scale * q``.
+    Needs the library loaded and a CPU with AVX512-VNNI."""
+    return torch.ops.ultrafastbert.fff_int8_quantize_tokens(x.float().contiguous())
