@@ -45,6 +45,7 @@ from ..fff import FFF
 from ..fff.layer import FFFRuntime
 from ..model.linear import InferenceLinear
 from ..utils.cache import PackedCache
+from ..utils.env import switched_off
 from ..utils.machine import ENV_FLAGS_OFF as ENV_FLAGS_OFF  # re-exported: the switch's name
 from ..utils.machine import flags_switched_off
 
@@ -188,6 +189,9 @@ def norm_for(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.Module:
 FFF_MEASURED_TOKENS = (128, 1024)
 #: Cache entries of those measurements (in the native kernel's tuning file, one per CPU).
 FFF_CACHE_KEY = "fff-int8-v1"
+#: Environment switch: ``0`` (or ``false``/``off``/``no``) keeps the FFF blocks' weights in
+#: float32 at precision int8 (read when an encoder is built; how the two are compared).
+FFF_INT8_SWITCH = "ULTRAFASTBERT_FFF_INT8"
 
 
 def fff_weight_format(fff: FFF, precision: str) -> tuple[str, str]:
@@ -196,13 +200,16 @@ def fff_weight_format(fff: FFF, precision: str) -> tuple[str, str]:
     ``int8`` only at precision int8, on the CPU, where the ``native-int8`` kernel runs and was
     measured faster than the float32 ``native`` kernel for this layer shape at every count of
     :data:`FFF_MEASURED_TOKENS` (random weights, timed on first use and cached per CPU, shape,
-    threads and kernel build; with ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32).
+    threads and kernel build; with ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32;
+    :data:`FFF_INT8_SWITCH` off: fp32).
     """
     from ..fff import dispatch
     from ..fff.native import tuning
 
     if precision != "int8":
         return "fp32", f"precision {precision}"
+    if switched_off(FFF_INT8_SWITCH) is not None:
+        return "fp32", f"switched off ({FFF_INT8_SWITCH}={switched_off(FFF_INT8_SWITCH)})"
     device = fff.linear_in.weight.device
     if device.type != "cpu" or fff.linear_in.weight.dtype != torch.float32:
         return "fp32", "int8 FFF weights are a float32 CPU path"
@@ -262,8 +269,18 @@ def fff_at(block: nn.Module, precision: str) -> nn.Module:
                 for name, m in block._modules.items()}
     if all(children[name] is m for name, m in block._modules.items()):
         return block
-    view = copy.copy(block)
-    view._modules = children  # a dict of its own: the block's stays as it was
+    view = _shallow_copy(block)
+    view._modules = children
+    return view
+
+
+def _shallow_copy(module: nn.Module) -> Any:
+    """A copy of ``module`` sharing its parameters, buffers and submodules, with dicts of its own
+    (assigning to the copy, or hooking it, leaves ``module`` as it was)."""
+    view = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, dict):  # _parameters, _modules, _buffers, the hooks ...
+            view.__dict__[name] = copy.copy(value)
     return view
 
 
@@ -274,7 +291,7 @@ def _fff_view(fff: FFF, precision: str) -> FFF:
                 fff.d_model, precision, fmt, why)
     if fmt == fff.runtime.weight_format:
         return fff
-    view = copy.copy(fff)
+    view = _shallow_copy(fff)
     view._cache = PackedCache()  # its own packed copy (the original's stays with it)
     view.runtime = FFFRuntime("auto", fmt, fff.runtime.training)
     return view
