@@ -225,11 +225,21 @@ class NativeBF16Packed:
 
     w_in: ``(K*N, d)`` bfloat16 routing rows. b_in: ``(K*N,)`` float32 (zeros without a bias).
     w_out: ``(K*N, d)`` bfloat16 output rows (``linear_out.weight`` transposed). All contiguous.
+    knobs: the walk's knobs table (``tuning``; never changes a result; None: the bf16 ops'
+    fixed defaults). untuned (derived): the table is those defaults, so calls take the untuned
+    op.
     """
 
     w_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
+    knobs: torch.Tensor | None = None
+    n_trees: int = 0
+    untuned: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "untuned", self.knobs is None or torch.equal(
+            self.knobs, tuning.bf16_default_table(self.n_trees)))
 
 
 class NativeBF16Kernel(FFFKernel):
@@ -239,6 +249,8 @@ class NativeBF16Kernel(FFFKernel):
         isa: ``None`` for the best path of this CPU (or the one ``ULTRAFASTBERT_BF16_ISA``
             names), or ``"avx512bf16"``/``"avx512"``/``"avx2"`` to force one (so the widening
             fallback can be tested on a CPU with AVX512-BF16).
+        tune: choose the walk's knobs per shape by measurement on first pack, starting from
+            the bf16 defaults (``tuning``; ``ULTRAFASTBERT_AUTOTUNE=0`` also turns it off).
     """
 
     name = "native-bf16"
@@ -248,13 +260,16 @@ class NativeBF16Kernel(FFFKernel):
     #: For bfloat16 inputs every float format means bfloat16 weights: the layer's own.
     weight_formats = tuple(f for f in WEIGHT_FORMATS if f != "int8")
 
-    def __init__(self, isa: str | None = None):
+    def __init__(self, isa: str | None = None, tune: bool = True):
         if isa is not None and isa not in BF16_ISA_CODES:
             raise InputError(f"isa must be None or one of {tuple(BF16_ISA_CODES)}, got {isa!r}")
         self._isa = isa
+        self._tune = tune
         self._isa_code = 0
+        self._key = ""
         self._forward: Callable[..., Any] | None = None
         self._forward_nodes: Callable[..., Any] | None = None
+        self._forward_tuned: Callable[..., Any] | None = None
 
     def extra_reason(self, device: torch.device) -> str | None:
         """Why the kernel cannot run: disabled, CPU, toolchain, build failure or a forced path
@@ -272,9 +287,12 @@ class NativeBF16Kernel(FFFKernel):
         if BF16_ISA_CODES[isa] > BF16_ISA_CODES.get(best, 0):
             return f"this CPU does not support the {isa} path (best: {best or 'none'})"
         self._isa_code = BF16_ISA_CODES[isa]
-        forward, forward_nodes = ops.fff_bf16_forward.default, ops.fff_bf16_forward_nodes.default
-        self._forward = getattr(forward, "_op", forward)  # the C++ callable: one frame less
+        self._key = f"{library.path.name}/bf16-{isa}"
+        forward, tuned = ops.fff_bf16_forward.default, ops.fff_bf16_forward_tuned.default
+        forward_nodes = ops.fff_bf16_forward_tuned_nodes.default
+        self._forward_tuned = getattr(tuned, "_op", tuned)  # the C++ callables: one frame less
         self._forward_nodes = getattr(forward_nodes, "_op", forward_nodes)
+        self._forward = getattr(forward, "_op", forward)
         return None
 
     @property
@@ -284,11 +302,33 @@ class NativeBF16Kernel(FFFKernel):
 
     def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
              n_trees: int, depth: int, weight_format: str) -> NativeBF16Packed:
-        """bfloat16 rows (no copy when ``w_in`` already is contiguous bf16); see the class doc."""
+        """bfloat16 rows (no copy when ``w_in`` already is contiguous bf16) and the knobs
+        (tuned per shape as the fp32 kernel's, or the bf16 defaults); see the class doc."""
         w_in = w_in.detach()
         bias = b_in.detach() if b_in is not None else w_in.new_zeros(w_in.shape[0])
-        return NativeBF16Packed(w_in.to(torch.bfloat16).contiguous(), bias.float().contiguous(),
-                                w_out.detach().t().to(torch.bfloat16).contiguous())
+        packed = NativeBF16Packed(w_in.to(torch.bfloat16).contiguous(), bias.float().contiguous(),
+                                  w_out.detach().t().to(torch.bfloat16).contiguous(),
+                                  tuning.bf16_default_table(n_trees), n_trees)
+        return dataclasses.replace(packed, knobs=self.knobs_for(packed, n_trees, depth,
+                                                                weight_format))
+
+    def knobs_for(self, packed: NativeBF16Packed, n_trees: int, depth: int,
+                  weight_format: str) -> torch.Tensor:
+        """The knobs table for these packed weights: tuned (cached per CPU model; from the bf16
+        defaults) or those defaults."""
+        if not self._tune or self.unavailable_reason(torch.device("cpu"), torch.bfloat16,
+                                                     weight_format) is not None:
+            return tuning.bf16_default_table(n_trees)
+        forward, p = self._forward_tuned, packed
+        assert forward is not None
+
+        def run(x: torch.Tensor, knobs: torch.Tensor) -> object:
+            return forward(x.bfloat16(), p.w_in, p.b_in, p.w_out, n_trees, depth,
+                           self._isa_code, knobs)
+
+        shape = tuning.Shape(n_trees, depth, packed.w_in.shape[1], "bf16",
+                             torch.get_num_threads())
+        return tuning.table_for(shape, run, self._key, tuning.bf16_default_row)
 
     def forward(self, x: torch.Tensor, packed: NativeBF16Packed, n_trees: int, depth: int,
                 return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,11 +339,17 @@ class NativeBF16Kernel(FFFKernel):
             if reason is not None:
                 raise ResourceError(f"the native bf16 FFF kernel cannot run: {reason}")
         assert self._forward is not None and self._forward_nodes is not None
+        p = packed
+        knobs = p.knobs if p.knobs is not None else tuning.bf16_default_table(n_trees)
         if return_nodes:
-            return self._forward_nodes(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
-                                       self._isa_code)
-        return self._forward(x, packed.w_in, packed.b_in, packed.w_out, n_trees, depth,
-                             self._isa_code), None
+            return self._forward_nodes(x, p.w_in, p.b_in, p.w_out, n_trees, depth,
+                                       self._isa_code, knobs)
+        if p.untuned:
+            return self._forward(x, p.w_in, p.b_in, p.w_out, n_trees, depth,
+                                 self._isa_code), None
+        assert self._forward_tuned is not None
+        return self._forward_tuned(x, p.w_in, p.b_in, p.w_out, n_trees, depth, self._isa_code,
+                                   knobs), None
 
 
 # ------------------------------------------------------------------- int8 weights
