@@ -17,9 +17,15 @@ float64 reference before timing (routes, then values); the old build must give t
 the new one. With ``--dtypes bfloat16`` (or ``float32,bfloat16``) the same for the bf16 kernel
 against the dense FFN in bf16: ``native-bf16`` (what the layer runs), the same walk with the
 fp32 kernel's default knobs (``native-bf16-fp32knobs``) and the old revision's bf16 op
-(``native-bf16-old``), all checked to give the same bits. Each round times every variant back to back; the table gives medians over rounds
-and the speedup is the median of per-round ratios against the round's fastest dense variant. CPU model and flags, threads and
-the load average are recorded in the JSON (bench.common.environment).
+(``native-bf16-old``), all checked to give the same bits. With ``--dtypes int8`` the int8-weight
+kernel (fp32 activations) against the fp32 dense FFN and the fp32 kernel: ``native-int8`` (its
+best path on this CPU, autotuned, what the layer runs) and each other path (``native-int8-avx512``:
+int8 rows widened to fp32; ``native-int8-avx512vnni``: tokens quantized, VNNI routing dot
+products), each checked against the float64 reference of its own semantics (routes, then
+values), with ``..._vs_native`` the per-round ratio to the fp32 kernel. Each round times every
+variant back to back; the table gives medians over rounds and the speedup is the median of
+per-round ratios against the round's fastest dense variant. CPU model and flags, threads and the
+load average are recorded in the JSON (bench.common.environment).
 """
 
 from __future__ import annotations
@@ -45,7 +51,13 @@ from ultrafastbert.bench.ff import DenseFF, _packed_variant
 from ultrafastbert.fff import dispatch
 from ultrafastbert.fff.gemm.kernel import GemmKernel
 from ultrafastbert.fff.native import build, tuning
-from ultrafastbert.fff.native.kernel import NativeBF16Kernel, NativeCPUKernel
+from ultrafastbert.fff.native.kernel import (
+    INT8_ISA_CODES,
+    NativeBF16Kernel,
+    NativeCPUKernel,
+    NativeInt8Kernel,
+    quantize_tokens,
+)
 from ultrafastbert.fff.pytorch.kernel import TorchKernel
 from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.tree import n_nodes
@@ -180,6 +192,52 @@ def bf16_variants(n_trees: int, depth: int, d: int, old: OldOps | None
     return fns, weights
 
 
+def int8_variants(n_trees: int, depth: int, d: int
+                  ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict]:
+    """The timed functions of the int8 comparison: fp32 dense, the fp32 kernel (``native``,
+    autotuned) and the int8-weight kernel on each AVX-512 path this CPU runs (autotuned; the best path,
+    what the layer runs, as ``native-int8``); and each int8 path's (kernel, packed weights)."""
+    weights = make_weights(n_trees, depth, d)
+    fns: dict[str, Callable] = dict(dense_ffns(d, torch.float32))
+    fp32 = NativeCPUKernel()
+    p32 = fp32.pack(*weights, n_trees, depth, "fp32")
+    fns["native"] = lambda x: fp32.forward(x, p32, n_trees, depth)[0]
+    best = NativeInt8Kernel()
+    assert best.unavailable_reason(torch.device("cpu"), torch.float32, "int8") is None
+    paths = {}
+    for isa in INT8_ISA_CODES:
+        if isa == "avx2" and best.isa != "avx2":
+            continue  # the AVX2 fallback: not what an AVX-512 CPU runs
+        kernel = NativeInt8Kernel(isa)
+        if kernel.unavailable_reason(torch.device("cpu"), torch.float32, "int8") is not None:
+            continue
+        packed = kernel.pack(*weights, n_trees, depth, "int8")
+        name = "native-int8" if isa == best.isa else f"native-int8-{isa}"
+        fns[name] = lambda x, k=kernel, p=packed: k.forward(x, p, n_trees, depth)[0]
+        paths[name] = (kernel, packed)
+    return fns, paths
+
+
+def check_int8(paths: dict, n_trees: int, depth: int, d: int) -> None:
+    """Every int8 path against the float64 reference of its own semantics (dequantized weights;
+    on VNNI the dequantized tokens) on 300 tokens: routes equal except where a path logit is
+    within 1e-5 of 0 (at most 2% of tokens), then values."""
+    x = F.layer_norm(torch.randn(300, d, generator=torch.Generator().manual_seed(7)), (d,))
+    for name, (kernel, packed) in paths.items():
+        y, nodes = kernel.forward(x, packed, n_trees, depth, return_nodes=True)
+        w_in, b_in, w_out = packed.dequantized()
+        xr = x.double()
+        if kernel.isa == "avx512vnni":
+            q, scale = quantize_tokens(x)
+            xr = q.double() * scale.double()[:, None]
+        ref = fff_reference(xr, w_in.double(), b_in.double(), w_out.double(), n_trees, depth)
+        near = (ref.logits[..., :-1].abs() < 1e-5).flatten(1).any(1)
+        same = (nodes == ref.nodes).flatten(1).all(1)
+        assert (same | near).all() and near.float().mean() <= 0.02, f"{name}: routes differ"
+        err = (y.double() - ref.y)[~near].abs().max().item()
+        assert err <= 1e-5 * ref.y.abs().max().item() + 1e-7, f"{name}: values differ ({err})"
+
+
 def check(fns: dict, weights: tuple, n_trees: int, depth: int, d: int) -> None:
     """Every fp32 FFF variant against the float64 reference on 64 tokens; old and new native:
     same bits."""
@@ -232,28 +290,37 @@ def time_round(fn: Callable, x: torch.Tensor, budget_s: float, clock: str = "wal
 
 
 def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,
-          old: OldOps | None, dtype: torch.dtype = torch.float32, clock: str = "wall"
+          old: OldOps | None, dtype: torch.dtype | str = torch.float32, clock: str = "wall"
           ) -> list[dict]:
-    """Rows for one configuration in ``dtype`` (float32 or bfloat16); per variant the median
+    """Rows for one configuration in ``dtype`` (float32, bfloat16 or ``"int8"``: int8
+    weights, fp32 activations); per variant the median
     over rounds (wall clock) or the fewest (``clock="thread"``: CPU time, where interference
     only adds)."""
     summary = min if clock == "thread" else statistics.median
     n_trees, depth = map(int, config.split("x"))
-    if dtype == torch.bfloat16:
+    if dtype == "int8":
+        fns, paths = int8_variants(n_trees, depth, d)
+        check_int8(paths, n_trees, depth, d)
+        fns_dtype = torch.float32
+    elif dtype == torch.bfloat16:
         fns, weights = bf16_variants(n_trees, depth, d, old)
         check_bf16(fns, weights, n_trees, depth, d)
     else:
         fns, weights = variants(n_trees, depth, d, old)
         check(fns, weights, n_trees, depth, d)
+    if dtype != "int8":
+        fns_dtype = dtype
     out = []
     for t in tokens:
-        x = F.layer_norm(torch.randn(t, d), (d,)).to(dtype)
+        x = F.layer_norm(torch.randn(t, d), (d,)).to(fns_dtype)
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
                 samples[name].append(time_round(fn, x, budget_s, clock) / t * 1e6)
         row: dict[str, object] = {"config": config, "d_model": d, "tokens": t,
                                   "dtype": str(dtype).replace("torch.", "")}
+        if dtype == "int8":
+            row["dtype"] = "float32 (int8 weights)"
         # Speedups against the fastest dense variant of each round.
         fastest = [min(v) for v in zip(*(s for n, s in samples.items() if n.startswith("dense")),
                                        strict=True)]
@@ -262,6 +329,10 @@ def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,
             if not name.startswith("dense"):
                 row[f"{name}_speedup"] = round(statistics.median(
                     a / b for a, b in zip(fastest, s, strict=True)), 2)
+        for name in samples:  # the int8 paths against the fp32 kernel (> 1: int8 faster)
+            if name.startswith("native-int8"):
+                row[f"{name}_vs_native"] = round(statistics.median(
+                    a / b for a, b in zip(samples["native"], samples[name], strict=True)), 3)
         for new, old_name in (("native", "native-old"), ("native-fixed", "native-old"),
                               ("native-bf16", "native-bf16-old"),
                               ("native-bf16-fp32knobs", "native-bf16-old")):
@@ -288,7 +359,8 @@ def main() -> None:
                         help="thread: this thread's CPU time per call, fewest over rounds "
                              "(needs --threads 1; robust to other load on the machine)")
     parser.add_argument("--dtypes", default="float32",
-                        help="float32 and/or bfloat16 (the bf16 kernel against bf16 dense)")
+                        help="float32, bfloat16 (the bf16 kernel against bf16 dense) and/or "
+                             "int8 (the int8-weight kernel against fp32 dense and fp32 kernel)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.clock == "thread" and args.threads != 1:
@@ -302,7 +374,8 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     with torch.no_grad():
-        for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        for dtype in (name if name == "int8" else getattr(torch, name)
+                      for name in args.dtypes.split(",")):
             for config in args.configs.split(","):
                 rows += bench(config, args.d_model, tokens, args.rounds, args.budget_s, old,
                               dtype, args.clock)

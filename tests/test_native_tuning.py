@@ -145,9 +145,9 @@ def count_measurements(monkeypatch) -> list:
     calls: list = []
     real = tuning.measure
 
-    def counted(shape, run):
+    def counted(shape, run, *defaults):
         calls.append(shape.key)
-        return real(shape, run)
+        return real(shape, run, *defaults)
 
     monkeypatch.setattr(tuning, "measure", counted)
     return calls
@@ -365,3 +365,29 @@ def test_sorted_and_split_walks_send_exact_zero_logits_left(knobs):
     assert nodes[0::3, :, 1].eq(torch.arange(n_trees) * 3 + 1).all()  # ties went left
     assert torch.equal(nodes, ref.nodes)
     check_values(y, ref.y, torch.ones(tokens, dtype=torch.bool), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_bf16_and_int8_kernels_are_tuned_too(tuning_on, monkeypatch, kind):
+    """The bf16 and int8-weight kernels take tuned knobs like the fp32 one (the bf16 one from
+    its own defaults): measured once per shape, cached under their own key, same bits."""
+    from ultrafastbert.fff.native.kernel import NativeBF16Kernel, NativeInt8Kernel
+
+    make = NativeBF16Kernel if kind == "bf16" else NativeInt8Kernel
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    fmt = "fp32" if kind == "bf16" else "int8"
+    if make().unavailable_reason(torch.device("cpu"), dtype, fmt) is not None:
+        pytest.skip("native kernel unavailable")
+    calls = count_measurements(monkeypatch)
+    weights = make_weights(4, 3, 37)
+    tuned = make().pack(*weights, 4, 3, fmt)
+    again = make().pack(*weights, 4, 3, fmt)
+    assert calls == [f"4x3/d37/{kind}/t{torch.get_num_threads()}"]  # the second from the cache
+    assert torch.equal(tuned.knobs, again.knobs)
+    fixed = make(tune=False).pack(*weights, 4, 3, fmt)
+    assert fixed.untuned
+    x = make_inputs(40, 37).to(dtype)
+    kernel = make()
+    for a, b in zip(kernel.forward(x, tuned, 4, 3, return_nodes=True),
+                    kernel.forward(x, fixed, 4, 3, return_nodes=True), strict=True):
+        assert torch.equal(a, b)

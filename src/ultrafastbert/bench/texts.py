@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 BATCH = 32
+#: ``--precision`` name of precision int8 with the FFF blocks' weights kept in float32 (the
+#: int8 FFF kernel's comparison; ``ULTRAFASTBERT_FFF_INT8=0`` while its encoder is built).
+INT8_FP32_FFF = "int8-fff32"
 LONG_TOKENS = 128
 
 
@@ -164,15 +167,35 @@ def build_embedders(converted: Path, dense: Path, precisions: Sequence[str],
         _openvino(onnx, embedders, tok, skipped)
     for p in precisions:
         for label, directory in (("FFF", converted), ("dense", dense)):
-            if label == "dense" and p == "auto":
+            if label == "dense" and p in ("auto", INT8_FP32_FFF):
                 continue  # the dense rows are the ablation at fixed precisions
-            predictor = Predictor.from_pretrained(directory, precision=p, batch_size=BATCH)
+            predictor = Predictor.from_pretrained(
+                directory, precision="int8" if p == INT8_FP32_FFF else p, batch_size=BATCH)
+            if p == INT8_FP32_FFF:
+                _build_with_fp32_fff(predictor)
             chosen = predictor.precision_choice.chosen
             name = f"ours {label} {p}" + (f" ({chosen['short']}/{chosen['long']})"
                                           if p == "auto" else "")
             predictors[name] = predictor
             embedders[name] = predictor_embedder(predictor)
     return embedders, predictors, skipped
+
+
+def _build_with_fp32_fff(predictor: Any) -> None:
+    """Build ``predictor``'s int8 encoder with its FFF blocks' weights kept in float32."""
+    import os
+
+    from ..infer.precision import FFF_INT8_SWITCH
+
+    before = os.environ.get(FFF_INT8_SWITCH)
+    os.environ[FFF_INT8_SWITCH] = "0"
+    try:
+        predictor._encoder("int8")
+    finally:
+        if before is None:
+            del os.environ[FFF_INT8_SWITCH]
+        else:
+            os.environ[FFF_INT8_SWITCH] = before
 
 
 def _onnx(model: Any, embedders: dict[str, Embedder], tok: Any, skipped: dict[str, str]
@@ -241,7 +264,11 @@ def route_change_rate(predictor: Any, reference: Any, texts: Sequence[str]) -> f
 
     def routes(p: Any) -> list[torch.Tensor]:
         seen: list[torch.Tensor] = []
-        fffs = [m for m in p.model.modules() if isinstance(m, FFF)]
+        # The model's FFF modules and those its fast encoders run instead (int8 weights:
+        # infer.precision.fff_at's copies); only the ones that run record routes.
+        modules = [p.model, *getattr(p, "_fast", {}).values()]
+        fffs = list({id(m): m for root in modules if root is not None
+                     for m in root.modules() if isinstance(m, FFF)}.values())
         hooks = [m.register_forward_hook(lambda m, a, o: seen.append(
             m.forward_with_nodes(a[0].float().contiguous())[1])) for m in fffs]
         try:

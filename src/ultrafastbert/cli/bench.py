@@ -99,7 +99,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                             "PyTorch, ONNX Runtime and OpenVINO, on STS-B dev in batches of 32 "
                             "and 32x128, with STS-B Spearman and cosine columns (bench/texts.py)")
     texts.add_argument("--precision", type=_precisions, default=CHOICES,
-                       help=f"our Predictor's precisions to run (default: {','.join(CHOICES)})")
+                       help=f"our Predictor's precisions to run (default: {','.join(CHOICES)}; "
+                            "also int8-fff32: int8 with the FFF blocks' weights in float32)")
     texts.add_argument("--text-limit", type=positive_int, default=None,
                        help="time only the first N STS-B sentences")
     texts.add_argument("--quality-only", action="store_true",
@@ -112,12 +113,14 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _precisions(text: str) -> tuple[str, ...]:
+    from ..bench.texts import INT8_FP32_FFF
     from ..infer.precision import CHOICES
 
+    allowed = (*CHOICES, INT8_FP32_FFF)
     names = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in names if p not in CHOICES]
+    bad = [p for p in names if p not in allowed]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"--precision must be among {CHOICES}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--precision must be among {allowed}, got {text!r}")
     return names
 
 

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device to check (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16",
                                                           "float64"])
-    p.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "bf16-out"])
+    p.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "bf16-out", "int8"])
     p.add_argument("--config", default=None, metavar="KxD",
                    help="also show what 'auto' chooses for this tree shape, with reasons")
     p.add_argument("--d-model", type=int, default=768, help="width for --config (default 768)")
@@ -87,10 +87,31 @@ def _precisions(device: str, model: str | None) -> str:
         return "\n".join(lines + ["  (--model DIR shows what 'auto' picks for a model)"])
     from ..infer import Predictor
 
-    choice = Predictor.from_pretrained(model, device=device).precision_choice
+    predictor = Predictor.from_pretrained(model, device=device)
+    choice = predictor.precision_choice
     lines.append(f"auto for {model} ({torch.get_num_threads()} threads):")
     lines.append(choice.describe())
     for p in choice.cosine:
         lines.append(f"  {p}: cosine to float32 {choice.cosine[p]:.4f}; ms short "
                      f"{choice.ms['short'][p]:.1f}, long {choice.ms['long'][p]:.1f}")
+    if "int8" in ok:
+        lines += _int8_fff_blocks(predictor.model)
     return "\n".join(lines)
+
+
+def _int8_fff_blocks(model: torch.nn.Module) -> list[str]:
+    """Which weights each FFF layer shape of ``model`` runs at precision int8, and why."""
+    from ..fff import FFF
+    from ..infer.precision import fff_weight_format
+
+    shapes: dict[tuple[int, int, int], FFF] = {}
+    for m in model.modules():
+        if isinstance(m, FFF):
+            shapes.setdefault((m.n_trees, m.depth, m.d_model), m)
+    if not shapes:
+        return []
+    lines = ["FFF blocks at precision int8 (int8 weights where measured faster):"]
+    for (k, d, width), fff in shapes.items():
+        fmt, why = fff_weight_format(fff, "int8")
+        lines.append(f"  {k}x{d} at d={width}: {fmt} weights -- {why}")
+    return lines

@@ -64,12 +64,12 @@ def registry() -> dict[str, FFFKernel]:
     """
     if not _REGISTRY:
         from .gemm.kernel import GemmKernel
-        from .native.kernel import NativeBF16Kernel, NativeCPUKernel
+        from .native.kernel import NativeBF16Kernel, NativeCPUKernel, NativeInt8Kernel
         from .pytorch.kernel import TorchKernel
         from .triton.kernel import TritonKernel
 
         kernels: list[FFFKernel] = [TritonKernel(), NativeCPUKernel(), NativeBF16Kernel(),
-                                    TorchKernel(), GemmKernel()]
+                                    NativeInt8Kernel(), TorchKernel(), GemmKernel()]
         _REGISTRY.update((k.name, k) for k in kernels)
     return _REGISTRY
 

@@ -18,8 +18,10 @@ from ..errors import InputError
 
 #: ``fp32``: weights as they are (same dtype as the input). ``bf16``: both weight matrices rounded
 #: to bfloat16 (half the memory traffic; may change routes). ``bf16-out``: routing weights kept in
-#: the input precision, only output rows in bfloat16 (routes identical to ``fp32``).
-WEIGHT_FORMATS = ("fp32", "bf16", "bf16-out")
+#: the input precision, only output rows in bfloat16 (routes identical to ``fp32``). ``int8``:
+#: every node row symmetric int8 with one float scale (a quarter of the traffic; may change
+#: routes; the ``native-int8`` kernel only).
+WEIGHT_FORMATS = ("fp32", "bf16", "bf16-out", "int8")
 
 
 def validate_weight_format(weight_format: str) -> None:

@@ -44,7 +44,8 @@ LONG_TOKENS = 128
 #: Mean tokens per text from which a batch counts as ``long``.
 LONG_FROM = 64
 #: The cache entry's name; its version goes up whenever the packed path's speed changes (v3: the
-#: float32 matmul attention at sentence widths), so choices timed on the old path are not reused.
+#: float32 matmul attention at sentence widths; v4: int8 FFF weights at precision int8 and the
+#: native packed attention), so choices timed on the old path are not reused.
 CACHE_KEY = "encoder-precision-v4"
 
 #: ``encode(texts) -> (ids (T,), packing)``.

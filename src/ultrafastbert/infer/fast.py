@@ -26,7 +26,7 @@ from torch import nn
 
 from ..fff import FFF
 from .packing import Packing
-from .precision import STREAM_DTYPES, fused, make_linear, norm_for
+from .precision import STREAM_DTYPES, fff_at, fused, make_linear, norm_for
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _feed_forward(layer: Any, precision: str) -> nn.Module:
         return DenseBlock(inter.dense, inter.intermediate_act_fn, out.dense, precision)
     if not any(True for _ in inter.parameters()):
         return inter  # a removed block (zeros)
-    return InDtype(inter, _block_dtype(inter))
+    return InDtype(fff_at(inter, precision), _block_dtype(inter))
 
 
 def packed_token_types(ids: torch.Tensor, packing: Packing, sep_id: int) -> torch.Tensor:
@@ -178,7 +178,8 @@ class PackedNativeLayer(nn.Module):
         self.out = make_linear(attn.dense, precision)
         self.norm1, self.norm2 = norm_for(layer.norm1, dtype), norm_for(layer.norm2, dtype)
         ffn = layer.ffn
-        self.ffn: nn.Module = (InDtype(ffn, _block_dtype(ffn)) if isinstance(ffn, FFF) else
+        self.ffn: nn.Module = (InDtype(fff_at(ffn, precision), _block_dtype(ffn))
+                               if isinstance(ffn, FFF) else
                                DenseBlock(ffn.linear_in, nn.functional.gelu, ffn.linear_out,
                                           precision))
 

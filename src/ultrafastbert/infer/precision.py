@@ -8,14 +8,19 @@ precision  dense linears                        hidden states, norms FFF blocks
 ========== ==================================== =================== ==========================
 float32    oneDNN GEMM, prepacked fp32 weight   float32             float32 kernel
 bfloat16   oneDNN GEMM, prepacked bf16 weight   bfloat16            float32 kernel (cast in/out)
-int8       int8 weights, one scale per output   float32             float32 kernel
-           row; activations quantized per call
-           (PyTorch's quantized dynamic linear)
+int8       int8 weights, one scale per output   float32             int8-weight kernel where
+           row; activations quantized per call                      measured faster, else
+           (PyTorch's quantized dynamic linear)                     float32 kernel
 ========== ==================================== =================== ==========================
 
 No GEMM is written here: the int8 path is ``torch.ops.quantized.linear_dynamic`` (FBGEMM /
 oneDNN, VNNI dot products where the CPU has them) on a weight quantized per output channel,
 which keeps the pooled cosine that per-tensor scales lose (docs/precision.md).
+
+At int8 the FFF blocks run the ``native-int8`` kernel (weight format ``int8``: every node row
+int8 with one scale) for each layer shape where it is measured faster than the float32 kernel
+(:func:`fff_weight_format`: timed on first use at :data:`FFF_MEASURED_TOKENS`, cached per CPU
+like the kernel's knobs); the model's own FFF modules are not changed (:func:`fff_at`).
 
 :func:`unavailable` says why a precision cannot run on this CPU. A CPU is treated as lacking
 VNNI / AVX512-BF16 when ``ULTRAFASTBERT_CPU_FLAGS_OFF`` names the flag (comma-separated, e.g.
@@ -25,6 +30,7 @@ that has them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from functools import cache
@@ -35,13 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..fff import FFF
+from ..fff.layer import FFFRuntime
 from ..model.linear import InferenceLinear
+from ..utils.cache import PackedCache
+from ..utils.env import switched_off
+from ..utils.machine import ENV_FLAGS_OFF as ENV_FLAGS_OFF  # re-exported: the switch's name
+from ..utils.machine import flags_switched_off
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 CHOICES = (*PRECISIONS, "auto")
-ENV_FLAGS_OFF = "ULTRAFASTBERT_CPU_FLAGS_OFF"
 #: Flags that make each low precision worth running (any one of them).
 NEEDED_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"),
                 "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
@@ -69,8 +80,7 @@ def _proc_flags() -> frozenset[str]:
 
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (``/proc/cpuinfo``), less those :data:`ENV_FLAGS_OFF` names."""
-    off = {f.strip() for f in os.environ.get(ENV_FLAGS_OFF, "").split(",") if f.strip()}
-    return _proc_flags() - off
+    return _proc_flags() - flags_switched_off()
 
 
 def unavailable(precision: str, device: torch.device | str = "cpu") -> str | None:
@@ -171,3 +181,156 @@ def norm_for(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.Module:
     if norm.weight is None or norm.weight.dtype == dtype:
         return norm
     return CastLayerNorm(norm, dtype)
+
+
+# ------------------------------------------------------------------ FFF blocks at int8
+#: Tokens per call at which the int8-weight FFF kernel is timed against the float32 one (a
+#: batch of 32 short texts is ~600 tokens, 32 x 128 is 4,096); it is used where its µs per
+#: token summed over these counts is lower.
+FFF_MEASURED_TOKENS = (128, 1024)
+#: Cache entries of those measurements (in the native kernel's tuning file, one per CPU).
+FFF_CACHE_KEY = "fff-int8-v2"
+#: Environment switch: ``0`` (or ``false``/``off``/``no``) keeps the FFF blocks' weights in
+#: float32 at precision int8 (read when an encoder is built; how the two are compared).
+FFF_INT8_SWITCH = "ULTRAFASTBERT_FFF_INT8"
+
+
+def fff_weight_format(fff: FFF, precision: str) -> tuple[str, str]:
+    """The weight format ``fff``'s kernel takes at ``precision`` (``int8`` or ``fp32``), and why.
+
+    ``int8`` only at precision int8, on the CPU, where the ``native-int8`` kernel runs and was
+    measured faster than the float32 ``native`` kernel for this layer shape (µs per token summed
+    over :data:`FFF_MEASURED_TOKENS`; random weights, the two timed alternately on first use,
+    cached per CPU, shape,
+    threads and kernel build; with ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32;
+    :data:`FFF_INT8_SWITCH` off: fp32).
+    """
+    from ..fff import dispatch
+    from ..fff.native import tuning
+
+    if precision != "int8":
+        return "fp32", f"precision {precision}"
+    if switched_off(FFF_INT8_SWITCH) is not None:
+        return "fp32", f"switched off ({FFF_INT8_SWITCH}={switched_off(FFF_INT8_SWITCH)})"
+    device = fff.linear_in.weight.device
+    if device.type != "cpu" or fff.linear_in.weight.dtype != torch.float32:
+        return "fp32", "int8 FFF weights are a float32 CPU path"
+    reasons = dict(dispatch.explain(device, torch.float32, "int8"))
+    if reasons.get("native-int8") is not None:
+        return "fp32", f"native-int8 cannot run: {reasons['native-int8']}"
+    if dict(dispatch.explain(device, torch.float32, "fp32")).get("native") is not None:
+        return "int8", "the float32 native kernel cannot run here"
+    if tuning.disabled() is not None:
+        return "fp32", f"not measured ({tuning.ENV_SWITCH}={tuning.disabled()})"
+    entry = _fff_timings(fff)
+    fp32, int8 = entry["us_per_token"]["native"], entry["us_per_token"]["native-int8"]
+    detail = ", ".join(f"{t} tokens: fp32 {a:.3g} / int8 {b:.3g} us/token"
+                       for t, a, b in zip(entry["tokens"], fp32, int8, strict=True))
+    faster = sum(int8) < sum(fp32)
+    return ("int8" if faster else "fp32"), (
+        f"int8 weights {'faster' if faster else 'not faster'} for {fff.n_trees}x{fff.depth} "
+        f"at d={fff.d_model} ({detail}; measured on first use, cached)")
+
+
+def _fff_timings(fff: FFF) -> dict[str, Any]:
+    """The cached (or now measured) timings of the fp32 and int8 kernels for ``fff``'s shape."""
+    from ..fff import dispatch
+    from ..fff.native import build, tuning
+
+    shape = dispatch.Workload(fff.n_trees, fff.depth, fff.d_model)
+    library = build.status()
+    build_key = "" if isinstance(library, str) else library.path.name
+    isa = getattr(dispatch.registry()["native-int8"], "isa", None)
+    key = f"{shape.config}/d{shape.d_model}/t{torch.get_num_threads()}/{isa}"
+
+    def measure() -> dict[str, Any]:
+        return _time_fff_kernels(shape)
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and entry.get("tokens") == list(FFF_MEASURED_TOKENS)
+                and set(entry.get("us_per_token", {})) == {"native", "native-int8"})
+
+    return tuning.cached(f"{FFF_CACHE_KEY}/{build_key}", key, measure, valid)
+
+
+@torch.no_grad()
+def _time_fff_kernels(shape: Any, samples: int = 7, sample_s: float = 0.004) -> dict[str, Any]:
+    """µs per token of the fp32 ``native`` and the ``native-int8`` kernel on random weights of
+    ``shape`` (std 0.02) at each count of :data:`FFF_MEASURED_TOKENS`: the fastest of
+    ``samples`` samples of about ``sample_s`` of calls each, the two kernels' samples
+    alternating (a load spike slows one sample, not one kernel)."""
+    import time
+
+    from ..fff import dispatch
+    from ..fff.tree import n_nodes
+
+    g = torch.Generator().manual_seed(0)
+    width, d = shape.n_trees * n_nodes(shape.depth), shape.d_model
+    weights = (torch.randn(width, d, generator=g) * 0.02, torch.zeros(width),
+               torch.randn(d, width, generator=g) * 0.02)
+    kernels = dispatch.registry()
+    runs = {name: (kernels[name], kernels[name].pack(*weights, shape.n_trees, shape.depth, fmt))
+            for name, fmt in (("native", "fp32"), ("native-int8", "int8"))}
+    result: dict[str, list[float]] = {name: [] for name in runs}
+    for count in FFF_MEASURED_TOKENS:
+        x = F.layer_norm(torch.randn(count, d, generator=g), (d,))
+        best = {name: float("inf") for name in runs}
+        calls = {}
+        for name, (kernel, packed) in runs.items():
+            kernel.forward(x, packed, shape.n_trees, shape.depth)  # warm-up
+            start = time.perf_counter()
+            kernel.forward(x, packed, shape.n_trees, shape.depth)
+            calls[name] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-7)))
+        for _ in range(samples):
+            for name, (kernel, packed) in runs.items():
+                start = time.perf_counter()
+                for _ in range(calls[name]):
+                    kernel.forward(x, packed, shape.n_trees, shape.depth)
+                per_token = (time.perf_counter() - start) / calls[name] / count * 1e6
+                best[name] = min(best[name], per_token)
+        for name in runs:
+            result[name].append(round(best[name], 4))
+    logger.info("FFF %s at d=%d: fp32 vs int8 weights, us/token at %s tokens: %s", shape.config,
+                d, list(FFF_MEASURED_TOKENS), result)
+    return {"tokens": list(FFF_MEASURED_TOKENS), "us_per_token": result}
+
+
+def fff_at(block: nn.Module, precision: str) -> nn.Module:
+    """``block`` (an :class:`FFF`, or a module whose direct children include one, such as a
+    converted ``FFFBlock``) as it runs at ``precision``: itself, or where
+    :func:`fff_weight_format` says ``int8``, a shallow copy whose FFF takes int8 weights. The
+    copy shares every parameter; the model's own modules are not changed."""
+    if precision != "int8":
+        return block
+    if isinstance(block, FFF):
+        return _fff_view(block, precision)
+    children = {name: _fff_view(m, precision) if isinstance(m, FFF) else m
+                for name, m in block._modules.items()}
+    if all(children[name] is m for name, m in block._modules.items()):
+        return block
+    view = _shallow_copy(block)
+    view._modules = children
+    return view
+
+
+def _shallow_copy(module: nn.Module) -> Any:
+    """A copy of ``module`` sharing its parameters, buffers and submodules, with dicts of its own
+    (assigning to the copy, or hooking it, leaves ``module`` as it was)."""
+    view = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, dict):  # _parameters, _modules, _buffers, the hooks ...
+            view.__dict__[name] = copy.copy(value)
+    return view
+
+
+def _fff_view(fff: FFF, precision: str) -> FFF:
+    """``fff`` itself, or a copy sharing its parameters that runs int8 weights (logged)."""
+    fmt, why = fff_weight_format(fff, precision)
+    logger.info("FFF %dx%d at d=%d, precision %s: %s weights (%s)", fff.n_trees, fff.depth,
+                fff.d_model, precision, fmt, why)
+    if fmt == fff.runtime.weight_format:
+        return fff
+    view = _shallow_copy(fff)
+    view._cache = PackedCache()  # its own packed copy (the original's stays with it)
+    view.runtime = FFFRuntime("auto", fmt, fff.runtime.training)
+    return view

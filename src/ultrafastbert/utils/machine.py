@@ -19,6 +19,18 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx
                "amx_int8")
 
 
+#: Environment switch hiding CPU flags (comma-separated ``/proc/cpuinfo`` names, e.g.
+#: ``avx512_vnni,avx512_bf16``): how the paths for CPUs without them are tested on one that has
+#: them. Read on each call of :func:`flags_switched_off`.
+ENV_FLAGS_OFF = "ULTRAFASTBERT_CPU_FLAGS_OFF"
+
+
+def flags_switched_off() -> frozenset[str]:
+    """The flags :data:`ENV_FLAGS_OFF` hides (empty when unset)."""
+    return frozenset(f.strip() for f in os.environ.get(ENV_FLAGS_OFF, "").split(",")
+                     if f.strip())
+
+
 def _read_cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

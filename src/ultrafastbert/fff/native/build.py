@@ -1,6 +1,7 @@
 """Build, cache and load the native CPU kernel on first use (never at import).
 
-The C++ sources (the fp32 ops ``fff_cpu.cpp`` and the bf16 ops ``fff_cpu_bf16.cpp``, both over
+The C++ sources (the fp32 ops ``fff_cpu.cpp``, the bf16 ops ``fff_cpu_bf16.cpp`` and the int8-weight
+ops ``fff_cpu_int8.cpp``, all over
 ``fff_cpu_kernel.h`` and its one templated walk ``fff_cpu_walk.h``) are compiled into one library
 with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
 ``<cache>/native-<key>/``, where ``<cache>`` is ``$ULTRAFASTBERT_CACHE`` or
@@ -43,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "ultrafastbert_fff_cpu"
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fff_cpu.cpp", "fff_cpu_bf16.cpp", "fff_cpu_kernel.h", "fff_cpu_walk.h",
-           "fff_cpu_train.cpp", "fff_cpu_train_walk.h",  # training: training.py
+SOURCES = ("fff_cpu.cpp", "fff_cpu_bf16.cpp", "fff_cpu_int8.cpp", "fff_cpu_kernel.h",
+           "fff_cpu_walk.h", "fff_cpu_train.cpp", "fff_cpu_train_walk.h",  # training: training.py
            "attention_cpu.cpp", "attention_cpu_walk.h")  # packed attention: infer/native_attention.py
 #: Instruction sets the kernel is compiled for, best first, with the op's numeric code.
 ISA_CODES = {"avx512": 2, "avx2": 1}

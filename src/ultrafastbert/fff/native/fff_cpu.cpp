@@ -22,22 +22,6 @@ std::string isa_name() {
   return best >= kAvx512 ? "avx512" : best == kAvx2 ? "avx2" : "";
 }
 
-// The fixed defaults (what the untuned ops use; tuning.py's default_row says the same): prefetch
-// from kPrefetchTokens tokens; several trees: one token's trees together, and from 2 tokens
-// tree-major blocks of 256 tokens walked level by level sorted by node (run_tree_sorted: 5-22%
-// less CPU per token than unsorted blocks of 64 walked 8 at a time for 8x7-32x5 at d=384, AMD
-// Zen 4, 1 thread, docs/native.md).
-Knobs default_knobs(int64_t tokens, int64_t n_trees) {
-  Knobs k;
-  k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
-  if (n_trees > 1 && tokens > 1) {
-    k.group = 8;
-    k.block = 256;
-    k.sort = 1;
-  }
-  return k;
-}
-
 // An instruction set's entry points for these weight types, picked once per call.
 template <class X>
 Runs runs_of(int64_t isa, bool in_bf16, bool out_bf16) {

@@ -1,5 +1,6 @@
 // The native FFF kernel's shared parts (docs/design.md §1.1), included by the .cpp files that
-// register ops (fff_cpu.cpp: fp32; fff_cpu_bf16.cpp: bf16 end to end):
+// register ops (fff_cpu.cpp: fp32; fff_cpu_bf16.cpp: bf16 end to end; fff_cpu_int8.cpp: int8
+// weights with fp32 activations):
 //
 //   logit_n = x . w_in[n] + b_in[n];  go right iff logit_n > 0 (exact 0 and NaN go left)
 //   y = sum over trees, sum over visited n of GELU(logit_n) * w_out_row[n]   (exact erf GELU)
@@ -34,6 +35,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -49,6 +51,14 @@
 #define FFF_HAVE_DPBF16 0
 #endif
 
+// The AVX512-VNNI path of the int8 ops (_mm512_dpbusd_epi32): GCC 9+, clang 9+.
+#if (defined(__clang__) && __clang_major__ >= 9) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 9)
+#define FFF_HAVE_VNNI 1
+#else
+#define FFF_HAVE_VNNI 0
+#endif
+
 #define FFF_INLINE inline __attribute__((always_inline))
 
 namespace {
@@ -57,11 +67,14 @@ namespace {
 using bf16_bits = uint16_t;
 
 // The element types of a walk: X of x and y, In of the routing rows, Out of the output rows.
-template <class X_, class In_, class Out_>
+// XIn: what the walk reads x as (X, or for the VNNI int8 path uint8 quantized tokens, see
+// fff_cpu_int8.cpp).
+template <class X_, class In_, class Out_, class XIn_ = X_>
 struct Elems {
   using X = X_;
   using In = In_;
   using Out = Out_;
+  using XIn = XIn_;
 };
 
 // The CPU-dependent choices of how a call is walked (chosen per shape and token class by the
@@ -103,6 +116,11 @@ struct Problem {
   int64_t tokens = 0;           // T (the split walk)
   float* act = nullptr;         // (T, K*(D+1)) activations (the split walk)
   int64_t* path_nodes = nullptr;  // (T, K*(D+1)) node ids (the split walk)
+  const float* s_in = nullptr;    // (K*N,) int8 routing rows: each row's scale (else unused)
+  const float* s_out = nullptr;   // (K*N,) int8 output rows: each row's scale (else unused)
+  const float* c_in = nullptr;    // (K*N,) VNNI path: 128 * each int8 routing row's sum
+  int64_t x_stride = 0;           // elements of E::XIn from one token's x to the next's (d,
+                                  // or the VNNI path's quantized rows)
 };
 
 // (token, row) dot products computed together in one dot_group: their chains are independent,
@@ -142,6 +160,22 @@ std::vector<int64_t> bucket_order(const std::vector<int64_t>& local, int64_t spl
   return order;
 }
 
+// The fixed defaults of the fp32 and int8-weight ops (what their untuned ops use; tuning.py's
+// default_row says the same): prefetch from kPrefetchTokens tokens; several trees: one token's
+// trees together, and from 2 tokens tree-major blocks of 256 tokens walked level by level sorted
+// by node (run_tree_sorted: 5-22% less CPU per token than unsorted blocks of 64 walked 8 at a
+// time for 8x7-32x5 at d=384, AMD Zen 4, 1 thread, docs/native.md).
+Knobs default_knobs(int64_t tokens, int64_t n_trees) {
+  Knobs k;
+  k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
+  if (n_trees > 1 && tokens > 1) {
+    k.group = 8;
+    k.block = 256;
+    k.sort = 1;
+  }
+  return k;
+}
+
 using RunFn = void (*)(const Problem&, int64_t, int64_t);
 
 // An instruction set's entry points for one set of element types: run(pb, t0, t1) for tokens
@@ -176,6 +210,11 @@ struct V {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // int8 weights (fff_cpu_int8.cpp): sign-extended to int32, then converted (exact).
+  FFF_TARGET FFF_INLINE static R load(const int8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
   FFF_TARGET FFF_INLINE static __mmask16 mask(int n) {
     return static_cast<__mmask16>((1u << n) - 1u);
   }
@@ -186,6 +225,9 @@ struct V {
   FFF_TARGET FFF_INLINE static R load_n(const bf16_bits* p, int n) {
     const __m256i h = _mm256_maskz_loadu_epi16(mask(n), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  FFF_TARGET FFF_INLINE static R load_n(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(n), p)));
   }
   FFF_TARGET FFF_INLINE static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
   FFF_TARGET FFF_INLINE static void store_n(float* p, R a, int n) {
@@ -235,6 +277,10 @@ struct V {
   FFF_TARGET FFF_INLINE static R load(const bf16_bits* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  FFF_TARGET FFF_INLINE static R load(const int8_t* p) {  // int8 weights, exact
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
   template <class T>
   FFF_TARGET FFF_INLINE static R load_n(const T* p, int n) {
@@ -303,14 +349,95 @@ struct Dot<bf16_bits, bf16_bits> {
   FFF_TARGET FFF_INLINE static RW load_w_n(const bf16_bits* p, int n) {
     return _mm512_maskz_loadu_epi16(mask(n), p);
   }
-  FFF_TARGET FFF_INLINE static V::R madd(V::R acc, RX x, RW w) {
+  using Acc = V::R;
+  FFF_TARGET FFF_INLINE static Acc madd(Acc acc, RX x, RW w) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(x),
                             reinterpret_cast<const __m512bh&>(w));
   }
+  FFF_TARGET FFF_INLINE static Acc zero() { return V::zero(); }
+  FFF_TARGET FFF_INLINE static Acc add(Acc a, Acc b) { return V::add(a, b); }
+  FFF_TARGET FFF_INLINE static float sum(Acc a) { return V::sum(a); }
 };
 
 #undef FFF_TARGET
 }  // namespace avx512bf16
+#endif
+
+#if FFF_HAVE_VNNI
+namespace avx512vnni {
+#define FFF_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+using V = avx512::V;
+
+#include "fff_cpu_walk.h"
+
+// Quantized tokens (uint8: q + 128, see quantize_tokens) x int8 rows with _mm512_dpbusd_epi32:
+// 64 pairs per step, four products summed per int32 lane, all exact (|sum| < 2^31); the
+// reduction is exact too, and the float result is exact while |sum| < 2^24. Declared before any
+// walk is instantiated (fff_cpu_int8.cpp does that).
+template <>
+struct Dot<uint8_t, int8_t> {
+  using RX = __m512i;
+  using RW = __m512i;
+  using Acc = __m512i;
+  static constexpr int kStep = 64;
+  FFF_TARGET FFF_INLINE static __mmask64 mask(int n) {
+    return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+  }
+  FFF_TARGET FFF_INLINE static RX load_x(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  FFF_TARGET FFF_INLINE static RX load_x_n(const uint8_t* p, int n) {
+    return _mm512_maskz_loadu_epi8(mask(n), p);
+  }
+  FFF_TARGET FFF_INLINE static RW load_w(const int8_t* p) { return _mm512_loadu_si512(p); }
+  FFF_TARGET FFF_INLINE static RW load_w_n(const int8_t* p, int n) {
+    return _mm512_maskz_loadu_epi8(mask(n), p);
+  }
+  FFF_TARGET FFF_INLINE static Acc madd(Acc acc, RX x, RW w) {
+    return _mm512_dpbusd_epi32(acc, x, w);
+  }
+  FFF_TARGET FFF_INLINE static Acc zero() { return _mm512_setzero_si512(); }
+  FFF_TARGET FFF_INLINE static Acc add(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
+  FFF_TARGET FFF_INLINE static float sum(Acc a) {
+    return static_cast<float>(_mm512_reduce_add_epi32(a));
+  }
+};
+
+// Tokens [t0, t1) of x (T, d) fp32 -> rows of `stride` bytes at out: q + 128 as uint8, q =
+// x * (127 / max|x|) rounded to nearest even and clamped to [-127, 127] (0 for an all-zero
+// token), zeros up to the last 4 bytes, which hold the token's scale max|x| / 127 as a float
+// (NaN when the token has a NaN: its logits are then NaN, so it routes left and gives NaN).
+FFF_TARGET static void quantize_tokens(const float* x, int64_t t0, int64_t t1, int64_t d,
+                                       int64_t stride, uint8_t* out) {
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __m512i shift = _mm512_set1_epi32(128);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = x + t * d;
+    uint8_t* q = out + t * stride;
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < d; k += 16) {
+      const int n = d - k < 16 ? static_cast<int>(d - k) : 16;
+      const __m512 v = V::load_n(row + k, n);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    }
+    const float mx = _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+    for (int64_t k = 0; k < d; k += 16) {
+      const int n = d - k < 16 ? static_cast<int>(d - k) : 16;
+      __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(V::load_n(row + k, n), inv));
+      i = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi), shift);
+      _mm_mask_storeu_epi8(q + k, static_cast<__mmask16>(V::mask(n)), _mm512_cvtepi32_epi8(i));
+    }
+    std::memset(q + d, 0, stride - d - sizeof(float));
+    const float sx = nan ? std::numeric_limits<float>::quiet_NaN() : mx / 127.0f;
+    std::memcpy(q + stride - sizeof(float), &sx, sizeof(float));
+  }
+}
+
+#undef FFF_TARGET
+}  // namespace avx512vnni
 #endif
 
 // ------------------------------------------------------------------------ the ops' shared parts
@@ -338,6 +465,7 @@ struct OpSpec {
   bool fp32_weights;         // weights may be float32 as well as bfloat16
   int64_t max_isa;           // largest `isa` the op knows
   const char* isa_choices;   // the allowed values in words
+  bool int8_weights = false;  // weights are int8 (then nothing else), with row scales
 };
 
 // Every argument of a call, checked before anything is allocated or read.
@@ -355,12 +483,14 @@ void check_inputs(const OpSpec& op, const at::Tensor& x, const at::Tensor& w_in,
               op.name, ": x must be a contiguous 2-D ", c10::toString(op.act), " CPU tensor");
   const int64_t rows = n_trees * ((int64_t{2} << depth) - 1);
   for (const at::Tensor* w : {&w_in, &w_out}) {
-    const bool dtype_ok = w->scalar_type() == at::kBFloat16 ||
-                          (op.fp32_weights && w->scalar_type() == at::kFloat);
+    const bool dtype_ok = op.int8_weights ? w->scalar_type() == at::kChar
+                                          : w->scalar_type() == at::kBFloat16 ||
+                                                (op.fp32_weights && w->scalar_type() == at::kFloat);
     TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() && w->dim() == 2 &&
                     w->size(0) == rows && w->size(1) == x.size(1) && dtype_ok,
                 op.name, ": weights must be contiguous (", rows, ", ", x.size(1), ") ",
-                op.fp32_weights ? "float32/bfloat16" : "bfloat16", " CPU tensors");
+                op.int8_weights ? "int8" : op.fp32_weights ? "float32/bfloat16" : "bfloat16",
+                " CPU tensors");
   }
   TORCH_CHECK(b_in.device().is_cpu() && b_in.scalar_type() == at::kFloat &&
                   b_in.is_contiguous() && b_in.dim() == 1 && b_in.size(0) == rows,
@@ -443,8 +573,10 @@ at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
 Problem make_problem(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                      const at::Tensor& w_out, int64_t n_trees, int64_t depth,
                      const Knobs& knobs, at::Tensor& y, int64_t* nodes) {
-  return Problem{x.data_ptr(), w_in.data_ptr(), b_in.data_ptr<float>(), w_out.data_ptr(),
-                 y.data_ptr(), nodes, x.size(1), n_trees, depth, knobs};
+  Problem pb{x.data_ptr(), w_in.data_ptr(), b_in.data_ptr<float>(), w_out.data_ptr(),
+             y.data_ptr(), nodes, x.size(1), n_trees, depth, knobs};
+  pb.x_stride = x.size(1);
+  return pb;
 }
 
 // The split walk (Knobs::split): pass 1 over the trees, pass 2 over y's columns, each an

@@ -1,5 +1,6 @@
 // The FFF tree walk and output pass, written once for every element type and compiled once per
-// instruction set: the fp32 ops (fff_cpu.cpp) and the bf16 ops (fff_cpu_bf16.cpp) both run it.
+// instruction set: the fp32 ops (fff_cpu.cpp), the bf16 ops (fff_cpu_bf16.cpp) and the int8-weight
+// ops (fff_cpu_int8.cpp) all run it.
 //
 // fff_cpu_kernel.h includes this file inside `namespace avx512`, `namespace avx2` and (with a
 // compiler that knows AVX512-BF16) `namespace avx512bf16`, after defining there `struct V` (that
@@ -11,8 +12,11 @@
 //
 // The walks are templates on E, an Elems: E::X the type of x and y (float, or bf16 bits as
 // uint16_t), E::In that of the routing rows, E::Out that of the output rows. Logits, activations
-// and output sums are fp32 whatever the types; a bf16 output is rounded once, at the end. An
-// op's .cpp instantiates the walks it needs (runs_for<E>()).
+// and output sums are fp32 whatever the types; a bf16 output is rounded once, at the end. int8
+// rows carry one scale per row (Problem::s_in, s_out): a routing row's dot product is scaled
+// before the bias is added (node_logit), an output row is applied with its activation times its
+// scale (out_coef); the int8 values are widened to fp32 exactly in registers. An op's .cpp
+// instantiates the walks it needs (runs_for<E>()).
 
 // The routing dot product for inputs Tx and rows Tw: each step multiplies kStep elements of x by
 // kStep of the row and adds them into an fp32 accumulator. This one widens both to fp32 (exact
@@ -22,12 +26,16 @@ template <class Tx, class Tw>
 struct Dot {
   using RX = V::R;
   using RW = V::R;
+  using Acc = V::R;  // the accumulator (fp32 lanes here; int32 lanes for VNNI)
   static constexpr int kStep = V::W;
   FFF_TARGET FFF_INLINE static RX load_x(const Tx* p) { return V::load(p); }
   FFF_TARGET FFF_INLINE static RX load_x_n(const Tx* p, int n) { return V::load_n(p, n); }
   FFF_TARGET FFF_INLINE static RW load_w(const Tw* p) { return V::load(p); }
   FFF_TARGET FFF_INLINE static RW load_w_n(const Tw* p, int n) { return V::load_n(p, n); }
-  FFF_TARGET FFF_INLINE static V::R madd(V::R acc, RX x, RW w) { return V::fma(x, w, acc); }
+  FFF_TARGET FFF_INLINE static Acc madd(Acc acc, RX x, RW w) { return V::fma(x, w, acc); }
+  FFF_TARGET FFF_INLINE static Acc zero() { return V::zero(); }
+  FFF_TARGET FFF_INLINE static Acc add(Acc a, Acc b) { return V::add(a, b); }
+  FFF_TARGET FFF_INLINE static float sum(Acc a) { return V::sum(a); }
 };
 
 // logits[i] = x[i] . w[i] for G (token, row) pairs, rows of length d, with V::kAcc accumulators
@@ -39,9 +47,9 @@ FFF_TARGET static void dot_group(const Tx* const* x, const Tw* const* w, int64_t
                                  float* logits) {
   using D = Dot<Tx, Tw>;
   constexpr int A = V::kAcc, S = D::kStep;
-  V::R acc[G][A];
+  typename D::Acc acc[G][A];
   for (int i = 0; i < G; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+    for (int a = 0; a < A; ++a) acc[i][a] = D::zero();
   int64_t k = 0;
   for (; k + A * S <= d; k += A * S) {
     for (int i = 0; i < G; ++i)
@@ -54,8 +62,8 @@ FFF_TARGET static void dot_group(const Tx* const* x, const Tw* const* w, int64_t
       acc[i][a] = D::madd(acc[i][a], D::load_x_n(x[i] + k, n), D::load_w_n(w[i] + k, n));
   }
   for (int i = 0; i < G; ++i) {
-    for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
-    logits[i] = V::sum(acc[i][0]);
+    for (int a = 1; a < A; ++a) acc[i][0] = D::add(acc[i][0], acc[i][a]);
+    logits[i] = D::sum(acc[i][0]);
   }
 }
 
@@ -74,9 +82,9 @@ template <class Tx, class Tw, int G>
 FFF_TARGET static void dot_shared(const Tx* x, const Tw* const* w, int64_t d, float* logits) {
   using D = Dot<Tx, Tw>;
   constexpr int A = V::kAcc, S = D::kStep;
-  V::R acc[G][A];
+  typename D::Acc acc[G][A];
   for (int i = 0; i < G; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+    for (int a = 0; a < A; ++a) acc[i][a] = D::zero();
   int64_t k = 0;
   for (; k + A * S <= d; k += A * S) {
     for (int a = 0; a < A; ++a) {
@@ -90,8 +98,8 @@ FFF_TARGET static void dot_shared(const Tx* x, const Tw* const* w, int64_t d, fl
     for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], xv, D::load_w_n(w[i] + k, n));
   }
   for (int i = 0; i < G; ++i) {
-    for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
-    logits[i] = V::sum(acc[i][0]);
+    for (int a = 1; a < A; ++a) acc[i][0] = D::add(acc[i][0], acc[i][a]);
+    logits[i] = D::sum(acc[i][0]);
   }
 }
 
@@ -103,9 +111,9 @@ FFF_TARGET static void dot_row_shared(const Tx* const* x, const Tw* w, int64_t d
                                       float* logits) {
   using D = Dot<Tx, Tw>;
   constexpr int A = V::kAcc, S = D::kStep;
-  V::R acc[G][A];
+  typename D::Acc acc[G][A];
   for (int i = 0; i < G; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+    for (int a = 0; a < A; ++a) acc[i][a] = D::zero();
   int64_t k = 0;
   for (; k + A * S <= d; k += A * S) {
     for (int a = 0; a < A; ++a) {
@@ -119,8 +127,8 @@ FFF_TARGET static void dot_row_shared(const Tx* const* x, const Tw* w, int64_t d
     for (int i = 0; i < G; ++i) acc[i][a] = D::madd(acc[i][a], D::load_x_n(x[i] + k, n), wv);
   }
   for (int i = 0; i < G; ++i) {
-    for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
-    logits[i] = V::sum(acc[i][0]);
+    for (int a = 1; a < A; ++a) acc[i][0] = D::add(acc[i][0], acc[i][a]);
+    logits[i] = D::sum(acc[i][0]);
   }
 }
 
@@ -153,6 +161,26 @@ FFF_TARGET static void dot_pairs(const Tx* const* x, const Tw* const* w, int n, 
   }
 }
 
+// A node's logit from its routing row's dot product with x: plus the bias; an int8 row's dot
+// product is in units of the row's scale (fff_cpu_int8.cpp), so it is scaled first.
+template <class E>
+FFF_TARGET FFF_INLINE static float node_logit(const Problem& pb, int64_t id, float dot,
+                                              const typename E::XIn* x) {
+  if constexpr (std::is_same<typename E::XIn, uint8_t>::value) {
+    // VNNI: x quantized per token (quantize_tokens): dot = sum (q + 128) * w, so the row's
+    // 128 * sum(w) comes off first; the token's scale is stored after its row.
+    float sx;
+    std::memcpy(&sx, x + pb.x_stride - sizeof(float), sizeof(float));
+    return (dot - pb.c_in[id]) * (sx * pb.s_in[id]) + pb.b_in[id];
+  } else if constexpr (std::is_same<typename E::In, int8_t>::value) {
+    (void)x;
+    return dot * pb.s_in[id] + pb.b_in[id];
+  } else {
+    (void)x;
+    return dot + pb.b_in[id];
+  }
+}
+
 // Up to kChunk (token, tree) pairs of one level whose dot products are computed together.
 template <class Tx>
 struct Chunk {
@@ -170,13 +198,13 @@ struct Chunk {
 // Computes a full or final chunk's logits, stores them with their node ids, takes each pair one
 // level down (right iff logit > 0: an exact 0 and NaN go left) and empties the chunk.
 template <class E>
-FFF_TARGET static void flush_chunk(const Problem& pb, Chunk<typename E::X>& c) {
+FFF_TARGET static void flush_chunk(const Problem& pb, Chunk<typename E::XIn>& c) {
   using Tin = typename E::In;
   float logits[kChunk];
-  dot_pairs<typename E::X, Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d,
+  dot_pairs<typename E::XIn, Tin>(c.x, reinterpret_cast<const Tin* const*>(c.rows), c.n, pb.d,
                                 c.shared, c.same_row, logits);
   for (int j = 0; j < c.n; ++j) {
-    const float v = logits[j] + pb.b_in[c.ids[j]];
+    const float v = node_logit<E>(pb, c.ids[j], logits[j], c.x[j]);
     *c.z[j] = v;
     *c.node[j] = c.ids[j];
     *c.local[j] = 2 * *c.local[j] + 1 + (v > 0.0f ? 1 : 0);
@@ -189,9 +217,9 @@ FFF_TARGET static void flush_chunk(const Problem& pb, Chunk<typename E::X>& c) {
 // Adds the pair (token x, global node id) to the chunk, its logit and node id to go to *z and
 // *node and its tree-local node *local to be taken one level down; flushes a full chunk.
 template <class E>
-FFF_TARGET static void add_pair_at(const Problem& pb, Chunk<typename E::X>& c,
-                                   const typename E::X* x, int64_t id, int64_t* local, float* z,
-                                   int64_t* node) {
+FFF_TARGET static void add_pair_at(const Problem& pb, Chunk<typename E::XIn>& c,
+                                   const typename E::XIn* x, int64_t id, int64_t* local,
+                                   float* z, int64_t* node) {
   const int j = c.n++;
   c.shared = c.shared && (j == 0 || c.x[0] == x);
   c.same_row = c.same_row && (j == 0 || c.ids[0] == id);
@@ -210,8 +238,8 @@ FFF_TARGET static void add_pair_at(const Problem& pb, Chunk<typename E::X>& c,
 // Adds token i's pair with `tree` at `level` to the chunk (z and node: the token's path arrays,
 // position tree*(D+1) + level), flushing it when full.
 template <class E>
-FFF_TARGET static void add_pair(const Problem& pb, Chunk<typename E::X>& c,
-                                const typename E::X* x, int64_t tree, int64_t level,
+FFF_TARGET static void add_pair(const Problem& pb, Chunk<typename E::XIn>& c,
+                                const typename E::XIn* x, int64_t tree, int64_t level,
                                 int64_t* local, float* z, int64_t* node) {
   const int64_t n_nodes = (int64_t{2} << pb.depth) - 1;
   const int64_t id = tree * n_nodes + *local, pos = tree * (pb.depth + 1) + level;
@@ -227,10 +255,10 @@ FFF_TARGET static void add_pair(const Problem& pb, Chunk<typename E::X>& c,
 // pair's logit does not depend on the chunk it is in, so the order and grouping of pairs never
 // change a result.
 template <class E>
-FFF_TARGET static void walk_level(const Problem& pb, const typename E::X* const* x, int G,
+FFF_TARGET static void walk_level(const Problem& pb, const typename E::XIn* const* x, int G,
                                   int64_t tree0, int64_t tree1, int64_t level, bool token_major,
                                   int64_t* local, float* const* z, int64_t* const* node) {
-  Chunk<typename E::X> c;
+  Chunk<typename E::XIn> c;
   if (token_major) {
     for (int i = 0; i < G; ++i)
       for (int64_t tree = tree0; tree < tree1; ++tree)
@@ -249,7 +277,7 @@ FFF_TARGET static void walk_level(const Problem& pb, const typename E::X* const*
 // local[i] is token i's tree-local node (updated); writes z[i][p] and node[i][p] at path
 // position p = tree*(D+1) + level.
 template <class E, int G>
-FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* const* x,
+FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::XIn* const* x,
                                        int64_t tree, int64_t first, int64_t last,
                                        int64_t* local, float* const* z, int64_t* const* node) {
   using Tin = typename E::In;
@@ -265,9 +293,9 @@ FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* c
       if (pb.knobs.prefetch) prefetch_row(w_out + ids[i] * pb.d, pb.d);
     }
     float logits[G];
-    dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
+    dot_group<typename E::XIn, Tin, G>(x, rows, pb.d, logits);
     for (int i = 0; i < G; ++i) {
-      const float v = logits[i] + pb.b_in[ids[i]];
+      const float v = node_logit<E>(pb, ids[i], logits[i], x[i]);
       z[i][tree * path + level] = v;
       node[i][tree * path + level] = ids[i];
       local[i] = 2 * local[i] + 1 + (v > 0.0f ? 1 : 0);  // exact 0 and NaN go left
@@ -280,7 +308,7 @@ FFF_TARGET static void walk_tree_group(const Problem& pb, const typename E::X* c
 // token, sharing the token's x loads); otherwise the trees are walked one after another, a
 // tree's G tokens side by side. Same results either way.
 template <class E>
-FFF_TARGET static void walk_levels(const Problem& pb, const typename E::X* const* x, int G,
+FFF_TARGET static void walk_levels(const Problem& pb, const typename E::XIn* const* x, int G,
                                    int64_t first, int64_t last, int64_t* local,
                                    float* const* z, int64_t* const* node) {
   if (pb.knobs.trees_together && pb.n_trees > 1) {
@@ -315,16 +343,29 @@ static inline void gelu_all(float* act, int64_t P) {
 // zero: a token's rows applied in several calls, in path order, then see exactly the
 // multiply-adds of one call (an fp32 value stored and reloaded is unchanged), so the result is
 // bit-identical.
+// For int8 output rows, s_out holds each row's scale: the row is applied with its activation
+// times its scale (s_out is unused for float rows).
+template <class Tw>
+FFF_INLINE static float out_coef(const float* act, const int64_t* node, int64_t p,
+                                 const float* s_out) {
+  if constexpr (std::is_same<Tw, int8_t>::value) {
+    return act[p] * s_out[node[p]];
+  } else {
+    return act[p];
+  }
+}
+
 template <class Tw, class Ty>
 FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64_t P,
-                                    const Tw* w_out, int64_t d, Ty* y, bool accumulate = false) {
+                                    const Tw* w_out, const float* s_out, int64_t d, Ty* y,
+                                    bool accumulate = false) {
   constexpr int kTile = 8;  // vectors per tile: 8 independent FMA chains
   int64_t k = 0;
   for (; k + kTile * V::W <= d; k += kTile * V::W) {
     V::R acc[kTile];
     for (int j = 0; j < kTile; ++j) acc[j] = accumulate ? V::load(y + k + j * V::W) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
-      const V::R a = V::set1(act[p]);
+      const V::R a = V::set1(out_coef<Tw>(act, node, p, s_out));
       const Tw* row = w_out + node[p] * d + k;
       for (int j = 0; j < kTile; ++j) acc[j] = V::fma(a, V::load(row + j * V::W), acc[j]);
     }
@@ -334,7 +375,8 @@ FFF_TARGET static void apply_output(const float* act, const int64_t* node, int64
     const int n = d - k < V::W ? static_cast<int>(d - k) : V::W;
     V::R acc = accumulate ? V::load_n(y + k, n) : V::zero();
     for (int64_t p = 0; p < P; ++p) {
-      acc = V::fma(V::set1(act[p]), V::load_n(w_out + node[p] * d + k, n), acc);
+      acc = V::fma(V::set1(out_coef<Tw>(act, node, p, s_out)),
+                   V::load_n(w_out + node[p] * d + k, n), acc);
     }
     V::store_n(y + k, acc, n);
   }
@@ -380,23 +422,24 @@ FFF_TARGET static void run_groups(const Problem& pb, int64_t t0, int64_t t1, int
   const int64_t path = pb.depth + 1;
   const int64_t P = pb.n_trees * path;
   const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
-  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  using Tq = typename E::XIn;
+  const Tq* const xs = static_cast<const Tq*>(pb.x);
   Tx* const ys = static_cast<Tx*>(pb.y);
   float* acts[kMaxGroup];
   int64_t* nodes[kMaxGroup];
-  const Tx* x[kMaxGroup];
+  const Tq* x[kMaxGroup];
   for (int i = 0; i < G0; ++i) {
     acts[i] = act + i * P;
     nodes[i] = node + i * P;
   }
   for (int64_t t = t0; t < t1; t += G0) {
     const int G = static_cast<int>(t1 - t < G0 ? t1 - t : G0);
-    for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.d;
+    for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.x_stride;
     std::fill(local, local + G * pb.n_trees, int64_t{0});
     walk_levels<E>(pb, x, G, 0, path, local, acts, nodes);
     for (int i = 0; i < G; ++i) {
       gelu_all(acts[i], P);
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -413,13 +456,14 @@ FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t
   const int64_t path = pb.depth + 1, P = pb.n_trees * path;
   const int64_t G0 = pb.knobs.group;
   const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
-  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  using Tq = typename E::XIn;
+  const Tq* const xs = static_cast<const Tq*>(pb.x);
   std::vector<float> act(G0 * P);
   std::vector<int64_t> node(G0 * P), local(G0 * pb.n_trees);
   BlockSums<Tx> out(static_cast<Tx*>(pb.y), pb.d, pb.knobs.block);
   float* acts[kMaxGroup];
   int64_t* nodes[kMaxGroup];
-  const Tx* x[kMaxGroup];
+  const Tq* x[kMaxGroup];
   for (int i = 0; i < G0; ++i) {
     acts[i] = act.data() + i * P;
     nodes[i] = node.data() + i * P;
@@ -430,7 +474,7 @@ FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t
     for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
       for (int64_t t = b0; t < b1; t += G0) {
         const int G = static_cast<int>(b1 - t < G0 ? b1 - t : G0);
-        for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.d;
+        for (int i = 0; i < G; ++i) x[i] = xs + (t + i) * pb.x_stride;
         std::fill(local.begin() + tree * G, local.begin() + (tree + 1) * G, int64_t{0});
         for (int64_t level = 0; level < path; ++level)
           walk_level<E>(pb, x, G, tree, tree + 1, level, false, local.data(), acts, nodes);
@@ -438,7 +482,7 @@ FFF_TARGET static void run_tree_blocked(const Problem& pb, int64_t t0, int64_t t
           float* a = acts[i] + tree * path;
           const int64_t* nd = nodes[i] + tree * path;
           gelu_all(a, path);
-          apply_output(a, nd, path, w_out, pb.d, out.row(t + i), tree > 0);
+          apply_output(a, nd, path, w_out, pb.s_out, pb.d, out.row(t + i), tree > 0);
           if (pb.nodes != nullptr)
             std::memcpy(pb.nodes + (t + i) * P + tree * path, nd, path * sizeof(int64_t));
         }
@@ -467,15 +511,16 @@ FFF_TARGET static void walk_tree_sorted(const Problem& pb, int64_t tree, int64_t
                                         float* z, int64_t* nd, int64_t stride, SortScratch& s) {
   using Tx = typename E::X;
   const int64_t path = pb.depth + 1, n_nodes = (int64_t{2} << pb.depth) - 1;
-  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  using Tq = typename E::XIn;
+  const Tq* const xs = static_cast<const Tq*>(pb.x);
   for (int64_t i = 0; i < n; ++i) s.order[i] = i;
   std::fill(s.local.begin(), s.local.begin() + n, int64_t{0});
   for (int64_t level = 0; level < path; ++level) {
-    Chunk<Tx> c;
+    Chunk<Tq> c;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = s.order[j];
-      add_pair_at<E>(pb, c, xs + (b0 + i) * pb.d, tree * n_nodes + s.local[i], &s.local[i],
-                     z + i * stride + level, nd + i * stride + level);
+      add_pair_at<E>(pb, c, xs + (b0 + i) * pb.x_stride, tree * n_nodes + s.local[i],
+                     &s.local[i], z + i * stride + level, nd + i * stride + level);
     }
     if (c.n > 0) flush_chunk<E>(pb, c);
     if (level + 1 == path) break;
@@ -513,7 +558,7 @@ FFF_TARGET static void run_tree_sorted(const Problem& pb, int64_t t0, int64_t t1
         float* a = act.data() + i * path;
         const int64_t* nd = node.data() + i * path;
         gelu_all(a, path);
-        apply_output(a, nd, path, w_out, pb.d, out.row(t), tree > 0);
+        apply_output(a, nd, path, w_out, pb.s_out, pb.d, out.row(t), tree > 0);
         if (pb.nodes != nullptr)
           std::memcpy(pb.nodes + t * P + tree * path, nd, path * sizeof(int64_t));
       }
@@ -549,11 +594,12 @@ FFF_TARGET static void walk_trees(const Problem& pb, int64_t tree0, int64_t tree
 // multiply-adds for one tile of columns; kPartial: the last vector has only n_last columns.
 template <class Tw, class Ty, int NV, bool kPartial>
 FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_t P,
-                                   const Tw* w, int64_t ld, Ty* y, int n_last) {
+                                   const Tw* w, const float* s_out, int64_t ld, Ty* y,
+                                   int n_last) {
   V::R acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = V::zero();
   for (int64_t p = 0; p < P; ++p) {
-    const V::R a = V::set1(act[p]);
+    const V::R a = V::set1(out_coef<Tw>(act, node, p, s_out));
     const Tw* row = w + node[p] * ld;
     for (int j = 0; j < NV; ++j) {
       const V::R v =
@@ -572,11 +618,12 @@ FFF_TARGET static void output_tile(const float* act, const int64_t* node, int64_
 
 template <class Tw, class Ty, int NV>
 FFF_TARGET static void output_tile_any(const float* act, const int64_t* node, int64_t P,
-                                       const Tw* w, int64_t ld, Ty* y, int n_last) {
+                                       const Tw* w, const float* s_out, int64_t ld, Ty* y,
+                                       int n_last) {
   if (n_last == V::W) {
-    output_tile<Tw, Ty, NV, false>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, false>(act, node, P, w, s_out, ld, y, n_last);
   } else {
-    output_tile<Tw, Ty, NV, true>(act, node, P, w, ld, y, n_last);
+    output_tile<Tw, Ty, NV, true>(act, node, P, w, s_out, ld, y, n_last);
   }
 }
 
@@ -599,14 +646,14 @@ FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
       Ty* y = static_cast<Ty*>(pb.y) + t * d + k;
       const Tw* w = w_out + k;
       switch (nv) {
-        case 8: output_tile_any<Tw, Ty, 8>(a, nd, P, w, d, y, n_last); break;
-        case 7: output_tile_any<Tw, Ty, 7>(a, nd, P, w, d, y, n_last); break;
-        case 6: output_tile_any<Tw, Ty, 6>(a, nd, P, w, d, y, n_last); break;
-        case 5: output_tile_any<Tw, Ty, 5>(a, nd, P, w, d, y, n_last); break;
-        case 4: output_tile_any<Tw, Ty, 4>(a, nd, P, w, d, y, n_last); break;
-        case 3: output_tile_any<Tw, Ty, 3>(a, nd, P, w, d, y, n_last); break;
-        case 2: output_tile_any<Tw, Ty, 2>(a, nd, P, w, d, y, n_last); break;
-        default: output_tile_any<Tw, Ty, 1>(a, nd, P, w, d, y, n_last); break;
+        case 8: output_tile_any<Tw, Ty, 8>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 7: output_tile_any<Tw, Ty, 7>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 6: output_tile_any<Tw, Ty, 6>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 5: output_tile_any<Tw, Ty, 5>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 4: output_tile_any<Tw, Ty, 4>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 3: output_tile_any<Tw, Ty, 3>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        case 2: output_tile_any<Tw, Ty, 2>(a, nd, P, w, pb.s_out, d, y, n_last); break;
+        default: output_tile_any<Tw, Ty, 1>(a, nd, P, w, pb.s_out, d, y, n_last); break;
       }
     }
   }
@@ -619,8 +666,8 @@ FFF_TARGET static void output_cols(const Problem& pb, int64_t v0, int64_t v1) {
 // Levels [first, last) of the one tree for G tokens, level-synchronously. local[i] is token
 // i's node on entry and on exit. Writes act[i][level] = GELU(logit), node[i][level] = node id.
 template <class E, int G>
-FFF_TARGET static void walk_one(const Problem& pb, const typename E::X* const* x, int64_t first,
-                                int64_t last, int64_t* local, float* const* act,
+FFF_TARGET static void walk_one(const Problem& pb, const typename E::XIn* const* x,
+                                int64_t first, int64_t last, int64_t* local, float* const* act,
                                 int64_t* const* node) {
   using Tin = typename E::In;
   const Tin* w_in = static_cast<const Tin*>(pb.w_in);
@@ -632,9 +679,9 @@ FFF_TARGET static void walk_one(const Problem& pb, const typename E::X* const* x
       if (pb.knobs.prefetch) prefetch_row(w_out + local[i] * pb.d, pb.d);
     }
     float logits[G];
-    dot_group<typename E::X, Tin, G>(x, rows, pb.d, logits);
+    dot_group<typename E::XIn, Tin, G>(x, rows, pb.d, logits);
     for (int i = 0; i < G; ++i) {
-      const float z = logits[i] + pb.b_in[local[i]];
+      const float z = node_logit<E>(pb, local[i], logits[i], x[i]);
       act[i][level] = gelu(z);
       node[i][level] = local[i];
       // Right iff z > 0: an exact 0 and NaN go left (the comparison is false for both).
@@ -651,7 +698,8 @@ FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1,
   using Tx = typename E::X;
   const int64_t P = pb.depth + 1;
   const auto* w_out = static_cast<const typename E::Out*>(pb.w_out);
-  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  using Tq = typename E::XIn;
+  const Tq* const xs = static_cast<const Tq*>(pb.x);
   Tx* const ys = static_cast<Tx*>(pb.y);
   float* acts[G];
   int64_t* nodes[G];
@@ -661,12 +709,12 @@ FFF_TARGET static void run_groups_one(const Problem& pb, int64_t t0, int64_t t1,
   }
   for (int64_t t = t0; t < t1; t += G) {
     const int valid = static_cast<int>(t1 - t < G ? t1 - t : G);
-    const Tx* x[G];
-    for (int i = 0; i < G; ++i) x[i] = xs + (t + (i < valid ? i : 0)) * pb.d;
+    const Tq* x[G];
+    for (int i = 0; i < G; ++i) x[i] = xs + (t + (i < valid ? i : 0)) * pb.x_stride;
     int64_t local[G] = {};
     walk_one<E, G>(pb, x, 0, P, local, acts, nodes);
     for (int i = 0; i < valid; ++i) {
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t + i) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t + i) * pb.d);
       if (pb.nodes != nullptr) std::memcpy(pb.nodes + (t + i) * P, nodes[i], P * sizeof(int64_t));
     }
   }
@@ -682,18 +730,19 @@ template <class E, int G>
 FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
   using Tx = typename E::X;
   const int64_t n = t1 - t0, P = pb.depth + 1, split = P - kDeepLevels;
-  const Tx* const xs = static_cast<const Tx*>(pb.x);
+  using Tq = typename E::XIn;
+  const Tq* const xs = static_cast<const Tq*>(pb.x);
   Tx* const ys = static_cast<Tx*>(pb.y);
   std::vector<float> act(n * P);
   std::vector<int64_t> node(n * P), local(n);
   float* acts[G];
   int64_t* nodes[G];
-  const Tx* x[G];
+  const Tq* x[G];
   for (int64_t t = 0; t < n; t += G) {  // phase 1: top levels, token order
     int64_t loc[G] = {};
     for (int i = 0; i < G; ++i) {
       const int64_t j = t + i < n ? t + i : t;  // a short last group repeats token t
-      x[i] = xs + (t0 + j) * pb.d;
+      x[i] = xs + (t0 + j) * pb.x_stride;
       acts[i] = act.data() + j * P;
       nodes[i] = node.data() + j * P;
     }
@@ -706,7 +755,7 @@ FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
     int64_t loc[G];
     for (int i = 0; i < G; ++i) {
       const int64_t j = order[b + i < n ? b + i : b];
-      x[i] = xs + (t0 + j) * pb.d;
+      x[i] = xs + (t0 + j) * pb.x_stride;
       acts[i] = act.data() + j * P;
       nodes[i] = node.data() + j * P;
       loc[i] = local[j];
@@ -714,7 +763,7 @@ FFF_TARGET static void run_bucketed(const Problem& pb, int64_t t0, int64_t t1) {
     walk_one<E, G>(pb, x, split, P, loc, acts, nodes);
     for (int i = 0; i < G && b + i < n; ++i) {
       const int64_t j = order[b + i];
-      apply_output(acts[i], nodes[i], P, w_out, pb.d, ys + (t0 + j) * pb.d);
+      apply_output(acts[i], nodes[i], P, w_out, pb.s_out, pb.d, ys + (t0 + j) * pb.d);
     }
   }
   if (pb.nodes != nullptr) std::memcpy(pb.nodes + t0 * P, node.data(), n * P * sizeof(int64_t));

@@ -104,6 +104,24 @@ def default_table(n_trees: int) -> torch.Tensor:
     return to_table([default_row(lo, n_trees) for lo, _ in TOKEN_CLASSES])
 
 
+def bf16_default_row(min_tokens: int, n_trees: int) -> dict[str, int]:
+    """The bf16 ops' fixed defaults (fff_cpu_bf16.cpp, bf16_default_knobs): a lone token's
+    trees side by side, more tokens a tree at a time in groups of 4 (no sorted blocks), output
+    rows prefetched from 1,024 tokens."""
+    return {"min_tokens": min_tokens, "group": 4, "trees_together": int(min_tokens <= 1),
+            "prefetch": int(min_tokens >= 1024), "bucket": 8, "grain": 1 << 18, "block": 0,
+            "sort": 0, "split": 0}
+
+
+def bf16_default_table(n_trees: int) -> torch.Tensor:
+    """The bf16 defaults as a knobs table (what the untuned bf16 ops use)."""
+    return to_table([bf16_default_row(lo, n_trees) for lo, _ in TOKEN_CLASSES])
+
+
+#: A kernel's fixed defaults for calls of ``min_tokens`` tokens and up of ``n_trees`` trees.
+DefaultRow = Callable[[int, int], dict[str, int]]
+
+
 def to_table(rows: Iterable[dict[str, int]]) -> torch.Tensor:
     """Rows of knob values -> the kernel's int64 table."""
     return torch.tensor([[int(r[c]) for c in COLUMNS] for r in rows], dtype=torch.long)
@@ -193,19 +211,21 @@ def cached(kernel_key: str, entry_key: str, compute: Callable[[], dict[str, Any]
     return dict(entry)
 
 
-def table_for(shape: Shape, run: KnobRun, kernel_key: str) -> torch.Tensor:
+def table_for(shape: Shape, run: KnobRun, kernel_key: str,
+              defaults: DefaultRow = default_row) -> torch.Tensor:
     """The knobs table for ``shape``: defaults when tuning is off, else cached or measured now.
 
     Args:
         shape: what the table is for.
         run: the kernel on the packed weights of this shape, see :data:`KnobRun`.
         kernel_key: the kernel's build key (entries of another build are ignored).
+        defaults: the kernel's fixed defaults (the descent starts there).
     """
     if disabled() is not None:
-        return default_table(shape.n_trees)
+        return to_table([defaults(lo, shape.n_trees) for lo, _ in TOKEN_CLASSES])
 
     def measured() -> dict[str, Any]:
-        table, report = measure(shape, run)
+        table, report = measure(shape, run, defaults)
         return {"rows": from_table(table), "measured": report}
 
     def valid(entry: Any) -> bool:
@@ -271,7 +291,8 @@ def _write_entry(kernel_key: str, shape_key: str, entry: dict[str, Any]) -> None
 
 # ------------------------------------------------------------------------------ measuring
 
-def measure(shape: Shape, run: KnobRun) -> tuple[torch.Tensor, dict[str, Any]]:
+def measure(shape: Shape, run: KnobRun, defaults: DefaultRow = default_row
+            ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Choose every token class's knobs by coordinate descent from the defaults.
 
     Returns the table and a report (per class: tokens measured, µs per call of the default and
@@ -284,7 +305,7 @@ def measure(shape: Shape, run: KnobRun) -> tuple[torch.Tensor, dict[str, Any]]:
         for lo, tokens in TOKEN_CLASSES:
             x = torch.nn.functional.layer_norm(torch.randn(tokens, shape.d_model, generator=gen),
                                                (shape.d_model,))
-            row, base_s, best_s = _tune_class(default_row(lo, shape.n_trees), shape, x, run)
+            row, base_s, best_s = _tune_class(defaults(lo, shape.n_trees), shape, x, run)
             rows.append(row)
             report[str(lo)] = {"tokens": tokens, "default_us": round(base_s * 1e6, 2),
                                "chosen_us": round(best_s * 1e6, 2)}
