@@ -421,8 +421,11 @@ def test_bf16_packs_half_the_bytes(kernel):
 
 @pytest.fixture
 def fresh_build_state(tmp_path, monkeypatch):
-    """An empty cache directory and forgotten build outcomes (restored afterwards)."""
+    """An empty cache directory and forgotten build outcomes, as in a fresh process (restored
+    afterwards). The tests using it must not build successfully: a second copy of the loaded
+    library would register its operators twice."""
     monkeypatch.setenv("ULTRAFASTBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_LOADED_KEYS", set())
     build.reset()
     yield tmp_path / "cache"
     build.reset()
@@ -444,6 +447,23 @@ def test_missing_toolchain_is_explained(fresh_build_state, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     reason = NativeCPUKernel().unavailable_reason(CPU, torch.float32)
     assert "ninja" in reason and "compiler" in reason and "PyTorch" in reason
+
+
+def test_a_second_cache_root_does_not_load_the_library_twice(tmp_path, monkeypatch):
+    """After ``reset()`` with the cache moved, the same build is not built or loaded again (a
+    second copy would register the operators twice and abort the process)."""
+    if isinstance(build.status(), str):
+        pytest.skip(f"native kernel unavailable: {build.status()}")
+    monkeypatch.setenv("ULTRAFASTBERT_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(build, "_compile_into", lambda d: pytest.fail("built again"))
+    build.reset()
+    try:
+        library = build.status()
+        assert not isinstance(library, str), library
+        assert torch.ops.ultrafastbert.fff_cpu_isa() == library.isa
+    finally:
+        monkeypatch.undo()
+        build.reset()
 
 
 def test_build_failure_is_reported_once(fresh_build_state, monkeypatch):

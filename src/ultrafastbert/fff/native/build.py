@@ -194,8 +194,17 @@ def _compile_into(build_dir: Path) -> Path:
     return build_dir / f"{LIBRARY_NAME}.so"
 
 
+#: Build keys (``native-<key>`` directory names) whose library this process has loaded. A second
+#: copy of the same library (the same key in another cache root, e.g. after ``reset()`` with
+#: ``ULTRAFASTBERT_CACHE`` changed) would register its operators twice, which aborts the process.
+_LOADED_KEYS: set[str] = set()
+
+
 def build_and_load(final_dir: Path) -> None:
-    """Load the library from ``final_dir``, building it there first when it is missing."""
+    """Load the library from ``final_dir``, building it there first when it is missing (nothing
+    to do when this process already loaded the same build from anywhere)."""
+    if final_dir.name in _LOADED_KEYS:
+        return
     library = final_dir / f"{LIBRARY_NAME}.so"
     if not library.exists():
         final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +212,7 @@ def build_and_load(final_dir: Path) -> None:
             if not library.exists():  # else another process built it while we waited
                 _build_into_place(final_dir)
     torch.ops.load_library(str(library))
+    _LOADED_KEYS.add(final_dir.name)
 
 
 def _build_into_place(final_dir: Path) -> None:
