@@ -195,8 +195,9 @@ def bf16_variants(n_trees: int, depth: int, d: int, old: OldOps | None
 def int8_variants(n_trees: int, depth: int, d: int
                   ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict]:
     """The timed functions of the int8 comparison: fp32 dense, the fp32 kernel (``native``,
-    autotuned) and the int8-weight kernel on each AVX-512 path this CPU runs (autotuned; the best path,
-    what the layer runs, as ``native-int8``); and each int8 path's (kernel, packed weights)."""
+    autotuned) and the int8-weight kernel on each AVX-512 path this CPU runs (autotuned; the
+    best path, what the layer runs, as ``native-int8``); and each int8 path's (kernel, packed
+    weights)."""
     weights = make_weights(n_trees, depth, d)
     fns: dict[str, Callable] = dict(dense_ffns(d, torch.float32))
     fp32 = NativeCPUKernel()
