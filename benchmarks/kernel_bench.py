@@ -19,9 +19,9 @@ against the dense FFN in bf16: ``native-bf16`` (what the layer runs), the same w
 fp32 kernel's default knobs (``native-bf16-fp32knobs``) and the old revision's bf16 op
 (``native-bf16-old``), all checked to give the same bits. With ``--dtypes int8`` the int8-weight
 kernel (fp32 activations) against the fp32 dense FFN and the fp32 kernel: ``native-int8`` (its
-best path on this CPU, autotuned, what the layer runs) and each other path (``native-int8-avx512``:
-int8 rows widened to fp32; ``native-int8-avx512vnni``: tokens quantized, VNNI routing dot
-products), each checked against the float64 reference of its own semantics (routes, then
+default path on this CPU, autotuned, what the layer runs) and each other path
+(``native-int8-avx512``: int8 rows widened to fp32; ``native-int8-avx512vnni``: tokens
+quantized, VNNI routing dot products), each checked against the float64 reference of its own semantics (routes, then
 values), with ``..._vs_native`` the per-round ratio to the fp32 kernel. Each round times every
 variant back to back; the table gives medians over rounds and the speedup is the median of
 per-round ratios against the round's fastest dense variant. CPU model and flags, threads and the
