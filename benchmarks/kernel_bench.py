@@ -19,9 +19,9 @@ against the dense FFN in bf16: ``native-bf16`` (what the layer runs), the same w
 fp32 kernel's default knobs (``native-bf16-fp32knobs``) and the old revision's bf16 op
 (``native-bf16-old``), all checked to give the same bits. With ``--dtypes int8`` the int8-weight
 kernel (fp32 activations) against the fp32 dense FFN and the fp32 kernel: ``native-int8`` (its
-best path on this CPU, autotuned, what the layer runs) and each other path (``native-int8-avx512``:
-int8 rows widened to fp32; ``native-int8-avx512vnni``: tokens quantized, VNNI routing dot
-products), each checked against the float64 reference of its own semantics (routes, then
+default path on this CPU, autotuned, what the layer runs) and each other path
+(``native-int8-avx512``: int8 rows widened to fp32; ``native-int8-avx512vnni``: tokens
+quantized, VNNI routing dot products), each checked against the float64 reference of its own semantics (routes, then
 values), with ``..._vs_native`` the per-round ratio to the fp32 kernel. Each round times every
 variant back to back; the table gives medians over rounds and the speedup is the median of
 per-round ratios against the round's fastest dense variant. CPU model and flags, threads and the
@@ -195,8 +195,9 @@ def bf16_variants(n_trees: int, depth: int, d: int, old: OldOps | None
 def int8_variants(n_trees: int, depth: int, d: int
                   ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict]:
     """The timed functions of the int8 comparison: fp32 dense, the fp32 kernel (``native``,
-    autotuned) and the int8-weight kernel on each AVX-512 path this CPU runs (autotuned; the best path,
-    what the layer runs, as ``native-int8``); and each int8 path's (kernel, packed weights)."""
+    autotuned) and the int8-weight kernel on each AVX-512 path this CPU runs (autotuned; the
+    best path, what the layer runs, as ``native-int8``); and each int8 path's (kernel, packed
+    weights)."""
     weights = make_weights(n_trees, depth, d)
     fns: dict[str, Callable] = dict(dense_ffns(d, torch.float32))
     fp32 = NativeCPUKernel()

@@ -119,7 +119,7 @@ def test_bad_construction_and_runtime_errors():
     with pytest.raises(ValueError, match="d_model"):
         FFF(0, n_trees=1, depth=1)
     with pytest.raises(ValueError, match="weight_format"):
-        make_layer(8, 1, 1).set_runtime("auto", "int8")
+        make_layer(8, 1, 1).set_runtime("auto", "int4")
     with pytest.raises(ValueError, match="unknown FFF implementation 'no-such-kernel'"):
         make_layer(8, 1, 1).set_runtime("no-such-kernel")
 

@@ -298,9 +298,10 @@ def test_hidden_cpu_flags_fall_back_with_a_clear_message(monkeypatch):
     assert _kernel(None).isa == "avx2"
 
 
-def test_best_path_is_the_default():
+def test_best_widening_path_is_the_default():
+    """VNNI lost the accuracy rule on the converted MiniLM: it runs only when asked for."""
     kernel = _kernel(None)
-    assert kernel.isa == _paths()[0]
+    assert kernel.isa == next(p for p in _paths() if p != "avx512vnni")
     assert set(INT8_ISA_CODES) >= set(_paths())
 
 

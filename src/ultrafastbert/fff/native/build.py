@@ -1,13 +1,12 @@
 """Build, cache and load the native CPU kernel on first use (never at import).
 
-The C++ sources (the fp32 ops ``fff_cpu.cpp``, the bf16 ops ``fff_cpu_bf16.cpp`` and the int8-weight
-ops ``fff_cpu_int8.cpp``, all over
-``fff_cpu_kernel.h`` and its one templated walk ``fff_cpu_walk.h``) are compiled into one library
-with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) into
-``<cache>/native-<key>/``, where ``<cache>`` is ``$ULTRAFASTBERT_CACHE`` or
-``~/.cache/ultrafastbert`` (``$XDG_CACHE_HOME/ultrafastbert`` when that is set) and ``<key>``
-hashes the source, the torch build, the Python ABI, the compiler and the CPU's instruction set.
-Later processes only load the cached library (milliseconds).
+The C++ sources (the fp32 ops ``fff_cpu.cpp``, the bf16 ops ``fff_cpu_bf16.cpp`` and the
+int8-weight ops ``fff_cpu_int8.cpp``, all over ``fff_cpu_kernel.h`` and its one templated walk
+``fff_cpu_walk.h``) are compiled into one library with ``torch.utils.cpp_extension.load``
+(needs ``ninja`` and a C++ compiler) into ``<cache>/native-<key>/``, where ``<cache>`` is
+``$ULTRAFASTBERT_CACHE`` or ``~/.cache/ultrafastbert`` (``$XDG_CACHE_HOME/ultrafastbert`` when
+that is set) and ``<key>`` hashes the source, the torch build, the Python ABI, the compiler and
+the CPU's instruction set. Later processes only load the cached library (milliseconds).
 
 Concurrent first use is safe: a build holds an exclusive file lock on ``native-<key>.lock``, builds
 into a fresh temporary directory and renames it into place, so no process ever loads a
