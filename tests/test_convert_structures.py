@@ -21,7 +21,7 @@ from ultrafastbert.convert.source import (  # noqa: E402
     parse_fff,
     parse_structure,
 )
-from ultrafastbert.errors import InputError  # noqa: E402
+from ultrafastbert.errors import ConfigError, InputError  # noqa: E402
 from ultrafastbert.fff import dispatch  # noqa: E402
 from ultrafastbert.fff.pytorch.routing import route  # noqa: E402
 from ultrafastbert.model.converted import (  # noqa: E402
@@ -71,6 +71,49 @@ def test_parse_structure_and_cost():
 def test_parse_structure_bad(spec, message):
     with pytest.raises(InputError, match=message):
         parse_structure(spec, 2)
+
+
+def _describe_config(tmp_path, spec: str, n_layers: int = 2, width: int = 1536) -> dict:
+    """``glue``'s description of a converted model whose config.json holds ``spec``."""
+    from ultrafastbert.glue.transformers_models import describe
+
+    layers, extras = parse_structure(spec, n_layers)
+    config = {"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": n_layers,
+              "intermediate_size": width, "ffn_width": width, "fff_layers": layers,
+              "ffn_extras": extras if any(extras) else None}
+    folder = tmp_path / spec.replace("+", "p").replace(",", "_")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return describe(folder, spec)
+
+
+@pytest.mark.parametrize("spec, stored, used", [
+    ("8x7", 8 * 255, 64), ("6x7+s16", 6 * 255 + 16, 64), ("6x7+r16", 6 * 255 + 16, 64),
+    ("4x7b2", 4 * 255 * 2, 64), ("2x3b3+s4+r2", 2 * 15 * 3 + 6, 2 * 4 * 3 + 6),
+    ("8x7,none", 8 * 255 / 2, 32)])
+def test_glue_describes_the_cost_of_every_structure(tmp_path, spec, stored, used):
+    """The GLUE report's neurons and cost count the shared neurons, the low-rank term and the
+    block nodes (the same cost as ``active_fraction``)."""
+    info = _describe_config(tmp_path, spec)
+    assert info["active_neurons"] == round(used) and info["neurons"] == round(stored)
+    layers, extras = parse_structure(spec, 2)
+    assert info["ffn_cost"] == pytest.approx(active_fraction(layers, 1536, extras))
+    assert info["ffn_cost"] == pytest.approx(used / 1536)
+
+
+def test_glue_describe_counts_the_extras_not_the_trees_alone(tmp_path):
+    """Negative control: the trees of 6x7+s16 alone cost 48 neurons, the structure 64."""
+    assert _describe_config(tmp_path, "6x7")["active_neurons"] == 48
+    assert _describe_config(tmp_path, "6x7+s16")["active_neurons"] == 64
+    from ultrafastbert.glue.transformers_models import describe
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"fff_layers": [[6, 7], [6, 7]], "ffn_width": 1536,
+         "ffn_extras": [{"shared": 16, "rank": 0}]}))
+    with pytest.raises(ConfigError, match="ffn_extras entries"):
+        describe(folder, "bad")
 
 
 # ------------------------------------------------------------------------------ semantics

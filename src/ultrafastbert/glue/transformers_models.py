@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..model.ffn_structures import Extras, block_cost
 from ..model.layouts import transformers_model_type
 from .finetune import GlueProtocol
 from .tasks import GlueTask
@@ -36,24 +37,46 @@ def model_type_of(model_dir: Path) -> str | None:
 
 
 def describe(model_dir: Path, name: str) -> dict[str, Any]:
-    """Name, folder, class and feed-forward layout of a transformers model directory."""
+    """Name, folder, class and feed-forward layout of a transformers model directory.
+
+    For a converted model, ``neurons`` (stored) and ``active_neurons`` (used per token) are
+    neuron-equivalents per layer, averaged over the layers, counting what ``ffn_extras`` adds
+    (shared neurons, a low-rank term, block nodes; see
+    :func:`~ultrafastbert.model.ffn_structures.block_cost`); ``ffn_cost`` is the share of the
+    dense FFN's multiply-adds a token costs (as ``conversion.json``'s ``active_fraction``).
+    """
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     layers = config.get("fff_layers")
+    extras = config.get("ffn_extras")
     width = config.get("ffn_width") or config.get("intermediate_size") or config.get("hidden_dim")
     n_layers = int(config.get("num_hidden_layers") or config.get("n_layers") or 0)
-    neurons, active = width, width  # per layer (averaged over the layers of a converted model)
-    if layers:
-        neurons = round(sum(0 if s is None else s[0] * (2 ** (s[1] + 1) - 1) for s in layers)
-                        / len(layers))
-        active = round(sum(0 if s is None else s[0] * (s[1] + 1) for s in layers) / len(layers))
+    stored, used = converted_neurons(layers, extras) if layers else (width, width)
+    neurons, active = (round(stored), round(used)) if layers else (width, width)
+    cost = used / width if width else None
     return {"name": name, "dir": str(model_dir), "class": (config.get("architectures") or ["?"])[0],
-            "model_type": config.get("model_type"), "fff_layers": layers,
+            "model_type": config.get("model_type"), "fff_layers": layers, "ffn_extras": extras,
             "ff": {"kind": "fff-converted" if layers else "dense", "width": width},
-            "neurons": neurons, "active_neurons": active, "n_layers": n_layers,
+            "neurons": neurons, "active_neurons": active, "ffn_cost": cost,
+            "n_layers": n_layers,
             "max_seq_len": int(config.get("max_seq_len") or
                                config.get("max_position_embeddings") or 512),
             "d_model": config.get("hidden_size") or config.get("dim"),
             "vocab_size": config.get("vocab_size")}
+
+
+def converted_neurons(layers: list, extras: list | None) -> tuple[float, float]:
+    """Stored and per-token neuron-equivalents of a converted model's FFN, averaged over its
+    layers (``fff_layers`` ``[K, D]`` or None per layer, ``ffn_extras`` per layer or None):
+    stored ``K (2^(D+1) - 1) B + s + r``, used ``K (D + 1) B + s + r`` (0 for a removed
+    layer)."""
+    if extras is not None and len(extras) != len(layers):
+        raise ConfigError(f"config.json has {len(extras)} ffn_extras entries for "
+                          f"{len(layers)} fff_layers: re-save the converted model")
+    parts = [Extras.from_json(e) for e in (extras or [None] * len(layers))]
+    stored = [0 if s is None else s[0] * (2 ** (s[1] + 1) - 1) * p.block + p.cost
+              for s, p in zip(layers, parts, strict=True)]
+    used = [block_cost(s, p) for s, p in zip(layers, parts, strict=True)]
+    return sum(stored) / len(layers), sum(used) / len(layers)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -125,7 +148,7 @@ def load_classifier(model_dir: Path, task: GlueTask, protocol: GlueProtocol, see
     family = family_of(kind)
     cls: Any = (converted_class(family, "sequence-classification") if kind.startswith(
         "ultrafastbert-") else FAMILIES[family.name].classes["sequence-classification"])
-    labels = {"num_labels": task.num_labels}
+    labels: dict[str, Any] = {"num_labels": task.num_labels}
     if task.labels:
         labels["id2label"] = dict(enumerate(task.labels))
         labels["label2id"] = {n: i for i, n in enumerate(task.labels)}
