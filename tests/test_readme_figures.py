@@ -50,10 +50,24 @@ def _ff(folder: Path, tokens: int, key: str, name: str = "bench_ff.json",
     return data["environment"], [speedup(row[key])]
 
 
-def _ff_train(folder: Path) -> tuple[dict, list[str]]:
-    data = _json(folder, "bench_ff_train.json")
-    row = _row(data["rows"], config="1x11", implementation="fff-sparse", tokens=4096)
-    return data["environment"], [speedup(row["speedup_vs_masked"])]
+def _train_kernel(shape: str, tokens: int, key: str) -> Callable[[Path], tuple[dict, list[str]]]:
+    """The native training kernel's ratio ``key`` (``benchmarks/train_kernels.py``)."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "train_kernels.json")
+        row = _row(data["rows"], shape=shape, tokens=tokens, implementation="native")
+        return data["environment"], [speedup(row[key])]
+    return check
+
+
+def _fast_8x128(*pairs: tuple[str, str]) -> Callable[[Path], tuple[dict, list[str]]]:
+    """UltraFastBERT-1x11 on the fast path against a baseline, per (our dtype, baseline column)
+    of ``benchmarks/fast_encoder_8x128.py``'s rows."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, "fast_encoder_8x128.json")
+        figures = [speedup(_row(data["rows"], model=f"ultrafastbert-1x11 fast {dtype}")[column])
+                   for dtype, column in pairs]
+        return data["environment"], figures
+    return check
 
 
 def _model(model: str, dtype: str = "float32") -> Callable[[Path], tuple[dict, list[str]]]:
@@ -168,8 +182,8 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "same conversion with STS-B's train sentences in the unlabeled text: STS-B dev; FFN gain kept":
         _convert("minilm-8x7-60m-stsbtext", ("stsb", "gain_kept_pct")),
     "converted MiniLM 8x7 embedding STS-B dev sentences (batches of 32, tokenization included, "
-    "packed tokens, int8 projections) vs dense MiniLM on ONNX Runtime int8 (per-channel dynamic); "
-    "vs dense PyTorch fp32":
+    "packed tokens, native attention, int8 projections and FFF weights) vs dense MiniLM on ONNX "
+    "Runtime int8 (per-channel dynamic); vs dense PyTorch fp32":
         _texts("stsb-dev-batches-of-32", ("ours FFF int8",), ("vs_ort_int8", "vs_dense_torch_fp32")),
     "same model, 32 texts of 128 tokens, vs dense MiniLM on ONNX Runtime int8; ours in fp32, "
     "bf16, int8":
@@ -184,11 +198,16 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "tokens": _ff_tokens(1, 128, 4096),
     "FFF 1x11 layer in bf16 vs the fastest bf16 dense-4095, 4,096 tokens":
         _ff_dtype("native-bf16", 4096, "speedup_vs_fastest_dense"),
-    "FFF 1x11 training (fwd+bwd) vs the original masked form, 4,096 tokens": _ff_train,
+    "FFF 1x11 training (fwd+bwd, the native training kernel) vs the original masked form, 4,096 "
+    "tokens": _train_kernel("1x11", 4096, "vs_masked"),
     "whole encoder 8x128, UltraFastBERT-1x11 vs `BertModel` on the same prepacked oneDNN GEMMs; "
     "vs `BertModel` as shipped; vs crammedBERT-4095":
         _models("hf-bert-base-onednn", "hf-bert-base", "crammedbert-4095"),
     "same in bf16, vs `BertModel` in bf16": _models("hf-bert-base", dtype="bfloat16"),
+    "whole encoder 8x128 on the fast path (fused QKV, native attention, prepacked projections), "
+    "UltraFastBERT-1x11 vs `BertModel` as shipped: fp32 vs fp32; bf16 vs bf16; int8 vs bf16":
+        _fast_8x128(("float32", "vs hf-bert-base float32"), ("bfloat16", "vs hf-bert-base bfloat16"),
+                    ("int8", "vs hf-bert-base bfloat16")),
     "small-scale Table 1: GLUE average (w/o CoLA) of FFF models as % of the equal-width dense "
     "model": _table1,
 }

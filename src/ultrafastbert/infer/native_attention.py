@@ -28,9 +28,9 @@ LAYOUTS = {"blocks": 0, "heads": 1}
 #: with ``_mm512_dpbf16_ps``); the others take float32 (bfloat16 streams widened around them).
 ISA_CODES = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
 #: Widest batch (tokens) whose attention :meth:`~ultrafastbert.infer.packing.Packing.attention`
-#: runs here (wider: PyTorch's): measured on AMD EPYC Zen 4 (docs/model.md, "Packed tokens"),
-#: where the native op wins up to 256 tokens and ties at 512.
-MAX_WIDTH = 256
+#: runs here (wider: PyTorch's): BERT's 512 positions; measured on AMD EPYC Zen 4, 2 threads
+#: (docs/model.md, "Packed tokens"): the native op wins at every width up to 512.
+MAX_WIDTH = 512
 
 
 #: Filled by :func:`prepare` (eager, once): ``"reason"`` (None when usable) and ``"op"`` (the
