@@ -354,11 +354,11 @@ def _int8_faster(monkeypatch, faster: bool = True) -> None:
     """A synthetic measurement: the int8 kernel timed faster (or slower) than fp32."""
     from ultrafastbert.infer import precision
 
-    fp32, int8 = ([2.0, 1.0], [1.0, 0.5]) if faster else ([1.0, 0.5], [2.0, 1.0])
+    fp32, low = ([2.0, 1.0], [1.0, 0.5]) if faster else ([1.0, 0.5], [2.0, 1.0])
     monkeypatch.setenv(tuning.ENV_SWITCH, "1")
-    monkeypatch.setattr(precision, "_fff_timings", lambda fff: {
+    monkeypatch.setattr(precision, "_fff_timings", lambda fff, precision_name="int8": {
         "tokens": list(precision.FFF_MEASURED_TOKENS),
-        "us_per_token": {"native": fp32, "native-int8": int8}})
+        "us_per_token": {"native": fp32, precision.FFF_LOW[precision_name][1]: low}})
 
 
 def _fff_runs(predictor, precision: str) -> list:
@@ -392,6 +392,37 @@ def test_int8_precision_runs_int8_fff_blocks_where_faster(converted, monkeypatch
     monkeypatch.setenv(tuning.ENV_SWITCH, "0")
     fmt, why = fff_weight_format(own[0], "int8")
     assert fmt == "fp32" and "not measured" in why
+
+
+def test_bf16_precision_runs_bf16_fff_blocks_where_faster(converted, monkeypatch):
+    """With the bf16 kernel measured faster, the bfloat16 encoder's FFF blocks are bfloat16
+    copies on the native-bf16 kernel (the model's own blocks keep float32); the pooled
+    embeddings stay within cosine 0.99 of float32 and differ from the float32-kernel ones (the
+    bf16 kernel ran); slower, or switched off: the float32 kernel."""
+    from ultrafastbert.infer import Predictor
+    from ultrafastbert.infer.precision import FFF_BF16_SWITCH, fff_weight_format, unavailable
+
+    if unavailable("bfloat16") is not None:
+        pytest.skip(f"bfloat16: {unavailable('bfloat16')}")
+    _int8_faster(monkeypatch)
+    reference = Predictor.from_pretrained(converted, precision="float32").embed(TEXTS)
+    predictor = Predictor.from_pretrained(converted, precision="bfloat16")
+    views = _fff_runs(predictor, "bfloat16")
+    own = [m for m in predictor.model.modules() if isinstance(m, FFF)]
+    assert views and len(views) == len(own)
+    assert all(v.linear_in.weight.dtype == torch.bfloat16 and v.runtime.weight_format == "bf16"
+               and v.kernel().name == "native-bf16" for v in views)
+    assert all(m.linear_in.weight.dtype == torch.float32 for m in own)
+    bf16 = predictor.embed(TEXTS)
+    assert float(torch.nn.functional.cosine_similarity(bf16, reference).mean()) >= 0.99
+    monkeypatch.setenv(FFF_BF16_SWITCH, "0")
+    assert fff_weight_format(own[0], "bfloat16")[0] == "fp32"
+    wide = Predictor.from_pretrained(converted, precision="bfloat16")
+    assert all(v.linear_in.weight.dtype == torch.float32 for v in _fff_runs(wide, "bfloat16"))
+    assert not torch.equal(wide.embed(TEXTS), bf16)
+    monkeypatch.delenv(FFF_BF16_SWITCH)
+    _int8_faster(monkeypatch, faster=False)
+    assert fff_weight_format(own[0], "bfloat16")[0] == "fp32"
 
 
 def _route_change_rate(model, texts, predictor) -> float:

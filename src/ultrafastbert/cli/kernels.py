@@ -94,13 +94,15 @@ def _precisions(device: str, model: str | None) -> str:
     for p in choice.cosine:
         lines.append(f"  {p}: cosine to float32 {choice.cosine[p]:.4f}; ms short "
                      f"{choice.ms['short'][p]:.1f}, long {choice.ms['long'][p]:.1f}")
-    if "int8" in ok:
-        lines += _int8_fff_blocks(predictor.model)
+    for low in ("int8", "bfloat16"):
+        if low in ok:
+            lines += _low_fff_blocks(predictor.model, low)
     return "\n".join(lines)
 
 
-def _int8_fff_blocks(model: torch.nn.Module) -> list[str]:
-    """Which weights each FFF layer shape of ``model`` runs at precision int8, and why."""
+def _low_fff_blocks(model: torch.nn.Module, precision: str) -> list[str]:
+    """Which weights each FFF layer shape of ``model`` runs at ``precision`` (int8 or
+    bfloat16), and why."""
     from ..fff import FFF
     from ..infer.precision import fff_weight_format
 
@@ -110,8 +112,9 @@ def _int8_fff_blocks(model: torch.nn.Module) -> list[str]:
             shapes.setdefault((m.n_trees, m.depth, m.d_model), m)
     if not shapes:
         return []
-    lines = ["FFF blocks at precision int8 (int8 weights where measured faster):"]
+    low = {"int8": "int8", "bfloat16": "bf16"}[precision]
+    lines = [f"FFF blocks at precision {precision} ({low} weights where measured faster):"]
     for (k, d, width), fff in shapes.items():
-        fmt, why = fff_weight_format(fff, "int8")
+        fmt, why = fff_weight_format(fff, precision)
         lines.append(f"  {k}x{d} at d={width}: {fmt} weights -- {why}")
     return lines

@@ -107,7 +107,8 @@ def _feed_forward(layer: Any, precision: str) -> nn.Module:
         return DenseBlock(inter.dense, inter.intermediate_act_fn, out.dense, precision)
     if not any(True for _ in inter.parameters()):
         return inter  # a removed block (zeros)
-    return InDtype(fff_at(inter, precision), _block_dtype(inter))
+    block = fff_at(inter, precision)
+    return InDtype(block, _block_dtype(block))
 
 
 def packed_token_types(ids: torch.Tensor, packing: Packing, sep_id: int) -> torch.Tensor:
@@ -177,9 +178,8 @@ class PackedNativeLayer(nn.Module):
         self.qkv = make_linear(attn.self_attention.query_key_value, precision)
         self.out = make_linear(attn.dense, precision)
         self.norm1, self.norm2 = norm_for(layer.norm1, dtype), norm_for(layer.norm2, dtype)
-        ffn = layer.ffn
-        self.ffn: nn.Module = (InDtype(fff_at(ffn, precision), _block_dtype(ffn))
-                               if isinstance(ffn, FFF) else
+        ffn = fff_at(layer.ffn, precision) if isinstance(layer.ffn, FFF) else layer.ffn
+        self.ffn: nn.Module = (InDtype(ffn, _block_dtype(ffn)) if isinstance(ffn, FFF) else
                                DenseBlock(ffn.linear_in, nn.functional.gelu, ffn.linear_out,
                                           precision))
 

@@ -7,7 +7,9 @@ feed-forward block, pooler, heads) compute in; the rest follows:
 precision  dense linears                        hidden states, norms FFF blocks
 ========== ==================================== =================== ==========================
 float32    oneDNN GEMM, prepacked fp32 weight   float32             float32 kernel
-bfloat16   oneDNN GEMM, prepacked bf16 weight   bfloat16            float32 kernel (cast in/out)
+bfloat16   oneDNN GEMM, prepacked bf16 weight   bfloat16            bf16 kernel where measured
+                                                                    faster, else float32
+                                                                    kernel (cast in/out)
 int8       int8 weights, one scale per output   float32             int8-weight kernel where
            row; activations quantized per call                      measured faster, else
            (PyTorch's quantized dynamic linear)                     float32 kernel
@@ -191,77 +193,97 @@ def norm_for(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.Module:
 FFF_MEASURED_TOKENS = (128, 1024)
 #: Cache entries of those measurements (in the native kernel's tuning file, one per CPU).
 FFF_CACHE_KEY = "fff-int8-v3"
+FFF_BF16_CACHE_KEY = "fff-bf16-v1"
 #: Environment switch: ``0`` (or ``false``/``off``/``no``) keeps the FFF blocks' weights in
 #: float32 at precision int8 (read when an encoder is built; how the two are compared).
 FFF_INT8_SWITCH = "ULTRAFASTBERT_FFF_INT8"
+#: The same for the bfloat16 FFF kernel at precision bfloat16 (``0``: the float32 kernel, with
+#: the stream cast around it).
+FFF_BF16_SWITCH = "ULTRAFASTBERT_FFF_BF16"
+#: Per precision: the FFF weight format it may run, that format's kernel, its input dtype, the
+#: switch and the cache entry of the measurement that decides.
+FFF_LOW = {"int8": ("int8", "native-int8", torch.float32, FFF_INT8_SWITCH, FFF_CACHE_KEY),
+           "bfloat16": ("bf16", "native-bf16", torch.bfloat16, FFF_BF16_SWITCH,
+                        FFF_BF16_CACHE_KEY)}
 
 
 def fff_weight_format(fff: FFF, precision: str) -> tuple[str, str]:
-    """The weight format ``fff``'s kernel takes at ``precision`` (``int8`` or ``fp32``), and why.
+    """The weight format ``fff``'s kernel takes at ``precision`` (``int8``, ``bf16`` or
+    ``fp32``), and why.
 
-    ``int8`` only at precision int8, on the CPU, where the ``native-int8`` kernel runs and was
-    measured faster than the float32 ``native`` kernel for this layer shape (geometric mean of the
-    time ratios at :data:`FFF_MEASURED_TOKENS`; random weights, the two timed alternately on
-    first use, cached per CPU, shape,
-    threads and kernel build; with ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32;
-    :data:`FFF_INT8_SWITCH` off: fp32).
+    ``int8`` only at precision int8 (the ``native-int8`` kernel, float32 activations),
+    ``bf16`` only at precision bfloat16 (the ``native-bf16`` kernel: bfloat16 activations and
+    weights, AVX512-BF16 dot products), each on the CPU where its kernel runs and was measured
+    faster than the float32 ``native`` kernel for this layer shape (geometric mean over
+    :data:`FFF_MEASURED_TOKENS` of the time ratios; random weights, the two timed alternately on
+    first use, cached per CPU, shape, threads and kernel build; with
+    ``ULTRAFASTBERT_AUTOTUNE=0`` nothing is measured: fp32; the precision's switch in
+    :data:`FFF_LOW` off: fp32).
     """
     from ..fff import dispatch
     from ..fff.native import tuning
 
-    if precision != "int8":
+    if precision not in FFF_LOW:
         return "fp32", f"precision {precision}"
-    if switched_off(FFF_INT8_SWITCH) is not None:
-        return "fp32", f"switched off ({FFF_INT8_SWITCH}={switched_off(FFF_INT8_SWITCH)})"
+    fmt, kernel, dtype, switch, _ = FFF_LOW[precision]
+    if switched_off(switch) is not None:
+        return "fp32", f"switched off ({switch}={switched_off(switch)})"
     device = fff.linear_in.weight.device
     if device.type != "cpu" or fff.linear_in.weight.dtype != torch.float32:
-        return "fp32", "int8 FFF weights are a float32 CPU path"
-    reasons = dict(dispatch.explain(device, torch.float32, "int8"))
-    if reasons.get("native-int8") is not None:
-        return "fp32", f"native-int8 cannot run: {reasons['native-int8']}"
+        return "fp32", f"{fmt} FFF weights are a CPU path from float32 weights"
+    reasons = dict(dispatch.explain(device, dtype, fmt))
+    if reasons.get(kernel) is not None:
+        return "fp32", f"{kernel} cannot run: {reasons[kernel]}"
     if dict(dispatch.explain(device, torch.float32, "fp32")).get("native") is not None:
-        return "int8", "the float32 native kernel cannot run here"
+        return fmt, "the float32 native kernel cannot run here"
     if tuning.disabled() is not None:
         return "fp32", f"not measured ({tuning.ENV_SWITCH}={tuning.disabled()})"
-    entry = _fff_timings(fff)
-    fp32, int8 = entry["us_per_token"]["native"], entry["us_per_token"]["native-int8"]
-    detail = ", ".join(f"{t} tokens: fp32 {a:.3g} / int8 {b:.3g} us/token"
-                       for t, a, b in zip(entry["tokens"], fp32, int8, strict=True))
-    # Each count weighs the same (a geometric mean of the time ratios): summed µs per token let
-    # the smallest count, the noisiest under load, decide alone.
-    faster = math.prod(b / a for a, b in zip(fp32, int8, strict=True)) < 1.0
-    return ("int8" if faster else "fp32"), (
-        f"int8 weights {'faster' if faster else 'not faster'} for {fff.n_trees}x{fff.depth} "
+    entry = _fff_timings(fff, precision)
+    fp32, low = entry["us_per_token"]["native"], entry["us_per_token"][kernel]
+    detail = ", ".join(f"{t} tokens: fp32 {a:.3g} / {fmt} {b:.3g} us/token"
+                       for t, a, b in zip(entry["tokens"], fp32, low, strict=True))
+    faster = _geomean_ratio(low, fp32) < 1.0
+    return (fmt if faster else "fp32"), (
+        f"{fmt} weights {'faster' if faster else 'not faster'} for {fff.n_trees}x{fff.depth} "
         f"at d={fff.d_model} ({detail}; measured on first use, cached)")
 
 
-def _fff_timings(fff: FFF) -> dict[str, Any]:
-    """The cached (or now measured) timings of the fp32 and int8 kernels for ``fff``'s shape."""
+def _geomean_ratio(a: list[float], b: list[float]) -> float:
+    """Geometric mean of ``a[i] / b[i]``."""
+    return math.exp(sum(math.log(x / y) for x, y in zip(a, b, strict=True)) / len(a))
+
+
+def _fff_timings(fff: FFF, precision: str = "int8") -> dict[str, Any]:
+    """The cached (or now measured) timings of the fp32 kernel and ``precision``'s low-precision
+    kernel (:data:`FFF_LOW`) for ``fff``'s shape."""
     from ..fff import dispatch
     from ..fff.native import build, tuning
 
+    fmt, kernel, dtype, _, cache_key = FFF_LOW[precision]
     shape = dispatch.Workload(fff.n_trees, fff.depth, fff.d_model)
     library = build.status()
     build_key = "" if isinstance(library, str) else library.path.name
-    isa = getattr(dispatch.registry()["native-int8"], "isa", None)
+    isa = getattr(dispatch.registry()[kernel], "isa", None)
     key = f"{shape.config}/d{shape.d_model}/t{torch.get_num_threads()}/{isa}"
 
     def measure() -> dict[str, Any]:
-        return _time_fff_kernels(shape)
+        return _time_fff_kernels(shape, (("native", "fp32", torch.float32), (kernel, fmt, dtype)))
 
     def valid(entry: Any) -> bool:
         return (isinstance(entry, dict) and entry.get("tokens") == list(FFF_MEASURED_TOKENS)
-                and set(entry.get("us_per_token", {})) == {"native", "native-int8"})
+                and set(entry.get("us_per_token", {})) == {"native", kernel})
 
-    return tuning.cached(f"{FFF_CACHE_KEY}/{build_key}", key, measure, valid)
+    return tuning.cached(f"{cache_key}/{build_key}", key, measure, valid)
 
 
 @torch.no_grad()
-def _time_fff_kernels(shape: Any, samples: int = 7, sample_s: float = 0.004) -> dict[str, Any]:
-    """µs per token of the fp32 ``native`` and the ``native-int8`` kernel on random weights of
-    ``shape`` (std 0.02) at each count of :data:`FFF_MEASURED_TOKENS`: the fastest of
-    ``samples`` samples of about ``sample_s`` of calls each, the two kernels' samples
-    alternating (a load spike slows one sample, not one kernel)."""
+def _time_fff_kernels(shape: Any, specs: tuple[tuple[str, str, torch.dtype], ...],
+                      samples: int = 7, sample_s: float = 0.004) -> dict[str, Any]:
+    """µs per token of each kernel of ``specs`` (``(name, weight format, input dtype)``, e.g.
+    the fp32 ``native`` and ``native-int8``) on random weights of ``shape`` (std 0.02) at each
+    count of :data:`FFF_MEASURED_TOKENS`: the fastest of ``samples`` samples of about
+    ``sample_s`` of calls each, the kernels' samples alternating (a load spike slows one sample,
+    not one kernel)."""
     import time
 
     from ..fff import dispatch
@@ -272,47 +294,75 @@ def _time_fff_kernels(shape: Any, samples: int = 7, sample_s: float = 0.004) -> 
     weights = (torch.randn(width, d, generator=g) * 0.02, torch.zeros(width),
                torch.randn(d, width, generator=g) * 0.02)
     kernels = dispatch.registry()
-    runs = {name: (kernels[name], kernels[name].pack(*weights, shape.n_trees, shape.depth, fmt))
-            for name, fmt in (("native", "fp32"), ("native-int8", "int8"))}
+    runs = {name: (kernels[name], kernels[name].pack(*weights, shape.n_trees, shape.depth, fmt),
+                   dtype) for name, fmt, dtype in specs}
     result: dict[str, list[float]] = {name: [] for name in runs}
     for count in FFF_MEASURED_TOKENS:
         x = F.layer_norm(torch.randn(count, d, generator=g), (d,))
+        inputs = {name: x.to(dtype) for name, (_, _, dtype) in runs.items()}
         best = {name: float("inf") for name in runs}
         calls = {}
-        for name, (kernel, packed) in runs.items():
-            kernel.forward(x, packed, shape.n_trees, shape.depth)  # warm-up
+        for name, (kernel, packed, _) in runs.items():
+            kernel.forward(inputs[name], packed, shape.n_trees, shape.depth)  # warm-up
             start = time.perf_counter()
-            kernel.forward(x, packed, shape.n_trees, shape.depth)
+            kernel.forward(inputs[name], packed, shape.n_trees, shape.depth)
             calls[name] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-7)))
         for _ in range(samples):
-            for name, (kernel, packed) in runs.items():
+            for name, (kernel, packed, _) in runs.items():
                 start = time.perf_counter()
                 for _ in range(calls[name]):
-                    kernel.forward(x, packed, shape.n_trees, shape.depth)
+                    kernel.forward(inputs[name], packed, shape.n_trees, shape.depth)
                 per_token = (time.perf_counter() - start) / calls[name] / count * 1e6
                 best[name] = min(best[name], per_token)
         for name in runs:
             result[name].append(round(best[name], 4))
-    logger.info("FFF %s at d=%d: fp32 vs int8 weights, us/token at %s tokens: %s", shape.config,
-                d, list(FFF_MEASURED_TOKENS), result)
+    logger.info("FFF %s at d=%d: kernels %s, us/token at %s tokens: %s", shape.config, d,
+                list(runs), list(FFF_MEASURED_TOKENS), result)
     return {"tokens": list(FFF_MEASURED_TOKENS), "us_per_token": result}
 
 
 def fff_at(block: nn.Module, precision: str) -> nn.Module:
     """``block`` (an :class:`FFF`, or a module whose direct children include one, such as a
     converted ``FFFBlock``) as it runs at ``precision``: itself, or where
-    :func:`fff_weight_format` says ``int8``, a shallow copy whose FFF takes int8 weights. The
-    copy shares every parameter; the model's own modules are not changed."""
-    if precision != "int8":
+    :func:`fff_weight_format` says ``int8``, a shallow copy whose FFF takes int8 weights (the
+    copy shares every parameter), or where it says ``bf16``, a bfloat16 copy of the whole
+    block (its FFF on bfloat16 weights; its bias and any parts beside the trees in bfloat16 too,
+    as the precision's other layers are), so its input and output are bfloat16. The model's own
+    modules are not changed."""
+    if precision not in FFF_LOW:
         return block
     if isinstance(block, FFF):
         return _fff_view(block, precision)
+    if precision == "bfloat16":
+        return _bf16_block(block)
     children = {name: _fff_view(m, precision) if isinstance(m, FFF) else m
                 for name, m in block._modules.items()}
     if all(children[name] is m for name, m in block._modules.items()):
         return block
     view = _shallow_copy(block)
     view._modules = children
+    return view
+
+
+def _bf16_block(block: nn.Module) -> nn.Module:
+    """``block`` itself, or (where its first FFF child runs bf16 weights) a bfloat16 copy whose
+    FFF children run the bf16 kernel."""
+    fffs = [name for name, m in block.named_children() if isinstance(m, FFF)]
+    if not fffs:
+        return block
+    first = block._modules[fffs[0]]
+    assert isinstance(first, FFF)
+    fmt, why = fff_weight_format(first, "bfloat16")
+    logger.info("FFF %dx%d at d=%d, precision bfloat16: %s weights (%s)", first.n_trees,
+                first.depth, first.d_model, fmt, why)
+    if fmt != "bf16":
+        return block
+    view = copy.deepcopy(block).to(torch.bfloat16).requires_grad_(False)
+    for name in fffs:
+        fff = view._modules[name]
+        assert isinstance(fff, FFF)
+        fff._cache = PackedCache()
+        fff.runtime = FFFRuntime("auto", "bf16", fff.runtime.training)
     return view
 
 
@@ -327,13 +377,17 @@ def _shallow_copy(module: nn.Module) -> Any:
 
 
 def _fff_view(fff: FFF, precision: str) -> FFF:
-    """``fff`` itself, or a copy sharing its parameters that runs int8 weights (logged)."""
+    """``fff`` itself, or a copy that runs int8 weights (sharing its parameters) or bfloat16
+    ones (holding bfloat16 copies); logged."""
     fmt, why = fff_weight_format(fff, precision)
     logger.info("FFF %dx%d at d=%d, precision %s: %s weights (%s)", fff.n_trees, fff.depth,
                 fff.d_model, precision, fmt, why)
     if fmt == fff.runtime.weight_format:
         return fff
-    view = _shallow_copy(fff)
+    if fmt == "bf16":
+        view = copy.deepcopy(fff).to(torch.bfloat16).requires_grad_(False)
+    else:
+        view = _shallow_copy(fff)
     view._cache = PackedCache()  # its own packed copy (the original's stays with it)
     view.runtime = FFFRuntime("auto", fmt, fff.runtime.training)
     return view
