@@ -264,13 +264,15 @@ def route_change_rate(predictor: Any, reference: Any, texts: Sequence[str]) -> f
 
     def routes(p: Any) -> list[torch.Tensor]:
         seen: list[torch.Tensor] = []
-        # The model's FFF modules and those its fast encoders run instead (int8 weights:
-        # infer.precision.fff_at's copies); only the ones that run record routes.
+        # The model's FFF modules and those its fast encoders run instead (int8 or bf16
+        # weights: infer.precision.fff_at's copies); only the ones that run record routes, each
+        # on its input as it got it.
         modules = [p.model, *getattr(p, "_fast", {}).values()]
         fffs = list({id(m): m for root in modules if root is not None
                      for m in root.modules() if isinstance(m, FFF)}.values())
         hooks = [m.register_forward_hook(lambda m, a, o: seen.append(
-            m.forward_with_nodes(a[0].float().contiguous())[1])) for m in fffs]
+            m.forward_with_nodes(a[0].to(m.linear_in.weight.dtype).contiguous())[1]))
+            for m in fffs]
         try:
             p.embed(list(texts))
         finally:
