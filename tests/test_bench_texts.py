@@ -49,6 +49,27 @@ def test_route_change_rate(dirs):  # noqa: F811
     assert 0.0 <= bt.route_change_rate(bf16, fp32, TEXTS) < 0.5
 
 
+def test_route_change_rate_with_bf16_fff_copies(dirs, monkeypatch):  # noqa: F811
+    """With the bf16 FFF kernel chosen (a synthetic measurement), the encoder runs bfloat16
+    copies of the FFF blocks; the route hooks feed each its own dtype (they fed float32)."""
+    from ultrafastbert.fff import FFF
+    from ultrafastbert.fff.native import tuning
+    from ultrafastbert.infer import precision
+
+    if precision.unavailable("bfloat16") is not None:
+        pytest.skip(f"bfloat16: {precision.unavailable('bfloat16')}")
+    monkeypatch.setenv(tuning.ENV_SWITCH, "1")
+    monkeypatch.setattr(precision, "_fff_timings", lambda fff, name="int8": {
+        "tokens": list(precision.FFF_MEASURED_TOKENS),
+        "us_per_token": {"native": [2.0, 1.0], precision.FFF_LOW[name][1]: [1.0, 0.5]}})
+    fp32 = Predictor.from_pretrained(dirs["bert"], precision="float32")
+    bf16 = Predictor.from_pretrained(dirs["bert"], precision="bfloat16")
+    bf16.embed(TEXTS)
+    copies = [m for m in bf16._encoder("bfloat16").modules() if isinstance(m, FFF)]
+    assert copies and all(m.linear_in.weight.dtype == torch.bfloat16 for m in copies)
+    assert 0.0 <= bt.route_change_rate(bf16, fp32, TEXTS) < 0.5
+
+
 def test_ratios_and_outside_share(dirs):  # noqa: F811
     rows = [{"workload": "w", "embedder": "dense torch fp32", "texts_per_s": 100.0},
             {"workload": "w", "embedder": "dense ORT int8 (dynamic, per-channel)",
