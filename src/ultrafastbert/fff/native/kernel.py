@@ -57,7 +57,36 @@ class NativePacked:
             self.knobs, tuning.default_table(self.n_trees)))
 
 
-class NativeCPUKernel(FFFKernel):
+def _cpp(op: Any) -> Callable[..., Any]:
+    """The C++ callable behind a torch op overload (``_op``): one Python frame less a call."""
+    return getattr(op, "_op", op)
+
+
+class _NativeKernel(FFFKernel):
+    """What the native kernels share: an instruction set chosen from :attr:`isa_codes` (the
+    ops' numeric codes; ``isa`` None: the best this CPU runs), autotuning on or off, and the
+    op callables bound on first load."""
+
+    #: Instruction set name -> the op's numeric code.
+    isa_codes: dict[str, int] = {}
+
+    def __init__(self, isa: str | None = None, tune: bool = True):
+        if isa is not None and isa not in self.isa_codes:
+            raise InputError(f"isa must be None or one of {tuple(self.isa_codes)}, got {isa!r}")
+        self._isa = isa
+        self._tune = tune
+        self._isa_code = 0
+        self._key = ""
+        self._forward: Callable[..., Any] | None = None
+        self._forward_nodes: Callable[..., Any] | None = None
+
+    @property
+    def isa(self) -> str | None:
+        """The instruction set (path) in use (None until the kernel is loaded)."""
+        return {code: isa for isa, code in self.isa_codes.items()}.get(self._isa_code)
+
+
+class NativeCPUKernel(_NativeKernel):
     """AVX-512/AVX2 C++ kernel built on first use.
 
     Args:
@@ -74,15 +103,11 @@ class NativeCPUKernel(FFFKernel):
     weight_formats = ("fp32", "bf16", "bf16-out")
     trains = True  # float32, forward and backward over the visited nodes (training.py)
 
+    isa_codes = build.ISA_CODES
+
     def __init__(self, isa: str | None = None, tune: bool = True):
-        if isa is not None and isa not in build.ISA_CODES:
-            raise InputError(f"isa must be None or one of {tuple(build.ISA_CODES)}, got {isa!r}")
-        self._isa = isa
-        self._tune = tune
+        super().__init__(isa, tune)
         self._library: build.NativeLibrary | None = None
-        self._isa_code = 0
-        self._forward: Callable[..., Any] | None = None
-        self._forward_nodes: Callable[..., Any] | None = None
         self._forward_untuned: Callable[..., Any] | None = None
         self._train: Callable[..., Any] | None = None
 
@@ -100,21 +125,13 @@ class NativeCPUKernel(FFFKernel):
         if build.ISA_CODES[isa] > build.ISA_CODES.get(library.isa, 0):
             return f"this CPU does not support {isa} (best: {library.isa or 'neither'})"
         self._isa_code = build.ISA_CODES[isa]
-        # The overloads' C++ callables (``_op``) skip one Python frame per call.
-        self._forward = getattr(library.forward, "_op", library.forward)
-        self._forward_nodes = getattr(library.forward_nodes, "_op", library.forward_nodes)
-        untuned = torch.ops.ultrafastbert.fff_cpu_forward.default
-        self._forward_untuned = getattr(untuned, "_op", untuned)
+        self._forward = _cpp(library.forward)
+        self._forward_nodes = _cpp(library.forward_nodes)
+        self._forward_untuned = _cpp(torch.ops.ultrafastbert.fff_cpu_forward.default)
         self._library = library
         native_fakes()  # so torch.compile can trace calls of the operators
         self._train = training.custom_ops()  # defined here, outside any torch.compile trace
         return None
-
-    @property
-    def isa(self) -> str | None:
-        """The instruction set in use (None until the kernel is loaded)."""
-        codes = {code: isa for isa, code in build.ISA_CODES.items()}
-        return codes.get(self._isa_code)
 
     def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
              n_trees: int, depth: int, weight_format: str) -> NativePacked:
@@ -242,7 +259,7 @@ class NativeBF16Packed:
             self.knobs, tuning.bf16_default_table(self.n_trees)))
 
 
-class NativeBF16Kernel(FFFKernel):
+class NativeBF16Kernel(_NativeKernel):
     """bfloat16 inputs and weights -> bfloat16 outputs, fp32 accumulation.
 
     Args:
@@ -260,15 +277,10 @@ class NativeBF16Kernel(FFFKernel):
     #: For bfloat16 inputs every float format means bfloat16 weights: the layer's own.
     weight_formats = tuple(f for f in WEIGHT_FORMATS if f != "int8")
 
+    isa_codes = BF16_ISA_CODES
+
     def __init__(self, isa: str | None = None, tune: bool = True):
-        if isa is not None and isa not in BF16_ISA_CODES:
-            raise InputError(f"isa must be None or one of {tuple(BF16_ISA_CODES)}, got {isa!r}")
-        self._isa = isa
-        self._tune = tune
-        self._isa_code = 0
-        self._key = ""
-        self._forward: Callable[..., Any] | None = None
-        self._forward_nodes: Callable[..., Any] | None = None
+        super().__init__(isa, tune)
         self._forward_tuned: Callable[..., Any] | None = None
 
     def extra_reason(self, device: torch.device) -> str | None:
@@ -290,15 +302,10 @@ class NativeBF16Kernel(FFFKernel):
         self._key = f"{library.path.name}/bf16-{isa}"
         forward, tuned = ops.fff_bf16_forward.default, ops.fff_bf16_forward_tuned.default
         forward_nodes = ops.fff_bf16_forward_tuned_nodes.default
-        self._forward_tuned = getattr(tuned, "_op", tuned)  # the C++ callables: one frame less
-        self._forward_nodes = getattr(forward_nodes, "_op", forward_nodes)
-        self._forward = getattr(forward, "_op", forward)
+        self._forward_tuned = _cpp(tuned)
+        self._forward_nodes = _cpp(forward_nodes)
+        self._forward = _cpp(forward)
         return None
-
-    @property
-    def isa(self) -> str | None:
-        """The path in use (None until the kernel is loaded)."""
-        return {code: isa for isa, code in BF16_ISA_CODES.items()}.get(self._isa_code)
 
     def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
              n_trees: int, depth: int, weight_format: str) -> NativeBF16Packed:
@@ -408,7 +415,7 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
-class NativeInt8Kernel(FFFKernel):
+class NativeInt8Kernel(_NativeKernel):
     """float32 inputs and outputs, int8 node rows with one float scale per row (weight format
     ``int8``): the FFF of the dequantized weights, computed in fp32 with the int8 values widened
     in registers, so a quarter of the fp32 rows' bytes are streamed. Routes may differ from the
@@ -437,15 +444,10 @@ class NativeInt8Kernel(FFFKernel):
     dtypes = (torch.float32,)
     weight_formats = ("int8",)
 
+    isa_codes = INT8_ISA_CODES
+
     def __init__(self, isa: str | None = None, tune: bool = True):
-        if isa is not None and isa not in INT8_ISA_CODES:
-            raise InputError(f"isa must be None or one of {tuple(INT8_ISA_CODES)}, got {isa!r}")
-        self._isa = isa
-        self._tune = tune
-        self._isa_code = 0
-        self._key = ""
-        self._forward: Callable[..., Any] | None = None
-        self._forward_nodes: Callable[..., Any] | None = None
+        super().__init__(isa, tune)
         self._forward_untuned: Callable[..., Any] | None = None
 
     def extra_reason(self, device: torch.device) -> str | None:
@@ -469,15 +471,10 @@ class NativeInt8Kernel(FFFKernel):
         ops = torch.ops.ultrafastbert
         tuned, nodes = ops.fff_int8_forward_tuned.default, ops.fff_int8_forward_tuned_nodes.default
         untuned = ops.fff_int8_forward.default
-        self._forward_untuned = getattr(untuned, "_op", untuned)  # the C++ callables
-        self._forward_nodes = getattr(nodes, "_op", nodes)
-        self._forward = getattr(tuned, "_op", tuned)
+        self._forward_untuned = _cpp(untuned)
+        self._forward_nodes = _cpp(nodes)
+        self._forward = _cpp(tuned)
         return None
-
-    @property
-    def isa(self) -> str | None:
-        """The instruction set in use (None until the kernel is loaded)."""
-        return {code: isa for isa, code in INT8_ISA_CODES.items()}.get(self._isa_code)
 
     def pack(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
              n_trees: int, depth: int, weight_format: str) -> NativeInt8Packed:
