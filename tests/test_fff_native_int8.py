@@ -15,6 +15,7 @@ import functools
 import pytest
 import torch
 
+from test_native import _toolchain_present, isa_paths, loaded
 from ultrafastbert.errors import ResourceError
 from ultrafastbert.fff import FFF, dispatch
 from ultrafastbert.fff.native import build, tuning
@@ -29,6 +30,8 @@ from ultrafastbert.fff.tree import n_nodes
 from ultrafastbert.utils.machine import ENV_FLAGS_OFF
 
 CPU = torch.device("cpu")
+#: The paths this CPU runs, best first.
+PATHS = isa_paths("avx512vnni", "avx512_vnni")
 #: fp32 sums against float64: ~1e-6 of the logits' scale (0.1-1 here).
 MARGIN = 1e-5
 #: At most this fraction of tokens may be left out for sitting near a routing boundary.
@@ -41,28 +44,11 @@ SHAPES = [  # (n_trees, depth, d, tokens): depth 0, odd widths, several trees, o
     (32, 5, 384, 64), (12, 5, 384, 7), (16, 6, 768, 33), (1, 11, 768, 1), (1, 11, 768, 300)]
 
 
-def _toolchain_present() -> bool:
-    return build.toolchain_reason() is None and build.cpu_isa() is not None
-
-
-def _paths() -> list[str]:
-    flags = build._cpu_flags() or set()
-    if build.cpu_isa() != "avx512":
-        return ["avx2"]
-    return (["avx512vnni"] if "avx512_vnni" in flags else []) + ["avx512", "avx2"]
-
-
 def _kernel(isa: str | None) -> NativeInt8Kernel:
-    kernel = NativeInt8Kernel(isa, tune=False)
-    reason = kernel.unavailable_reason(CPU, torch.float32, "int8")
-    if reason is not None:
-        if _toolchain_present():
-            pytest.fail(f"the native int8 kernel should run here but: {reason}")
-        pytest.skip(f"native kernel unavailable: {reason}")
-    return kernel
+    return loaded(NativeInt8Kernel(isa, tune=False), torch.float32, "int8")
 
 
-@pytest.fixture(params=_paths())
+@pytest.fixture(params=PATHS)
 def kernel(request) -> NativeInt8Kernel:
     """The kernel on each path this CPU runs."""
     return _kernel(request.param)
@@ -133,7 +119,7 @@ def test_packs_a_quarter_of_the_bytes(kernel):
 
 
 def test_vnni_tokens_are_quantized_per_token():
-    if "avx512vnni" not in _paths():
+    if "avx512vnni" not in PATHS:
         pytest.skip("this CPU has no AVX512-VNNI")
     _kernel("avx512vnni")
     x = torch.randn(9, 37) * torch.logspace(-2, 1, 9)[:, None]
@@ -301,8 +287,8 @@ def test_hidden_cpu_flags_fall_back_with_a_clear_message(monkeypatch):
 def test_best_widening_path_is_the_default():
     """VNNI lost the accuracy rule on the converted MiniLM: it runs only when asked for."""
     kernel = _kernel(None)
-    assert kernel.isa == next(p for p in _paths() if p != "avx512vnni")
-    assert set(INT8_ISA_CODES) >= set(_paths())
+    assert kernel.isa == next(p for p in PATHS if p != "avx512vnni")
+    assert set(INT8_ISA_CODES) >= set(PATHS)
 
 
 @functools.cache

@@ -37,6 +37,24 @@ def _toolchain_present() -> bool:
     return build.toolchain_reason() is None and build.cpu_isa() is not None
 
 
+def isa_paths(extra: str, flag: str) -> list[str]:
+    """The paths of a kernel this CPU runs: ``extra`` (e.g. ``avx512bf16``) where the CPU has
+    ``flag``, then ``avx512`` and ``avx2`` (``avx2`` alone without AVX-512)."""
+    if build.cpu_isa() != "avx512":
+        return ["avx2"]
+    return ([extra] if flag in (build._cpu_flags() or set()) else []) + ["avx512", "avx2"]
+
+
+def loaded(kernel, dtype: torch.dtype, weight_format: str = "fp32"):  # noqa: ANN001, ANN201
+    """``kernel`` once it runs here; a failure where the toolchain is present, else a skip."""
+    reason = kernel.unavailable_reason(CPU, dtype, weight_format)
+    if reason is not None:
+        if _toolchain_present():
+            pytest.fail(f"{kernel.name} should run here but: {reason}")
+        pytest.skip(f"native kernel unavailable: {reason}")
+    return kernel
+
+
 def _native(isa: str | None = None) -> NativeCPUKernel:
     kernel = NativeCPUKernel(isa)
     reason = kernel.unavailable_reason(CPU, torch.float32)

@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 
+from test_native import _toolchain_present, isa_paths, loaded
 from ultrafastbert.fff import FFF, dispatch
 from ultrafastbert.fff.native import build
 from ultrafastbert.fff.native import kernel as native_kernel
@@ -22,6 +23,8 @@ from ultrafastbert.fff.reference import fff_reference
 from ultrafastbert.fff.tree import n_nodes
 
 CPU = torch.device("cpu")
+#: The paths this CPU runs, best first.
+PATHS = isa_paths("avx512bf16", "avx512_bf16")
 #: fp32 sums of bf16 products (dpbf16 pairs them) against float64: ~1e-6 of the logits' scale
 #: (0.1-1 here), so logits this close to 0 may round either way.
 MARGIN = 1e-4
@@ -33,29 +36,11 @@ VALUE_RTOL = 2**-8
 VALUE_ATOL = 1e-5
 
 
-def _toolchain_present() -> bool:
-    return build.toolchain_reason() is None and build.cpu_isa() is not None
-
-
-def _paths() -> list[str]:
-    best = build.cpu_isa()
-    flags = build._cpu_flags() or set()
-    if best != "avx512":
-        return ["avx2"]
-    return (["avx512bf16"] if "avx512_bf16" in flags else []) + ["avx512", "avx2"]
-
-
 def _kernel(isa: str | None) -> NativeBF16Kernel:
-    kernel = NativeBF16Kernel(isa)
-    reason = kernel.unavailable_reason(CPU, torch.bfloat16)
-    if reason is not None:
-        if _toolchain_present():
-            pytest.fail(f"native bf16 kernel should run here but: {reason}")
-        pytest.skip(f"native kernel unavailable: {reason}")
-    return kernel
+    return loaded(NativeBF16Kernel(isa), torch.bfloat16)
 
 
-@pytest.fixture(params=_paths())
+@pytest.fixture(params=PATHS)
 def kernel(request) -> NativeBF16Kernel:
     """The kernel on each path this CPU runs."""
     return _kernel(request.param)
@@ -109,8 +94,8 @@ def test_runs_where_it_can():
         pytest.skip(f"no toolchain/CPU support: {build.toolchain_reason() or 'no AVX2'}")
     kernel = NativeBF16Kernel()
     assert kernel.unavailable_reason(CPU, torch.bfloat16) is None
-    assert kernel.isa == _paths()[0]
-    assert torch.ops.ultrafastbert.fff_bf16_isa() == _paths()[0]
+    assert kernel.isa == PATHS[0]
+    assert torch.ops.ultrafastbert.fff_bf16_isa() == PATHS[0]
 
 
 def test_declares_its_scope_and_reasons(monkeypatch):
