@@ -562,3 +562,32 @@ def test_millions_of_tokens(kernel):
     ref = fff_reference(x[sample], *weights, 1, 11)
     same = check_routes(nodes[sample], ref.nodes, ref.logits, FP32_MARGIN)
     check_values(y[sample], ref.y, same, rtol=1e-4, atol=1e-5)
+
+
+def test_many_tree_gelu_matches_float64(kernel):
+    """The many-tree walks' vector GELU (fff_cpu_walk.h gelu_vec) against float64 erfc, over
+    the whole float range a logit can take: tree 0's only node has logit x[:, 0] and output row
+    e_0, so y[:, 0] is GELU(x[:, 0]) itself. Control: the plain fp32 formula
+    z/2 (1 + erf(z / sqrt 2)) fails the same check (cancellation for z < -5)."""
+    d = 37
+    z = torch.cat([torch.linspace(-14, 14, 4001), torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-30, 13.01, -13.01, 9.2 * 2**0.5, -9.2 * 2**0.5, 100.0, -100.0,
+         3e38, -3e38, float("nan")])])  # an inf in x makes the other tree's logit inf * 0
+    x = torch.zeros(len(z), d)
+    x[:, 0] = z
+    w_in = torch.zeros(2, d)
+    w_in[0, 0] = w_in[1, 1] = 1.0
+    w_out = torch.zeros(d, 2)
+    w_out[0, 0] = w_out[1, 1] = 1.0
+    y, _ = run(kernel, x, (w_in, torch.zeros(2), w_out), 2, 0)
+    z64 = z.double()
+    want = 0.5 * z64 * torch.special.erfc(-z64 / 2**0.5)  # no cancellation for z < 0
+    ok = ~want.isnan()
+
+    def max_rel_err(got: torch.Tensor) -> float:
+        return float(((got.double()[ok] - want[ok]).abs() / want[ok].abs().clamp_min(1e-30)).max())
+
+    assert torch.equal(y[:, 0].isnan(), want.isnan())
+    assert max_rel_err(y[:, 0]) < 1e-6
+    assert torch.equal(y[ok, 1], torch.zeros(int(ok.sum())))  # tree 1: logit 0, GELU(0) = 0
+    assert max_rel_err(0.5 * z * (1 + torch.erf(z / 2**0.5))) > 1e-2  # control

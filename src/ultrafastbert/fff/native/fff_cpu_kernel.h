@@ -205,6 +205,19 @@ struct V {
   FFF_TARGET FFF_INLINE static R add(R a, R b) { return _mm512_add_ps(a, b); }
   FFF_TARGET FFF_INLINE static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   FFF_TARGET FFF_INLINE static float sum(R a) { return _mm512_reduce_add_ps(a); }
+  // For the vector GELU (fff_cpu_walk.h, gelu_vec).
+  FFF_TARGET FFF_INLINE static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  FFF_TARGET FFF_INLINE static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  FFF_TARGET FFF_INLINE static R abs(R a) { return _mm512_abs_ps(a); }
+  FFF_TARGET FFF_INLINE static R round(R a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // p * 2^n for integral n in [-126, 127].
+  FFF_TARGET FFF_INLINE static R scale2(R p, R n) { return _mm512_scalef_ps(p, n); }
+  // a < b ? x : y, lane by lane (false for NaN).
+  FFF_TARGET FFF_INLINE static R select_lt(R a, R b, R x, R y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+  }
   FFF_TARGET FFF_INLINE static R load(const float* p) { return _mm512_loadu_ps(p); }
   FFF_TARGET FFF_INLINE static R load(const bf16_bits* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -267,6 +280,23 @@ struct V {
   FFF_TARGET FFF_INLINE static R set1(float a) { return _mm256_set1_ps(a); }
   FFF_TARGET FFF_INLINE static R add(R a, R b) { return _mm256_add_ps(a, b); }
   FFF_TARGET FFF_INLINE static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  // For the vector GELU (fff_cpu_walk.h, gelu_vec).
+  FFF_TARGET FFF_INLINE static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  FFF_TARGET FFF_INLINE static R div(R a, R b) { return _mm256_div_ps(a, b); }
+  FFF_TARGET FFF_INLINE static R abs(R a) {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+  }
+  FFF_TARGET FFF_INLINE static R round(R a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // p * 2^n for integral n in [-126, 127] and p in [0.5, 2] (the exponent field is added to).
+  FFF_TARGET FFF_INLINE static R scale2(R p, R n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  }
+  FFF_TARGET FFF_INLINE static R select_lt(R a, R b, R x, R y) {
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
   FFF_TARGET FFF_INLINE static float sum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
