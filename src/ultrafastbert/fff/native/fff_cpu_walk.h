@@ -609,11 +609,11 @@ FFF_TARGET static void run_tree_sorted(const Problem& pb, int64_t t0, int64_t t1
     out.b0 = b0;
     for (int64_t tree = 0; tree < pb.n_trees; ++tree) {
       walk_tree_sorted<E>(pb, tree, b0, n, act.data(), node.data(), path, s);
+      gelu_all(act.data(), n * path);  // the block's paths are contiguous: full vectors
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = s.order[j], t = b0 + i;
-        float* a = act.data() + i * path;
+        const float* a = act.data() + i * path;
         const int64_t* nd = node.data() + i * path;
-        gelu_all(a, path);
         apply_output(a, nd, path, w_out, pb.s_out, pb.d, out.row(t), tree > 0);
         if (pb.nodes != nullptr)
           std::memcpy(pb.nodes + t * P + tree * path, nd, path * sizeof(int64_t));
