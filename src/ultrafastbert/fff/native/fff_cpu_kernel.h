@@ -163,8 +163,8 @@ std::vector<int64_t> bucket_order(const std::vector<int64_t>& local, int64_t spl
 // The fixed defaults of the fp32 and int8-weight ops (what their untuned ops use; tuning.py's
 // default_row says the same): prefetch from kPrefetchTokens tokens; several trees: one token's
 // trees together, and from 2 tokens tree-major blocks of 256 tokens walked level by level sorted
-// by node (run_tree_sorted: 5-22% less CPU per token than unsorted blocks of 64 walked 8 at a
-// time for 8x7-32x5 at d=384, AMD Zen 4, 1 thread, docs/native.md).
+// by node, without prefetch (run_tree_sorted: 5-22% less CPU per token than unsorted blocks of
+// 64 walked 8 at a time for 8x7-32x5 at d=384, AMD Zen 4, 1 thread, docs/native.md).
 Knobs default_knobs(int64_t tokens, int64_t n_trees) {
   Knobs k;
   k.prefetch = tokens >= kPrefetchTokens ? 1 : 0;
@@ -172,6 +172,9 @@ Knobs default_knobs(int64_t tokens, int64_t n_trees) {
     k.group = 8;
     k.block = 256;
     k.sort = 1;
+    // Sorted tokens share their output rows while those are in L1: prefetching every pair's
+    // row is wasted work (8x7 and 32x5 at d=384, 4,096 tokens: 12-22% slower with it).
+    k.prefetch = 0;
   }
   return k;
 }

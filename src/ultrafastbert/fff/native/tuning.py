@@ -95,7 +95,7 @@ def default_row(min_tokens: int, n_trees: int) -> dict[str, int]:
     """The fixed defaults for calls of ``min_tokens`` tokens and up (as in fff_cpu.cpp)."""
     many = n_trees > 1 and min_tokens > 1
     return {"min_tokens": min_tokens, "group": 8 if many else 4, "trees_together": 1,
-            "prefetch": int(min_tokens >= 1024), "bucket": 8, "grain": 1 << 18,
+            "prefetch": int(min_tokens >= 1024 and not many), "bucket": 8, "grain": 1 << 18,
             "block": 256 if many else 0, "sort": int(many), "split": 0}
 
 
