@@ -18,13 +18,12 @@ beyond L2:
 Each loop runs the same FMAs on 64-byte aligned buffers, best of 5 timings of ~0.2 s; the rate
 is in 512-bit (16-lane) FMAs per nanosecond (AVX-512) or 256-bit FMAs (AVX2 builds, reported as
 such). The C++ is compiled here with g++ -O3 (the kernel's toolchain). Results:
-``load_rates.json`` (rows + environment) and ``load_rates.md``.
+``load_rates.json`` (rows + environment), ``.csv`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -176,10 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             + "\n".join(f"- `{k}`: {v}" for k, v in LOOPS.items())
             + f"\n\nCPU: {env.get('cpu')}; load {env['load_before']} -> "
               f"{env['load_after']}.\n")
-    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_results(args.out, "load_rates", rows, env)
     atomic_write_text(args.out / "load_rates.md", text)
-    atomic_write_text(args.out / "load_rates.json",
-                      json.dumps({"rows": rows, "environment": env}, indent=2))
     print(text)
     return 0
 

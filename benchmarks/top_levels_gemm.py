@@ -16,7 +16,7 @@ fixed defaults for many tokens, sorted tree-major walk):
 - ``bound``: walk_full / (walk_full - walk_top + gemm_top), an upper bound on the hybrid's
   speedup (it ignores the cost of starting the walk midway and of the masking).
 
-Results: ``top_levels_gemm.json`` (rows + environment) and ``top_levels_gemm.md``.
+Results: ``top_levels_gemm.json`` (rows + environment), ``.csv`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -111,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     text = ("# Shallow levels as one GEMM: upper bound on the gain (1 thread, d=384)\n\n"
             f"{common.format_table(rows, COLUMNS)}\n\nCPU: {env.get('cpu')}; load "
             f"{env['load_before']} -> {env['load_after']}; µs per token, thread CPU time.\n")
-    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_results(args.out, "top_levels_gemm", rows, env)
     atomic_write_text(args.out / "top_levels_gemm.md", text)
-    atomic_write_text(args.out / "top_levels_gemm.json",
-                      json.dumps({"rows": rows, "environment": env}, indent=2))
     print(text)
     return 0
 
