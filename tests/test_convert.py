@@ -553,6 +553,42 @@ def test_resume_after_kill(bert_dir, tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_resume_after_a_finished_phase_keeps_its_stats(bert_dir, tmp_path, monkeypatch):
+    """A run stopped after the layer-wise phase and resumed: its report still gives that phase's
+    tokens, seconds and losses (read back from the checkpoint and metrics), not just its steps."""
+    from ultrafastbert.convert import pipeline
+
+    corpus = tiny_corpus(tmp_path / "c.txt", 400)
+    out = tmp_path / "out"
+    real_distil = pipeline.distil
+    first: dict = {}
+
+    def stop_before_end_to_end(phase, *args, **kwargs):
+        if phase != "layerwise":
+            raise RuntimeError("stopped before end to end")
+        first.update(real_distil(phase, *args, **kwargs))
+        return first
+
+    def settings(resume: bool) -> pipeline.ConvertSettings:
+        return pipeline.ConvertSettings(
+            source=bert_dir, out=out, fff="2x3", corpus=str(corpus), budget_s=60.0,
+            max_steps=3, init_tokens=800, batch_size=8, layerwise_share=0.5, resume=resume,
+            progress=False)
+
+    monkeypatch.setattr(pipeline, "distil", stop_before_end_to_end)
+    with pytest.raises(RuntimeError, match="stopped before end to end"):
+        pipeline.run(settings(resume=False))
+    assert first["steps"] == 3 and first["tokens"] > 0 and first["seconds"] > 0
+    monkeypatch.setattr(pipeline, "distil", real_distil)
+    report = pipeline.run(settings(resume=True))
+    layerwise = json.loads((out / "conversion.json").read_text())["phases"]["layerwise"]
+    assert layerwise["resumed_final"] is True
+    for key in ("steps", "tokens", "seconds", "budget_s", "first_loss", "last_loss"):
+        assert layerwise[key] == pytest.approx(first[key]), key
+    assert report.phases["end-to-end"]["steps"] == 3
+    assert report.phases["end-to-end"]["tokens"] > 0
+
+
 # ------------------------------------------------------------------------------ pipelines
 def _saved(source, tmp_path, spec="2x3"):
     student = make_student(source, parse_fff(spec, source.n_layers))

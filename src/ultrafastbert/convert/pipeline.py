@@ -36,7 +36,8 @@ from ..model.converted import (
 )
 from ..model.soft_routing import set_soft_routing
 from ..train.distributed import DistContext, init_distributed, main_first, shutdown
-from ..train.loop import LoopConfig, Trainer
+from ..train.loop import LoopConfig, Trainer, TrainState
+from ..train.metrics import METRICS_FILE, read_metrics
 from ..train.recipe import WarmupCosineSchedule
 from ..utils.io import atomic_path, atomic_write_json
 from ..utils.machine import run_facts
@@ -484,17 +485,29 @@ def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
     info = trainer.restore() if settings.resume else None
     if info is not None and info.final:
         log.info("%s: finished before (step %d), not rerun", phase, info.step)
-        return {"steps": info.step, "resumed_final": True}
+        return {**phase_log(trainer.state, budget_s, _logged_losses(work / phase)),
+                **routing_log(phase, settings), "resumed_final": True}
     try:
         result = trainer.fit()
     finally:
         set_soft_routing(fff_blocks(student), None)  # the model is the hard-routed FFF
-    history = result.history
-    return {"steps": result.state.step, "tokens": result.state.tokens,
-            "seconds": result.state.elapsed_s, "budget_s": budget_s,
-            "first_loss": history[0].loss if history else None,
-            "last_loss": _tail_mean([h.loss for h in history]),
-            **routing_log(phase, settings)}
+    # A resumed phase's history holds this session's steps only; its metrics file holds all.
+    losses = (_logged_losses(work / phase) if info is not None
+              else [h.loss for h in result.history])
+    return {**phase_log(result.state, budget_s, losses), **routing_log(phase, settings)}
+
+
+def phase_log(state: TrainState, budget_s: float, losses: list[float]) -> dict[str, Any]:
+    """A phase's entry in ``conversion.json``: its counters (``state``: the whole
+    phase, earlier sessions of a resumed run included), budget and first / last losses."""
+    return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed_s,
+            "budget_s": budget_s, "first_loss": losses[0] if losses else None,
+            "last_loss": _tail_mean(losses)}
+
+
+def _logged_losses(phase_dir: Path) -> list[float]:
+    """Every step's loss in the phase's ``metrics.jsonl`` (all sessions of a resumed run)."""
+    return [float(r["loss"]) for r in read_metrics(phase_dir / METRICS_FILE) if "loss" in r]
 
 
 def phase_schedule(phase: str, student: Any, settings: ConvertSettings) -> Any:
