@@ -170,6 +170,17 @@ def _models(*names: str, dtype: str = "float32") -> Callable[[Path], tuple[dict,
     return check
 
 
+def _kernels(name: str, dtype: str, *cells: tuple[str, int]
+             ) -> Callable[[Path], tuple[dict, list[str]]]:
+    """The native kernel's speedup over the fastest dense FFN per (config, tokens) cell of a
+    ``benchmarks/kernel_bench.py`` result (``name``, rows of ``dtype``)."""
+    def check(folder: Path) -> tuple[dict, list[str]]:
+        data = _json(folder, name)
+        return data["env"], [speedup(_row(data["rows"], config=c, tokens=t, dtype=dtype)
+                                     ["native_speedup"]) for c, t in cells]
+    return check
+
+
 #: README row (first cell) -> reader of (environment, figures as printed) from the row's folder.
 CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "all-MiniLM-L6-v2 converted to FFF 8x7 (4.2% of FFN neurons per token; 60 min on one core, "
@@ -196,6 +207,10 @@ CHECKS: dict[str, Callable[[Path], tuple[dict, list[str]]]] = {
     "bounds lifted": _overload,
     "FFF 1x11 layer vs the fastest fp32 dense-4095 (oneDNN, prepacked weights), 1 / 128 / 4,096 "
     "tokens": _ff_tokens(1, 128, 4096),
+    "FFF 8x7 / 32x5 layer at d=384 (all-MiniLM-L6-v2's FFN shape) vs the fastest fp32 dense "
+    "FFN (384 -> 1536 -> 384), 128 / 4,096 tokens":
+        _kernels("d384_t2.json", "float32", ("8x7", 128), ("8x7", 4096), ("32x5", 128),
+                 ("32x5", 4096)),
     "FFF 1x11 layer in bf16 vs the fastest bf16 dense-4095, 4,096 tokens":
         _ff_dtype("native-bf16", 4096, "speedup_vs_fastest_dense"),
     "FFF 1x11 training (fwd+bwd, the native training kernel) vs the original masked form, 4,096 "
