@@ -21,6 +21,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ultrafastbert.bench import common
+from ultrafastbert.utils.io import atomic_write_text
+
 DENSE = "dense"
 
 
@@ -130,13 +133,6 @@ def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = load_runs(args.glue_runs)
@@ -151,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             if (directory / file).is_file():
                 shutil.copyfile(directory / file, target / file)
     summary = {"protocol": dense["protocol"], "runtime": dense["runtime"],
-               "environment": dense["environment"],
+               "environment": dense["environment"],  # the fine-tuning runs' machine
+               "tabulated_on": common.environment(),
                "runs": {n: str(d) for n, (d, _) in runs.items()},
                "complete": {n: bool(r.get("complete")) for n, (_, r) in runs.items()},
                "seed_spread": {task: {r["model"]: _spread(r, task) for r in rows}
                                for task in tasks},
                "rows": rows}
-    write(args.out / "results.json", json.dumps(summary, indent=1) + "\n")
-    write(args.out / "results.md", markdown(rows, tasks))
+    atomic_write_text(args.out / "results.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(args.out / "results.md", markdown(rows, tasks))
     print(markdown(rows, tasks))
     return 0
 
