@@ -32,7 +32,6 @@ from pathlib import Path
 
 from ultrafastbert.bench import common
 from ultrafastbert.errors import RunError
-from ultrafastbert.utils.io import atomic_write_text
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -175,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n".join(f"- `{k}`: {v}" for k, v in LOOPS.items())
             + f"\n\nCPU: {env.get('cpu')}; load {env['load_before']} -> "
               f"{env['load_after']}.\n")
-    common.write_results(args.out, "load_rates", rows, env)
-    atomic_write_text(args.out / "load_rates.md", text)
-    print(text)
+    common.write_report(args.out, "load_rates", rows, env, text)
     return 0
 
 

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from ultrafastbert.bench import common
 from ultrafastbert.fff.native import tuning
 from ultrafastbert.fff.native.kernel import NativeCPUKernel, NativePacked
-from ultrafastbert.utils.io import atomic_write_text
 
 D_MODEL = 384
 COLUMNS = ("config", "tokens", "levels", "rows", "walk_full_us", "walk_top_us", "gemm_top_us",
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     text = ("# Shallow levels as one GEMM: upper bound on the gain (1 thread, d=384)\n\n"
             f"{common.format_table(rows, COLUMNS)}\n\nCPU: {env.get('cpu')}; load "
             f"{env['load_before']} -> {env['load_after']}; µs per token, thread CPU time.\n")
-    common.write_results(args.out, "top_levels_gemm", rows, env)
-    atomic_write_text(args.out / "top_levels_gemm.md", text)
-    print(text)
+    common.write_report(args.out, "top_levels_gemm", rows, env, text)
     return 0
 
 

@@ -152,6 +152,15 @@ def write_results(out_dir: str | os.PathLike, stem: str, rows: list[dict[str, An
     return [json_path, csv_path]
 
 
+def write_report(out_dir: str | os.PathLike, stem: str, rows: list[dict[str, Any]],
+                 env: dict[str, Any], markdown: str) -> None:
+    """:func:`write_results` plus ``stem.md`` (``markdown``, written atomically), which is also
+    printed: the end of a benchmark script's run."""
+    write_results(out_dir, stem, rows, env)
+    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown)
+    print(markdown)
+
+
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``columns`` from ``rows`` (floats to 3 significant figures)."""
     def cell(v: Any) -> str:
