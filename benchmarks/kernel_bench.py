@@ -39,14 +39,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ultrafastbert.bench.common import environment
+from ultrafastbert.bench.common import environment, time_round
 from ultrafastbert.bench.ff import DenseFF, _packed_variant
 from ultrafastbert.fff import dispatch
 from ultrafastbert.fff.gemm.kernel import GemmKernel
@@ -268,26 +267,6 @@ def check_bf16(fns: dict, weights: tuple, n_trees: int, depth: int, d: int) -> N
     same = (nodes == ref.nodes).flatten(1).all(dim=1)
     assert same.float().mean() >= 0.9, f"bf16 routes agree on only {same.float().mean():.0%}"
     torch.testing.assert_close(want.float()[same], ref.y.float()[same], rtol=2e-2, atol=2e-3)
-
-
-def time_round(fn: Callable, x: torch.Tensor, budget_s: float, clock: str = "wall") -> float:
-    """Seconds per call over ~``budget_s`` of calls: the median call by the wall clock
-    (at least 3 calls), or with ``clock="thread"`` this thread's CPU time over all of them (one
-    torch thread: what the call itself costs, whatever else the machine runs)."""
-    fn(x)
-    if clock == "thread":
-        calls, start = 0, time.thread_time()
-        while calls < 3 or time.thread_time() - start < budget_s:
-            fn(x)
-            calls += 1
-        return (time.thread_time() - start) / calls
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench(config: str, d: int, tokens: list[int], rounds: int, budget_s: float,

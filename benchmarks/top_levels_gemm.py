@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,16 +41,8 @@ COLUMNS = ("config", "tokens", "levels", "rows", "walk_full_us", "walk_top_us", 
 
 
 def thread_seconds(fn: Callable[[], object], samples: int = 7, budget: float = 0.05) -> float:
-    """Fewest thread-CPU seconds per call of ``fn`` over ``samples`` samples."""
-    fn()
-    best = float("inf")
-    for _ in range(samples):
-        n, start = 0, time.thread_time()
-        while time.thread_time() - start < budget:
-            fn()
-            n += 1
-        best = min(best, (time.thread_time() - start) / n)
-    return best
+    """Fewest thread-CPU seconds per call of ``fn`` over ``samples`` samples of ~``budget``."""
+    return min(common.time_round(lambda _: fn(), None, budget, "thread") for _ in range(samples))
 
 
 def packed_walk(kernel: NativeCPUKernel, n_trees: int, depth: int) -> NativePacked:

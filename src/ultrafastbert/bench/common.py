@@ -115,6 +115,26 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 15,
     return per_call
 
 
+def time_round(fn: Callable[[Any], Any], x: Any, budget_s: float, clock: str = "wall") -> float:
+    """Seconds per call over ~``budget_s`` of calls: the median call by the wall clock
+    (at least 3 calls), or with ``clock="thread"`` this thread's CPU time over all of them (one
+    torch thread: what the call itself costs, whatever else the machine runs)."""
+    fn(x)
+    if clock == "thread":
+        calls, start = 0, time.thread_time()
+        while calls < 3 or time.thread_time() - start < budget_s:
+            fn(x)
+            calls += 1
+        return (time.thread_time() - start) / calls
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _one_sample(fn: Callable[[], Any], number: int, device: str) -> float:
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
