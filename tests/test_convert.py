@@ -439,6 +439,8 @@ def test_run_writes_a_loadable_model_with_a_report(converted, source):
     for phase in report["phases"].values():  # (batches are bucketed by length, so one
         # batch's loss says little; what distillation did is measured on held-out text below)
         assert phase["steps"] > 0 and 0 < phase["last_loss"] < float("inf")
+        assert phase["tokens_per_s"] == pytest.approx(phase["tokens"] / phase["seconds"])
+    assert report["device"] == "cpu" and report["settings"]["device"] == "auto"
     assert not (out / "distill").exists() and not (out / ".staging").exists()
     env = report["environment"]  # which CPU and how many threads the distillation had
     assert env["cpu"] and env["torch_threads"] >= 1 and set(env["cpu_flags"]) >= {"avx2"}
@@ -507,6 +509,17 @@ def test_heldout_ordinary_tokens_leave_out_each_rows_first_and_last(source):
     held = heldout_set(source, rows, pad_id=0)
     assert held.xs.shape[1] == 7 and len(held.norms) == source.n_layers
     assert held.ordinary.tolist() == [False, True, True, False, False, True, False]
+
+
+def test_cuda_device_without_cuda_is_refused_before_any_work(bert_dir, tmp_path, capsys):
+    from ultrafastbert.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    corpus = tiny_corpus(tmp_path / "c.txt", 50)
+    assert main(_convert_args(bert_dir, tmp_path / "out", corpus, "6s", "--device", "cuda")) != 0
+    assert "--device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before claiming the output folder
 
 
 def test_refuses_a_non_empty_out(converted, bert_dir):

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"converted {settings.source} -> {settings.out}: FFF {settings.fff}, "
           f"{report.active_fraction:.1%} of the dense FFN's multiply-adds per token")
     print(f"init {report.init_s:.0f} s; " + "; ".join(
-        f"{name} {p.get('steps', 0)} steps" for name, p in report.phases.items()))
+        f"{name} {p.get('steps', 0)} steps{_rate(p)}" for name, p in report.phases.items())
+        + f" ({report.device}, {report.world_size} process{'es' if report.world_size > 1 else ''})")
     print(f"held-out ({held['rows']} texts): block relative error [{errors}]")
     print(f"held-out pooled-embedding cosine to the dense model {held['pooled_cosine']:.4f} "
           f"(FFN blocks removed: {held['removed_pooled_cosine']:.4f}; "
@@ -69,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"load it with ultrafastbert.from_pretrained({str(settings.out)!r}); report in "
           f"{settings.out / 'conversion.json'}")
     return 0
+
+
+def _rate(phase: dict) -> str:
+    rate = phase.get("tokens_per_s")
+    return f", {rate:,.0f} tokens/s" if rate else ""
 
 
 def _quiet_transformers() -> None:

@@ -64,6 +64,12 @@ class TextBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
+    def to(self, device: torch.device) -> TextBatch:
+        """The same batch on ``device``."""
+        if self.input_ids.device == device:
+            return self
+        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
 
 def cut_batch(rows: torch.Tensor, pad_id: int) -> TextBatch:
     """Mask the padding of ``rows`` ``(B, L)`` and drop the columns no row uses."""
@@ -97,6 +103,7 @@ class TeacherBatches:
         if layers not in ("last", "all"):
             raise InputError(f"layers must be 'last' or 'all', got {layers!r}")
         self.teacher, self.stream, self.batch_size = teacher.eval(), stream, batch_size
+        self.device = next(teacher.parameters()).device
         self.mode, self.pad_id, self.pooling, self.layers = mode, pad_id, pooling, layers
         self.cache_bytes = cache_bytes if mode == "end-to-end" and layers == "last" else 0
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -108,6 +115,7 @@ class TeacherBatches:
         picked = self.stream.rows_at(self.stream.position + rank * share, share)
         text = cut_batch(self.stream.next_batch(self.batch_size, rank=rank,
                                                 world_size=world_size), self.pad_id)
+        text = text.to(self.device)  # the batch and the teacher's targets on its device
         if self.mode == "layerwise":
             x, y = ffn_io(self.teacher, text)
             return MicroBatch({"x": x, "y": y}, n_targets=x.shape[1], n_tokens=x.shape[1])

@@ -208,6 +208,10 @@ class ConvertSettings:
     hard_from: float = option(
         0.8, metavar="F", help="soft-to-hard: share of the distillation (both phases) after which "
                                "routing is hard")
+    device: str = option("auto", help="where the two distillation phases run: auto (cuda if "
+                                      "available), cpu, cuda or cuda:N (under torchrun cuda is "
+                                      "each process's cuda:LOCAL_RANK); loading, the init and "
+                                      "the held-out fit run on the CPU")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
@@ -264,6 +268,7 @@ class ConvertReport:
     heldout: dict[str, Any] = field(default_factory=dict)
     quality_warning: str | None = None
     world_size: int = 1
+    device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=run_facts)
 
 
@@ -272,9 +277,9 @@ def run(settings: ConvertSettings) -> ConvertReport:
     """Convert ``settings.source`` into ``settings.out`` (see the module docstring).
 
     Under ``torchrun`` every process trains its share of each global batch (DDP, gloo on the
-    CPU); rank 0 claims ``out``, fits the init (the others load it), writes the checkpoints and
-    the model. Every rank returns the same report."""
-    ctx = init_distributed("cpu")
+    CPU, NCCL on CUDA devices); rank 0 claims ``out``, fits the init (the others load it),
+    writes the checkpoints and the model. Every rank returns the same report."""
+    ctx = init_distributed(settings.device)
     try:
         report = _run(settings, ctx)
     except BaseException:
@@ -313,13 +318,15 @@ def _run(settings: ConvertSettings, ctx: DistContext) -> ConvertReport:
     held = heldout_set(source, rows[heldout_idx], pad_id)
     removed = removed_pooled_cosine(student, held)
     report.init_heldout = heldout_fit(student, held, removed)
+    place(ctx.device, source.model, student)
     for phase, budget_s in init["phase_budgets"].items():
         if budget_s > 0 and trains_anything(phase, student, settings):
             report.phases[phase] = distil(phase, student, source, rows, train_idx, settings,
                                           pad_id, work, budget_s, ctx)
+    place(torch.device("cpu"), source.model, student)
     report.heldout = heldout_fit(student, held, removed)
     report.quality_warning = quality_warning(report.heldout)
-    report.world_size = ctx.world_size
+    report.world_size, report.device = ctx.world_size, str(ctx.device)
     if ctx.is_main:
         if report.quality_warning:
             log.warning("%s", report.quality_warning)
@@ -327,6 +334,14 @@ def _run(settings: ConvertSettings, ctx: DistContext) -> ConvertReport:
         shutil.rmtree(work)
         log.info("converted model written to %s", settings.out)
     return report
+
+
+def place(device: torch.device, *models: nn.Module) -> None:
+    """Move ``models`` to ``device`` (the phases run on the run's device; loading, the init and
+    the held-out fit on the CPU). A no-op on the CPU."""
+    for model in models:
+        if next(model.parameters()).device != device:
+            model.to(device)
 
 
 def claim_output_dir(out: Path, resume: bool) -> None:
@@ -468,6 +483,7 @@ def distil(phase: str, student: Any, source: SourceModel, rows: np.ndarray,
     from its checkpoints; returns its log."""
     objective, params = phase_objective(phase, student, source, rows[train_idx], settings,
                                         pad_id)
+    objective.to(_device_of(student))  # its buffers (the layers' scales) beside the blocks
     stream = LengthBucketedStream(rows, seed=settings.seed, indices=train_idx,
                                   lengths=(rows != pad_id).sum(1),
                                   batch_size=settings.batch_size)
@@ -501,6 +517,7 @@ def phase_log(state: TrainState, budget_s: float, losses: list[float]) -> dict[s
     """A phase's entry in ``conversion.json``: its counters (``state``: the whole
     phase, earlier sessions of a resumed run included), budget and first / last losses."""
     return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed_s,
+            "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s > 0 else None,
             "budget_s": budget_s, "first_loss": losses[0] if losses else None,
             "last_loss": _tail_mean(losses)}
 
@@ -531,6 +548,10 @@ def routing_log(phase: str, settings: ConvertSettings) -> dict[str, Any]:
                         "last_temperature": anneal.at(start + span * (1 - 1e-9))}}
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _tail_mean(values: list[float], share: float = 0.1) -> float | None:
     if not values:
         return None
@@ -544,7 +565,7 @@ def phase_objective(phase: str, student: Any, source: SourceModel, rows: np.ndar
     """The phase's objective module and its optimizer parameter groups."""
     blocks = fff_blocks(student)
     fff_params = [p for b in blocks for p in b.parameters()]
-    sample = cut_batch(torch.from_numpy(rows[:64]), pad_id)
+    sample = cut_batch(torch.from_numpy(rows[:64]), pad_id).to(_device_of(source.model))
     if phase == "layerwise":
         return layerwise_objective(blocks, source, sample, settings.layerwise_space), [
             {"params": fff_params, "lr": settings.lr_layerwise}]
