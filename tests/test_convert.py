@@ -804,3 +804,27 @@ def test_topk_bound_script_reports_every_layer_against_removal(source, bert_dir,
         assert row["init"]["fff"] == "2x2" and 0 <= row["init"]["post_norm"] < 10
         assert 0 <= row["models"][model_dir.name]["post_norm"] < 10
     assert "amx_bf16" in result["environment"]["cpu_flags"]
+
+
+def test_layer_attribution_script_checks_then_reports(source, bert_dir, tmp_path, monkeypatch):
+    """benchmarks/convert_layer_attribution.py: every layer's block put back, or converted
+    alone; its check (all blocks put back = the dense score) fails when putting back does
+    nothing."""
+    import contextlib
+
+    from test_glue_cli import make_glue_dir
+
+    script = _script("convert_layer_attribution")
+    _, model_dir = _saved(source, tmp_path)
+    args = ["--source", str(bert_dir), "--glue-dir", str(make_glue_dir(tmp_path / "g")),
+            "--models", str(model_dir), "--out", str(tmp_path / "r"), "--threads", "1"]
+    assert script.main(args) == 0
+    dense, row = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    n = source.n_layers
+    assert {f"dense_at_{i}" for i in range(n)} | {f"only_fff_at_{i}" for i in range(n)} <= set(row)
+    assert row["only_fff_loss_sum"] == pytest.approx(
+        sum(dense["stsb"] - row[f"only_fff_at_{i}"] for i in range(n)), abs=0.02)
+    assert -1 <= row["stsb_pooled_cos"] <= 1 and row["stsb"] != dense["stsb"]
+    monkeypatch.setattr(script, "dense_blocks", lambda *a: contextlib.nullcontext())
+    with pytest.raises(SystemExit, match="check failed"):
+        script.main(args)

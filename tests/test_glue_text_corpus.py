@@ -64,3 +64,20 @@ def test_no_train_split_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no GLUE train split"):
         _script().main(["--glue-dir", str(glue), "--out", str(tmp_path / "c.jsonl"),
                         "--exclude", "RTE,STS-B,CoLA"])
+
+
+def test_longest_only_drops_contained_phrases():
+    texts = ["a good film", "good film", "a bad one .", "film", "other words"]
+    assert _script().longest_only(texts) == ["a good film", "a bad one .", "other words"]
+
+
+def test_augment_uses_only_the_texts_own_words_and_is_seeded():
+    script = _script()
+    texts = ["the cat sat on the mat", "dogs bark at night", "a quiet evening walk home"]
+    words = {w for t in texts for w in t.split()}
+    out = script.augment(texts, 4, seed=3)
+    assert len(out) == 4 * len(texts)
+    assert all(set(t.split()) <= words and t for t in out)
+    assert set(out) - set(texts)  # altered, not copies
+    assert out == script.augment(texts, 4, seed=3) != script.augment(texts, 4, seed=4)
+    assert script.augment(texts, 0) == []
