@@ -95,7 +95,7 @@ COMMANDS = {
     "convert": (_convert, ["convert", "src", "--out", "out", "--corpus", "demo"],
                 convert_cli.convert_settings,
                 lambda: dict(source=Path("src"), out=Path("out"), corpus="demo"),
-                {"cos_weight"}),
+                set()),
     "pretrain": (_pretrain, ["pretrain", "--preset", "tiny-fff", "--out", "o", "--budget", "1m"],
                  pretrain_cli.settings_from_args,
                  lambda: dict(model=_tiny_fff(), model_name="tiny-fff", out_dir=Path("o"),

@@ -176,7 +176,9 @@ class ConvertSettings:
     lr_rest: float = option(0.0, help="learning rate of the non-FFN weights end to end (0: "
                                       "frozen, bit-identical to the source; >0 also tunes "
                                       "attention/norms/embeddings)")
-    cos_weight: float = 10.0
+    cos_weight: float = option(10.0, metavar="W", help="end to end, the weight of 1 - cos of the "
+                                                       "pooled embeddings beside the hidden states' "
+                                                       "relative squared error (1 each)")
     similarity_weight: float = option(
         0.0, metavar="W", help="end to end, also match the pairwise cosine similarities of each "
                                "batch's pooled embeddings to the dense model's, with weight W "
