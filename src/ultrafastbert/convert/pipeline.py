@@ -178,7 +178,7 @@ class ConvertSettings:
                                       "attention/norms/embeddings)")
     cos_weight: float = option(10.0, metavar="W", help="end to end, the weight of 1 - cos of the "
                                                        "pooled embeddings beside the hidden states' "
-                                                       "relative squared error (1 each)")
+                                                       "relative squared error (weight 1 a layer)")
     similarity_weight: float = option(
         0.0, metavar="W", help="end to end, also match the pairwise cosine similarities of each "
                                "batch's pooled embeddings to the dense model's, with weight W "
